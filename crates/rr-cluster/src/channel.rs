@@ -1,0 +1,584 @@
+//! A framed Unix stream that carries file descriptors: the link between the master
+//! and one worker.
+//!
+//! Sending: each frame goes out in one `sendmsg` (descriptors as `SCM_RIGHTS`, through
+//! `sendfd`); a partial write keeps the rest of the frame in a pending buffer that is
+//! flushed before any later frame, so frames never interleave. Sends never block:
+//! [`ChannelWriter::try_send`] reports a full channel instead.
+//!
+//! Receiving: on Linux a `recvmsg` on a stream socket never reads past a segment that
+//! carried descriptors, and descriptors arrive no later than the first byte of the frame
+//! they travel with. The reader keeps a FIFO of received descriptors; each frame claims
+//! as many as its message names ([`Message::fd_count`]). A frame that claims more than
+//! arrived, descriptors that no frame can claim, or a truncated control message is a
+//! protocol error; stray descriptors are closed when dropped, never leaked.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sendfd::SendWithFd;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+
+use crate::protocol::{self, HEADER_LEN, MAX_FRAME_LEN, Message, ProtocolError};
+use crate::sys;
+
+/// Descriptors a reader holds for frames not yet complete, at most.
+pub(crate) const MAX_PENDING_FDS: usize = 4 * sys::SCM_MAX_FD;
+
+const INITIAL_BUFFER: usize = 8 * 1024;
+
+/// Errors of a channel.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// The socket failed.
+    #[error("channel I/O: {0}")]
+    Io(#[from] io::Error),
+    /// A frame broke the protocol.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// A frame claims more descriptors than have arrived.
+    #[error("frame claims {claimed} descriptors but only {available} arrived")]
+    MissingFds {
+        /// Descriptors the frame names.
+        claimed: usize,
+        /// Descriptors waiting in the FIFO.
+        available: usize,
+    },
+    /// Descriptors arrived that no frame claims; they were closed.
+    #[error("{count} descriptors arrived that no frame claims")]
+    UnclaimedFds {
+        /// How many.
+        count: usize,
+    },
+    /// The peer sent descriptors faster than frames claim them.
+    #[error("{count} descriptors pending, more than the limit of {max}")]
+    TooManyPendingFds {
+        /// How many are pending.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The kernel dropped descriptors (`MSG_CTRUNC`).
+    #[error("descriptors were truncated in transit")]
+    ControlTruncated,
+    /// The stream ended in the middle of a frame.
+    #[error("channel closed in the middle of a frame ({buffered} bytes buffered)")]
+    TruncatedFrame {
+        /// Bytes of the incomplete frame.
+        buffered: usize,
+    },
+    /// The peer is gone (the channel was closed or reset).
+    #[error("channel closed by the peer")]
+    Closed,
+}
+
+/// Why a non-blocking send did not happen.
+#[derive(Debug)]
+pub enum TrySendError {
+    /// The socket buffer is full (or a previous frame is still being flushed); nothing
+    /// was sent and the caller still owns the descriptors.
+    Full,
+    /// The peer is gone; nothing was sent.
+    Closed(io::Error),
+}
+
+/// Splits a connected stream into its receiving and sending halves.
+pub fn split(stream: UnixStream) -> (ChannelReader, Arc<ChannelWriter>) {
+    let stream = Arc::new(stream);
+    (
+        ChannelReader {
+            stream: Arc::clone(&stream),
+            decoder: FrameDecoder::default(),
+        },
+        Arc::new(ChannelWriter {
+            stream,
+            pending: Mutex::new(Pending::default()),
+        }),
+    )
+}
+
+/// Wraps a connected std stream (made non-blocking) for tokio.
+pub fn from_std(stream: std::os::unix::net::UnixStream) -> io::Result<UnixStream> {
+    stream.set_nonblocking(true)?;
+    UnixStream::from_std(stream)
+}
+
+/// The receiving half: frames with the descriptors they claim.
+#[derive(Debug)]
+pub struct ChannelReader {
+    stream: Arc<UnixStream>,
+    decoder: FrameDecoder,
+}
+
+impl ChannelReader {
+    /// The next frame and its descriptors; `Ok(None)` at a clean end of stream.
+    ///
+    /// Cancel-safe: bytes and descriptors read so far stay buffered in `self`.
+    pub async fn recv<M: Message>(
+        &mut self,
+    ) -> Result<Option<(M, Vec<OwnedFd>)>, ChannelError> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(Some(frame));
+            }
+            let stream = &self.stream;
+            let (spare, fds) = self.decoder.read_target();
+            let received = loop {
+                stream.readable().await?;
+                match stream.try_io(Interest::READABLE, || {
+                    sys::recv_with_fds(stream.as_fd(), &mut spare[..], fds)
+                }) {
+                    Ok(received) => break received,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if is_disconnect(&e) => {
+                        return Err(ChannelError::Closed);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            self.decoder.filled(received)?;
+            if received.bytes == 0 {
+                return self.decoder.at_eof().map(|()| None);
+            }
+        }
+    }
+}
+
+/// The sending half, shared by everyone who writes to one peer.
+#[derive(Debug)]
+pub struct ChannelWriter {
+    stream: Arc<UnixStream>,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// The unsent tail of a partially written frame.
+    bytes: Vec<u8>,
+    /// A task is flushing `bytes`.
+    flushing: bool,
+}
+
+impl ChannelWriter {
+    /// Sends one encoded frame (with `fds` as `SCM_RIGHTS`) without blocking.
+    ///
+    /// On success the kernel holds the descriptors (the caller may close its copies) and
+    /// the frame will arrive whole: an unsent tail is flushed by a background task
+    /// before any later frame.
+    pub fn try_send(self: &Arc<Self>, frame: &[u8], fds: &[RawFd]) -> Result<(), TrySendError> {
+        let mut pending = self.lock();
+        if !pending.bytes.is_empty() {
+            match self.flush_locked(&mut pending) {
+                Ok(true) => {}
+                Ok(false) => return Err(TrySendError::Full),
+                Err(e) => return Err(TrySendError::Closed(e)),
+            }
+        }
+        let written = loop {
+            let result = if fds.is_empty() {
+                self.stream.try_write(frame)
+            } else {
+                self.stream.send_with_fd(frame, fds)
+            };
+            match result {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(TrySendError::Full),
+                Err(e) => return Err(TrySendError::Closed(e)),
+            }
+        };
+        if written < frame.len() {
+            pending.bytes.extend_from_slice(&frame[written..]);
+            if !pending.flushing {
+                pending.flushing = true;
+                let writer = Arc::clone(self);
+                tokio::spawn(async move { writer.flush_in_background().await });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one frame, waiting while the channel is full.
+    pub async fn send(self: &Arc<Self>, frame: &[u8], fds: &[RawFd]) -> Result<(), ChannelError> {
+        loop {
+            match self.try_send(frame, fds) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full) => self.stream.writable().await?,
+                Err(TrySendError::Closed(e)) if is_disconnect(&e) => {
+                    return Err(ChannelError::Closed);
+                }
+                Err(TrySendError::Closed(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Encodes and sends one message without descriptors, waiting while full.
+    pub async fn send_msg<M: Message>(self: &Arc<Self>, msg: &M) -> Result<(), ChannelError> {
+        let frame = protocol::frame(msg)?;
+        self.send(&frame, &[]).await
+    }
+
+    /// Completes when the socket may accept more bytes.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.stream.writable().await
+    }
+
+    /// The raw socket, for a last-gasp blocking write (the worker's panic hook).
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Runs `f` with the pending state locked, so that a blocking writer (the panic
+    /// hook) cannot interleave with a frame in flight. `None` if the lock is busy.
+    pub(crate) fn with_exclusive<R>(&self, f: impl FnOnce(bool) -> R) -> Option<R> {
+        let pending = match self.pending.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(f(pending.bytes.is_empty()))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding this lock leaves `Pending` consistent (plain buffer).
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes as much of the pending tail as the socket takes. `Ok(true)` when done.
+    fn flush_locked(&self, pending: &mut Pending) -> io::Result<bool> {
+        while !pending.bytes.is_empty() {
+            match self.stream.try_write(&pending.bytes) {
+                Ok(n) => {
+                    pending.bytes.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    async fn flush_in_background(self: Arc<Self>) {
+        loop {
+            if self.stream.writable().await.is_err() {
+                break;
+            }
+            let mut pending = self.lock();
+            match self.flush_locked(&mut pending) {
+                Ok(false) => continue,
+                Ok(true) | Err(_) => {
+                    // On error the peer is gone; the reader side will notice.
+                    pending.bytes.clear();
+                    pending.flushing = false;
+                    return;
+                }
+            }
+        }
+        self.lock().flushing = false;
+    }
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// Bytes and descriptors received but not yet handed out as frames.
+#[derive(Debug)]
+struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder {
+            buf: vec![0; INITIAL_BUFFER],
+            start: 0,
+            end: 0,
+            fds: VecDeque::new(),
+        }
+    }
+}
+
+impl FrameDecoder {
+    /// The next complete frame in the buffer, if any.
+    fn next_frame<M: Message>(&mut self) -> Result<Option<(M, Vec<OwnedFd>)>, ChannelError> {
+        let avail = &self.buf[self.start..self.end];
+        let Some(len) = protocol::peek_len(avail)? else {
+            return self.check_unclaimed().map(|()| None);
+        };
+        if avail.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let msg: M = protocol::decode_payload(&avail[HEADER_LEN..HEADER_LEN + len])?;
+        self.start += HEADER_LEN + len;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        let claimed = msg.fd_count();
+        if claimed > self.fds.len() {
+            return Err(ChannelError::MissingFds {
+                claimed,
+                available: self.fds.len(),
+            });
+        }
+        let fds = self.fds.drain(..claimed).collect();
+        self.check_unclaimed()?;
+        Ok(Some((msg, fds)))
+    }
+
+    /// With no partial frame buffered, no descriptor can be waiting: a frame's
+    /// descriptors arrive with its first byte.
+    fn check_unclaimed(&mut self) -> Result<(), ChannelError> {
+        if self.start == self.end && !self.fds.is_empty() {
+            let count = self.fds.len();
+            self.fds.clear();
+            return Err(ChannelError::UnclaimedFds { count });
+        }
+        Ok(())
+    }
+
+    /// Room to read into: compacts the buffer and grows it to fit the frame in progress.
+    fn read_target(&mut self) -> (&mut [u8], &mut VecDeque<OwnedFd>) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        // peek_len has already rejected lengths above the limit.
+        let need = match protocol::peek_len(&self.buf[..self.end]) {
+            Ok(Some(len)) => HEADER_LEN + len,
+            _ => HEADER_LEN,
+        };
+        if self.buf.len() < need {
+            self.buf.resize(need.min(HEADER_LEN + MAX_FRAME_LEN), 0);
+        } else if self.end == self.buf.len() {
+            let grown = (self.buf.len() * 2).min(2 * (HEADER_LEN + MAX_FRAME_LEN));
+            self.buf.resize(grown, 0);
+        }
+        (&mut self.buf[self.end..], &mut self.fds)
+    }
+
+    fn filled(&mut self, received: sys::Received) -> Result<(), ChannelError> {
+        self.end += received.bytes;
+        if received.truncated {
+            self.fds.clear();
+            return Err(ChannelError::ControlTruncated);
+        }
+        if self.fds.len() > MAX_PENDING_FDS {
+            let count = self.fds.len();
+            self.fds.clear();
+            return Err(ChannelError::TooManyPendingFds {
+                count,
+                max: MAX_PENDING_FDS,
+            });
+        }
+        Ok(())
+    }
+
+    fn at_eof(&mut self) -> Result<(), ChannelError> {
+        if self.start != self.end {
+            self.fds.clear();
+            return Err(ChannelError::TruncatedFrame {
+                buffered: self.end - self.start,
+            });
+        }
+        self.check_unclaimed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ToMaster, ToWorker, frame};
+    use std::os::unix::net::UnixStream as StdUnixStream;
+
+    fn pair() -> (StdUnixStream, ChannelReader, Arc<ChannelWriter>, StdUnixStream) {
+        let (a, b) = StdUnixStream::pair().expect("pair");
+        let (raw_a, raw_b) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
+        let (reader, _) = split(from_std(b).expect("tokio"));
+        let (_, writer) = split(from_std(a).expect("tokio"));
+        (raw_a, reader, writer, raw_b)
+    }
+
+    fn dev_null_fds(n: usize) -> Vec<std::fs::File> {
+        (0..n)
+            .map(|_| std::fs::File::open("/dev/null").expect("open"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn frames_and_fds_arrive_in_order() {
+        let (_ra, mut reader, writer, _rb) = pair();
+        let files = dev_null_fds(5);
+        let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        writer.send_msg(&ToWorker::Ping).await.expect("ping");
+        let conns = frame(&ToWorker::Connections {
+            listener: 0,
+            count: 3,
+        })
+        .expect("encode");
+        writer.send(&conns, &raw[..3]).await.expect("send 3");
+        let conns = frame(&ToWorker::Connections {
+            listener: 1,
+            count: 2,
+        })
+        .expect("encode");
+        writer.send(&conns, &raw[3..]).await.expect("send 2");
+        writer.send_msg(&ToWorker::User(vec![1; 100])).await.expect("user");
+
+        let (m, fds) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
+        assert_eq!((m, fds.len()), (ToWorker::Ping, 0));
+        let (m, fds) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
+        assert_eq!(m, ToWorker::Connections { listener: 0, count: 3 });
+        assert_eq!(fds.len(), 3);
+        let (m, fds) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
+        assert_eq!(m, ToWorker::Connections { listener: 1, count: 2 });
+        assert_eq!(fds.len(), 2);
+        let (m, _) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
+        assert_eq!(m, ToWorker::User(vec![1; 100]));
+        drop(writer);
+        drop(_ra);
+        assert!(reader.recv::<ToWorker>().await.expect("clean eof").is_none());
+    }
+
+    #[tokio::test]
+    async fn partial_writes_keep_frames_whole() {
+        let (raw_a, mut reader, writer, _rb) = pair();
+        // Fill the socket until it refuses, with frames of varied sizes. (A fresh
+        // registration is not writable until the reactor has said so.)
+        writer.writable().await.expect("writable");
+        let mut sent = Vec::new();
+        for i in 0..10_000u32 {
+            let msg = ToWorker::User(vec![(i % 251) as u8; (i as usize * 37) % 5000]);
+            let bytes = frame(&msg).expect("encode");
+            match writer.try_send(&bytes, &[]) {
+                Ok(()) => sent.push(msg),
+                Err(TrySendError::Full) => break,
+                Err(TrySendError::Closed(e)) => panic!("closed: {e}"),
+            }
+        }
+        assert!(sent.len() > 10 && sent.len() < 10_000, "filled after {} frames", sent.len());
+        // One more, sent asynchronously, must come after all the others.
+        let last = ToWorker::User(b"last".to_vec());
+        let w = Arc::clone(&writer);
+        let l = last.clone();
+        let sender = tokio::spawn(async move { w.send_msg(&l).await });
+        sent.push(last);
+        for expected in &sent {
+            let (got, _) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
+            assert_eq!(&got, expected);
+        }
+        sender.await.expect("join").expect("send");
+        drop(raw_a);
+    }
+
+    #[tokio::test]
+    async fn unclaimed_fds_are_an_error_and_closed() {
+        let (raw_a, mut reader, _writer, _rb) = pair();
+        let files = dev_null_fds(2);
+        let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        let ping = frame(&ToWorker::Ping).expect("encode");
+        raw_a.send_with_fd(&ping, &raw).expect("send");
+        let err = reader.recv::<ToWorker>().await.expect_err("unclaimed");
+        assert!(matches!(err, ChannelError::UnclaimedFds { count: 2 }), "{err}");
+        assert!(reader.decoder.fds.is_empty());
+    }
+
+    #[tokio::test]
+    async fn missing_fds_are_an_error() {
+        let (raw_a, mut reader, _writer, _rb) = pair();
+        let files = dev_null_fds(1);
+        let conns = frame(&ToWorker::Connections {
+            listener: 0,
+            count: 2,
+        })
+        .expect("encode");
+        raw_a
+            .send_with_fd(&conns, &[files[0].as_raw_fd()])
+            .expect("send");
+        let err = reader.recv::<ToWorker>().await.expect_err("missing");
+        assert!(
+            matches!(err, ChannelError::MissingFds { claimed: 2, available: 1 }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn master_side_rejects_any_fd() {
+        let (raw_a, mut reader, _writer, _rb) = pair();
+        let files = dev_null_fds(1);
+        let pong = frame(&ToMaster::Pong).expect("encode");
+        raw_a.send_with_fd(&pong, &[files[0].as_raw_fd()]).expect("send");
+        assert!(matches!(
+            reader.recv::<ToMaster>().await,
+            Err(ChannelError::UnclaimedFds { count: 1 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        use std::io::Write;
+        let (mut raw_a, mut reader, _writer, _rb) = pair();
+        raw_a
+            .write_all(&(MAX_FRAME_LEN as u32 + 1).to_le_bytes())
+            .expect("write");
+        assert!(matches!(
+            reader.recv::<ToWorker>().await,
+            Err(ChannelError::Protocol(ProtocolError::MessageTooLarge { .. }))
+        ));
+
+        let (mut raw_a, mut reader, _writer, _rb) = pair();
+        let ping = frame(&ToWorker::User(vec![0; 50])).expect("encode");
+        raw_a.write_all(&ping[..20]).expect("write");
+        drop(raw_a);
+        drop(_writer);
+        assert!(matches!(
+            reader.recv::<ToWorker>().await,
+            Err(ChannelError::TruncatedFrame { buffered: 20 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn large_frame_across_many_reads() {
+        let (_ra, mut reader, writer, _rb) = pair();
+        let big = ToWorker::User(vec![42; MAX_FRAME_LEN - 64]);
+        let w = Arc::clone(&writer);
+        let b = big.clone();
+        let task = tokio::spawn(async move {
+            for _ in 0..5 {
+                w.send_msg(&b).await.expect("send");
+            }
+        });
+        for _ in 0..5 {
+            let (got, _) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
+            assert_eq!(got, big);
+        }
+        task.await.expect("join");
+    }
+
+    #[tokio::test]
+    async fn send_to_a_closed_peer_is_closed() {
+        let (raw_a, reader, writer, raw_b) = pair();
+        drop(reader);
+        drop(raw_b);
+        let _ = raw_a;
+        let err = writer.send_msg(&ToWorker::Ping).await.expect_err("closed");
+        assert!(matches!(err, ChannelError::Closed), "{err}");
+    }
+}

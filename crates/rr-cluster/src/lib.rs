@@ -1,0 +1,28 @@
+//! rr-cluster: Node's `cluster` module done in Rust, on tokio.
+//!
+//! One master process owns the listening sockets, accepts every connection itself and
+//! hands each accepted socket to one of N worker processes, round-robin, over a Unix
+//! domain socket (`SCM_RIGHTS`). A supervisor restarts workers that die, replaces a
+//! worker that announces it is going down, gives up on crash loops, and rolls the pool
+//! over to new code without refusing a connection.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the messages, the frame layout and their encoding (no I/O).
+//! - [`channel`]: a framed Unix stream that carries descriptors.
+//! - `sys`: every `unsafe` block and `libc` call of the crate.
+//! - [`master`]: [`Master`], its builder and handle; listeners, dispatch, the
+//!   supervisor state machine, the control socket, signals.
+//! - [`worker`]: [`Worker`], the worker side of the channel.
+//! - [`config`]: the TOML configuration file and its validation.
+//! - [`event`]: [`Event`], the lifecycle events a master publishes.
+//! - [`control`]: the control-socket protocol (JSON lines) and its client.
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod channel;
+pub mod control;
+pub mod protocol;
+mod sys;
+
+pub use channel::ChannelError;
