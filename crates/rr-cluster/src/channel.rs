@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sendfd::SendWithFd;
@@ -118,11 +118,25 @@ impl ChannelReader {
     /// The next frame and its descriptors; `Ok(None)` at a clean end of stream.
     ///
     /// Cancel-safe: bytes and descriptors read so far stay buffered in `self`.
-    pub async fn recv<M: Message>(
+    pub async fn recv<M: Message>(&mut self) -> Result<Option<(M, Vec<OwnedFd>)>, ChannelError> {
+        self.recv_with(protocol::decode_payload::<M>).await
+    }
+
+    /// The handshake: the first frame, decoded with
+    /// [`protocol::decode_hello`] so that a version mismatch is named as such.
+    pub async fn recv_hello(&mut self) -> Result<Option<protocol::Hello>, ChannelError> {
+        Ok(self
+            .recv_with(protocol::decode_hello)
+            .await?
+            .map(|(hello, _)| hello))
+    }
+
+    async fn recv_with<M: Message>(
         &mut self,
+        decode: fn(&[u8]) -> Result<M, ProtocolError>,
     ) -> Result<Option<(M, Vec<OwnedFd>)>, ChannelError> {
         loop {
-            if let Some(frame) = self.decoder.next_frame()? {
+            if let Some(frame) = self.decoder.next_frame(decode)? {
                 return Ok(Some(frame));
             }
             let stream = &self.stream;
@@ -228,9 +242,16 @@ impl ChannelWriter {
         self.stream.writable().await
     }
 
-    /// The raw socket, for a last-gasp blocking write (the worker's panic hook).
-    pub(crate) fn raw_fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
+    /// Shuts the socket down both ways: the peer sees the end of the stream even while
+    /// other handles to this writer live on.
+    pub(crate) fn shutdown(&self) {
+        let _ = sys::shutdown(self.stream.as_fd());
+    }
+
+    /// The socket, for a last-gasp blocking write (the worker's panic hook) made
+    /// under [`ChannelWriter::with_exclusive`].
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 
     /// Runs `f` with the pending state locked, so that a blocking writer (the panic
@@ -316,7 +337,10 @@ impl Default for FrameDecoder {
 
 impl FrameDecoder {
     /// The next complete frame in the buffer, if any.
-    fn next_frame<M: Message>(&mut self) -> Result<Option<(M, Vec<OwnedFd>)>, ChannelError> {
+    fn next_frame<M: Message>(
+        &mut self,
+        decode: fn(&[u8]) -> Result<M, ProtocolError>,
+    ) -> Result<Option<(M, Vec<OwnedFd>)>, ChannelError> {
         let avail = &self.buf[self.start..self.end];
         let Some(len) = protocol::peek_len(avail)? else {
             return self.check_unclaimed().map(|()| None);
@@ -324,7 +348,7 @@ impl FrameDecoder {
         if avail.len() < HEADER_LEN + len {
             return Ok(None);
         }
-        let msg: M = protocol::decode_payload(&avail[HEADER_LEN..HEADER_LEN + len])?;
+        let msg = decode(&avail[HEADER_LEN..HEADER_LEN + len])?;
         self.start += HEADER_LEN + len;
         if self.start == self.end {
             self.start = 0;
@@ -406,9 +430,15 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use crate::protocol::{ToMaster, ToWorker, frame};
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream as StdUnixStream;
 
-    fn pair() -> (StdUnixStream, ChannelReader, Arc<ChannelWriter>, StdUnixStream) {
+    fn pair() -> (
+        StdUnixStream,
+        ChannelReader,
+        Arc<ChannelWriter>,
+        StdUnixStream,
+    ) {
         let (a, b) = StdUnixStream::pair().expect("pair");
         let (raw_a, raw_b) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
         let (reader, _) = split(from_std(b).expect("tokio"));
@@ -440,21 +470,42 @@ mod tests {
         })
         .expect("encode");
         writer.send(&conns, &raw[3..]).await.expect("send 2");
-        writer.send_msg(&ToWorker::User(vec![1; 100])).await.expect("user");
+        writer
+            .send_msg(&ToWorker::User(vec![1; 100]))
+            .await
+            .expect("user");
 
         let (m, fds) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
         assert_eq!((m, fds.len()), (ToWorker::Ping, 0));
         let (m, fds) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
-        assert_eq!(m, ToWorker::Connections { listener: 0, count: 3 });
+        assert_eq!(
+            m,
+            ToWorker::Connections {
+                listener: 0,
+                count: 3
+            }
+        );
         assert_eq!(fds.len(), 3);
         let (m, fds) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
-        assert_eq!(m, ToWorker::Connections { listener: 1, count: 2 });
+        assert_eq!(
+            m,
+            ToWorker::Connections {
+                listener: 1,
+                count: 2
+            }
+        );
         assert_eq!(fds.len(), 2);
         let (m, _) = reader.recv::<ToWorker>().await.expect("ok").expect("frame");
         assert_eq!(m, ToWorker::User(vec![1; 100]));
         drop(writer);
         drop(_ra);
-        assert!(reader.recv::<ToWorker>().await.expect("clean eof").is_none());
+        assert!(
+            reader
+                .recv::<ToWorker>()
+                .await
+                .expect("clean eof")
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -473,7 +524,11 @@ mod tests {
                 Err(TrySendError::Closed(e)) => panic!("closed: {e}"),
             }
         }
-        assert!(sent.len() > 10 && sent.len() < 10_000, "filled after {} frames", sent.len());
+        assert!(
+            sent.len() > 10 && sent.len() < 10_000,
+            "filled after {} frames",
+            sent.len()
+        );
         // One more, sent asynchronously, must come after all the others.
         let last = ToWorker::User(b"last".to_vec());
         let w = Arc::clone(&writer);
@@ -496,7 +551,10 @@ mod tests {
         let ping = frame(&ToWorker::Ping).expect("encode");
         raw_a.send_with_fd(&ping, &raw).expect("send");
         let err = reader.recv::<ToWorker>().await.expect_err("unclaimed");
-        assert!(matches!(err, ChannelError::UnclaimedFds { count: 2 }), "{err}");
+        assert!(
+            matches!(err, ChannelError::UnclaimedFds { count: 2 }),
+            "{err}"
+        );
         assert!(reader.decoder.fds.is_empty());
     }
 
@@ -514,7 +572,13 @@ mod tests {
             .expect("send");
         let err = reader.recv::<ToWorker>().await.expect_err("missing");
         assert!(
-            matches!(err, ChannelError::MissingFds { claimed: 2, available: 1 }),
+            matches!(
+                err,
+                ChannelError::MissingFds {
+                    claimed: 2,
+                    available: 1
+                }
+            ),
             "{err}"
         );
     }
@@ -524,7 +588,9 @@ mod tests {
         let (raw_a, mut reader, _writer, _rb) = pair();
         let files = dev_null_fds(1);
         let pong = frame(&ToMaster::Pong).expect("encode");
-        raw_a.send_with_fd(&pong, &[files[0].as_raw_fd()]).expect("send");
+        raw_a
+            .send_with_fd(&pong, &[files[0].as_raw_fd()])
+            .expect("send");
         assert!(matches!(
             reader.recv::<ToMaster>().await,
             Err(ChannelError::UnclaimedFds { count: 1 })
@@ -540,7 +606,9 @@ mod tests {
             .expect("write");
         assert!(matches!(
             reader.recv::<ToWorker>().await,
-            Err(ChannelError::Protocol(ProtocolError::MessageTooLarge { .. }))
+            Err(ChannelError::Protocol(
+                ProtocolError::MessageTooLarge { .. }
+            ))
         ));
 
         let (mut raw_a, mut reader, _writer, _rb) = pair();

@@ -205,7 +205,9 @@ async fn request_inner(path: &Path, req: &Request) -> Result<Response, ControlEr
         .read_line(&mut answer)
         .await?;
     if n == 0 {
-        return Err(ControlError::BadResponse("connection closed without an answer".into()));
+        return Err(ControlError::BadResponse(
+            "connection closed without an answer".into(),
+        ));
     }
     serde_json::from_str(answer.trim_end()).map_err(|e| ControlError::BadResponse(e.to_string()))
 }
@@ -222,7 +224,9 @@ pub fn default_socket_path() -> PathBuf {
 fn current_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     // The owner of our own /proc entry is our uid; avoids a libc call here.
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -21,8 +21,19 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod channel;
+pub mod config;
 pub mod control;
+pub mod event;
+pub mod master;
 pub mod protocol;
 mod sys;
+pub mod worker;
 
 pub use channel::ChannelError;
+pub use config::{Config, ConfigError};
+pub use event::{Event, ExitInfo};
+pub use master::{
+    Balance, GiveUpAction, ListenSpec, LocalAddr, Master, MasterBuilder, MasterError, MasterHandle,
+    MasterSignal, WorkerCommand,
+};
+pub use worker::{Connection, Incoming, Worker, WorkerError};

@@ -137,6 +137,12 @@ impl Message for ToWorker {
     }
 }
 
+impl Message for Hello {
+    fn fd_count(&self) -> usize {
+        0
+    }
+}
+
 impl Message for ToMaster {
     fn fd_count(&self) -> usize {
         0
@@ -324,7 +330,9 @@ mod tests {
                 listener: 1,
                 count: 5,
             },
-            ToWorker::Drain { deadline_ms: 30_000 },
+            ToWorker::Drain {
+                deadline_ms: 30_000,
+            },
             ToWorker::Ping,
             ToWorker::User(b"hi".to_vec()),
         ]
@@ -457,7 +465,10 @@ mod tests {
         bytes.extend_from_slice(&[1, 2, 3]);
         assert!(matches!(
             decode_hello(&bytes[HEADER_LEN..]),
-            Err(ProtocolError::VersionMismatch { peer: 99, ours: PROTOCOL_VERSION })
+            Err(ProtocolError::VersionMismatch {
+                peer: 99,
+                ours: PROTOCOL_VERSION
+            })
         ));
         let ok = frame(&hello()).expect("encode");
         assert_eq!(decode_hello(&ok[HEADER_LEN..]).expect("hello").worker_id, 3);

@@ -153,11 +153,99 @@ pub(crate) fn prepare_worker_command(
     }
 }
 
+/// Writes all of `bytes` to a non-blocking socket from a context that cannot await
+/// (a panic hook), waiting with `poll` for room, for at most `timeout` in all.
+pub(crate) fn send_all_for(
+    socket: BorrowedFd<'_>,
+    mut bytes: &[u8],
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is valid for reads of `bytes.len()` bytes and `socket` is open
+        // for the duration of the call. MSG_NOSIGNAL: a closed peer is an error, not
+        // SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                socket.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            bytes = &bytes[n as usize..];
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {}
+            _ => return Err(err),
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::from(io::ErrorKind::TimedOut));
+        }
+        let mut pfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd, and the count passed is 1.
+        unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as libc::c_int) };
+    }
+    Ok(())
+}
+
+/// Registers a socket object with tokio's reactor.
+///
+/// `OwnedFd: From<T>` means `T` owns its descriptor outright (std sockets, and enums
+/// of them); such a `T` keeps it open until dropped and always reports the same
+/// number, which is what `AsyncFd::register` requires.
+pub(crate) fn register_owned<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>>
+where
+    OwnedFd: From<T>,
+{
+    // SAFETY: per the bound above, `inner` owns an open descriptor, keeps it open and
+    // unchanged for as long as the AsyncFd holds it (until drop or into_inner), and
+    // `as_raw_fd` returns that same number every time.
+    unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(io::Error::from)
+}
+
+/// `accept` failed for lack of descriptors or memory: retrying at once would spin.
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// `accept` failed for this one connection only (it was reset before we took it).
+pub(crate) fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)
+    )
+}
+
+/// `shutdown(SHUT_RDWR)`: ends both directions of a socket for every holder.
+pub(crate) fn shutdown(socket: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown(2) on a descriptor that is open for the duration of the call.
+    if unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// SIGTTIN, SIGTTOU: gunicorn's "one worker more / fewer".
+pub(crate) const SIGTTIN: i32 = libc::SIGTTIN;
+pub(crate) const SIGTTOU: i32 = libc::SIGTTOU;
+
 /// Signals the master sends to workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Signal {
     Kill,
-    Term,
 }
 
 /// Sends `sig` to process `pid`. A process that is already gone is not an error.
@@ -171,7 +259,6 @@ pub(crate) fn kill(pid: u32, sig: Signal) -> io::Result<()> {
     }
     let signo = match sig {
         Signal::Kill => libc::SIGKILL,
-        Signal::Term => libc::SIGTERM,
     };
     // SAFETY: kill(2) with a positive pid addresses one process; no memory involved.
     if unsafe { libc::kill(pid, signo) } < 0 {
@@ -204,12 +291,7 @@ mod tests {
         sendfd::SendWithFd::send_with_fd(&a, b"abc", &raw).expect("send");
         let mut buf = [0u8; 16];
         let mut fds = VecDeque::new();
-        let got = recv_with_fds(
-            std::os::fd::AsFd::as_fd(&b),
-            &mut buf,
-            &mut fds,
-        )
-        .expect("recv");
+        let got = recv_with_fds(std::os::fd::AsFd::as_fd(&b), &mut buf, &mut fds).expect("recv");
         assert_eq!(got.bytes, 3);
         assert!(!got.truncated);
         assert_eq!(fds.len(), 3);
@@ -233,7 +315,7 @@ mod tests {
 
     #[test]
     fn kill_refuses_process_groups() {
-        assert!(kill(0, Signal::Term).is_err());
-        assert!(kill(u32::MAX, Signal::Term).is_err());
+        assert!(kill(0, Signal::Kill).is_err());
+        assert!(kill(u32::MAX, Signal::Kill).is_err());
     }
 }

@@ -1,0 +1,225 @@
+//! `rr-cluster run`: the master. Configuration comes from the file (if any), then the
+//! flags; a reload (SIGHUP or `rr-cluster reload`) reads both again.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rr_cluster::config::{LogFormat, parse_duration_arg};
+use rr_cluster::{Balance, Config, GiveUpAction, Master, MasterBuilder, WorkerCommand};
+
+/// `rr-cluster run` flags. Each overrides the configuration file.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct RunArgs {
+    /// Configuration file (TOML); flags override what it sets.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address: IP:PORT, [IPv6]:PORT, unix:/path or systemd; repeatable
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, short = 'l', value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Number of workers [default: one per CPU core].
+    #[arg(long, short = 'w', value_name = "N")]
+    workers: Option<usize>,
+    /// How connections are spread.
+    #[arg(long, value_name = "round-robin|least-connections", value_parser = parse_balance)]
+    balance: Option<Balance>,
+    /// Control socket path [default: $XDG_RUNTIME_DIR/rr-cluster.sock or /tmp/rr-cluster-UID.sock].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (IP:PORT).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Log format.
+    #[arg(long, value_name = "text|json", value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+    /// How long a draining worker may take before SIGKILL (e.g. 30s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    drain_timeout: Option<Duration>,
+    /// How long a new worker may take to say Ready.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    ready_timeout: Option<Duration>,
+    /// A worker silent this long is killed and replaced ("off" to disable).
+    #[arg(long, value_name = "DURATION|off", value_parser = parse_optional_duration)]
+    heartbeat_timeout: Option<Option<Duration>>,
+    /// More restarts than this within the window is a give-up.
+    #[arg(long, value_name = "N")]
+    restart_limit: Option<usize>,
+    /// The window restarts are counted in (e.g. 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    restart_window: Option<Duration>,
+    /// On give-up: exit non-zero, or keep serving with the workers left.
+    #[arg(long, value_name = "exit|keep", value_parser = parse_give_up)]
+    on_give_up: Option<GiveUpAction>,
+    /// The worker program and its arguments [default: this binary's hello-worker].
+    #[arg(last = true, value_name = "WORKER-COMMAND")]
+    command: Vec<String>,
+}
+
+fn parse_balance(s: &str) -> Result<Balance, String> {
+    s.parse()
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!(
+            "unknown log format {other:?}: expected text or json"
+        )),
+    }
+}
+
+fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    parse_duration_arg(s).map(Some)
+}
+
+fn parse_give_up(s: &str) -> Result<GiveUpAction, String> {
+    match s {
+        "exit" => Ok(GiveUpAction::Exit),
+        "keep" => Ok(GiveUpAction::Keep),
+        other => Err(format!(
+            "unknown give-up action {other:?}: expected exit or keep"
+        )),
+    }
+}
+
+/// What the binary itself (not the library) takes from the configuration.
+#[derive(Debug)]
+struct Extras {
+    log_format: LogFormat,
+    metrics: Option<String>,
+}
+
+/// File, then flags, into a builder.
+fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
+    let config = match &args.config {
+        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let mut b = config.apply(Master::builder()).map_err(|e| e.to_string())?;
+    if !args.listen.is_empty() {
+        b = b.listen_all(args.listen.iter().cloned());
+    } else if rr_cluster::master::socket_activated() {
+        // Socket activation: the sockets systemd passed, instead of binding.
+        b = b.listen_all(["systemd"]);
+    } else if config.listen.is_none() {
+        b = b.listen("127.0.0.1:8080");
+    }
+    if let Some(n) = args.workers {
+        b = b.workers(n);
+    }
+    if let Some(balance) = args.balance {
+        b = b.balance(balance);
+    }
+    if let Some(d) = args.drain_timeout {
+        b = b.drain_timeout(d);
+    }
+    if let Some(d) = args.ready_timeout {
+        b = b.ready_timeout(d);
+    }
+    if let Some(d) = args.heartbeat_timeout {
+        b = b.heartbeat_timeout(d);
+    }
+    if let Some(n) = args.restart_limit {
+        b = b.restart_limit(n);
+    }
+    if let Some(d) = args.restart_window {
+        b = b.restart_window(d);
+    }
+    if let Some(a) = args.on_give_up {
+        b = b.on_give_up(a);
+    }
+    if let Some((program, rest)) = args.command.split_first() {
+        b = b.command(WorkerCommand::new(program).args(rest));
+    } else if config.worker.command.is_none() {
+        let me = WorkerCommand::current_exe()
+            .map_err(|e| format!("cannot find this executable for the demo worker: {e}"))?;
+        b = b.command(me.arg("hello-worker"));
+    }
+    let control = args
+        .control
+        .clone()
+        .or(config.control.clone())
+        .unwrap_or_else(rr_cluster::control::default_socket_path);
+    b = b.control_socket(control);
+    let extras = Extras {
+        log_format: args.log_format.or(config.log_format).unwrap_or_default(),
+        metrics: args.metrics.clone().or(config.metrics.clone()),
+    };
+    Ok((b, extras))
+}
+
+pub(crate) async fn run(args: RunArgs) -> ExitCode {
+    let (builder, extras) = match configure(&args) {
+        Ok(x) => x,
+        Err(e) => return usage_error(&e),
+    };
+    let reload_args = args.clone();
+    let builder = builder.on_reload(Arc::new(move || configure(&reload_args).map(|(b, _)| b)));
+    let master = match builder.build() {
+        Ok(m) => m,
+        Err(e) => return usage_error(&e.to_string()),
+    };
+    let metrics = match extras.metrics.as_deref() {
+        None => None,
+        Some(addr) => match addr.parse::<std::net::SocketAddr>() {
+            Err(_) => {
+                return usage_error(&format!(
+                    "invalid metrics address {addr:?}: expected IP:PORT"
+                ));
+            }
+            Ok(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => Some(listener),
+                Err(e) => return failure(&format!("cannot serve metrics on {addr}: {e}")),
+            },
+        },
+    };
+    init_logs(extras.log_format);
+    let events = master.events();
+    let handle = match master.start().await {
+        Ok(h) => h,
+        Err(e) => return failure(&e.to_string()),
+    };
+    if let Err(e) = handle.forward_os_signals() {
+        return failure(&format!("cannot install signal handlers: {e}"));
+    }
+    if let Some(listener) = metrics {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        }
+        tokio::spawn(crate::ops::serve_metrics(listener, handle.clone()));
+    }
+    tokio::spawn(crate::ops::notify_systemd(events, handle.clone()));
+    match handle.wait().await {
+        0 => ExitCode::SUCCESS,
+        code => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+    }
+}
+
+fn failure(msg: &str) -> ExitCode {
+    tracing::error!(error = msg, "master failed");
+    eprintln!("rr-cluster: error: {msg}");
+    ExitCode::FAILURE
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("rr-cluster: error: {msg}");
+    ExitCode::from(crate::EXIT_USAGE)
+}
+
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,444 @@
+//! The `rr-cluster` binary end to end: real master processes serving the demo
+//! worker on 127.0.0.1 port 0, driven through flags, the control socket and signals.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rr-cluster");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("rr-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `rr-cluster run`; SIGKILLs it and its workers (by pid) on drop.
+struct Running {
+    child: Child,
+    control: PathBuf,
+    worker_pids: Vec<u32>,
+}
+
+fn signal(pid: u32, sig: Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+impl Running {
+    fn start(control: &Path, args: &[&str]) -> Running {
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg("--control")
+            .arg(control)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start rr-cluster");
+        let mut r = Running {
+            child,
+            control: control.to_owned(),
+            worker_pids: Vec::new(),
+        };
+        r.wait_ready(None);
+        r
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--control")
+            .arg(&self.control)
+            .output()
+            .expect("run rr-cluster client")
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = self.ctl(&["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until every worker is ready (and `n` of them, when given).
+    fn wait_ready(&mut self, n: Option<usize>) -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status() {
+                let workers = s["workers"].as_array().cloned().unwrap_or_default();
+                let all_ready = workers.iter().all(|w| w["state"] == "ready");
+                let target = s["target_workers"].as_u64().unwrap_or(0) as usize;
+                if all_ready && workers.len() == n.unwrap_or(target) {
+                    for w in &workers {
+                        if let Some(pid) = w["pid"].as_u64() {
+                            if !self.worker_pids.contains(&(pid as u32)) {
+                                self.worker_pids.push(pid as u32);
+                            }
+                        }
+                    }
+                    return s;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("pool not ready in time: {:?}", self.status());
+    }
+
+    fn addr(&self) -> SocketAddr {
+        let s = self.status().expect("status");
+        s["listeners"][0]
+            .as_str()
+            .expect("listener")
+            .parse()
+            .expect("addr")
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("rr-cluster did not exit in time");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        signal(self.child.id(), Signal::KILL);
+        let _ = self.child.wait();
+        for pid in &self.worker_pids {
+            signal(*pid, Signal::KILL);
+        }
+    }
+}
+
+/// One HTTP/1.1 GET with `Connection: close`; (status line, x-worker-id, body).
+fn get(addr: SocketAddr, path: &str) -> (String, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let status = head.lines().next().unwrap_or("").to_owned();
+    let worker = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-worker-id: "))
+        .unwrap_or("")
+        .to_owned();
+    (status, worker, body.to_owned())
+}
+
+fn usage_error(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().expect("run");
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_2_with_nothing_started() {
+    let dir = Scratch::new("bad");
+    let control = dir.path("ctl.sock");
+    let c = control.to_str().expect("utf8");
+    for (args, needle) in [
+        (vec!["run", "--control", c, "--workers", "0"], "workers"),
+        (
+            vec!["run", "--control", c, "--listen", "nowhere"],
+            "nowhere",
+        ),
+        (
+            vec!["run", "--control", c, "--drain-timeout", "soon"],
+            "soon",
+        ),
+        (
+            vec!["run", "--control", c, "--config", "/nonexistent/rr.toml"],
+            "/nonexistent/rr.toml",
+        ),
+        (
+            vec!["run", "--control", c, "--metrics", "not-an-addr"],
+            "not-an-addr",
+        ),
+    ] {
+        let err = usage_error(&args);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(!control.exists(), "nothing started for {args:?}");
+    }
+    let config = dir.path("bad.toml");
+    std::fs::write(&config, "workers = 2\n[timeouts]\ndrian = \"1s\"\n").expect("write");
+    let err = usage_error(&[
+        "run",
+        "--control",
+        c,
+        "--config",
+        config.to_str().expect("utf8"),
+    ]);
+    assert!(
+        err.contains("bad.toml:3:1") && err.contains("drian"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // clap's own errors are exit 2 too.
+    let err = usage_error(&["run", "--balance", "random"]);
+    assert!(err.contains("random"), "{err}");
+}
+
+#[test]
+fn demo_pool_answers_round_robin_and_reports_status() {
+    let dir = Scratch::new("demo");
+    let mut pool = Running::start(
+        &dir.path("ctl.sock"),
+        &["--listen", "127.0.0.1:0", "--workers", "2"],
+    );
+    let addr = pool.addr();
+    let mut counts = [0usize; 2];
+    for _ in 0..200 {
+        let (status, worker, body) = get(addr, "/");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let slot: usize = worker.parse().expect("x-worker-id");
+        assert!(
+            body.starts_with(&format!("Hello from worker {slot} (pid ")),
+            "{body}"
+        );
+        counts[slot] += 1;
+    }
+    assert_eq!(counts, [100, 100]);
+    let table = String::from_utf8(pool.ctl(&["status"]).stdout).expect("utf8");
+    assert!(
+        table.contains("SLOT") && table.contains("DISPATCHED"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" ready ")).count(),
+        2,
+        "{table}"
+    );
+    let out = pool.ctl(&["stop"]);
+    assert!(out.status.success());
+    assert_eq!(pool.wait_exit(), 0);
+    assert!(!dir.path("ctl.sock").exists(), "control socket removed");
+}
+
+#[test]
+fn scale_two_four_one_shows_in_status() {
+    let dir = Scratch::new("scale");
+    let mut pool = Running::start(
+        &dir.path("ctl.sock"),
+        &["--listen", "127.0.0.1:0", "--workers", "2"],
+    );
+    assert!(pool.ctl(&["scale", "4"]).status.success());
+    let s = pool.wait_ready(Some(4));
+    assert_eq!(s["target_workers"], 4);
+    assert!(pool.ctl(&["scale", "1"]).status.success());
+    let s = pool.wait_ready(Some(1));
+    assert_eq!(s["workers"][0]["slot"], 0);
+    let out = pool.ctl(&["scale", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least one worker"));
+    // SIGTTIN adds one.
+    signal(pool.child.id(), Signal::TTIN);
+    pool.wait_ready(Some(2));
+}
+
+#[test]
+fn reload_with_a_broken_config_keeps_the_old_pool_serving() {
+    let dir = Scratch::new("reload");
+    let config = dir.path("rr-cluster.toml");
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n").expect("write");
+    let cfg = config.to_str().expect("utf8");
+    let mut pool = Running::start(&dir.path("ctl.sock"), &["--config", cfg]);
+    let before = pool.wait_ready(None);
+    let addr = pool.addr();
+
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nwrokers = 3\n").expect("write");
+    let out = pool.ctl(&["reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("wrokers") && err.contains("pool unchanged"),
+        "{err}"
+    );
+    // SIGHUP with the same broken file: refused as well.
+    signal(pool.child.id(), Signal::HUP);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = pool.wait_ready(None);
+    assert_eq!(after["generation"], 0);
+    let pids = |s: &serde_json::Value| -> Vec<u64> {
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter_map(|w| w["pid"].as_u64())
+            .collect()
+    };
+    assert_eq!(pids(&before), pids(&after));
+    assert_eq!(get(addr, "/").0, "HTTP/1.1 200 OK");
+
+    // A fixed file reloads: three workers of generation 1.
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nworkers = 3\n").expect("write");
+    signal(pool.child.id(), Signal::HUP);
+    let deadline = Instant::now() + WAIT;
+    let mut s = pool.wait_ready(None);
+    while s["generation"] != 1
+        || s["reloading"] == true
+        || s["workers"].as_array().map_or(0, Vec::len) != 3
+    {
+        assert!(Instant::now() < deadline, "reload did not finish: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+        s = pool.wait_ready(None);
+    }
+    assert!(
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .all(|w| w["generation"] == 1)
+    );
+    assert_eq!(get(addr, "/").0, "HTTP/1.1 200 OK");
+    signal(pool.child.id(), Signal::TERM);
+    assert_eq!(pool.wait_exit(), 0);
+}
+
+#[test]
+fn metrics_count_known_requests() {
+    let dir = Scratch::new("metrics");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        l.local_addr().expect("addr").port()
+    };
+    let metrics = format!("127.0.0.1:{port}");
+    let mut pool = Running::start(
+        &dir.path("ctl.sock"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics",
+            &metrics,
+        ],
+    );
+    let addr = pool.addr();
+    for _ in 0..37 {
+        assert_eq!(get(addr, "/").0, "HTTP/1.1 200 OK");
+    }
+    let (status, _, body) = get(metrics.parse().expect("addr"), "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        body.lines()
+            .any(|l| l == "rr_cluster_connections_accepted_total 37"),
+        "{body}"
+    );
+    assert!(
+        body.lines()
+            .any(|l| l == "rr_cluster_connections_dispatched_total{worker=\"0\"} 19"),
+        "{body}"
+    );
+    assert!(
+        body.lines()
+            .any(|l| l == "rr_cluster_connections_dispatched_total{worker=\"1\"} 18"),
+        "{body}"
+    );
+    assert!(
+        body.lines()
+            .any(|l| l == "rr_cluster_workers{state=\"ready\"} 2"),
+        "{body}"
+    );
+    let _ = pool.wait_ready(None);
+    signal(pool.child.id(), Signal::INT);
+    assert_eq!(pool.wait_exit(), 0);
+}
+
+#[test]
+fn systemd_socket_activation_serves_through_the_inherited_socket() {
+    let Some(activate) = [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists()) else {
+        eprintln!("SKIPPED: systemd-socket-activate is not installed");
+        return;
+    };
+    let dir = Scratch::new("systemd");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        l.local_addr().expect("addr").port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let control = dir.path("ctl.sock");
+    // systemd-socket-activate binds, then execs rr-cluster with LISTEN_FDS=1 at the
+    // first connection; the master takes the socket instead of binding.
+    let child = Command::new(activate)
+        .args([
+            "-l",
+            &listen,
+            "-E",
+            "RUST_LOG=warn",
+            BIN,
+            "run",
+            "--workers",
+            "2",
+            "--control",
+        ])
+        .arg(&control)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start systemd-socket-activate");
+    let mut pool = Running {
+        child,
+        control,
+        worker_pids: Vec::new(),
+    };
+    let addr: SocketAddr = listen.parse().expect("addr");
+    // The first request triggers the activation; it waits in the inherited backlog.
+    let deadline = Instant::now() + WAIT;
+    let first = loop {
+        match TcpStream::connect(addr) {
+            Ok(_) => break get(addr, "/"),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("cannot connect: {e}"),
+        }
+    };
+    assert_eq!(first.0, "HTTP/1.1 200 OK");
+    let s = pool.wait_ready(None);
+    assert_eq!(s["listeners"][0], listen.as_str(), "{s}");
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/").0, "HTTP/1.1 200 OK");
+    }
+    signal(pool.child.id(), Signal::TERM);
+    assert_eq!(pool.wait_exit(), 0);
+}

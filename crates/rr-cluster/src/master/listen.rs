@@ -1,0 +1,408 @@
+//! Listener sources (TCP address, Unix path, sockets inherited from systemd) and the
+//! accept loop that feeds [`Dispatcher`].
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+
+use super::dispatch::Dispatcher;
+use crate::protocol::{ListenerInfo, ListenerKind, MAX_FDS_PER_FRAME};
+use crate::sys;
+
+/// Kernel backlog of each listening socket (the kernel caps it at `somaxconn`).
+const BACKLOG: u32 = 4096;
+/// Pause after an accept failed for lack of descriptors or memory.
+const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Where the master listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ListenSpec {
+    /// A TCP address (port 0 picks a free port).
+    Tcp(SocketAddr),
+    /// A Unix stream socket at a path (a stale socket file is replaced).
+    Unix(PathBuf),
+    /// The sockets systemd passes (`LISTEN_FDS`, `LISTEN_PID`).
+    Systemd,
+}
+
+impl std::str::FromStr for ListenSpec {
+    type Err = String;
+
+    /// `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT`, `unix:PATH`, an absolute path, or
+    /// `systemd`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "systemd" {
+            return Ok(ListenSpec::Systemd);
+        }
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!(
+                    "invalid listen address {s:?}: empty Unix socket path"
+                ));
+            }
+            return Ok(ListenSpec::Unix(PathBuf::from(path)));
+        }
+        if s.starts_with('/') || s.starts_with("./") {
+            return Ok(ListenSpec::Unix(PathBuf::from(s)));
+        }
+        if let Some(port) = s.strip_prefix("localhost:") {
+            if let Ok(port) = port.parse::<u16>() {
+                return Ok(ListenSpec::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+            }
+        }
+        s.parse::<SocketAddr>().map(ListenSpec::Tcp).map_err(|_| {
+            format!(
+                "invalid listen address {s:?}: expected IP:PORT, [IPv6]:PORT, localhost:PORT, unix:/path or systemd"
+            )
+        })
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenSpec::Tcp(addr) => write!(f, "{addr}"),
+            ListenSpec::Unix(path) => write!(f, "unix:{}", path.display()),
+            ListenSpec::Systemd => f.write_str("systemd"),
+        }
+    }
+}
+
+/// A bound address, as reported by [`MasterHandle::local_addrs`](crate::MasterHandle::local_addrs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LocalAddr {
+    /// A TCP listener.
+    Tcp(SocketAddr),
+    /// A Unix-socket listener.
+    Unix(PathBuf),
+}
+
+impl LocalAddr {
+    /// The TCP address, if this is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            LocalAddr::Tcp(a) => Some(*a),
+            LocalAddr::Unix(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for LocalAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalAddr::Tcp(addr) => write!(f, "{addr}"),
+            LocalAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Socket {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Socket::Tcp(l) => l.as_raw_fd(),
+            Socket::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+impl From<Socket> for OwnedFd {
+    fn from(socket: Socket) -> OwnedFd {
+        match socket {
+            Socket::Tcp(l) => l.into(),
+            Socket::Unix(l) => l.into(),
+        }
+    }
+}
+
+impl Socket {
+    /// One `accept4` (close-on-exec); the connection as a bare descriptor.
+    fn accept(&self) -> io::Result<OwnedFd> {
+        match self {
+            Socket::Tcp(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
+            Socket::Unix(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
+        }
+    }
+}
+
+/// A bound, non-blocking listening socket.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    socket: AsyncFd<Socket>,
+    local: LocalAddr,
+    /// A Unix socket file this master created and removes when it stops.
+    owned_path: Option<PathBuf>,
+}
+
+impl Listener {
+    pub(crate) fn local_addr(&self) -> &LocalAddr {
+        &self.local
+    }
+
+    pub(crate) fn info(&self) -> ListenerInfo {
+        ListenerInfo {
+            kind: match self.local {
+                LocalAddr::Tcp(_) => ListenerKind::Tcp,
+                LocalAddr::Unix(_) => ListenerKind::Unix,
+            },
+            address: self.local.to_string(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(path) = &self.owned_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds every spec. Must run inside a tokio runtime.
+pub(crate) fn bind_all(specs: &[ListenSpec]) -> Result<Vec<Listener>, (String, io::Error)> {
+    let mut out = Vec::new();
+    for spec in specs {
+        match spec {
+            ListenSpec::Tcp(addr) => out.push(bind_tcp(*addr).map_err(|e| (spec.to_string(), e))?),
+            ListenSpec::Unix(path) => {
+                out.push(bind_unix(path.clone()).map_err(|e| (spec.to_string(), e))?)
+            }
+            ListenSpec::Systemd => out.extend(from_systemd().map_err(|e| (spec.to_string(), e))?),
+        }
+    }
+    Ok(out)
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<Listener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(BACKLOG)?.into_std()?;
+    let local = LocalAddr::Tcp(listener.local_addr()?);
+    Ok(Listener {
+        socket: sys::register_owned(Socket::Tcp(listener))?,
+        local,
+        owned_path: None,
+    })
+}
+
+fn bind_unix(path: PathBuf) -> io::Result<Listener> {
+    if path.exists() {
+        // A live master answers; a stale socket file from a dead one does not.
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    listener.set_nonblocking(true)?;
+    Ok(Listener {
+        socket: sys::register_owned(Socket::Unix(listener))?,
+        local: LocalAddr::Unix(path.clone()),
+        owned_path: Some(path),
+    })
+}
+
+/// The listening sockets passed by systemd socket activation (`LISTEN_FDS` sockets
+/// from descriptor 3 on, meant for this process when `LISTEN_PID` is its pid).
+fn from_systemd() -> io::Result<Vec<Listener>> {
+    let fds = sd_notify::listen_fds()?;
+    if fds.len() == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no sockets were passed (LISTEN_FDS and LISTEN_PID are not set for this process)",
+        ));
+    }
+    fds.map(|raw| sys::adopt_inherited_socket(raw).and_then(listener_from_fd))
+        .collect()
+}
+
+/// True when systemd passed listening sockets to this process.
+pub fn socket_activated() -> bool {
+    std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(sys::getpid())
+        && std::env::var_os("LISTEN_FDS").is_some()
+}
+
+/// Wraps an inherited listening socket, TCP or Unix, found out by its local address.
+pub(crate) fn listener_from_fd(fd: OwnedFd) -> io::Result<Listener> {
+    let tcp = std::net::TcpListener::from(fd);
+    if let Ok(addr) = tcp.local_addr() {
+        tcp.set_nonblocking(true)?;
+        return Ok(Listener {
+            socket: sys::register_owned(Socket::Tcp(tcp))?,
+            local: LocalAddr::Tcp(addr),
+            owned_path: None,
+        });
+    }
+    let unix = std::os::unix::net::UnixListener::from(OwnedFd::from(tcp));
+    let addr = unix.local_addr()?;
+    unix.set_nonblocking(true)?;
+    let path = addr
+        .as_pathname()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("(unnamed)"));
+    Ok(Listener {
+        socket: sys::register_owned(Socket::Unix(unix))?,
+        local: LocalAddr::Unix(path),
+        owned_path: None,
+    })
+}
+
+/// Accepts until the listener would block (up to a frame's worth of sockets), hands
+/// the batch to the dispatcher, and stops accepting while sockets wait for a worker.
+pub(crate) async fn accept_loop(
+    listener: Listener,
+    index: u16,
+    dispatcher: Arc<Dispatcher>,
+    stop: CancellationToken,
+) {
+    let mut wake = dispatcher.subscribe();
+    let mut batch: Vec<OwnedFd> = Vec::with_capacity(MAX_FDS_PER_FRAME);
+    let stats = &dispatcher.stats;
+    loop {
+        if !batch.is_empty() {
+            wake.borrow_and_update();
+            let before = batch.len();
+            dispatcher.dispatch(index, &mut batch);
+            let after = batch.len();
+            stats.queued.fetch_sub(before - after, Ordering::Relaxed);
+            if !batch.is_empty() {
+                // The kernel backlog holds new connections meanwhile.
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    changed = wake.changed() => if changed.is_err() { break },
+                }
+                continue;
+            }
+        }
+        let mut guard = tokio::select! {
+            _ = stop.cancelled() => break,
+            ready = listener.socket.readable() => match ready {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::error!(listener = %listener.local, error = %e, "listener failed");
+                    break;
+                }
+            },
+        };
+        let mut backoff = false;
+        while batch.len() < MAX_FDS_PER_FRAME {
+            match guard.try_io(|socket| socket.get_ref().accept()) {
+                Ok(Ok(fd)) => batch.push(fd),
+                Ok(Err(e)) if sys::is_transient_accept_error(&e) => continue,
+                Ok(Err(e)) => {
+                    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    if sys::is_resource_exhaustion(&e) {
+                        tracing::warn!(listener = %listener.local, error = %e, "accept failed; backing off");
+                    } else {
+                        tracing::error!(listener = %listener.local, error = %e, "accept failed");
+                    }
+                    backoff = true;
+                    break;
+                }
+                Err(_would_block) => break,
+            }
+        }
+        drop(guard);
+        stats
+            .accepted
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.queued.fetch_add(batch.len(), Ordering::Relaxed);
+        if backoff {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(RESOURCE_BACKOFF) => {}
+            }
+        }
+    }
+    // Stopping: one last chance for accepted sockets, then they close.
+    if !batch.is_empty() {
+        let before = batch.len();
+        dispatcher.dispatch(index, &mut batch);
+        stats.queued.fetch_sub(before, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs_parse() {
+        assert_eq!(
+            "127.0.0.1:8080".parse::<ListenSpec>(),
+            Ok(ListenSpec::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080))))
+        );
+        assert_eq!(
+            "localhost:0".parse::<ListenSpec>(),
+            Ok(ListenSpec::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))))
+        );
+        assert!(matches!(
+            "[::1]:80".parse::<ListenSpec>(),
+            Ok(ListenSpec::Tcp(_))
+        ));
+        assert_eq!(
+            "unix:/tmp/x.sock".parse::<ListenSpec>(),
+            Ok(ListenSpec::Unix("/tmp/x.sock".into()))
+        );
+        assert_eq!(
+            "/run/app.sock".parse::<ListenSpec>(),
+            Ok(ListenSpec::Unix("/run/app.sock".into()))
+        );
+        assert_eq!("systemd".parse::<ListenSpec>(), Ok(ListenSpec::Systemd));
+        let err = "8080".parse::<ListenSpec>().expect_err("no host");
+        assert!(err.contains("\"8080\""), "{err}");
+        assert!("unix:".parse::<ListenSpec>().is_err());
+    }
+
+    #[tokio::test]
+    async fn binds_port_zero_and_accepts() {
+        let listeners = bind_all(&["127.0.0.1:0".parse().expect("spec")]).expect("bind");
+        let addr = listeners[0].local_addr().tcp().expect("tcp");
+        assert_ne!(addr.port(), 0);
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let guard = listeners[0].socket.readable().await.expect("readable");
+        let fd = guard.get_inner().accept().expect("accept");
+        assert!(fd.as_raw_fd() > 2);
+    }
+
+    #[tokio::test]
+    async fn unix_socket_file_is_replaced_when_stale_and_removed_on_drop() {
+        let dir = std::env::temp_dir().join(format!("rr-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("a.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        assert!(path.exists());
+        let l = bind_all(&[ListenSpec::Unix(path.clone())]).expect("bind over stale file");
+        // A live one is not replaced.
+        let err = bind_all(&[ListenSpec::Unix(path.clone())]).expect_err("in use");
+        assert_eq!(err.1.kind(), io::ErrorKind::AddrInUse);
+        drop(l);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
