@@ -442,3 +442,57 @@ fn systemd_socket_activation_serves_through_the_inherited_socket() {
     signal(pool.child.id(), Signal::TERM);
     assert_eq!(pool.wait_exit(), 0);
 }
+
+#[test]
+fn sd_notify_reports_ready_reloading_and_stopping() {
+    let dir = Scratch::new("notify");
+    let socket_path = dir.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let control = dir.path("ctl.sock");
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--control",
+        ])
+        .arg(&control)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start");
+    let mut pool = Running {
+        child,
+        control,
+        worker_pids: Vec::new(),
+    };
+    let mut seen = String::new();
+    let wait_for = |needle: &str, seen: &mut String| {
+        let deadline = Instant::now() + WAIT;
+        while !seen.contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in {seen:?}");
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = notify.recv(&mut buf) {
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                seen.push('\n');
+            }
+        }
+    };
+    wait_for("READY=1", &mut seen);
+    assert!(seen.contains("STATUS=2/2 workers ready"), "{seen}");
+    pool.wait_ready(None);
+    seen.clear();
+    assert!(pool.ctl(&["reload"]).status.success());
+    wait_for("RELOADING=1", &mut seen);
+    assert!(seen.contains("MONOTONIC_USEC="), "{seen}");
+    wait_for("READY=1", &mut seen);
+    signal(pool.child.id(), Signal::TERM);
+    wait_for("STOPPING=1", &mut seen);
+    assert_eq!(pool.wait_exit(), 0);
+}

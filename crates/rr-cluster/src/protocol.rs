@@ -5,7 +5,8 @@
 //! bincode-2 encoded message ([`wire_config`]: little endian, fixed-width integers).
 //! docs/PROTOCOL.md describes the byte layout of every message.
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use bincode::{Decode, Encode};
+use serde::{Deserialize, Serialize};
 
 /// Version of the channel protocol; sent in [`ToWorker::Hello`] and [`ToMaster::Ready`].
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -37,7 +38,7 @@ pub const fn wire_config() -> WireConfig {
 }
 
 /// What kind of socket a listener hands out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Encode, Decode)]
 pub enum ListenerKind {
     /// A TCP socket (IPv4 or IPv6).
     Tcp,
@@ -46,7 +47,7 @@ pub enum ListenerKind {
 }
 
 /// One of the master's listeners, as announced to workers in [`ToWorker::Hello`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Encode, Decode)]
 pub struct ListenerInfo {
     /// Socket family of the connections this listener produces.
     pub kind: ListenerKind,
@@ -55,7 +56,7 @@ pub struct ListenerInfo {
 }
 
 /// The first frame a master sends on a new channel.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Encode, Decode)]
 pub struct Hello {
     /// Must be the first field: a worker of any version can read it.
     pub version: u32,
@@ -70,7 +71,7 @@ pub struct Hello {
 }
 
 /// Messages from the master to a worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Encode, Decode)]
 #[non_exhaustive]
 pub enum ToWorker {
     /// Handshake; always the first frame (variant tag 0).
@@ -94,7 +95,7 @@ pub enum ToWorker {
 }
 
 /// Messages from a worker to the master.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Encode, Decode)]
 #[non_exhaustive]
 pub enum ToMaster {
     /// The worker takes connections from now on.
@@ -123,7 +124,11 @@ pub enum ToMaster {
 }
 
 /// A message type that may travel on the channel.
-pub trait Message: Serialize + DeserializeOwned {
+///
+/// Encoded with bincode's own derive (`Encode`/`Decode`): it checks every claimed
+/// length against the frame limit before allocating, which the serde path does not.
+/// The types also derive serde's traits, for users who log or store them.
+pub trait Message: Encode + Decode<()> {
     /// How many descriptors travel with this message.
     fn fd_count(&self) -> usize;
 }
@@ -197,7 +202,7 @@ pub enum ProtocolError {
 pub fn encode_frame<M: Message>(msg: &M, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    if let Err(e) = bincode::serde::encode_into_std_write(msg, out, wire_config()) {
+    if let Err(e) = bincode::encode_into_std_write(msg, out, wire_config()) {
         out.truncate(start);
         return Err(e.into());
     }
@@ -252,7 +257,7 @@ pub fn decode_payload<M: Message>(payload: &[u8]) -> Result<M, ProtocolError> {
             max: MAX_FRAME_LEN,
         });
     }
-    let (msg, used): (M, usize) = bincode::serde::decode_from_slice(payload, wire_config())?;
+    let (msg, used): (M, usize) = bincode::decode_from_slice(payload, wire_config())?;
     if used != payload.len() {
         return Err(ProtocolError::TrailingBytes {
             len: used,
