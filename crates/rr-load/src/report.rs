@@ -1,0 +1,681 @@
+//! The result of a run: [`Report`], its JSON form and its table.
+//!
+//! # JSON schema (`schema_version` 1)
+//!
+//! The JSON written by `--json` is [`Report`] serialized with serde; fields are only
+//! ever added within a schema version. Durations are seconds (`*_s`), milliseconds
+//! (`*_ms`) or microseconds (`*_us`) as their names say.
+//!
+//! ```text
+//! {
+//!   "schema_version": 1,
+//!   "settings": { "addr": "127.0.0.1:8080", "host": "127.0.0.1:8080", "path": "/",
+//!                 "mode": "keepalive" | "close", "connections": 64, "threads": 1,
+//!                 "rate": null | 5000.0, "duration_s": 10.0, "warmup_s": 0.0,
+//!                 "timeout_s": 5.0, "kill_worker_every_s": null | 0.5,
+//!                 "reload_every_s": null | 2.0, "fault_window_s": 1.0 },
+//!   "requests": 123456,            // completed or failed within the measured run
+//!   "successes": 123450,           // complete responses with a 2xx or 3xx status
+//!   "errors": { "refused": 0, "reset": 6, "closed": 0, "timeout": 0,
+//!               "bad_status": 0, "bad_response": 0, "other": 0, "total": 6 },
+//!   "throughput_rps": 12345.0,     // successes per second of the measured run
+//!   "latency_us": { "count": 123450, "min": 80, "mean": 510.2, "stdev": 90.1,
+//!                   "p50": 490, "p90": 600, "p99": 900, "p99_9": 2100, "max": 5012 },
+//!   "statuses": { "200": 123450 },
+//!   "reconnects": 0,               // keep-alive connections the server closed properly
+//!   "workers": [ { "id": "0", "requests": 61725, "share_pct": 50.0, "pids": [4242] } ],
+//!   "without_worker_id": 0,        // successes without an x-worker-id header
+//!   "busiest_worker": null | { "id": "1", "share_pct": 50.0, "ratio_to_mean": 1.0 },
+//!   "faults": null | {
+//!     "window_s": 1.0, "injected": 3, "kills": 3, "reloads": 0,
+//!     "failed_in_windows": 5, "failed_outside_windows": 0, "untracked_failures": 0,
+//!     "outside_by_kind": { ...error counts... },
+//!     "events": [ { "at_ms": 500.1, "action": "kill_worker" | "reload", "slot": 0,
+//!                   "pid": 4242, "message": null, "failed_requests": 2,
+//!                   "failed_by_kind": { ...error counts... } } ],
+//!     "attempt_errors": [ { "at_ms": 1000.0, "action": "kill_worker",
+//!                           "error": "no worker in state ready" } ]
+//!   }
+//! }
+//! ```
+//!
+//! Latency is measured for successful requests only: in a closed loop from the moment
+//! the request started (connect included in close mode), in an open loop (`rate`) from
+//! the request's intended send time, so a stall counts for every request it delayed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Mode};
+use crate::fault::{self, FaultAttemptError, FaultEvent, FaultLog};
+use crate::outcome::ErrorKind;
+use crate::recorder::{Recorder, WorkerCount};
+
+/// The version of the JSON layout.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The outcome of a run; `serde` gives its stable JSON form (see the module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Report {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// What was run.
+    pub settings: Settings,
+    /// Requests that completed or failed within the measured run.
+    pub requests: u64,
+    /// Complete responses with a 2xx or 3xx status.
+    pub successes: u64,
+    /// Failed requests by kind.
+    pub errors: ErrorCounts,
+    /// Successes per second of the measured run.
+    pub throughput_rps: f64,
+    /// Latency of the successes, in microseconds.
+    pub latency_us: LatencySummary,
+    /// Complete responses by status code.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Keep-alive connections reopened because the server had closed them properly.
+    pub reconnects: u64,
+    /// Successes by `x-worker-id`, in id order.
+    pub workers: Vec<WorkerShare>,
+    /// Successes whose response had no `x-worker-id`.
+    pub without_worker_id: u64,
+    /// The worker that answered most, when any answered with an id.
+    pub busiest_worker: Option<BusiestWorker>,
+    /// Fault injection, when enabled.
+    pub faults: Option<FaultReport>,
+}
+
+/// The settings a report was made with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Settings {
+    /// The address connected to.
+    pub addr: String,
+    /// The `Host` header (the address as given).
+    pub host: String,
+    /// The request target.
+    pub path: String,
+    /// Close or keep-alive.
+    pub mode: Mode,
+    /// Concurrent connections.
+    pub connections: usize,
+    /// Runtime threads.
+    pub threads: usize,
+    /// Open-loop rate in requests per second; `null` for a closed loop.
+    pub rate: Option<f64>,
+    /// The measured run time.
+    pub duration_s: f64,
+    /// The unmeasured warm-up.
+    pub warmup_s: f64,
+    /// The per-request timeout.
+    pub timeout_s: f64,
+    /// Interval between worker kills.
+    pub kill_worker_every_s: Option<f64>,
+    /// Interval between reloads.
+    pub reload_every_s: Option<f64>,
+    /// How long after a fault a failed request is still charged to it.
+    pub fault_window_s: f64,
+}
+
+/// Failed requests by [`ErrorKind`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ErrorCounts {
+    /// [`ErrorKind::Refused`].
+    pub refused: u64,
+    /// [`ErrorKind::Reset`].
+    pub reset: u64,
+    /// [`ErrorKind::Closed`].
+    pub closed: u64,
+    /// [`ErrorKind::Timeout`].
+    pub timeout: u64,
+    /// [`ErrorKind::BadStatus`].
+    pub bad_status: u64,
+    /// [`ErrorKind::BadResponse`].
+    pub bad_response: u64,
+    /// [`ErrorKind::Other`].
+    pub other: u64,
+    /// All of them.
+    pub total: u64,
+}
+
+impl ErrorCounts {
+    /// The count of one kind.
+    pub fn get(&self, kind: ErrorKind) -> u64 {
+        match kind {
+            ErrorKind::Refused => self.refused,
+            ErrorKind::Reset => self.reset,
+            ErrorKind::Closed => self.closed,
+            ErrorKind::Timeout => self.timeout,
+            ErrorKind::BadStatus => self.bad_status,
+            ErrorKind::BadResponse => self.bad_response,
+            ErrorKind::Other => self.other,
+        }
+    }
+
+    /// All failures.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub(crate) fn add_n(&mut self, kind: ErrorKind, n: u64) {
+        let slot = match kind {
+            ErrorKind::Refused => &mut self.refused,
+            ErrorKind::Reset => &mut self.reset,
+            ErrorKind::Closed => &mut self.closed,
+            ErrorKind::Timeout => &mut self.timeout,
+            ErrorKind::BadStatus => &mut self.bad_status,
+            ErrorKind::BadResponse => &mut self.bad_response,
+            ErrorKind::Other => &mut self.other,
+        };
+        *slot += n;
+        self.total += n;
+    }
+
+    pub(crate) fn add(&mut self, kind: ErrorKind) {
+        self.add_n(kind, 1);
+    }
+
+    fn from_array(counts: &[u64; ErrorKind::COUNT]) -> ErrorCounts {
+        let mut c = ErrorCounts::default();
+        for kind in ErrorKind::ALL {
+            c.add_n(kind, counts[kind.index()]);
+        }
+        c
+    }
+
+    /// `reset 3, timeout 1`, or `none`.
+    fn summary(&self) -> String {
+        let parts: Vec<String> = ErrorKind::ALL
+            .iter()
+            .filter(|&&k| self.get(k) > 0)
+            .map(|&k| format!("{} {}", k.as_str(), self.get(k)))
+            .collect();
+        if parts.is_empty() {
+            "none".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// Latency percentiles in microseconds (all zero when nothing succeeded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LatencySummary {
+    /// Values recorded.
+    pub count: u64,
+    /// Smallest.
+    pub min: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Standard deviation.
+    pub stdev: f64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p99_9: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl LatencySummary {
+    /// Summarizes a histogram of microseconds.
+    pub fn from_histogram(h: &Histogram<u64>) -> LatencySummary {
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: h.len(),
+            min: h.min(),
+            mean: h.mean(),
+            stdev: h.stdev(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p99_9: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// One worker's part of the successes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct WorkerShare {
+    /// The `x-worker-id` value (a slot for rr-cluster's demo worker).
+    pub id: String,
+    /// Successes it answered.
+    pub requests: u64,
+    /// Its percentage of the successes that carried a worker id.
+    pub share_pct: f64,
+    /// Every `x-worker-pid` seen with this id, ascending.
+    pub pids: Vec<u32>,
+}
+
+/// The worker with the largest share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BusiestWorker {
+    /// Its id.
+    pub id: String,
+    /// Its share in percent.
+    pub share_pct: f64,
+    /// Its share divided by the mean share (1.0 is a perfect balance).
+    pub ratio_to_mean: f64,
+}
+
+/// What fault injection did and cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct FaultReport {
+    /// The attribution window.
+    pub window_s: f64,
+    /// Faults injected.
+    pub injected: u64,
+    /// Workers killed.
+    pub kills: u64,
+    /// Reloads requested.
+    pub reloads: u64,
+    /// Failed requests charged to some fault.
+    pub failed_in_windows: u64,
+    /// Failed requests outside any fault's window.
+    pub failed_outside_windows: u64,
+    /// Failures beyond the per-connection memory cap, not attributed (also counted in
+    /// `failed_outside_windows`).
+    pub untracked_failures: u64,
+    /// The failures outside any window, by kind (untracked ones are not in it).
+    pub outside_by_kind: ErrorCounts,
+    /// Each fault and what it cost.
+    pub events: Vec<FaultEvent>,
+    /// Faults that could not be injected.
+    pub attempt_errors: Vec<FaultAttemptError>,
+}
+
+impl Report {
+    pub(crate) fn new(config: &Config, rec: Recorder, log: Option<FaultLog>) -> Report {
+        let seconds = config.duration.as_secs_f64();
+        let errors = ErrorCounts::from_array(&rec.errors);
+        let (workers, busiest_worker) = shares(&rec.workers);
+        let faults = log.map(|log| fault_report(config, &rec, log));
+        Report {
+            schema_version: SCHEMA_VERSION,
+            settings: Settings {
+                addr: config.addr.to_string(),
+                host: config.host.clone(),
+                path: config.path.clone(),
+                mode: config.mode,
+                connections: config.connections,
+                threads: config.threads,
+                rate: config.rate,
+                duration_s: seconds,
+                warmup_s: config.warmup.as_secs_f64(),
+                timeout_s: config.timeout.as_secs_f64(),
+                kill_worker_every_s: config.faults.kill_worker_every.map(|d| d.as_secs_f64()),
+                reload_every_s: config.faults.reload_every.map(|d| d.as_secs_f64()),
+                fault_window_s: config.faults.window.as_secs_f64(),
+            },
+            requests: rec.requests(),
+            successes: rec.successes,
+            errors,
+            throughput_rps: rec.successes as f64 / seconds,
+            latency_us: LatencySummary::from_histogram(&rec.latency),
+            statuses: rec.statuses.iter().copied().collect(),
+            reconnects: rec.reconnects,
+            workers,
+            without_worker_id: rec.without_worker_id,
+            busiest_worker,
+            faults,
+        }
+    }
+
+    /// The report as a human-readable table.
+    pub fn to_table(&self) -> String {
+        let s = &self.settings;
+        let mut out = String::new();
+        let load = match s.rate {
+            Some(rate) => format!("open loop at {rate} req/s"),
+            None => "closed loop".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "rr-load {} {}: {} connections, {}, {} for {}s{}, {} thread{}",
+            s.host,
+            s.path,
+            s.connections,
+            s.mode,
+            load,
+            s.duration_s,
+            if s.warmup_s > 0.0 {
+                format!(" after {}s warm-up", s.warmup_s)
+            } else {
+                String::new()
+            },
+            s.threads,
+            if s.threads == 1 { "" } else { "s" },
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(out, "  requests     {:>12}", self.requests);
+        let _ = writeln!(out, "  successes    {:>12}", self.successes);
+        let _ = writeln!(
+            out,
+            "  errors       {:>12}   {}",
+            self.errors.total,
+            self.errors.summary()
+        );
+        let _ = writeln!(out, "  throughput   {:>12.1} req/s", self.throughput_rps);
+        if self.reconnects > 0 {
+            let _ = writeln!(out, "  reconnects   {:>12}", self.reconnects);
+        }
+        let statuses: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(code, n)| format!("{code}: {n}"))
+            .collect();
+        if !statuses.is_empty() {
+            let _ = writeln!(out, "  statuses     {}", statuses.join(", "));
+        }
+        let l = &self.latency_us;
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "  latency      {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "mean", "stdev", "p50", "p90", "p99", "p99.9", "max"
+        );
+        let _ = writeln!(
+            out,
+            "               {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            fmt_us(l.mean),
+            fmt_us(l.stdev),
+            fmt_us(l.p50 as f64),
+            fmt_us(l.p90 as f64),
+            fmt_us(l.p99 as f64),
+            fmt_us(l.p99_9 as f64),
+            fmt_us(l.max as f64),
+        );
+        if !self.workers.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "  worker     requests    share  pids");
+            for w in &self.workers {
+                let pids: Vec<String> = w.pids.iter().map(u32::to_string).collect();
+                let _ = writeln!(
+                    out,
+                    "  {:<8} {:>10} {:>7.1}%  {}",
+                    w.id,
+                    w.requests,
+                    w.share_pct,
+                    pids.join(" ")
+                );
+            }
+            if let Some(b) = &self.busiest_worker {
+                let _ = writeln!(
+                    out,
+                    "  busiest worker {} with {:.1}% ({:.2}x the mean share)",
+                    b.id, b.share_pct, b.ratio_to_mean
+                );
+            }
+        }
+        if self.without_worker_id > 0 {
+            let _ = writeln!(
+                out,
+                "  {} successes had no x-worker-id header",
+                self.without_worker_id
+            );
+        }
+        if let Some(f) = &self.faults {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "  faults       {} injected ({} kills, {} reloads), {} failed attempts",
+                f.injected,
+                f.kills,
+                f.reloads,
+                f.attempt_errors.len()
+            );
+            let _ = writeln!(
+                out,
+                "  failed requests: {} within {}s of a fault, {} outside any fault window ({})",
+                f.failed_in_windows,
+                f.window_s,
+                f.failed_outside_windows,
+                f.outside_by_kind.summary()
+            );
+            if !f.events.is_empty() {
+                let _ = writeln!(out, "  {:>10}  {:<28} failed", "at", "fault");
+                for e in &f.events {
+                    let what = match e.action {
+                        fault::FaultAction::KillWorker => format!(
+                            "kill slot {} pid {}",
+                            e.slot.map_or("?".to_owned(), |s| s.to_string()),
+                            e.pid.map_or("?".to_owned(), |p| p.to_string())
+                        ),
+                        fault::FaultAction::Reload => "reload".to_owned(),
+                    };
+                    let _ = writeln!(
+                        out,
+                        "  {:>9.3}s  {:<28} {} ({})",
+                        e.at_ms / 1e3,
+                        what,
+                        e.failed_requests,
+                        e.failed_by_kind.summary()
+                    );
+                }
+            }
+            for a in &f.attempt_errors {
+                let _ = writeln!(
+                    out,
+                    "  {:>9.3}s  {} not injected: {}",
+                    a.at_ms / 1e3,
+                    a.action.as_str(),
+                    a.error
+                );
+            }
+        }
+        out
+    }
+}
+
+/// `850us`, `1.23ms`, `2.50s`.
+fn fmt_us(us: f64) -> String {
+    if us < 1_000.0 {
+        format!("{us:.0}us")
+    } else if us < 1_000_000.0 {
+        format!("{:.2}ms", us / 1e3)
+    } else {
+        format!("{:.2}s", us / 1e6)
+    }
+}
+
+/// Shares per worker, ordered by id (numerically when ids are numbers).
+fn shares(workers: &[WorkerCount]) -> (Vec<WorkerShare>, Option<BusiestWorker>) {
+    let total: u64 = workers.iter().map(|w| w.requests).sum();
+    let mut out: Vec<WorkerShare> = workers
+        .iter()
+        .map(|w| WorkerShare {
+            id: String::from_utf8_lossy(&w.id).into_owned(),
+            requests: w.requests,
+            share_pct: if total == 0 {
+                0.0
+            } else {
+                w.requests as f64 * 100.0 / total as f64
+            },
+            pids: {
+                let mut pids = w.pids.clone();
+                pids.sort_unstable();
+                pids
+            },
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        let key = |w: &WorkerShare| w.id.parse::<u64>().ok();
+        match (key(a), key(b)) {
+            (Some(x), Some(y)) => x.cmp(&y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => a.id.cmp(&b.id),
+        }
+    });
+    let busiest = out
+        .iter()
+        .max_by_key(|w| w.requests)
+        .filter(|_| total > 0)
+        .map(|w| {
+            let mean = 100.0 / out.len() as f64;
+            BusiestWorker {
+                id: w.id.clone(),
+                share_pct: w.share_pct,
+                ratio_to_mean: w.share_pct / mean,
+            }
+        });
+    (out, busiest)
+}
+
+fn fault_report(config: &Config, rec: &Recorder, log: FaultLog) -> FaultReport {
+    let mut events = log.events;
+    events.sort_by_key(|(us, _)| *us);
+    let times: Vec<u64> = events.iter().map(|(us, _)| *us).collect();
+    let (per_fault, outside) = fault::attribute(&times, &rec.failures, config.faults.window);
+    let events: Vec<FaultEvent> = events
+        .into_iter()
+        .zip(per_fault)
+        .map(|((_, mut e), counts)| {
+            e.failed_requests = counts.total;
+            e.failed_by_kind = counts;
+            e
+        })
+        .collect();
+    let count = |a| events.iter().filter(|e| e.action == a).count() as u64;
+    FaultReport {
+        window_s: config.faults.window.as_secs_f64(),
+        injected: events.len() as u64,
+        kills: count(fault::FaultAction::KillWorker),
+        reloads: count(fault::FaultAction::Reload),
+        failed_in_windows: events.iter().map(|e| e.failed_requests).sum(),
+        failed_outside_windows: outside.total + rec.failures_dropped,
+        untracked_failures: rec.failures_dropped,
+        outside_by_kind: outside,
+        attempt_errors: log.errors,
+        events,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::recorder::WorkerTag;
+
+    fn config() -> Config {
+        Config::builder("127.0.0.1:8080")
+            .connections(2)
+            .duration(Duration::from_secs(2))
+            .build()
+            .expect("config")
+    }
+
+    #[test]
+    fn report_math() {
+        let mut rec = Recorder::new(false);
+        for i in 1..=100u64 {
+            let id = if i % 4 == 0 { b"1" } else { b"0" };
+            rec.success(i * 10, Some(&WorkerTag::new(id, Some(7))));
+            rec.status(200);
+        }
+        rec.failure(ErrorKind::Reset, 0, 1);
+        rec.failure(ErrorKind::Reset, 0, 1);
+        rec.failure(ErrorKind::BadStatus, 0, 1);
+        rec.status(503);
+        let r = Report::new(&config(), rec, None);
+        assert_eq!(r.requests, 103);
+        assert_eq!(r.successes, 100);
+        assert_eq!(r.errors.reset, 2);
+        assert_eq!(r.errors.bad_status, 1);
+        assert_eq!(r.errors.total, 3);
+        assert!((r.throughput_rps - 50.0).abs() < 1e-9);
+        assert_eq!(r.latency_us.count, 100);
+        assert_eq!(r.latency_us.min, 10);
+        assert_eq!(r.latency_us.max, 1000);
+        assert_eq!(r.latency_us.p50, 500);
+        assert_eq!(r.latency_us.p90, 900);
+        assert_eq!(r.latency_us.p99, 990);
+        assert_eq!(r.statuses.get(&200), Some(&100));
+        assert_eq!(r.statuses.get(&503), Some(&1));
+        assert_eq!(r.workers.len(), 2);
+        assert_eq!(r.workers[0].id, "0");
+        assert!((r.workers[0].share_pct - 75.0).abs() < 1e-9);
+        assert!((r.workers[1].share_pct - 25.0).abs() < 1e-9);
+        let b = r.busiest_worker.as_ref().expect("busiest");
+        assert_eq!(b.id, "0");
+        assert!((b.ratio_to_mean - 1.5).abs() < 1e-9);
+        let table = r.to_table();
+        assert!(table.contains("reset 2, bad_status 1"), "{table}");
+        assert!(table.contains("75.0%"), "{table}");
+    }
+
+    #[test]
+    fn empty_run_reports_zeros() {
+        let r = Report::new(&config(), Recorder::new(false), None);
+        assert_eq!(r.requests, 0);
+        assert_eq!(r.latency_us, LatencySummary::default());
+        assert!(r.busiest_worker.is_none());
+        assert!(!r.to_table().is_empty());
+    }
+
+    #[test]
+    fn worker_ids_sort_numerically() {
+        let w = |id: &[u8], n| WorkerCount {
+            id: id.to_vec(),
+            requests: n,
+            pids: vec![],
+        };
+        let (s, _) = shares(&[w(b"10", 1), w(b"b", 1), w(b"2", 1), w(b"a", 1)]);
+        let ids: Vec<&str> = s.iter().map(|w| w.id.as_str()).collect();
+        assert_eq!(ids, ["2", "10", "a", "b"]);
+    }
+
+    #[test]
+    fn json_is_stable_and_round_trips() {
+        let mut rec = Recorder::new(true);
+        rec.success(100, Some(&WorkerTag::new(b"0", Some(1234))));
+        rec.failure(ErrorKind::Reset, 1_000, 1_100);
+        rec.failure(ErrorKind::Timeout, 10, 20);
+        let mut log = FaultLog::default();
+        log.events.push((
+            1_050,
+            FaultEvent {
+                at_ms: 1.05,
+                action: fault::FaultAction::KillWorker,
+                slot: Some(0),
+                pid: Some(1234),
+                message: None,
+                failed_requests: 0,
+                failed_by_kind: ErrorCounts::default(),
+            },
+        ));
+        let r = Report::new(&config(), rec, Some(log));
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["schema_version"], 1);
+        assert_eq!(json["settings"]["mode"], "keepalive");
+        assert_eq!(json["errors"]["reset"], 1);
+        assert_eq!(json["errors"]["total"], 2);
+        assert_eq!(json["latency_us"]["p99_9"], 100);
+        assert_eq!(json["statuses"].as_object().map(|o| o.len()), Some(0));
+        assert_eq!(json["workers"][0]["pids"][0], 1234);
+        assert_eq!(json["faults"]["events"][0]["action"], "kill_worker");
+        assert_eq!(json["faults"]["events"][0]["failed_requests"], 1);
+        assert_eq!(json["faults"]["failed_outside_windows"], 1);
+        assert_eq!(json["faults"]["outside_by_kind"]["timeout"], 1);
+        let back: Report = serde_json::from_value(json).expect("round trip");
+        assert_eq!(back, r);
+        assert!(r.to_table().contains("kill slot 0 pid 1234"));
+    }
+}
