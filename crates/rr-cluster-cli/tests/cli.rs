@@ -496,3 +496,46 @@ fn sd_notify_reports_ready_reloading_and_stopping() {
     wait_for("STOPPING=1", &mut seen);
     assert_eq!(pool.wait_exit(), 0);
 }
+
+#[test]
+fn under_load_kills_and_reloads_cost_only_requests_in_flight_on_killed_workers() {
+    let dir = Scratch::new("faults");
+    let control = dir.path("ctl.sock");
+    let mut pool = Running::start(&control, &["--listen", "127.0.0.1:0", "--workers", "4"]);
+    let addr = pool.addr();
+    for (mode, kill) in [
+        (rr_load::Mode::KeepAlive, true),
+        (rr_load::Mode::Close, false),
+    ] {
+        let config = rr_load::Config::builder(addr.to_string())
+            .connections(16)
+            .mode(mode)
+            .duration(Duration::from_secs(3))
+            .kill_worker_every(kill.then_some(Duration::from_millis(500)))
+            .reload_every((!kill).then_some(Duration::from_millis(700)))
+            .control(Some(control.clone()))
+            .progress(false)
+            .build()
+            .expect("config");
+        let report = rr_load::run_blocking(config).expect("load run");
+        let faults = report.faults.as_ref().expect("fault report");
+        assert!(report.successes > 0, "{mode:?}: nothing served");
+        assert_eq!(
+            faults.failed_outside_windows,
+            0,
+            "{mode:?}: {}",
+            report.to_table()
+        );
+        if kill {
+            assert!(faults.kills >= 4, "{}", report.to_table());
+        } else {
+            // Reloads alone cost nothing: no connection refused or dropped.
+            assert!(faults.reloads >= 3, "{}", report.to_table());
+            assert_eq!(report.errors.total, 0, "{}", report.to_table());
+        }
+    }
+    let s = pool.wait_ready(Some(4));
+    assert_eq!(s["gave_up"], false, "the master keeps the pool: {s}");
+    signal(pool.child.id(), Signal::TERM);
+    assert_eq!(pool.wait_exit(), 0);
+}

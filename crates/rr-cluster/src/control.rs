@@ -82,7 +82,8 @@ pub struct Status {
     pub accepted: u64,
     /// Accepted connections waiting for an eligible worker.
     pub queued: usize,
-    /// Restarts counted in the current restart window.
+    /// Unstable restarts (a worker that never became ready, or was ready for less than
+    /// `min_uptime`) in the current window: the count the give-up limit applies to.
     pub restarts_in_window: usize,
     /// Milliseconds since the master started.
     pub uptime_ms: u64,

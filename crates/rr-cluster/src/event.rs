@@ -145,10 +145,10 @@ pub enum Event {
         slot: u32,
         /// Backoff before the spawn.
         delay: Duration,
-        /// Restarts counted in the current window, this one included.
+        /// Unstable restarts counted toward the limit in the current window.
         restarts_in_window: usize,
     },
-    /// More than `limit` restarts within `window`: the master stops restarting.
+    /// More than `limit` unstable restarts within `window`: the master stops restarting.
     GiveUp {
         /// Restarts counted in the window.
         restarts: usize,

@@ -185,7 +185,10 @@ impl MasterBuilder {
         self
     }
 
-    /// More than `limit` restarts within the restart window is a give-up (default 10).
+    /// More than `limit` unstable restarts within the restart window is a give-up
+    /// (default 10). Unstable: the worker never became ready, or was ready for less than
+    /// [`MasterBuilder::min_uptime`]; deaths of workers that served for a while are
+    /// always replaced.
     pub fn restart_limit(mut self, limit: usize) -> Self {
         self.policy.restart_limit = limit;
         self

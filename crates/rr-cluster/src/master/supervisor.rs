@@ -11,7 +11,8 @@
 //! Draining/Leaving --deadline--> SIGKILL
 //! ```
 //!
-//! A restart "counts" against the limit: more than `restart_limit` within
+//! An *unstable* restart (the worker never became ready, or was ready for less than
+//! `min_uptime`) counts against the limit: more than `restart_limit` of them within
 //! `restart_window` is a give-up. Exits are matched by worker id, never by slot, so an
 //! exit from an older worker of a slot never counts against its replacement.
 
@@ -645,6 +646,7 @@ impl Supervisor {
             return;
         }
         let slot = p.slot;
+        let uptime = p.ready_at.map(|t| now.duration_since(t));
         p.state = ProcState::Leaving;
         if !p.killed {
             p.deadline = Some(now + drain_timeout);
@@ -661,7 +663,7 @@ impl Supervisor {
             }
             let in_reload = self.abort_reload_for(id, "the new worker announced its end");
             if !in_reload {
-                self.restart(now, slot, None, true);
+                self.restart(now, slot, uptime, true);
             }
         }
     }
@@ -741,9 +743,14 @@ impl Supervisor {
         }
     }
 
-    /// Slot `slot` lost its worker: restart it unless the limit is hit.
-    /// `uptime`: how long the lost worker had been ready. `immediate`: no backoff
-    /// (a worker that announced its end is replaced at once).
+    /// Slot `slot` lost its worker: restart it, unless that would exceed the limit.
+    /// `uptime`: how long the lost worker had been ready (`None`: never ready).
+    /// `immediate`: no backoff (a worker that announced its end is replaced at once).
+    ///
+    /// Only *unstable* restarts count toward the limit: the worker never became ready,
+    /// or was ready for less than `min_uptime`. That is a crash loop; a worker that
+    /// served for a while and then died (OOM kill, a stray SIGKILL) is replaced however
+    /// often it happens, so a burst of such deaths never stops the pool.
     fn restart(&mut self, now: Instant, slot: u32, uptime: Option<Duration>, immediate: bool) {
         if self.stopping.is_some() || slot as usize >= self.slots.len() {
             return;
@@ -752,22 +759,24 @@ impl Supervisor {
             self.slots[slot as usize].stopped = true;
             return;
         }
-        let window = self.policy.restart_window;
-        while self
-            .restart_log
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= window)
-        {
-            self.restart_log.pop_front();
-        }
-        if self.restart_log.len() >= self.policy.restart_limit {
-            self.slots[slot as usize].stopped = true;
-            self.give_up(now);
-            return;
-        }
-        self.restart_log.push_back(now);
-        self.restarts_total += 1;
         let healthy = uptime.is_some_and(|u| u >= self.policy.min_uptime);
+        if !healthy {
+            let window = self.policy.restart_window;
+            while self
+                .restart_log
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= window)
+            {
+                self.restart_log.pop_front();
+            }
+            if self.restart_log.len() >= self.policy.restart_limit {
+                self.slots[slot as usize].stopped = true;
+                self.give_up(now);
+                return;
+            }
+            self.restart_log.push_back(now);
+        }
+        self.restarts_total += 1;
         let s = &mut self.slots[slot as usize];
         s.restarts += 1;
         let delay = if healthy {
@@ -781,10 +790,11 @@ impl Supervisor {
                 self.policy.backoff(s.consecutive_failures)
             }
         };
+        let restarts_in_window = self.restarts_in_window(now);
         self.publish(Event::RestartScheduled {
             slot,
             delay,
-            restarts_in_window: self.restart_log.len(),
+            restarts_in_window,
         });
         if delay.is_zero() {
             self.spawn(now, slot);
@@ -1070,13 +1080,47 @@ mod tests {
         };
         let mut h = Harness::new(policy, 1);
         for _ in 0..6 {
-            let id = h.last_spawn(0);
-            h.ready(id);
+            // Crashes at start, 6 s apart: never more than 2 in any 10 s window.
             h.advance(Duration::from_secs(6)).await;
+            let id = h.last_spawn(0);
             h.crash(id);
         }
+        h.advance(Duration::from_secs(2)).await;
         assert_eq!(h.count_events(|e| matches!(e, Event::GiveUp { .. })), 0);
         assert_eq!(h.spawns().len(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deaths_of_healthy_workers_never_give_up() {
+        let mut h = Harness::new(quick_policy(), 1);
+        // 50 kills of a worker that had been ready for 1.5 s (> min_uptime), far more
+        // than the limit of 3 in a minute: each is replaced at once, no give-up.
+        for _ in 0..50 {
+            let id = h.last_spawn(0);
+            h.ready(id);
+            h.input(Input::Heartbeat { id, active: 0 });
+            h.advance(Duration::from_millis(1500)).await;
+            h.input(Input::Exited {
+                id,
+                exit: ExitInfo {
+                    code: None,
+                    signal: Some(9),
+                },
+            });
+        }
+        assert_eq!(h.count_events(|e| matches!(e, Event::GiveUp { .. })), 0);
+        assert_eq!(h.spawns().len(), 51);
+        assert_eq!(h.sm.restarts_in_window(Instant::now()), 0);
+        assert_eq!(h.sm.restarts_total(), 50);
+        // But a worker that dies 0.5 s after becoming ready is unstable: it counts.
+        for _ in 0..4 {
+            let id = h.last_spawn(0);
+            h.ready(id);
+            h.advance(Duration::from_millis(500)).await;
+            h.crash(id);
+            h.advance(Duration::from_secs(2)).await;
+        }
+        assert_eq!(h.count_events(|e| matches!(e, Event::GiveUp { .. })), 1);
     }
 
     #[tokio::test(start_paused = true)]
