@@ -138,18 +138,14 @@ mod tests {
             master_pid: 42,
             generation: 1,
             target_workers: 2,
-            reloading: false,
-            gave_up: false,
-            stopping: false,
             listeners: vec!["127.0.0.1:8080".into()],
             accepted: 1000,
-            queued: 0,
-            restarts_in_window: 0,
             uptime_ms: 3_700_000,
             workers: vec![
                 row(0, Some(100), WorkerState::Ready),
                 row(1, None, WorkerState::Backoff),
             ],
+            ..Status::default()
         };
         let t = table(&s);
         assert!(t.contains("up 1h01m"), "{t}");

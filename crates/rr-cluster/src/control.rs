@@ -61,8 +61,8 @@ pub enum Response {
     },
 }
 
-/// A snapshot of the pool.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A snapshot of the pool. (`Default`: an empty pool, handy in tests.)
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     /// The master's process id.
     pub master_pid: u32,

@@ -324,15 +324,11 @@ async fn read_loop(
     incoming: mpsc::Sender<Connection>,
     messages: mpsc::Sender<Vec<u8>>,
 ) {
-    let Some(kinds) = inner
-        .upgrade()
-        .map(|i| i.hello.listeners.iter().map(|l| l.kind).collect::<Vec<_>>())
-    else {
+    let Some((kinds, counters)) = inner.upgrade().map(|i| {
+        let kinds: Vec<ListenerKind> = i.hello.listeners.iter().map(|l| l.kind).collect();
+        (kinds, Arc::clone(&i.counters))
+    }) else {
         return;
-    };
-    let counters = match inner.upgrade() {
-        Some(i) => Arc::clone(&i.counters),
-        None => return,
     };
     let mut incoming = Some(incoming);
     loop {

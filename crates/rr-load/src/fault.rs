@@ -272,17 +272,9 @@ mod tests {
     fn status(workers: Vec<WorkerStatus>) -> Status {
         Status {
             master_pid: 100,
-            generation: 0,
             target_workers: workers.len(),
-            reloading: false,
-            gave_up: false,
-            stopping: false,
-            listeners: vec![],
-            accepted: 0,
-            queued: 0,
-            restarts_in_window: 0,
-            uptime_ms: 1,
             workers,
+            ..Status::default()
         }
     }
 

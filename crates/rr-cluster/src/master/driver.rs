@@ -15,7 +15,7 @@ use super::dispatch::{Dispatcher, WorkerLink};
 use super::listen::{self, LocalAddr};
 use super::spawn::{Job, Spawner, WorkerCommand};
 use super::supervisor::{Action, Input, Supervisor};
-use super::{MasterError, MasterHandle, MasterSignal, ReloadHook, Settings, control, metrics};
+use super::{MasterError, MasterHandle, MasterSignal, Settings, control, metrics};
 use crate::channel::{self, ChannelReader};
 use crate::control::Status;
 use crate::event::Event;
@@ -86,7 +86,6 @@ pub(crate) async fn start(
     let driver = Driver {
         sm,
         command: Arc::new(settings.command.clone()),
-        heartbeat_ms: settings.heartbeat_interval.as_millis() as u32,
         listeners: infos,
         addrs: addrs.iter().map(ToString::to_string).collect(),
         links: HashMap::new(),
@@ -100,11 +99,10 @@ pub(crate) async fn start(
         control_stop,
         tasks: tasks.clone(),
         started: Instant::now(),
-        reload_hook: settings.reload_hook.clone(),
         settings,
         dispatched_by_gone: std::collections::BTreeMap::new(),
     };
-    let control = settings_control(&driver.settings);
+    let control = driver.settings.control.clone();
     tokio::spawn(async move {
         let code = driver.run().await;
         tasks.close();
@@ -120,14 +118,9 @@ pub(crate) async fn start(
     })
 }
 
-fn settings_control(settings: &Settings) -> Option<std::path::PathBuf> {
-    settings.control.clone()
-}
-
 struct Driver {
     sm: Supervisor,
     command: Arc<WorkerCommand>,
-    heartbeat_ms: u32,
     listeners: Vec<ListenerInfo>,
     addrs: Vec<String>,
     links: HashMap<u64, Arc<WorkerLink>>,
@@ -141,7 +134,6 @@ struct Driver {
     control_stop: CancellationToken,
     tasks: TaskTracker,
     started: Instant,
-    reload_hook: Option<ReloadHook>,
     settings: Settings,
     /// Connections dispatched per slot by workers that are gone (for metrics).
     dispatched_by_gone: std::collections::BTreeMap<u32, u64>,
@@ -242,7 +234,7 @@ impl Driver {
             version: PROTOCOL_VERSION,
             worker_id: slot,
             generation,
-            heartbeat_ms: self.heartbeat_ms,
+            heartbeat_ms: self.settings.heartbeat_interval.as_millis() as u32,
             listeners: self.listeners.clone(),
         };
         self.tasks.spawn(link_task(
@@ -340,7 +332,7 @@ impl Driver {
         if self.sm.stopping() {
             return Err("the master is stopping".into());
         }
-        if let Some(hook) = self.reload_hook.clone() {
+        if let Some(hook) = self.settings.reload_hook.clone() {
             let fresh = hook().and_then(|b| b.validate().map_err(|e| e.to_string()));
             let fresh = match fresh {
                 Ok(s) => s,
@@ -359,7 +351,6 @@ impl Driver {
                 );
             }
             self.command = Arc::new(fresh.command.clone());
-            self.heartbeat_ms = fresh.heartbeat_interval.as_millis() as u32;
             self.dispatcher.set_balance(fresh.balance);
             self.sm.set_policy(fresh.policy.clone());
             if fresh.workers != self.sm.target() {

@@ -164,15 +164,10 @@ mod tests {
             master_pid: 1,
             generation: 3,
             target_workers: 2,
-            reloading: false,
-            gave_up: false,
-            stopping: false,
-            listeners: vec![],
             accepted: 1000,
             queued: 4,
-            restarts_in_window: 0,
-            uptime_ms: 0,
             workers: vec![w(0, 400, WorkerState::Ready), w(1, 500, WorkerState::Ready)],
+            ..Status::default()
         };
         let totals = Totals {
             dispatched_by_gone: vec![(0, 100)],

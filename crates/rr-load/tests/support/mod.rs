@@ -237,16 +237,7 @@ pub fn fake_master(dir: &Path, pids: Vec<u32>) -> FakeMaster {
 fn status(pids: &[u32]) -> Status {
     Status {
         master_pid: std::process::id(),
-        generation: 0,
         target_workers: pids.len(),
-        reloading: false,
-        gave_up: false,
-        stopping: false,
-        listeners: vec![],
-        accepted: 0,
-        queued: 0,
-        restarts_in_window: 0,
-        uptime_ms: 1,
         workers: pids
             .iter()
             .enumerate()
@@ -262,5 +253,6 @@ fn status(pids: &[u32]) -> Status {
                 restarts: 0,
             })
             .collect(),
+        ..Status::default()
     }
 }
