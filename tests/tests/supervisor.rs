@@ -187,9 +187,17 @@ async fn panic_announces_suicide_and_is_replaced_before_it_exits() {
             .next_event(|e| match e {
                 Event::WorkerSuicide { id, .. } if *id == old.id => Some("suicide"),
                 Event::WorkerSpawned { id, .. } if *id != old.id => Some("replacement spawned"),
+                // Regression: a worker that panicked kept its `Incoming` open and
+                // lingered until SIGKILL at the drain deadline. It must exit by itself.
                 Event::WorkerExited {
-                    id, planned: true, ..
-                } if *id == old.id => Some("old exited"),
+                    id,
+                    planned: true,
+                    exit,
+                    ..
+                } if *id == old.id => {
+                    assert_eq!(exit.signal, None, "the old worker was killed: {exit}");
+                    Some("old exited")
+                }
                 _ => None,
             })
             .await;

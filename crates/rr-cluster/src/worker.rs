@@ -110,7 +110,8 @@ struct Inner {
     /// Receiving ends handed out once each.
     incoming: Mutex<Option<mpsc::Receiver<Connection>>>,
     messages: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
-    /// The reader task's sender for connections; dropped to end `Incoming`.
+    /// The one sender of connections; dropped (on `Drain` or when the master is gone)
+    /// to end `Incoming` once the queued connections are taken.
     incoming_tx: Mutex<Option<mpsc::Sender<Connection>>>,
 }
 
@@ -174,14 +175,9 @@ impl Worker {
             ready_sent: AtomicBool::new(false),
             incoming: Mutex::new(Some(incoming_rx)),
             messages: Mutex::new(Some(messages_rx)),
-            incoming_tx: Mutex::new(Some(incoming_tx.clone())),
+            incoming_tx: Mutex::new(Some(incoming_tx)),
         });
-        tokio::spawn(read_loop(
-            Arc::downgrade(&inner),
-            reader,
-            incoming_tx,
-            messages_tx,
-        ));
+        tokio::spawn(read_loop(Arc::downgrade(&inner), reader, messages_tx));
         Ok(Worker { inner })
     }
 
@@ -260,20 +256,26 @@ impl Worker {
     }
 
     /// Announces that this worker is going down (`Suicide`): the master starts a
-    /// replacement at once and sends no more connections. The worker then drains.
+    /// replacement at once, sends no more connections and answers with `Drain`.
+    /// [`Worker::draining`] is cancelled at once; `Incoming` ends with the `Drain`,
+    /// after the connections the master sent before it knew.
     pub async fn suicide(&self, reason: impl Into<String>) -> Result<(), WorkerError> {
         let reason = reason.into();
+        self.inner.draining.cancel();
         let sent = self
             .inner
             .writer
             .send_msg(&ToMaster::Suicide { reason })
             .await;
-        self.inner.begin_drain();
+        if sent.is_err() {
+            self.inner.begin_drain();
+        }
         Ok(sent?)
     }
 
     /// Installs a panic hook that announces the worker's end to the master (`Suicide`
-    /// with the panic message) before the previous hook runs, and starts draining.
+    /// with the panic message) before the previous hook runs; the worker then drains
+    /// as after [`Worker::suicide`].
     pub fn install_panic_hook(&self) {
         let inner = Arc::downgrade(&self.inner);
         let previous = std::panic::take_hook();
@@ -281,8 +283,10 @@ impl Worker {
             if let Some(inner) = inner.upgrade() {
                 let mut reason = format!("panic: {info}");
                 reason.truncate(4096);
-                inner.suicide_blocking(&reason);
-                inner.begin_drain();
+                inner.draining.cancel();
+                if !inner.suicide_blocking(&reason) {
+                    inner.begin_drain();
+                }
             }
             previous(info);
         }));
@@ -297,31 +301,35 @@ impl Inner {
     }
 
     /// Writes a `Suicide` frame from a context that cannot await (a panic hook): waits
-    /// at most a short while for the writer lock and for room in the socket.
-    fn suicide_blocking(&self, reason: &str) {
+    /// at most a short while for the writer lock and for room in the socket. Whether
+    /// the frame went out.
+    fn suicide_blocking(&self, reason: &str) -> bool {
         let Ok(frame) = protocol::frame(&ToMaster::Suicide {
             reason: reason.to_owned(),
         }) else {
-            return;
+            return false;
         };
-        for _ in 0..100 {
-            let written = self.writer.with_exclusive(|idle| {
-                // With a partial frame pending, writing now would corrupt the stream.
-                idle && sys::send_all_for(self.writer.as_fd(), &frame, Duration::from_millis(200))
-                    .is_ok()
+        // A panic hook must not hang: half a second in all.
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        while std::time::Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // `None`: the writer lock is busy; `Some(None)`: a frame's tail is still
+            // pending (another thread flushes it); writing now would corrupt the stream.
+            let attempt = self.writer.with_exclusive(|idle| {
+                idle.then(|| sys::send_all_for(self.writer.as_fd(), &frame, left))
             });
-            if written.is_some() {
-                return;
+            match attempt {
+                Some(Some(sent)) => return sent.is_ok(),
+                Some(None) | None => std::thread::sleep(Duration::from_millis(1)),
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
+        false
     }
 }
 
 async fn read_loop(
     inner: std::sync::Weak<Inner>,
     mut reader: ChannelReader,
-    incoming: mpsc::Sender<Connection>,
     messages: mpsc::Sender<Vec<u8>>,
 ) {
     let Some((kinds, counters)) = inner.upgrade().map(|i| {
@@ -330,7 +338,6 @@ async fn read_loop(
     }) else {
         return;
     };
-    let mut incoming = Some(incoming);
     loop {
         let frame = reader.recv::<ToWorker>().await;
         let Some(this) = inner.upgrade() else { return };
@@ -340,23 +347,21 @@ async fn read_loop(
                     .served
                     .fetch_add(fds.len() as u64, Ordering::Relaxed);
                 let kind = kinds.get(usize::from(listener)).copied();
+                // Delivered until the master's `Drain` (which follows every connection it
+                // sent) or until the application drops `Incoming`; a connection that
+                // cannot be delivered is closed here.
+                let tx = lock(&this.incoming_tx).clone();
                 for fd in fds {
                     let Some(conn) = Connection::from_fd(listener, kind, fd, &counters) else {
                         continue;
                     };
-                    // Deliver unless the application dropped `Incoming` or we drain;
-                    // a connection that cannot be delivered is closed here.
-                    let tx = incoming.as_ref().filter(|_| !this.draining.is_cancelled());
-                    if let Some(tx) = tx {
-                        if tx.send(conn).await.is_err() {
-                            incoming = None;
-                        }
+                    if let Some(tx) = &tx {
+                        let _ = tx.send(conn).await;
                     }
                 }
             }
             Ok(Some((ToWorker::Drain { deadline_ms }, _))) => {
                 tracing::debug!(deadline_ms, "drain requested");
-                incoming = None;
                 this.begin_drain();
             }
             Ok(Some((ToWorker::Ping, _))) => {
@@ -375,7 +380,6 @@ async fn read_loop(
                 }
                 this.master_gone.store(true, Ordering::SeqCst);
                 this.begin_drain();
-                drop(incoming.take());
                 // No orphan outlives its master: finish what is open, then exit.
                 let counters = Arc::clone(&this.counters);
                 drop(this);

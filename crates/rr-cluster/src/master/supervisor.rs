@@ -652,6 +652,11 @@ impl Supervisor {
             p.deadline = Some(now + drain_timeout);
         }
         self.out.push(Action::Rotate { id, on: false });
+        // After every connection sent to it: the worker's `Incoming` ends here.
+        self.out.push(Action::Drain {
+            id,
+            deadline: drain_timeout,
+        });
         self.publish(Event::WorkerSuicide { slot, id, reason });
         let current = self
             .slots
