@@ -360,16 +360,18 @@ fn metrics_count_known_requests() {
             .any(|l| l == "rr_cluster_connections_accepted_total 37"),
         "{body}"
     );
-    assert!(
+    // 37 round-robin over two workers: 19 and 18, the 19 to whichever worker became
+    // ready (and so entered the rotation) first.
+    let dispatched = |slot: u32| -> u64 {
+        let prefix = format!("rr_cluster_connections_dispatched_total{{worker=\"{slot}\"}} ");
         body.lines()
-            .any(|l| l == "rr_cluster_connections_dispatched_total{worker=\"0\"} 19"),
-        "{body}"
-    );
-    assert!(
-        body.lines()
-            .any(|l| l == "rr_cluster_connections_dispatched_total{worker=\"1\"} 18"),
-        "{body}"
-    );
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no dispatched count for worker {slot}: {body}"))
+    };
+    let mut split = [dispatched(0), dispatched(1)];
+    split.sort_unstable();
+    assert_eq!(split, [18, 19], "{body}");
     assert!(
         body.lines()
             .any(|l| l == "rr_cluster_workers{state=\"ready\"} 2"),
