@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rr_cluster::config::{LogFormat, parse_duration_arg};
+use rr_cluster::config::{LogFormat, parse_duration, parse_duration_or_off};
 use rr_cluster::{Balance, Config, GiveUpAction, Master, MasterBuilder, WorkerCommand};
 
 /// `rr-cluster run` flags. Each overrides the configuration file.
@@ -35,19 +35,19 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "text|json", value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
     /// How long a draining worker may take before SIGKILL (e.g. 30s).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
     /// How long a new worker may take to say Ready.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     ready_timeout: Option<Duration>,
     /// A worker silent this long is killed and replaced ("off" to disable).
-    #[arg(long, value_name = "DURATION|off", value_parser = parse_optional_duration)]
+    #[arg(long, value_name = "DURATION|off", value_parser = parse_duration_or_off)]
     heartbeat_timeout: Option<Option<Duration>>,
     /// More restarts than this within the window is a give-up.
     #[arg(long, value_name = "N")]
     restart_limit: Option<usize>,
     /// The window restarts are counted in (e.g. 60s).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     restart_window: Option<Duration>,
     /// On give-up: exit non-zero, or keep serving with the workers left.
     #[arg(long, value_name = "exit|keep", value_parser = parse_give_up)]
@@ -69,13 +69,6 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
             "unknown log format {other:?}: expected text or json"
         )),
     }
-}
-
-fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
-    if s == "off" {
-        return Ok(None);
-    }
-    parse_duration_arg(s).map(Some)
 }
 
 fn parse_give_up(s: &str) -> Result<GiveUpAction, String> {

@@ -198,7 +198,9 @@ pub struct TimeoutSection {
     pub heartbeat_timeout: Option<Option<Duration>>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Parses a duration the way the configuration file and the flags do (`500ms`,
+/// `30s`, `2m`, `1m 30s`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"30s\", \"2m\""))
 }
@@ -210,13 +212,18 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
         .map_err(serde::de::Error::custom)
 }
 
+/// A duration, or `off` (`None`): the heartbeat timeout.
+pub fn parse_duration_or_off(s: &str) -> Result<Option<Duration>, String> {
+    if s.trim() == "off" {
+        return Ok(None);
+    }
+    parse_duration(s).map(Some)
+}
+
 fn duration_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Duration>>, D::Error> {
     let s = String::deserialize(d)?;
-    if s.trim() == "off" {
-        return Ok(Some(None));
-    }
-    parse_duration(&s)
-        .map(|d| Some(Some(d)))
+    parse_duration_or_off(&s)
+        .map(Some)
         .map_err(serde::de::Error::custom)
 }
 
@@ -236,11 +243,6 @@ fn ser_duration_or_off<S: serde::Serializer>(
         Some(None) => s.serialize_str("off"),
         None => s.serialize_none(),
     }
-}
-
-/// Parses a duration the way the configuration file does (`500ms`, `30s`, `2m`).
-pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s)
 }
 
 impl Config {

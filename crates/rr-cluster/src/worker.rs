@@ -106,7 +106,6 @@ struct Inner {
     /// Cancelled when the worker must stop taking connections.
     draining: CancellationToken,
     master_gone: AtomicBool,
-    ready_sent: AtomicBool,
     /// Receiving ends handed out once each.
     incoming: Mutex<Option<mpsc::Receiver<Connection>>>,
     messages: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
@@ -120,6 +119,19 @@ struct Counters {
     active: AtomicU32,
     served: AtomicU64,
     idle: Notify,
+}
+
+impl Counters {
+    /// Completes once no connection is open.
+    async fn idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
 }
 
 impl Worker {
@@ -172,7 +184,6 @@ impl Worker {
             counters: Arc::default(),
             draining: CancellationToken::new(),
             master_gone: AtomicBool::new(false),
-            ready_sent: AtomicBool::new(false),
             incoming: Mutex::new(Some(incoming_rx)),
             messages: Mutex::new(Some(messages_rx)),
             incoming_tx: Mutex::new(Some(incoming_tx)),
@@ -202,7 +213,6 @@ impl Worker {
         let rx = lock(&self.inner.incoming)
             .take()
             .ok_or(WorkerError::AlreadyReady)?;
-        self.inner.ready_sent.store(true, Ordering::SeqCst);
         self.inner
             .writer
             .send_msg(&ToMaster::Ready {
@@ -246,13 +256,7 @@ impl Worker {
     /// Completes once the worker is draining and holds no connection.
     pub async fn drained(&self) {
         self.inner.draining.cancelled().await;
-        loop {
-            let idle = self.inner.counters.idle.notified();
-            if self.active() == 0 {
-                return;
-            }
-            idle.await;
-        }
+        self.inner.counters.idle().await;
     }
 
     /// Announces that this worker is going down (`Suicide`): the master starts a
@@ -393,16 +397,7 @@ async fn read_loop(
 /// The master is gone: wait (bounded) for open connections to finish, then exit the
 /// process. Nothing would hand this worker work again.
 async fn orphan_exit(counters: Arc<Counters>) {
-    let wait_idle = async {
-        loop {
-            let idle = counters.idle.notified();
-            if counters.active.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
-        }
-    };
-    let _ = tokio::time::timeout(ORPHAN_DRAIN, wait_idle).await;
+    let _ = tokio::time::timeout(ORPHAN_DRAIN, counters.idle()).await;
     // Give the application a moment to return from main on its own.
     tokio::time::sleep(Duration::from_millis(100)).await;
     tracing::warn!("master gone; worker exiting");

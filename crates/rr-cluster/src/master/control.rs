@@ -15,15 +15,7 @@ use crate::control::{MAX_LINE, Request, Response};
 /// Binds the control socket with mode 0600. A stale socket file (nobody answers) is
 /// replaced; a live one means another master runs there.
 pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another master is running there",
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
+    super::listen::clear_stale_socket(path, "another master is running there")?;
     let listener = std::os::unix::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;

@@ -102,29 +102,32 @@ pub(crate) struct DispatchStats {
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     state: Mutex<State>,
-    balance: Mutex<Balance>,
     wake: watch::Sender<u64>,
     pub(crate) stats: DispatchStats,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     links: Vec<Arc<WorkerLink>>,
     cursor: usize,
+    balance: Balance,
 }
 
 impl Dispatcher {
     pub(crate) fn new(balance: Balance) -> Arc<Dispatcher> {
         Arc::new(Dispatcher {
-            state: Mutex::new(State::default()),
-            balance: Mutex::new(balance),
+            state: Mutex::new(State {
+                links: Vec::new(),
+                cursor: 0,
+                balance,
+            }),
             wake: watch::Sender::new(0),
             stats: DispatchStats::default(),
         })
     }
 
     pub(crate) fn set_balance(&self, balance: Balance) {
-        *self.balance.lock().unwrap_or_else(|p| p.into_inner()) = balance;
+        self.lock().balance = balance;
     }
 
     /// Puts a worker into rotation.
@@ -165,8 +168,8 @@ impl Dispatcher {
     /// per frame where one worker gets several. What no worker could take stays in
     /// `fds`, in order.
     pub(crate) fn dispatch(self: &Arc<Self>, listener: u16, fds: &mut Vec<OwnedFd>) {
-        let balance = *self.balance.lock().unwrap_or_else(|p| p.into_inner());
         let mut st = self.lock();
+        let balance = st.balance;
         let n = st.links.len();
         if n == 0 || fds.is_empty() {
             return;
@@ -177,7 +180,7 @@ impl Dispatcher {
         while !fds.is_empty() && excluded.iter().any(|x| !x) {
             // Assign each socket to a worker.
             for fd in fds.drain(..) {
-                let State { links, cursor } = &mut *st;
+                let State { links, cursor, .. } = &mut *st;
                 let pick = match balance {
                     Balance::RoundRobin => next_round_robin(cursor, &excluded),
                     Balance::LeastConnections => {

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::dispatch::{Dispatcher, WorkerLink};
 use super::listen::{self, LocalAddr};
-use super::spawn::{Job, Spawner, WorkerCommand};
+use super::spawn::{Job, Spawner};
 use super::supervisor::{Action, Input, Supervisor};
 use super::{MasterError, MasterHandle, MasterSignal, Settings, control, metrics};
 use crate::channel::{self, ChannelReader};
@@ -85,7 +85,6 @@ pub(crate) async fn start(
     sm.start(Instant::now());
     let driver = Driver {
         sm,
-        command: Arc::new(settings.command.clone()),
         listeners: infos,
         addrs: addrs.iter().map(ToString::to_string).collect(),
         links: HashMap::new(),
@@ -120,7 +119,6 @@ pub(crate) async fn start(
 
 struct Driver {
     sm: Supervisor,
-    command: Arc<WorkerCommand>,
     listeners: Vec<ListenerInfo>,
     addrs: Vec<String>,
     links: HashMap<u64, Arc<WorkerLink>>,
@@ -195,11 +193,8 @@ impl Driver {
                 Action::Rotate { id, on: false } => self.dispatcher.remove(id),
                 Action::Drain { id, deadline } => {
                     if let Some(link) = self.links.get(&id) {
-                        let writer = Arc::clone(&link.writer);
-                        let msg = ToWorker::Drain {
-                            deadline_ms: deadline.as_millis() as u64,
-                        };
-                        self.tasks.spawn(async move { writer.send_msg(&msg).await });
+                        let deadline_ms = deadline.as_millis() as u64;
+                        self.post(link, ToWorker::Drain { deadline_ms });
                     }
                 }
                 Action::Kill { id, pid } => {
@@ -207,10 +202,7 @@ impl Driver {
                         tracing::error!(id, pid, error = %e, "cannot kill worker");
                     }
                 }
-                Action::Publish(event) => {
-                    event.log();
-                    let _ = self.events.send(event);
-                }
+                Action::Publish(event) => self.publish(event),
                 Action::StopAccepting => self.accept_stop.cancel(),
                 Action::Exit { code } => exit = Some(code),
             }
@@ -248,7 +240,7 @@ impl Driver {
             id,
             slot,
             generation,
-            command: Arc::clone(&self.command),
+            command: self.settings.command.clone(),
             channel: OwnedFd::from(theirs),
         };
         let refused = match &self.spawner {
@@ -258,6 +250,19 @@ impl Driver {
         if refused {
             self.spawn_failed(id, "the spawner thread is gone".into());
         }
+    }
+
+    /// Logs an event and hands it to every subscriber.
+    fn publish(&self, event: Event) {
+        event.log();
+        let _ = self.events.send(event);
+    }
+
+    /// Sends `msg` to a worker from a tracked task: the driver never waits on a
+    /// worker's channel.
+    fn post(&self, link: &WorkerLink, msg: ToWorker) {
+        let writer = Arc::clone(&link.writer);
+        self.tasks.spawn(async move { writer.send_msg(&msg).await });
     }
 
     fn spawn_failed(&mut self, id: u64, error: String) {
@@ -287,13 +292,10 @@ impl Driver {
             } => {
                 let mut sent = 0;
                 for link in self.links.values() {
-                    if slot.is_some_and(|s| s != link.slot) {
-                        continue;
+                    if slot.is_none_or(|s| s == link.slot) {
+                        self.post(link, ToWorker::User(payload.clone()));
+                        sent += 1;
                     }
-                    let writer = Arc::clone(&link.writer);
-                    let msg = ToWorker::User(payload.clone());
-                    self.tasks.spawn(async move { writer.send_msg(&msg).await });
-                    sent += 1;
                 }
                 let _ = reply.send(sent);
             }
@@ -337,11 +339,9 @@ impl Driver {
             let fresh = match fresh {
                 Ok(s) => s,
                 Err(reason) => {
-                    let event = Event::ReloadRejected {
+                    self.publish(Event::ReloadRejected {
                         reason: reason.clone(),
-                    };
-                    event.log();
-                    let _ = self.events.send(event);
+                    });
                     return Err(format!("reload rejected, pool unchanged: {reason}"));
                 }
             };
@@ -350,7 +350,6 @@ impl Driver {
                     "listen addresses cannot change on reload; restart the master to change them"
                 );
             }
-            self.command = Arc::new(fresh.command.clone());
             self.dispatcher.set_balance(fresh.balance);
             self.sm.set_policy(fresh.policy.clone());
             if fresh.workers != self.sm.target() {

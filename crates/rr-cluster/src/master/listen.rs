@@ -204,17 +204,21 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<Listener> {
     })
 }
 
-fn bind_unix(path: PathBuf) -> io::Result<Listener> {
+/// Makes way for binding a Unix socket at `path`: a socket file nobody answers on is
+/// a leftover of a dead process and is removed; one that answers is in use
+/// (`AddrInUse`, with `in_use` as the message).
+pub(crate) fn clear_stale_socket(path: &std::path::Path, in_use: &'static str) -> io::Result<()> {
     if path.exists() {
-        // A live master answers; a stale socket file from a dead one does not.
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another process is listening on it",
-            ));
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, in_use));
         }
-        std::fs::remove_file(&path)?;
+        std::fs::remove_file(path)?;
     }
+    Ok(())
+}
+
+fn bind_unix(path: PathBuf) -> io::Result<Listener> {
+    clear_stale_socket(&path, "another process is listening on it")?;
     let listener = std::os::unix::net::UnixListener::bind(&path)?;
     listener.set_nonblocking(true)?;
     Ok(Listener {

@@ -10,7 +10,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -90,7 +89,7 @@ pub(crate) struct Job {
     pub(crate) id: u64,
     pub(crate) slot: u32,
     pub(crate) generation: u64,
-    pub(crate) command: Arc<WorkerCommand>,
+    pub(crate) command: WorkerCommand,
     /// The worker's end of its channel; closed here once the child has it.
     pub(crate) channel: OwnedFd,
 }

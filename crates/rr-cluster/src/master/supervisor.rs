@@ -584,10 +584,19 @@ impl Supervisor {
             }
             ProcState::Hung => {}
         }
-        if let Some(s) = self.slots.get_mut(slot as usize) {
-            if s.current == Some(id) {
+        self.release_slot(slot, id);
+    }
+
+    /// If worker `id` is its slot's current worker, the slot no longer has one.
+    /// Returns whether it was current (only the current worker's end can count as a
+    /// failure of the slot).
+    fn release_slot(&mut self, slot: u32, id: u64) -> bool {
+        match self.slots.get_mut(slot as usize) {
+            Some(s) if s.current == Some(id) => {
                 s.current = None;
+                true
             }
+            _ => false,
         }
     }
 
@@ -658,14 +667,7 @@ impl Supervisor {
             deadline: drain_timeout,
         });
         self.publish(Event::WorkerSuicide { slot, id, reason });
-        let current = self
-            .slots
-            .get(slot as usize)
-            .is_some_and(|s| s.current == Some(id));
-        if current {
-            if let Some(s) = self.slots.get_mut(slot as usize) {
-                s.current = None;
-            }
+        if self.release_slot(slot, id) {
             let in_reload = self.abort_reload_for(id, "the new worker announced its end");
             if !in_reload {
                 self.restart(now, slot, uptime, true);
@@ -679,15 +681,7 @@ impl Supervisor {
             return;
         };
         let slot = p.slot;
-        let current = self
-            .slots
-            .get(slot as usize)
-            .is_some_and(|s| s.current == Some(id));
-        if current {
-            if let Some(s) = self.slots.get_mut(slot as usize) {
-                s.current = None;
-            }
-        }
+        let current = self.release_slot(slot, id);
         if matches!(p.state, ProcState::Starting | ProcState::Ready) {
             self.out.push(Action::Rotate { id, on: false });
         }
