@@ -406,6 +406,12 @@ impl Supervisor {
         if workers == 0 {
             return Err("a pool needs at least one worker".into());
         }
+        if workers > super::MAX_WORKERS {
+            return Err(format!(
+                "{workers} workers is more than the limit of {}",
+                super::MAX_WORKERS
+            ));
+        }
         let from = self.target;
         self.target = workers;
         if workers > from {
@@ -1400,6 +1406,12 @@ mod tests {
         assert_eq!(h.spawns().len(), 4);
         assert_eq!(h.sm.status(Instant::now()).len(), 1);
         assert!(h.sm.scale(Instant::now(), 0).is_err());
+        // The same bound as the configuration: scale cannot go past it either.
+        let err =
+            h.sm.scale(Instant::now(), 1025)
+                .expect_err("over the limit");
+        assert!(err.contains("1024"), "{err}");
+        assert_eq!(h.sm.target(), 1);
     }
 
     #[tokio::test(start_paused = true)]
