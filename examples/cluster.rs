@@ -23,6 +23,7 @@ async fn main() -> anyhow::Result<()> {
     let mut events = master.events();
     let handle = master.start().await?;
     handle.forward_os_signals()?;
+    let mut messages = handle.messages().expect("first call");
     println!(
         "master {} listening on {}",
         std::process::id(),
@@ -31,15 +32,12 @@ async fn main() -> anyhow::Result<()> {
     loop {
         tokio::select! {
             code = handle.wait() => std::process::exit(code),
-            event = events.recv() => match event {
-                Ok(Event::WorkerReady { slot, .. }) => {
-                    handle.send(Some(slot), b"hello, worker".to_vec()).await?;
-                }
-                Ok(Event::Message { slot, payload, .. }) => {
-                    println!("worker {slot} says: {}", String::from_utf8_lossy(&payload));
-                }
-                _ => {}
+            event = events.recv() => if let Ok(Event::WorkerReady { slot, .. }) = event {
+                handle.send(Some(slot), b"hello, worker".to_vec()).await?;
             },
+            Some(msg) = messages.recv() => {
+                println!("worker {} says: {}", msg.slot, String::from_utf8_lossy(&msg.payload));
+            }
         }
     }
 }

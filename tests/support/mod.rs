@@ -1,6 +1,12 @@
 //! Helpers for the end-to-end tests: start a real master (in the test process) with
 //! real worker processes on 127.0.0.1 port 0, watch its events, talk to its workers,
-//! and kill every process it spawned, by pid, when the test ends.
+//! and kill what it spawned when the test ends.
+//!
+//! Teardown kills only processes known to be alive: a pid is signalled only while it
+//! is a child of this process that has not been reaped (its `/proc` entry names us as
+//! parent; a child that is not reaped keeps its pid). Workers die with the master
+//! anyway: the master forks them from one thread with `PR_SET_PDEATHSIG`, so when the
+//! test's runtime drops the master, the kernel kills them.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -9,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rr_cluster::control::{Status, WorkerState};
-use rr_cluster::{Event, MasterBuilder, MasterHandle};
+use rr_cluster::{Event, MasterBuilder, MasterHandle, StopMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -40,10 +46,14 @@ pub async fn start_cluster(builder: MasterBuilder) -> Cluster {
         loop {
             match events.recv().await {
                 Ok(event) => {
-                    if let Event::WorkerSpawned { pid, .. } | Event::WorkerReady { pid, .. } =
-                        &event
-                    {
-                        lock(&seen).insert(*pid);
+                    match &event {
+                        Event::WorkerSpawned { pid, .. } => {
+                            lock(&seen).insert(*pid);
+                        }
+                        Event::WorkerExited { pid, .. } => {
+                            lock(&seen).remove(pid);
+                        }
+                        _ => {}
                     }
                     if tx.send(event).is_err() {
                         return;
@@ -80,6 +90,7 @@ pub fn builder(program: &Path, args: &[&str], workers: usize) -> MasterBuilder {
         .drain_timeout(Duration::from_secs(10))
         .heartbeat_interval(Duration::from_millis(100))
         .heartbeat_timeout(Some(Duration::from_secs(5)))
+        .min_uptime(Duration::from_millis(200))
 }
 
 impl Cluster {
@@ -140,7 +151,7 @@ impl Cluster {
 
     /// Stops the master gracefully and waits for its exit code.
     pub async fn stop(&self) -> i32 {
-        self.handle.stop(true).await.expect("stop");
+        self.handle.stop(StopMode::Graceful).await.expect("stop");
         tokio::time::timeout(WAIT, self.handle.wait())
             .await
             .expect("master stops in time")
@@ -150,8 +161,41 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for pid in lock(&self.pids).iter() {
-            kill(*pid);
+            kill_child(*pid);
         }
+    }
+}
+
+/// SIGKILLs `pid` if it is an unreaped child of this process (so it cannot be a
+/// reused pid).
+pub fn kill_child(pid: u32) {
+    if parent_of(pid) == Some(std::process::id()) {
+        kill(pid);
+    }
+}
+
+/// The parent pid of a process, from /proc (`None` once it is reaped).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Polls `check` every 10 ms until it returns `Some`, for at most `within`.
+pub async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(t) = check() {
+            return Some(t);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -196,4 +240,162 @@ pub fn alive(pid: u32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// A `test-master` process (see tests/bin/test-master.rs): killed on drop, which kills
+/// its workers too (they die with their master).
+#[derive(Debug)]
+pub struct MasterProcess {
+    /// The master process.
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Its listening address.
+    pub addr: SocketAddr,
+    /// Pids of the workers that became ready, in order.
+    pub workers: Vec<u32>,
+}
+
+impl MasterProcess {
+    /// Starts `test-master FLAGS WORKERS WORKER ARGS...` through `wrapper` (e.g.
+    /// `setpriv ...`; empty for none) and waits until `workers` workers are ready.
+    pub fn start(
+        wrapper: &[&str],
+        master: &str,
+        flags: &[&str],
+        workers: usize,
+        worker: &str,
+        worker_args: &[&str],
+    ) -> MasterProcess {
+        let mut m = Self::spawn(wrapper, master, flags, workers, worker, worker_args);
+        while m.workers.len() < workers {
+            let line = m.line_matching(|l| l.starts_with("ready "));
+            let pid = line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|p| p.parse().ok())
+                .expect("pid");
+            m.workers.push(pid);
+        }
+        m
+    }
+
+    /// Like [`MasterProcess::start`], without waiting for any worker.
+    pub fn spawn(
+        wrapper: &[&str],
+        master: &str,
+        flags: &[&str],
+        workers: usize,
+        worker: &str,
+        worker_args: &[&str],
+    ) -> MasterProcess {
+        use std::io::BufRead;
+        let (program, pre) = match wrapper.split_first() {
+            Some((p, rest)) => (
+                *p,
+                rest.iter()
+                    .map(|s| s.to_string())
+                    .chain([master.to_owned()])
+                    .collect::<Vec<_>>(),
+            ),
+            None => (master, Vec::new()),
+        };
+        let mut child = std::process::Command::new(program)
+            .args(pre)
+            .args(flags)
+            .arg(workers.to_string())
+            .arg(worker)
+            .args(worker_args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start test-master");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut m = MasterProcess {
+            child,
+            lines,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            workers: Vec::new(),
+        };
+        let first = m.line_matching(|l| l.starts_with("listening "));
+        m.addr = first
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .expect("listening line");
+        m
+    }
+
+    /// The next stdout line that `pick` accepts (others are skipped), within [`WAIT`].
+    pub fn line_matching(&mut self, pick: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pick(&line) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("no matching line from test-master: {e}"),
+            }
+        }
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for the master to exit; its status code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for MasterProcess {
+    fn drop(&mut self) {
+        // Our child, not yet reaped: its pid is still its own.
+        if let Ok(None) = self.child.try_wait() {
+            kill(self.child.id());
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU time (user + system) a process has used, from /proc/PID/stat.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .expect("fields")
+        .split_whitespace()
+        .collect();
+    // After "pid (comm)": utime and stime are the 12th and 13th fields.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Resident memory in KiB, from /proc/PID/status.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
 }

@@ -1,113 +1,19 @@
 //! The master under resource pressure, as a separate process: descriptor exhaustion
 //! (EMFILE) and a worker that stops reading its channel.
 
-use std::io::BufRead;
-use std::net::SocketAddr;
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rr_cluster_tests::{WAIT, alive, ask, kill, signal};
+use rr_cluster_tests::{MasterProcess, WAIT, alive, ask, cpu_time, rss_kib, signal};
 
 const MASTER: &str = env!("CARGO_BIN_EXE_test-master");
 const WORKER: &str = env!("CARGO_BIN_EXE_test-worker");
 
-/// A `test-master` process, killed (with its workers) on drop.
-struct MasterProcess {
-    child: Child,
-    lines: std::io::Lines<std::io::BufReader<ChildStdout>>,
-    addr: SocketAddr,
-    workers: Vec<u32>,
-}
-
-impl MasterProcess {
-    fn start(flags: &[&str], workers: usize) -> MasterProcess {
-        let mut child = Command::new(MASTER)
-            .args(flags)
-            .arg(workers.to_string())
-            .arg(WORKER)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start test-master");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let first = lines.next().expect("a line").expect("utf8");
-        let addr = first
-            .strip_prefix("listening ")
-            .and_then(|a| a.parse().ok())
-            .expect("listening line");
-        let mut m = MasterProcess {
-            child,
-            lines,
-            addr,
-            workers: Vec::new(),
-        };
-        while m.workers.len() < workers {
-            let line = m.line();
-            if let Some(rest) = line.strip_prefix("ready ") {
-                let pid = rest
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|p| p.parse().ok())
-                    .expect("pid");
-                m.workers.push(pid);
-            }
-        }
-        m
-    }
-
-    /// The next stdout line (the master prints a handful; bounded by the caller).
-    fn line(&mut self) -> String {
-        self.lines.next().expect("a line").expect("utf8")
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for MasterProcess {
-    fn drop(&mut self) {
-        kill(self.child.id());
-        let _ = self.child.wait();
-        for pid in &self.workers {
-            kill(*pid);
-        }
-    }
-}
-
-/// CPU time (user + system) the process has used, from /proc/PID/stat.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .expect("fields")
-        .split_whitespace()
-        .collect();
-    // After "pid (comm)": state is field 3, utime 14 and stime 15 (1-based).
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
-}
-
-/// Resident memory in KiB, from /proc/PID/status.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emfile_backs_off_without_spinning_and_recovers() {
     let mut master = tokio::task::spawn_blocking(|| {
-        let mut m = MasterProcess::start(&["--hog-fds"], 2);
-        let hogged = m.line();
+        let mut m = MasterProcess::start(&[], MASTER, &["--hog-fds"], 2, WORKER, &[]);
+        let hogged = m.line_matching(|l| l.starts_with("hogged"));
         assert!(hogged.starts_with("hogged "), "{hogged}");
         m
     })
@@ -135,7 +41,7 @@ async fn emfile_backs_off_without_spinning_and_recovers() {
 
     signal(master.pid(), rustix::process::Signal::USR1);
     let released = tokio::task::spawn_blocking(move || {
-        let line = master.line();
+        let line = master.line_matching(|l| l == "released");
         (master, line)
     });
     let (master, line) = tokio::time::timeout(WAIT, released)
@@ -155,9 +61,11 @@ async fn emfile_backs_off_without_spinning_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_stops_reading_is_skipped_and_master_memory_stays_bounded() {
-    let master = tokio::task::spawn_blocking(|| MasterProcess::start(&["--no-heartbeat"], 2))
-        .await
-        .expect("join");
+    let master = tokio::task::spawn_blocking(|| {
+        MasterProcess::start(&[], MASTER, &["--no-heartbeat"], 2, WORKER, &[])
+    })
+    .await
+    .expect("join");
     let addr = master.addr;
     let (frozen, live) = (master.workers[0], master.workers[1]);
     let rss_before = rss_kib(master.pid());

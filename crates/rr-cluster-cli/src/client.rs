@@ -3,6 +3,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::{eprintln_safe, println_safe};
 
 use rr_cluster::control::{self, Request, Response, Status};
 
@@ -12,14 +15,14 @@ pub(crate) async fn status(path: &Path, json: bool) -> ExitCode {
         Ok(Response::Status(status)) => {
             if json {
                 match serde_json::to_string_pretty(&status) {
-                    Ok(text) => println!("{text}"),
+                    Ok(text) => println_safe(&format!("{text}\n")),
                     Err(e) => {
-                        eprintln!("rr-cluster: error: {e}");
+                        eprintln_safe(&format!("rr-cluster: error: {e}"));
                         return ExitCode::FAILURE;
                     }
                 }
             } else {
-                print!("{}", table(&status));
+                println_safe(&table(&status));
             }
             ExitCode::SUCCESS
         }
@@ -27,11 +30,12 @@ pub(crate) async fn status(path: &Path, json: bool) -> ExitCode {
     }
 }
 
-/// `reload`, `scale`, `stop`: one line of answer.
-pub(crate) async fn simple(path: &Path, req: Request) -> ExitCode {
-    match control::request(path, &req).await {
+/// `reload`, `scale`, `stop`: one line of answer. A refusal (or a reload that
+/// failed, with `--wait`) exits 1.
+pub(crate) async fn simple(path: &Path, req: Request, timeout: Duration) -> ExitCode {
+    match control::request_within(path, &req, timeout).await {
         Ok(Response::Ok { message }) => {
-            println!("{message}");
+            println_safe(&format!("{message}\n"));
             ExitCode::SUCCESS
         }
         other => report(other),
@@ -40,9 +44,9 @@ pub(crate) async fn simple(path: &Path, req: Request) -> ExitCode {
 
 fn report(answer: Result<Response, control::ControlError>) -> ExitCode {
     match answer {
-        Ok(Response::Error { message }) => eprintln!("rr-cluster: error: {message}"),
-        Ok(other) => eprintln!("rr-cluster: error: unexpected answer: {other:?}"),
-        Err(e) => eprintln!("rr-cluster: error: {e}"),
+        Ok(Response::Error { message }) => eprintln_safe(&format!("rr-cluster: error: {message}")),
+        Ok(other) => eprintln_safe(&format!("rr-cluster: error: unexpected answer: {other:?}")),
+        Err(e) => eprintln_safe(&format!("rr-cluster: error: {e}")),
     }
     ExitCode::FAILURE
 }
@@ -60,13 +64,26 @@ pub(crate) fn table(s: &Status) -> String {
     if s.gave_up {
         flags.push("GAVE UP (restart limit hit)");
     }
+    if s.paused {
+        flags.push("PAUSED (refusing connections)");
+    }
     let _ = writeln!(
         out,
-        "master pid {}  up {}  generation {}  workers {}  listening {}{}",
+        "master pid {}  up {}  generation {}  workers {}  balance {}  protocol {}  listening {}{}",
         s.master_pid,
         human(s.uptime_ms),
         s.generation,
         s.target_workers,
+        if s.balance.is_empty() {
+            "-"
+        } else {
+            &s.balance
+        },
+        if s.protocol.is_empty() {
+            "-"
+        } else {
+            &s.protocol
+        },
         s.listeners.join(", "),
         if flags.is_empty() {
             String::new()
@@ -76,19 +93,34 @@ pub(crate) fn table(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "accepted {}  queued {}  restarts in window {}",
-        s.accepted, s.queued, s.restarts_in_window
+        "accepted {}  conn/s {:.0}  queued {}  restarts in window {}  master cpu {}  rss {}",
+        s.accepted,
+        s.connections_per_sec,
+        s.queued,
+        s.restarts_in_window,
+        percent(s.master_cpu_percent),
+        bytes(s.master_rss_bytes)
     );
     let _ = writeln!(
         out,
-        "{:>4}  {:>8}  {:<9}  {:>3}  {:>8}  {:>10}  {:>6}  {:>8}",
-        "SLOT", "PID", "STATE", "GEN", "UPTIME", "DISPATCHED", "ACTIVE", "RESTARTS"
+        "{:>4}  {:>8}  {:<9}  {:>3}  {:>8}  {:>6}  {:>8}  {:>10}  {:>7}  {:>6}  {:>8}",
+        "SLOT",
+        "PID",
+        "STATE",
+        "GEN",
+        "UPTIME",
+        "CPU",
+        "RSS",
+        "DISPATCHED",
+        "CONN/S",
+        "ACTIVE",
+        "RESTARTS"
     );
     for w in &s.workers {
         let pid = w.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
         let _ = writeln!(
             out,
-            "{:>4}  {:>8}  {:<9}  {:>3}  {:>8}  {:>10}  {:>6}  {:>8}",
+            "{:>4}  {:>8}  {:<9}  {:>3}  {:>8}  {:>6}  {:>8}  {:>10}  {:>7.0}  {:>6}  {:>8}",
             w.slot,
             pid,
             w.state.as_str(),
@@ -98,7 +130,10 @@ pub(crate) fn table(s: &Status) -> String {
             } else {
                 "-".into()
             },
+            percent(w.cpu_percent),
+            bytes(w.rss_bytes),
             w.dispatched,
+            w.connections_per_sec,
             w.active,
             w.restarts
         );
@@ -106,7 +141,24 @@ pub(crate) fn table(s: &Status) -> String {
     out
 }
 
-fn human(ms: u64) -> String {
+/// `12.5%`, or `-` when not sampled yet.
+pub(crate) fn percent(p: Option<f64>) -> String {
+    p.map_or_else(|| "-".to_owned(), |p| format!("{p:.1}%"))
+}
+
+/// `4.2M`, or `-` when not sampled yet.
+pub(crate) fn bytes(b: Option<u64>) -> String {
+    let Some(b) = b else { return "-".to_owned() };
+    let b = b as f64;
+    match b {
+        b if b >= 1024.0 * 1024.0 * 1024.0 => format!("{:.1}G", b / (1024.0 * 1024.0 * 1024.0)),
+        b if b >= 1024.0 * 1024.0 => format!("{:.1}M", b / (1024.0 * 1024.0)),
+        b if b >= 1024.0 => format!("{:.0}K", b / 1024.0),
+        b => format!("{b:.0}B"),
+    }
+}
+
+pub(crate) fn human(ms: u64) -> String {
     let s = ms / 1000;
     match s {
         0..60 => format!("{}.{}s", s, (ms % 1000) / 100),
@@ -133,6 +185,9 @@ mod tests {
             dispatched: 500,
             active: 2,
             restarts: 3,
+            cpu_percent: pid.map(|_| 12.5),
+            rss_bytes: pid.map(|_| 6 * 1024 * 1024),
+            ..WorkerStatus::default()
         };
         let s = Status {
             master_pid: 42,
@@ -153,6 +208,10 @@ mod tests {
         assert_eq!(lines.len(), 5);
         assert!(
             lines[3].contains("ready") && lines[3].contains("1m01s") && lines[3].contains("500")
+        );
+        assert!(
+            lines[3].contains("12.5%") && lines[3].contains("6.0M"),
+            "{t}"
         );
         assert!(lines[4].contains("backoff") && lines[4].contains(" - "));
     }

@@ -6,7 +6,7 @@
 //! - `run`: `rr-cluster run`, the master: configuration file + flags, logs, signals.
 //! - `client`: `status`, `reload`, `scale`, `stop` over the control socket.
 //! - `hello`: `rr-cluster hello-worker`, the bundled demo worker.
-//! - `ops`: the Prometheus endpoint and systemd notifications.
+//! - `ops`: the Prometheus and health endpoints and systemd notifications.
 
 mod client;
 mod hello;
@@ -15,6 +15,7 @@ mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -34,9 +35,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run a pool of workers behind the listeners (the demo worker when no command is given).
+    /// Run a pool of workers behind the listeners (the demo worker when no command is
+    /// given): `rr-cluster run [FLAGS] -- PROGRAM ARGS...`.
     Run(Box<run::RunArgs>),
-    /// Show the pool: slot, pid, state, uptime, connections dispatched, restarts.
+    /// Show the pool: slot, pid, state, CPU, memory, connections, restarts.
     Status {
         #[command(flatten)]
         control: ControlArg,
@@ -48,11 +50,18 @@ enum Cmd {
     Reload {
         #[command(flatten)]
         control: ControlArg,
+        /// Return when the reload is done; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this long.
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = rr_cluster::config::parse_duration)]
+        timeout: Duration,
     },
-    /// Run N workers from now on.
+    /// Run N workers from now on; +N / -N add or remove some.
     Scale {
-        /// The new number of workers.
-        workers: usize,
+        /// The new number of workers, or +N / -N.
+        #[arg(allow_hyphen_values = true, value_parser = parse_scale)]
+        workers: rr_cluster::ScaleTo,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -63,14 +72,39 @@ enum Cmd {
         /// Kill the workers instead of draining them.
         #[arg(long)]
         now: bool,
+        /// Return once the master has stopped, with its exit code.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this long.
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = rr_cluster::config::parse_duration)]
+        timeout: Duration,
     },
-    /// The bundled demo worker: HTTP/1.1 hello world that names its worker.
+    /// The bundled demo worker: HTTP hello world that names its worker.
     HelloWorker,
+}
+
+fn parse_scale(s: &str) -> Result<rr_cluster::ScaleTo, String> {
+    let bad = || format!("invalid number of workers {s:?}: expected N, +N or -N");
+    if let Some(n) = s.strip_prefix('+') {
+        return n
+            .parse::<i64>()
+            .map(rr_cluster::ScaleTo::By)
+            .map_err(|_| bad());
+    }
+    if s.starts_with('-') {
+        return s
+            .parse::<i64>()
+            .map(rr_cluster::ScaleTo::By)
+            .map_err(|_| bad());
+    }
+    s.parse::<usize>()
+        .map(rr_cluster::ScaleTo::Exactly)
+        .map_err(|_| bad())
 }
 
 #[derive(Debug, clap::Args)]
 struct ControlArg {
-    /// The master's control socket [default: $XDG_RUNTIME_DIR/rr-cluster.sock or /tmp/rr-cluster-UID.sock]
+    /// The master's control socket [default: $XDG_RUNTIME_DIR/rr-cluster.sock or /tmp/rr-cluster-UID/control.sock]
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 }
@@ -92,10 +126,22 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line: clap's first line, without its "try --help" epilogue.
+            // clap's first line, and its tip when it has one (`run node app.js`:
+            // "to pass 'node' as a value, use '-- node'"), without the usage epilogue.
             let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("rr-cluster: {line}");
+            let mut lines = text.lines();
+            let first = lines.next().unwrap_or("invalid arguments");
+            eprintln_safe(&format!("rr-cluster: {first}"));
+            let mut tips: Vec<String> = lines
+                .filter(|l| l.trim_start().starts_with("tip:"))
+                .map(|l| l.trim().to_owned())
+                .collect();
+            if tips.is_empty() {
+                tips.extend(worker_command_tip(&e));
+            }
+            for tip in tips {
+                eprintln_safe(&format!("rr-cluster: {tip}"));
+            }
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -112,28 +158,74 @@ fn main() -> ExitCode {
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("rr-cluster: error: cannot start the runtime: {e}");
+            eprintln_safe(&format!("rr-cluster: error: cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     runtime.block_on(async move {
+        use rr_cluster::control::Request;
         match cli.command {
             Cmd::Run(args) => run::run(*args).await,
             Cmd::Status { control, json } => client::status(&control.path(), json).await,
-            Cmd::Reload { control } => {
-                client::simple(&control.path(), rr_cluster::control::Request::Reload).await
-            }
+            Cmd::Reload {
+                control,
+                wait,
+                timeout,
+            } => client::simple(&control.path(), Request::Reload { wait }, timeout).await,
             Cmd::Scale { workers, control } => {
-                client::simple(
-                    &control.path(),
-                    rr_cluster::control::Request::Scale { workers },
-                )
-                .await
+                let (workers, by) = match workers {
+                    rr_cluster::ScaleTo::Exactly(n) => (Some(n), None),
+                    rr_cluster::ScaleTo::By(by) => (None, Some(by)),
+                    _ => (None, None),
+                };
+                let req = Request::Scale { workers, by };
+                client::simple(&control.path(), req, Duration::from_secs(10)).await
             }
-            Cmd::Stop { control, now } => {
-                client::simple(&control.path(), rr_cluster::control::Request::Stop { now }).await
-            }
+            Cmd::Stop {
+                control,
+                now,
+                wait,
+                timeout,
+            } => client::simple(&control.path(), Request::Stop { now, wait }, timeout).await,
             Cmd::HelloWorker => hello::main().await,
         }
     })
+}
+
+/// `rr-cluster run node app.js`: the worker command goes after `--`.
+fn worker_command_tip(e: &clap::Error) -> Option<String> {
+    if e.kind() != clap::error::ErrorKind::UnknownArgument {
+        return None;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("run") {
+        return None;
+    }
+    let clap::error::ContextValue::String(arg) = e.get(clap::error::ContextKind::InvalidArg)?
+    else {
+        return None;
+    };
+    if arg.starts_with('-') {
+        return None;
+    }
+    let at = args.iter().position(|a| a == arg)?;
+    Some(format!(
+        "tip: the worker command goes after `--`: rr-cluster run [OPTIONS] -- {}",
+        args[at..].join(" ")
+    ))
+}
+
+/// Writes a line to stderr; a closed or broken stderr is not an error (a panic in
+/// `eprintln!` would take the master down with it).
+pub(crate) fn eprintln_safe(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
+/// Writes a line to stdout, ignoring a closed pipe (`rr-cluster status | head -1`).
+pub(crate) fn println_safe(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
 }

@@ -3,11 +3,25 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rr_cluster::config::{LogFormat, parse_duration, parse_duration_or_off};
-use rr_cluster::{Balance, Config, GiveUpAction, Master, MasterBuilder, WorkerCommand};
+use rr_cluster::config::{
+    ConfigError, LogFormat, parse_bytes, parse_duration, parse_duration_or_off,
+};
+use rr_cluster::{
+    Balance, Config, GiveUpAction, Master, MasterBuilder, MasterError, Protocol, WorkerCommand,
+};
+
+use crate::eprintln_safe;
+
+/// `--heartbeat-timeout`: a duration or `off`. (A newtype: clap gives
+/// `Option<Option<T>>` a meaning of its own.)
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeartbeatTimeout(Option<Duration>);
+
+fn parse_heartbeat_timeout(s: &str) -> Result<HeartbeatTimeout, String> {
+    parse_duration_or_off(s).map(HeartbeatTimeout)
+}
 
 /// `rr-cluster run` flags. Each overrides the configuration file.
 #[derive(Debug, Clone, clap::Args)]
@@ -23,41 +37,68 @@ pub(crate) struct RunArgs {
     #[arg(long, short = 'w', value_name = "N")]
     workers: Option<usize>,
     /// How connections are spread.
-    #[arg(long, value_name = "round-robin|least-connections", value_parser = parse_balance)]
+    #[arg(long, value_name = "round-robin|least-connections|client-ip|shared", value_parser = parse_balance)]
     balance: Option<Balance>,
-    /// Control socket path [default: $XDG_RUNTIME_DIR/rr-cluster.sock or /tmp/rr-cluster-UID.sock].
+    /// The protocol the workers speak: binary (rr-cluster's channel; the Rust and
+    /// Python libraries) or node (a Node.js program on its own IPC channel).
+    #[arg(long, value_name = "binary|node", value_parser = parse_protocol)]
+    worker_protocol: Option<Protocol>,
+    /// Control socket path [default: $XDG_RUNTIME_DIR/rr-cluster.sock or /tmp/rr-cluster-UID/control.sock].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (IP:PORT).
+    /// Serve Prometheus metrics (and /livez, /readyz) on this address (IP:PORT).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
-    /// Log format.
+    /// Log format (the master's logs and the workers' output).
     #[arg(long, value_name = "text|json", value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
-    /// How long a draining worker may take before SIGKILL (e.g. 30s).
+    /// How long a draining worker may take before SIGKILL (e.g. 30s; at most 24h).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
-    /// How long a new worker may take to say Ready.
+    /// How long a new worker may take to say Ready (at most 24h).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     ready_timeout: Option<Duration>,
-    /// A worker silent this long is killed and replaced ("off" to disable).
-    #[arg(long, value_name = "DURATION|off", value_parser = parse_duration_or_off)]
-    heartbeat_timeout: Option<Option<Duration>>,
-    /// More restarts than this within the window is a give-up.
+    /// How often workers send a heartbeat (10ms to 1h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// A worker silent this long is killed and replaced ("off" to disable; at most 24h).
+    #[arg(long, value_name = "DURATION|off", value_parser = parse_heartbeat_timeout)]
+    heartbeat_timeout: Option<HeartbeatTimeout>,
+    /// More boot failures than this within the window is a give-up.
     #[arg(long, value_name = "N")]
     restart_limit: Option<usize>,
-    /// The window restarts are counted in (e.g. 60s).
+    /// The window boot failures are counted in (e.g. 60s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     restart_window: Option<Duration>,
+    /// A worker ready this long was healthy; a reload lets each new worker serve this
+    /// long before the old one drains.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    min_uptime: Option<Duration>,
     /// On give-up: exit non-zero, or keep serving with the workers left.
     #[arg(long, value_name = "exit|keep", value_parser = parse_give_up)]
     on_give_up: Option<GiveUpAction>,
-    /// The worker program and its arguments [default: this binary's hello-worker].
+    /// Replace a worker (drain-first) after it was handed this many connections.
+    #[arg(long, value_name = "N")]
+    max_requests: Option<u64>,
+    /// A random 0..=N added to each worker's max-requests.
+    #[arg(long, value_name = "N")]
+    max_requests_jitter: Option<u64>,
+    /// Replace a worker (drain-first) whose resident memory exceeds this (e.g. 512MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    max_memory: Option<u64>,
+    /// Replace a worker (drain-first) older than this (e.g. 12h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    max_age: Option<Duration>,
+    /// The worker program and its arguments, after `--` [default: this binary's hello-worker].
     #[arg(last = true, value_name = "WORKER-COMMAND")]
     command: Vec<String>,
 }
 
 fn parse_balance(s: &str) -> Result<Balance, String> {
+    s.parse()
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
     s.parse()
 }
 
@@ -96,11 +137,17 @@ fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
     };
     let mut b = config.apply(Master::builder()).map_err(|e| e.to_string())?;
     if !args.listen.is_empty() {
+        if let Some(warning) = rr_cluster::master::socket_activation_mismatch() {
+            tracing::warn!("{warning}");
+        }
         b = b.listen_all(args.listen.iter().cloned());
     } else if rr_cluster::master::socket_activated() {
         // Socket activation: the sockets systemd passed, instead of binding.
         b = b.listen_all(["systemd"]);
     } else if config.listen.is_none() {
+        if let Some(mismatch) = rr_cluster::master::socket_activation_mismatch() {
+            return Err(format!("{mismatch}; pass --listen to say where to listen"));
+        }
         b = b.listen("127.0.0.1:8080");
     }
     if let Some(n) = args.workers {
@@ -115,7 +162,10 @@ fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
     if let Some(d) = args.ready_timeout {
         b = b.ready_timeout(d);
     }
-    if let Some(d) = args.heartbeat_timeout {
+    if let Some(d) = args.heartbeat_interval {
+        b = b.heartbeat_interval(d);
+    }
+    if let Some(HeartbeatTimeout(d)) = args.heartbeat_timeout {
         b = b.heartbeat_timeout(d);
     }
     if let Some(n) = args.restart_limit {
@@ -124,12 +174,47 @@ fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
     if let Some(d) = args.restart_window {
         b = b.restart_window(d);
     }
+    if let Some(d) = args.min_uptime {
+        b = b.min_uptime(d);
+    }
     if let Some(a) = args.on_give_up {
         b = b.on_give_up(a);
     }
+    if args.max_requests.is_some() {
+        b = b.max_requests(args.max_requests);
+    }
+    if let Some(j) = args.max_requests_jitter {
+        b = b.max_requests_jitter(j);
+    }
+    if args.max_memory.is_some() {
+        b = b.max_memory(args.max_memory);
+    }
+    if args.max_age.is_some() {
+        b = b.max_age(args.max_age);
+    }
+    let file_protocol = config.worker.protocol;
     if let Some((program, rest)) = args.command.split_first() {
-        b = b.command(WorkerCommand::new(program).args(rest));
-    } else if config.worker.command.is_none() {
+        let protocol = args.worker_protocol.or(file_protocol).unwrap_or_default();
+        b = b.command(WorkerCommand::new(program).args(rest).protocol(protocol));
+    } else if let Some(argv) = &config.worker.command {
+        if let Some(protocol) = args.worker_protocol {
+            let (program, rest) = argv.split_first().ok_or("worker.command is empty")?;
+            let mut command = WorkerCommand::new(program).args(rest).protocol(protocol);
+            for (k, v) in &config.worker.env {
+                command = command.env(k, v);
+            }
+            if let Some(dir) = &config.worker.cwd {
+                command = command.current_dir(dir);
+            }
+            b = b.command(command);
+        }
+    } else {
+        if args.worker_protocol == Some(Protocol::Node) {
+            return Err(
+                "--worker-protocol node needs a worker command: rr-cluster run --worker-protocol node -- node app.js"
+                    .into(),
+            );
+        }
         let me = WorkerCommand::current_exe()
             .map_err(|e| format!("cannot find this executable for the demo worker: {e}"))?;
         b = b.command(me.arg("hello-worker"));
@@ -140,8 +225,10 @@ fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
         .or(config.control.clone())
         .unwrap_or_else(rr_cluster::control::default_socket_path);
     b = b.control_socket(control);
+    let log_format = args.log_format.or(config.log_format).unwrap_or_default();
+    b = b.log_format(log_format);
     let extras = Extras {
-        log_format: args.log_format.or(config.log_format).unwrap_or_default(),
+        log_format,
         metrics: args.metrics.clone().or(config.metrics.clone()),
     };
     Ok((b, extras))
@@ -153,10 +240,10 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     let reload_args = args.clone();
-    let builder = builder.on_reload(Arc::new(move || configure(&reload_args).map(|(b, _)| b)));
+    let builder = builder.on_reload(move || configure(&reload_args).map(|(b, _)| b));
     let master = match builder.build() {
         Ok(m) => m,
-        Err(e) => return usage_error(&e.to_string()),
+        Err(e) => return usage_error(&ConfigError::from(e).to_string()),
     };
     let metrics = match extras.metrics.as_deref() {
         None => None,
@@ -168,22 +255,24 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
             }
             Ok(addr) => match tokio::net::TcpListener::bind(addr).await {
                 Ok(listener) => Some(listener),
-                Err(e) => return failure(&format!("cannot serve metrics on {addr}: {e}")),
+                Err(e) => return usage_error(&format!("cannot serve metrics on {addr}: {e}")),
             },
         },
     };
-    init_logs(extras.log_format);
+    let _logs = init_logs(extras.log_format);
     let events = master.events();
     let handle = match master.start().await {
         Ok(h) => h,
-        Err(e) => return failure(&e.to_string()),
+        // Nothing was started: bad configuration or environment.
+        Err(e @ MasterError::Start(_)) => return failure(&e.to_string()),
+        Err(e) => return usage_error(&e.to_string()),
     };
     if let Err(e) = handle.forward_os_signals() {
         return failure(&format!("cannot install signal handlers: {e}"));
     }
     if let Some(listener) = metrics {
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            tracing::info!(%addr, "metrics at http://{addr}/metrics (and /livez, /readyz)");
         }
         tokio::spawn(crate::ops::serve_metrics(listener, handle.clone()));
     }
@@ -195,25 +284,48 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
 }
 
 fn failure(msg: &str) -> ExitCode {
-    tracing::error!(error = msg, "master failed");
-    eprintln!("rr-cluster: error: {msg}");
+    eprintln_safe(&format!("rr-cluster: error: {msg}"));
     ExitCode::FAILURE
 }
 
 fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("rr-cluster: error: {msg}");
+    eprintln_safe(&format!("rr-cluster: error: {msg}"));
     ExitCode::from(crate::EXIT_USAGE)
 }
 
-fn init_logs(format: LogFormat) {
+/// Stderr that never fails: a log reader that went away (a broken pipe, a restarted
+/// journald) costs log lines, never the master.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Logs go through a bounded queue to a writer thread: a slow or stuck stderr drops
+/// log lines instead of blocking the master (tracing-appender, lossy mode).
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(16_384)
+        .finish(QuietStderr);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        _ => builder.try_init(),
     };
+    guard
 }

@@ -10,8 +10,17 @@
 //! carried descriptors, and descriptors arrive no later than the first byte of the frame
 //! they travel with. The reader keeps a FIFO of received descriptors; each frame claims
 //! as many as its message names ([`Message::fd_count`]). A frame that claims more than
-//! arrived, descriptors that no frame can claim, or a truncated control message is a
-//! protocol error; stray descriptors are closed when dropped, never leaked.
+//! arrived, or descriptors that no frame can claim, is a protocol error; stray
+//! descriptors are closed when dropped, never leaked.
+//!
+//! A truncated control message (`MSG_CTRUNC`: the receiver's descriptor table was
+//! full, so the kernel dropped descriptors) is not an error: the next frame that claims
+//! more descriptors than arrived gets those that did, and the shortfall is counted in
+//! [`ChannelReader::lost`]. The connections behind the dropped descriptors are lost,
+//! the channel is not.
+//!
+//! The Node.js dialect ([`crate::node`]) uses the same socket with newline-delimited
+//! JSON: [`ChannelReader::recv_line`].
 
 use std::collections::VecDeque;
 use std::io;
@@ -62,9 +71,14 @@ pub enum ChannelError {
         /// The limit.
         max: usize,
     },
-    /// The kernel dropped descriptors (`MSG_CTRUNC`).
-    #[error("descriptors were truncated in transit")]
-    ControlTruncated,
+    /// A line of the Node.js dialect is longer than the limit.
+    #[error("line of {len} bytes exceeds the limit of {max} bytes")]
+    LineTooLong {
+        /// Its length (so far).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The stream ended in the middle of a frame.
     #[error("channel closed in the middle of a frame ({buffered} bytes buffered)")]
     TruncatedFrame {
@@ -76,14 +90,29 @@ pub enum ChannelError {
     Closed,
 }
 
-/// Why a non-blocking send did not happen.
+/// Why a non-blocking send did not happen. In every case nothing was sent and the
+/// caller still owns the descriptors.
 #[derive(Debug)]
 pub enum TrySendError {
-    /// The socket buffer is full (or a previous frame is still being flushed); nothing
-    /// was sent and the caller still owns the descriptors.
+    /// The socket buffer is full (or a previous frame is still being flushed): retry
+    /// once the channel is writable.
     Full,
-    /// The peer is gone; nothing was sent.
+    /// The send failed for a reason that says nothing about the peer (`ETOOMANYREFS`:
+    /// too many descriptors in flight for this user; `ENOBUFS`, `ENOMEM`): retry a
+    /// little later.
+    Busy(io::Error),
+    /// The peer is gone (`EPIPE`, `ECONNRESET`).
     Closed(io::Error),
+}
+
+impl TrySendError {
+    fn from_io(e: io::Error) -> TrySendError {
+        match sys::send_failure(&e) {
+            sys::SendFailure::Full => TrySendError::Full,
+            sys::SendFailure::Gone => TrySendError::Closed(e),
+            sys::SendFailure::Busy => TrySendError::Busy(e),
+        }
+    }
 }
 
 /// Splits a connected stream into its receiving and sending halves.
@@ -122,6 +151,56 @@ impl ChannelReader {
         self.recv_with(protocol::decode_payload::<M>).await
     }
 
+    /// Descriptors the kernel dropped on their way in (`MSG_CTRUNC`: this process's
+    /// descriptor table was full), since the reader was created. Frames that claimed
+    /// them were handed out with the descriptors that did arrive.
+    pub fn lost(&self) -> u64 {
+        self.decoder.lost
+    }
+
+    /// The next line of the Node.js dialect, without its newline; `Ok(None)` at a clean
+    /// end of stream. Descriptors that arrive with lines are closed (a Node.js worker
+    /// has no business sending any to its master).
+    ///
+    /// Cancel-safe, like [`ChannelReader::recv`].
+    pub async fn recv_line(&mut self, max: usize) -> Result<Option<Vec<u8>>, ChannelError> {
+        loop {
+            if let Some(line) = self.decoder.next_line(max)? {
+                return Ok(Some(line));
+            }
+            let received = self.read_more().await?;
+            self.decoder.fds.clear();
+            if received.bytes == 0 {
+                if self.decoder.start != self.decoder.end {
+                    return Err(ChannelError::TruncatedFrame {
+                        buffered: self.decoder.end - self.decoder.start,
+                    });
+                }
+                return Ok(None);
+            }
+        }
+    }
+
+    /// One `recvmsg` into the decoder's buffer.
+    async fn read_more(&mut self) -> Result<sys::Received, ChannelError> {
+        let stream = &self.stream;
+        let (spare, fds) = self.decoder.read_target();
+        let received = loop {
+            stream.readable().await?;
+            match stream.try_io(Interest::READABLE, || {
+                sys::recv_with_fds(stream.as_fd(), &mut spare[..], fds)
+            }) {
+                Ok(received) => break received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_disconnect(&e) => return Err(ChannelError::Closed),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.decoder.filled(received)?;
+        Ok(received)
+    }
+
     /// The handshake: the first frame, decoded with
     /// [`protocol::decode_hello`] so that a version mismatch is named as such.
     pub async fn recv_hello(&mut self) -> Result<Option<protocol::Hello>, ChannelError> {
@@ -139,23 +218,7 @@ impl ChannelReader {
             if let Some(frame) = self.decoder.next_frame(decode)? {
                 return Ok(Some(frame));
             }
-            let stream = &self.stream;
-            let (spare, fds) = self.decoder.read_target();
-            let received = loop {
-                stream.readable().await?;
-                match stream.try_io(Interest::READABLE, || {
-                    sys::recv_with_fds(stream.as_fd(), &mut spare[..], fds)
-                }) {
-                    Ok(received) => break received,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if is_disconnect(&e) => {
-                        return Err(ChannelError::Closed);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            self.decoder.filled(received)?;
+            let received = self.read_more().await?;
             if received.bytes == 0 {
                 return self.decoder.at_eof().map(|()| None);
             }
@@ -190,7 +253,7 @@ impl ChannelWriter {
             match self.flush_locked(&mut pending) {
                 Ok(true) => {}
                 Ok(false) => return Err(TrySendError::Full),
-                Err(e) => return Err(TrySendError::Closed(e)),
+                Err(e) => return Err(TrySendError::from_io(e)),
             }
         }
         let written = loop {
@@ -202,8 +265,7 @@ impl ChannelWriter {
             match result {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(TrySendError::Full),
-                Err(e) => return Err(TrySendError::Closed(e)),
+                Err(e) => return Err(TrySendError::from_io(e)),
             }
         };
         if written < frame.len() {
@@ -217,16 +279,17 @@ impl ChannelWriter {
         Ok(())
     }
 
-    /// Sends one frame, waiting while the channel is full.
+    /// Sends one frame, waiting while the channel is full (or busy: then it retries
+    /// every 10 ms).
     pub async fn send(self: &Arc<Self>, frame: &[u8], fds: &[RawFd]) -> Result<(), ChannelError> {
         loop {
             match self.try_send(frame, fds) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Full) => self.stream.writable().await?,
-                Err(TrySendError::Closed(e)) if is_disconnect(&e) => {
-                    return Err(ChannelError::Closed);
+                Err(TrySendError::Busy(_)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
-                Err(TrySendError::Closed(e)) => return Err(e.into()),
+                Err(TrySendError::Closed(_)) => return Err(ChannelError::Closed),
             }
         }
     }
@@ -243,9 +306,15 @@ impl ChannelWriter {
     }
 
     /// Shuts the socket down both ways: the peer sees the end of the stream even while
-    /// other handles to this writer live on.
-    pub(crate) fn shutdown(&self) {
+    /// other handles to this writer live on (or a descendant of the peer holds its end),
+    /// and this side's reader ends.
+    pub fn shutdown(&self) {
         let _ = sys::shutdown(self.stream.as_fd());
+    }
+
+    /// Half-closes the socket: the peer reads end-of-file after what was sent.
+    pub(crate) fn shutdown_write(&self) {
+        let _ = sys::shutdown_write(self.stream.as_fd());
     }
 
     /// The socket, for a last-gasp blocking write (the worker's panic hook) made
@@ -322,6 +391,10 @@ struct FrameDecoder {
     start: usize,
     end: usize,
     fds: VecDeque<OwnedFd>,
+    /// A `recvmsg` since the last short-handed frame reported `MSG_CTRUNC`.
+    truncated: bool,
+    /// Descriptors dropped by the kernel, in all.
+    lost: u64,
 }
 
 impl Default for FrameDecoder {
@@ -331,6 +404,8 @@ impl Default for FrameDecoder {
             start: 0,
             end: 0,
             fds: VecDeque::new(),
+            truncated: false,
+            lost: 0,
         }
     }
 }
@@ -355,15 +430,46 @@ impl FrameDecoder {
             self.end = 0;
         }
         let claimed = msg.fd_count();
-        if claimed > self.fds.len() {
-            return Err(ChannelError::MissingFds {
-                claimed,
-                available: self.fds.len(),
-            });
-        }
-        let fds = self.fds.drain(..claimed).collect();
+        let available = self.fds.len();
+        let take = if claimed <= available {
+            claimed
+        } else if self.truncated {
+            // The kernel dropped the rest of this frame's descriptors (MSG_CTRUNC): its
+            // descriptors are the last ones that arrived, so every one still waiting
+            // is this frame's.
+            self.truncated = false;
+            self.lost += (claimed - available) as u64;
+            available
+        } else {
+            return Err(ChannelError::MissingFds { claimed, available });
+        };
+        let fds = self.fds.drain(..take).collect();
         self.check_unclaimed()?;
         Ok(Some((msg, fds)))
+    }
+
+    /// The next complete line (without its newline), if any.
+    fn next_line(&mut self, max: usize) -> Result<Option<Vec<u8>>, ChannelError> {
+        let avail = &self.buf[self.start..self.end];
+        let Some(pos) = avail.iter().position(|b| *b == b'\n') else {
+            if avail.len() > max {
+                return Err(ChannelError::LineTooLong {
+                    len: avail.len(),
+                    max,
+                });
+            }
+            return Ok(None);
+        };
+        if pos > max {
+            return Err(ChannelError::LineTooLong { len: pos, max });
+        }
+        let line = avail[..pos].to_vec();
+        self.start += pos + 1;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        Ok(Some(line))
     }
 
     /// With no partial frame buffered, no descriptor can be waiting: a frame's
@@ -401,8 +507,7 @@ impl FrameDecoder {
     fn filled(&mut self, received: sys::Received) -> Result<(), ChannelError> {
         self.end += received.bytes;
         if received.truncated {
-            self.fds.clear();
-            return Err(ChannelError::ControlTruncated);
+            self.truncated = true;
         }
         if self.fds.len() > MAX_PENDING_FDS {
             let count = self.fds.len();
@@ -521,7 +626,7 @@ mod tests {
             match writer.try_send(&bytes, &[]) {
                 Ok(()) => sent.push(msg),
                 Err(TrySendError::Full) => break,
-                Err(TrySendError::Closed(e)) => panic!("closed: {e}"),
+                Err(TrySendError::Closed(e) | TrySendError::Busy(e)) => panic!("failed: {e}"),
             }
         }
         assert!(
@@ -581,6 +686,70 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_truncated_control_message_loses_descriptors_not_the_channel() {
+        // What the kernel does when the receiver's table is full: the bytes of a
+        // 3-descriptor frame arrive with 1 descriptor and MSG_CTRUNC.
+        let mut d = FrameDecoder::default();
+        let bytes = frame(&ToWorker::Connections {
+            listener: 0,
+            count: 3,
+        })
+        .expect("encode");
+        let files = dev_null_fds(1);
+        let (spare, fds) = d.read_target();
+        spare[..bytes.len()].copy_from_slice(&bytes);
+        fds.push_back(OwnedFd::from(files.into_iter().next().expect("file")));
+        d.filled(sys::Received {
+            bytes: bytes.len(),
+            truncated: true,
+        })
+        .expect("not an error");
+        let (msg, fds) = d
+            .next_frame(protocol::decode_payload::<ToWorker>)
+            .expect("ok")
+            .expect("frame");
+        assert!(matches!(msg, ToWorker::Connections { count: 3, .. }));
+        assert_eq!(fds.len(), 1, "the one that arrived");
+        assert_eq!(d.lost, 2);
+        // Without truncation a short frame is still a protocol error.
+        let (spare, _) = d.read_target();
+        spare[..bytes.len()].copy_from_slice(&bytes);
+        d.filled(sys::Received {
+            bytes: bytes.len(),
+            truncated: false,
+        })
+        .expect("filled");
+        assert!(matches!(
+            d.next_frame(protocol::decode_payload::<ToWorker>),
+            Err(ChannelError::MissingFds {
+                claimed: 3,
+                available: 0
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn lines_are_read_whole_and_bounded() {
+        use std::io::Write;
+        let (mut raw_a, mut reader, _writer, _rb) = pair();
+        raw_a.write_all(b"{\"a\":1}\n{\"b\"").expect("write");
+        assert_eq!(
+            reader.recv_line(100).await.expect("ok"),
+            Some(b"{\"a\":1}".to_vec())
+        );
+        raw_a.write_all(b":2}\n").expect("write");
+        assert_eq!(
+            reader.recv_line(100).await.expect("ok"),
+            Some(b"{\"b\":2}".to_vec())
+        );
+        raw_a.write_all(&[b'x'; 200]).expect("write");
+        assert!(matches!(
+            reader.recv_line(100).await,
+            Err(ChannelError::LineTooLong { .. })
+        ));
     }
 
     #[tokio::test]

@@ -8,8 +8,20 @@
 //!
 //! [worker]
 //! command = ["node", "app.js"]
+//! protocol = "node"                # or "binary" (the default)
 //! env = { NODE_ENV = "production" }
 //! cwd = "/srv/app"
+//!
+//! [recycle]                        # replace workers, drain-first
+//! max_requests = 10000
+//! max_requests_jitter = 500
+//! max_memory = "512MiB"
+//! max_age = "12h"
+//!
+//! [logs]
+//! capture = true                   # worker stdout/stderr through the master
+//! stdout = "/var/log/app/out.log"  # reopened on SIGUSR1
+//! stderr = "/var/log/app/err.log"
 //!
 //! [restart]
 //! limit = 10                       # more than `limit` restarts within `window`: give up
@@ -19,7 +31,7 @@
 //! min_uptime = "1s"
 //! on_give_up = "exit"              # or "keep"
 //!
-//! [timeouts]
+//! [timeouts]                       # bounds: see rr_cluster::master::limits
 //! ready = "30s"
 //! drain = "30s"
 //! heartbeat_interval = "1s"
@@ -34,7 +46,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::master::{Balance, GiveUpAction, MasterBuilder, WorkerCommand};
+pub use crate::master::LogFormat;
+use crate::master::{Balance, BuildError, GiveUpAction, MasterBuilder, WorkerCommand};
+use crate::protocol::Protocol;
 
 /// Errors of configuration: a bad value, an unreadable or malformed file.
 #[derive(Debug, thiserror::Error)]
@@ -97,17 +111,46 @@ pub struct Config {
     /// Timeouts.
     #[serde(default)]
     pub timeouts: TimeoutSection,
+    /// Drain-first replacement of workers.
+    #[serde(default)]
+    pub recycle: RecycleSection,
+    /// Worker output.
+    #[serde(default)]
+    pub logs: LogsSection,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
+/// `[recycle]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RecycleSection {
+    /// Connections handed to a worker before it is replaced.
+    pub max_requests: Option<u64>,
+    /// A random `0..=jitter` added per worker.
+    pub max_requests_jitter: Option<u64>,
+    /// Resident memory above which a worker is replaced: bytes, or `"512MiB"`.
+    #[serde(default, deserialize_with = "bytes")]
+    pub max_memory: Option<u64>,
+    /// Age after which a worker is replaced.
+    #[serde(
+        default,
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub max_age: Option<Duration>,
+}
+
+/// `[logs]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LogsSection {
+    /// Capture worker stdout and stderr through the master (default true).
+    pub capture: Option<bool>,
+    /// Append worker stdout to this file.
+    pub stdout: Option<PathBuf>,
+    /// Append worker stderr to this file.
+    pub stderr: Option<PathBuf>,
 }
 
 /// `[worker]`
@@ -117,6 +160,8 @@ pub enum LogFormat {
 pub struct WorkerSection {
     /// Program and arguments.
     pub command: Option<Vec<String>>,
+    /// The protocol the workers speak: `"binary"` (default) or `"node"`.
+    pub protocol: Option<Protocol>,
     /// Extra environment variables.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -212,6 +257,46 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
         .map_err(serde::de::Error::custom)
 }
 
+/// Parses a size in bytes: a number, or a number with a unit (`512MiB`, `1G`, `64kB`).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}; write e.g. \"512MiB\" or a number of bytes"))?;
+    let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
+    };
+    let bytes = number * factor;
+    if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
+        return Err(format!("size {s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Number(n) => Ok(Some(n)),
+        Size::Text(t) => parse_bytes(&t).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
 /// A duration, or `off` (`None`): the heartbeat timeout.
 pub fn parse_duration_or_off(s: &str) -> Result<Option<Duration>, String> {
     if s.trim() == "off" {
@@ -242,6 +327,44 @@ fn ser_duration_or_off<S: serde::Serializer>(
         Some(Some(d)) => s.serialize_str(&humantime::format_duration(*d).to_string()),
         Some(None) => s.serialize_str("off"),
         None => s.serialize_none(),
+    }
+}
+
+impl ConfigError {
+    /// A builder error, named by the configuration key (and flag) that sets the value.
+    pub fn from_build(e: BuildError) -> ConfigError {
+        let BuildError::Invalid { method, reason } = e;
+        ConfigError::Invalid {
+            field: key_for(method),
+            reason,
+        }
+    }
+}
+
+/// The configuration key a [`MasterBuilder`] method sets.
+pub fn key_for(method: &'static str) -> &'static str {
+    match method {
+        "restart_limit" => "restart.limit",
+        "restart_window" => "restart.window",
+        "backoff_base" => "restart.backoff_base",
+        "backoff_max" => "restart.backoff_max",
+        "min_uptime" => "restart.min_uptime",
+        "on_give_up" => "restart.on_give_up",
+        "ready_timeout" => "timeouts.ready",
+        "drain_timeout" => "timeouts.drain",
+        "heartbeat_interval" => "timeouts.heartbeat_interval",
+        "heartbeat_timeout" => "timeouts.heartbeat_timeout",
+        "max_requests" => "recycle.max_requests",
+        "max_memory" => "recycle.max_memory",
+        "max_age" => "recycle.max_age",
+        "command" => "worker.command",
+        other => other,
+    }
+}
+
+impl From<BuildError> for ConfigError {
+    fn from(e: BuildError) -> ConfigError {
+        ConfigError::from_build(e)
     }
 }
 
@@ -290,7 +413,9 @@ impl Config {
                 field: "worker.command",
                 reason: "is empty; give the program and its arguments".into(),
             })?;
-            let mut command = WorkerCommand::new(program).args(args);
+            let mut command = WorkerCommand::new(program)
+                .args(args)
+                .protocol(self.worker.protocol.unwrap_or_default());
             for (k, v) in &self.worker.env {
                 command = command.env(k, v);
             }
@@ -298,11 +423,40 @@ impl Config {
                 command = command.current_dir(dir);
             }
             b = b.command(command);
-        } else if !self.worker.env.is_empty() || self.worker.cwd.is_some() {
+        } else if !self.worker.env.is_empty()
+            || self.worker.cwd.is_some()
+            || self.worker.protocol.is_some()
+        {
             return Err(ConfigError::Invalid {
                 field: "worker.command",
-                reason: "worker.env and worker.cwd need worker.command".into(),
+                reason: "worker.env, worker.cwd and worker.protocol need worker.command".into(),
             });
+        }
+        let c = &self.recycle;
+        if c.max_requests.is_some() {
+            b = b.max_requests(c.max_requests);
+        }
+        if let Some(j) = c.max_requests_jitter {
+            b = b.max_requests_jitter(j);
+        }
+        if c.max_memory.is_some() {
+            b = b.max_memory(c.max_memory);
+        }
+        if c.max_age.is_some() {
+            b = b.max_age(c.max_age);
+        }
+        let l = &self.logs;
+        if let Some(capture) = l.capture {
+            b = b.capture_output(capture);
+        }
+        if l.stdout.is_some() {
+            b = b.stdout_log(l.stdout.clone());
+        }
+        if l.stderr.is_some() {
+            b = b.stderr_log(l.stderr.clone());
+        }
+        if let Some(format) = self.log_format {
+            b = b.log_format(format);
         }
         let r = &self.restart;
         if let Some(n) = r.limit {
@@ -372,6 +526,12 @@ on_give_up = "keep"
 [timeouts]
 drain = "1m 30s"
 heartbeat_timeout = "off"
+[recycle]
+max_requests = 1000
+max_memory = "512MiB"
+max_age = "1h"
+[logs]
+stdout = "/tmp/out.log"
 "#,
         )
         .expect("valid");
@@ -381,6 +541,8 @@ heartbeat_timeout = "off"
         assert_eq!(c.restart.on_give_up, Some(GiveUpAction::Keep));
         assert_eq!(c.timeouts.drain, Some(Duration::from_secs(90)));
         assert_eq!(c.timeouts.heartbeat_timeout, Some(None));
+        assert_eq!(c.recycle.max_memory, Some(512 * 1024 * 1024));
+        assert_eq!(c.recycle.max_requests, Some(1000));
         let b = c.apply(MasterBuilder::default()).expect("apply");
         b.build().expect("valid master");
     }
@@ -418,13 +580,38 @@ heartbeat_timeout = "off"
             .build()
             .expect_err("0 workers");
         assert_eq!(
-            err.to_string(),
+            ConfigError::from(err).to_string(),
             "invalid workers: 0 is out of range 1..=1024"
         );
+        let c = parse("listen = [\"127.0.0.1:0\"]\n[worker]\ncommand = [\"x\"]\n[timeouts]\ndrain = \"500000000000y\"\n")
+            .expect("parses");
+        let err = c
+            .apply(MasterBuilder::default())
+            .expect("applies")
+            .build()
+            .expect_err("huge");
+        let msg = ConfigError::from(err).to_string();
+        assert!(msg.starts_with("invalid timeouts.drain: "), "{msg}");
         let c = parse("[worker]\ncommand = []\n").expect("parses");
         let err = c
             .apply(MasterBuilder::default())
             .expect_err("empty command");
         assert!(err.to_string().contains("worker.command"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod sizes {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 * 1024 * 1024));
+        assert_eq!(parse_bytes("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("1.5 KiB"), Ok(1536));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+        assert!(parse_bytes("0").is_err());
     }
 }

@@ -1,7 +1,10 @@
 //! The control protocol: requests to a running master and its answers, plus a client.
 //!
-//! The master listens on a Unix stream socket (mode 0600). Each request is one line of
-//! JSON, answered by one line of JSON; the connection may carry several in turn:
+//! The master listens on a Unix stream socket (mode 0600, created so; only the same
+//! user or root may talk to it, checked with `SO_PEERCRED`). Each request is one line
+//! of JSON (at most [`MAX_REQUEST`] bytes), answered by one line of JSON; the
+//! connection may carry several in turn, and is closed after
+//! [`IDLE_TIMEOUT`] without a request:
 //!
 //! ```text
 //! -> {"cmd":"status"}
@@ -17,8 +20,14 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-/// The longest request or response line accepted, in bytes.
-pub const MAX_LINE: usize = 1024 * 1024;
+/// The longest response line a client accepts, in bytes.
+pub const MAX_LINE: usize = 16 * 1024 * 1024;
+/// The longest request line a master accepts, in bytes.
+pub const MAX_REQUEST: usize = 4096;
+/// Control connections a master serves at once; more are refused with an error line.
+pub const MAX_CLIENTS: usize = 64;
+/// A control connection with no request for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A command for the master.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,18 +37,33 @@ pub enum Request {
     /// The pool's state.
     Status,
     /// Re-read the configuration file (if any) and roll every worker over.
-    Reload,
-    /// Run `workers` workers from now on.
+    Reload {
+        /// Answer when the reload finished (or failed), not when it began.
+        #[serde(default, skip_serializing_if = "is_false")]
+        wait: bool,
+    },
+    /// Run `workers` workers from now on, or `by` more (fewer when negative).
     Scale {
         /// The new number of workers.
-        workers: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workers: Option<usize>,
+        /// A change in the number of workers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<i64>,
     },
     /// Stop the master: gracefully (drain) or, with `now`, at once.
     Stop {
         /// Kill the workers instead of draining them.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_false")]
         now: bool,
+        /// Answer once the master has stopped, with its exit code.
+        #[serde(default, skip_serializing_if = "is_false")]
+        wait: bool,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The master's answer to a [`Request`].
@@ -63,6 +87,7 @@ pub enum Response {
 
 /// A snapshot of the pool. (`Default`: an empty pool, handy in tests.)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Status {
     /// The master's process id.
     pub master_pid: u32,
@@ -76,14 +101,27 @@ pub struct Status {
     pub gave_up: bool,
     /// The master is shutting down.
     pub stopping: bool,
+    /// The listeners refuse connections: the master gave up and no worker is left.
+    pub paused: bool,
+    /// How connections are spread (`round-robin`, `least-connections`, `client-ip`,
+    /// `shared`).
+    pub balance: String,
+    /// The workers' protocol (`binary` or `node`).
+    pub protocol: String,
     /// The listening addresses.
     pub listeners: Vec<String>,
     /// Connections accepted since start.
     pub accepted: u64,
     /// Accepted connections waiting for an eligible worker.
     pub queued: usize,
-    /// Unstable restarts (a worker that never became ready, or was ready for less than
-    /// `min_uptime`) in the current window: the count the give-up limit applies to.
+    /// Connections accepted per second, over the last sampling period (about a second).
+    pub connections_per_sec: f64,
+    /// The master's own CPU use, percent of one core.
+    pub master_cpu_percent: Option<f64>,
+    /// The master's resident memory, bytes.
+    pub master_rss_bytes: Option<u64>,
+    /// Boot failures (workers that never became ready) in the current window: the
+    /// count the give-up limit applies to.
     pub restarts_in_window: usize,
     /// Milliseconds since the master started.
     pub uptime_ms: u64,
@@ -93,7 +131,8 @@ pub struct Status {
 }
 
 /// One worker (or a slot waiting for its next worker).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct WorkerStatus {
     /// The slot, `0..N`.
     pub slot: u32,
@@ -113,23 +152,42 @@ pub struct WorkerStatus {
     pub active: u32,
     /// Restarts of this slot since the master started.
     pub restarts: u32,
+    /// CPU use, percent of one core, over the last sampling period (about a second).
+    pub cpu_percent: Option<f64>,
+    /// CPU time used since the worker started, seconds.
+    pub cpu_seconds: Option<f64>,
+    /// Resident memory, bytes.
+    pub rss_bytes: Option<u64>,
+    /// Connections handed to it per second, over the last sampling period.
+    pub connections_per_sec: f64,
+    /// Connections the kernel dropped on their way to it (its descriptor table was
+    /// full), as it reported.
+    pub lost: u64,
 }
 
 /// A worker's lifecycle state, as reported by `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum WorkerState {
     /// Spawned, handshake or start-up in progress.
+    #[default]
     Starting,
     /// Taking connections.
     Ready,
+    /// Ready, but out of rotation for now: its heartbeat is late, or it does not take
+    /// the connections sent to it. Killed if it stays so for the heartbeat timeout.
+    Stalled,
     /// Asked to finish its connections and exit (reload, scale down, stop).
     Draining,
     /// Announced it is going down; already replaced.
     Leaving,
-    /// Missed its heartbeat; killed, waiting for the exit.
+    /// Unresponsive (no heartbeat, or not reading its channel); killed, waiting for
+    /// the exit.
     Hung,
+    /// Its channel closed or broke the protocol; killed unless it exits by itself
+    /// within a second.
+    Lost,
     /// Waiting out the backoff before a restart (no process).
     Backoff,
     /// Not restarted: the master gave up on this slot (no process).
@@ -142,6 +200,8 @@ impl WorkerState {
         match self {
             WorkerState::Starting => "starting",
             WorkerState::Ready => "ready",
+            WorkerState::Stalled => "stalled",
+            WorkerState::Lost => "lost",
             WorkerState::Draining => "draining",
             WorkerState::Leaving => "leaving",
             WorkerState::Hung => "hung",
@@ -178,11 +238,29 @@ pub enum ControlError {
     /// The master did not answer in time.
     #[error("the master did not answer within {0:?}")]
     Timeout(Duration),
+    /// The socket is served by another user (not this user, not root).
+    #[error("refusing to talk to {path}: it is served by uid {uid}, not by this user or root")]
+    NotOurs {
+        /// The control socket path.
+        path: PathBuf,
+        /// The uid of the process serving it.
+        uid: u32,
+    },
 }
 
-/// Sends one request to the master listening at `path` and returns its answer.
+/// Sends one request to the master listening at `path` and returns its answer
+/// (within 10 s).
 pub async fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
-    let timeout = Duration::from_secs(10);
+    request_within(path, req, Duration::from_secs(10)).await
+}
+
+/// Sends one request and waits at most `timeout` for the answer (a `reload` or `stop`
+/// that waits for completion takes as long as the pool does).
+pub async fn request_within(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ControlError> {
     tokio::time::timeout(timeout, request_inner(path, req))
         .await
         .map_err(|_| ControlError::Timeout(timeout))?
@@ -195,10 +273,20 @@ async fn request_inner(path: &Path, req: &Request) -> Result<Response, ControlEr
             path: path.to_owned(),
             source,
         })?;
+    // A socket squatted by another user must not get our commands.
+    let (_, uid) = crate::sys::peer_credentials(std::os::fd::AsFd::as_fd(&stream))?;
+    if uid != 0 && uid != crate::sys::getuid() {
+        return Err(ControlError::NotOurs {
+            path: path.to_owned(),
+            uid,
+        });
+    }
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::BadResponse(e.to_string()))?;
     line.push(b'\n');
-    write.write_all(&line).await?;
+    // A master that refuses us writes why and closes: read that answer even when our
+    // request could not be written.
+    let written = write.write_all(&line).await;
     let mut reader = BufReader::new(read);
     let mut answer = String::new();
     let n = (&mut reader)
@@ -206,6 +294,7 @@ async fn request_inner(path: &Path, req: &Request) -> Result<Response, ControlEr
         .read_line(&mut answer)
         .await?;
     if n == 0 {
+        written?;
         return Err(ControlError::BadResponse(
             "connection closed without an answer".into(),
         ));
@@ -214,20 +303,19 @@ async fn request_inner(path: &Path, req: &Request) -> Result<Response, ControlEr
 }
 
 /// Where a master puts its control socket when none is configured:
-/// `$XDG_RUNTIME_DIR/rr-cluster.sock`, or `/tmp/rr-cluster-<uid>.sock`.
+/// `$XDG_RUNTIME_DIR/rr-cluster.sock`, or `/tmp/rr-cluster-<uid>/control.sock` (the
+/// master creates that directory with mode 0700 and refuses one that another user
+/// owns or others can write to).
 pub fn default_socket_path() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("rr-cluster.sock"),
-        _ => PathBuf::from(format!("/tmp/rr-cluster-{}.sock", current_uid())),
+        _ => private_dir().join("control.sock"),
     }
 }
 
-fn current_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    // The owner of our own /proc entry is our uid; avoids a libc call here.
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0)
+/// `/tmp/rr-cluster-<uid>`.
+pub(crate) fn private_dir() -> PathBuf {
+    PathBuf::from(format!("/tmp/rr-cluster-{}", crate::sys::getuid()))
 }
 
 #[cfg(test)]
@@ -241,11 +329,31 @@ mod tests {
             r#"{"cmd":"status"}"#
         );
         assert_eq!(
-            serde_json::to_string(&Request::Scale { workers: 4 }).expect("json"),
+            serde_json::to_string(&Request::Scale {
+                workers: Some(4),
+                by: None
+            })
+            .expect("json"),
             r#"{"cmd":"scale","workers":4}"#
         );
+        assert_eq!(
+            serde_json::to_string(&Request::Scale {
+                workers: None,
+                by: Some(-1)
+            })
+            .expect("json"),
+            r#"{"cmd":"scale","by":-1}"#
+        );
         let stop: Request = serde_json::from_str(r#"{"cmd":"stop"}"#).expect("json");
-        assert_eq!(stop, Request::Stop { now: false });
+        assert_eq!(
+            stop,
+            Request::Stop {
+                now: false,
+                wait: false
+            }
+        );
+        let reload: Request = serde_json::from_str(r#"{"cmd":"reload"}"#).expect("json");
+        assert_eq!(reload, Request::Reload { wait: false });
         let ok = Response::Ok {
             message: "fine".into(),
         };

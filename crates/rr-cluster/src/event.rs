@@ -27,6 +27,13 @@ impl ExitInfo {
     pub fn success(&self) -> bool {
         self.code == Some(0)
     }
+
+    /// Ended by a signal that comes from outside the worker (SIGKILL, SIGTERM,
+    /// SIGINT, SIGHUP: an operator, the OOM killer), not by a crash of its own
+    /// (SIGSEGV, SIGABRT) or an exit.
+    pub fn killed_from_outside(&self) -> bool {
+        matches!(self.signal, Some(1 | 2 | 9 | 15))
+    }
 }
 
 impl fmt::Display for ExitInfo {
@@ -83,7 +90,8 @@ pub enum Event {
         /// The worker's reason.
         reason: String,
     },
-    /// A worker missed its heartbeat; it was taken out of rotation and killed.
+    /// A worker stopped answering (no heartbeat within the heartbeat timeout, or it
+    /// stopped reading its channel); it was taken out of rotation and killed.
     WorkerHung {
         /// Slot.
         slot: u32,
@@ -91,13 +99,80 @@ pub enum Event {
         id: u64,
         /// Process id.
         pid: u32,
+        /// What it failed to do.
+        reason: String,
     },
-    /// A worker did not say `Ready` in time; it was killed.
+    /// A worker did not say `Ready` within the ready timeout; it was killed.
     WorkerReadyTimeout {
         /// Slot.
         slot: u32,
         /// Unique id.
         id: u64,
+        /// The ready timeout.
+        timeout: Duration,
+    },
+    /// A ready worker was taken out of rotation for a while: its heartbeat is late,
+    /// or it holds connections it has not acknowledged. It gets no new connection
+    /// until it shows life again ([`Event::WorkerResumed`]), and is killed if it stays
+    /// silent for the heartbeat timeout.
+    WorkerStalled {
+        /// Slot.
+        slot: u32,
+        /// Unique id.
+        id: u64,
+        /// What is late.
+        reason: String,
+    },
+    /// A stalled worker showed life again and is back in rotation.
+    WorkerResumed {
+        /// Slot.
+        slot: u32,
+        /// Unique id.
+        id: u64,
+    },
+    /// A worker is being recycled (`max_requests`, `max_memory`, `max_age`): its
+    /// replacement starts now, and the worker drains once the replacement is ready.
+    RecycleStarted {
+        /// Slot.
+        slot: u32,
+        /// The worker being replaced.
+        id: u64,
+        /// Why (which limit).
+        reason: String,
+    },
+    /// A recycled worker's replacement is ready; the old worker drains.
+    Recycled {
+        /// Slot.
+        slot: u32,
+        /// The old worker.
+        old: u64,
+        /// Its replacement.
+        new: u64,
+        /// Why (which limit).
+        reason: String,
+    },
+    /// A recycle's replacement failed to start; the old worker keeps serving and the
+    /// recycle is tried again later.
+    RecycleFailed {
+        /// Slot.
+        slot: u32,
+        /// Why.
+        reason: String,
+    },
+    /// After a failed reload, the slots already rolled over go back to the previous
+    /// configuration.
+    RollbackStarted {
+        /// The generation that failed.
+        failed: u64,
+        /// The generation the pool returns to.
+        generation: u64,
+    },
+    /// The listeners stopped (`paused: true`: the master gave up and no worker is left
+    /// to serve, so connection attempts are refused rather than left waiting) or
+    /// resumed.
+    ListenersPaused {
+        /// Whether connections are now refused.
+        paused: bool,
     },
     /// A worker's channel broke the protocol or closed; it was taken out of rotation.
     WorkerChannelClosed {
@@ -196,15 +271,6 @@ pub enum Event {
         /// The exit code the master reports.
         code: i32,
     },
-    /// An application message from a worker (Node's `worker.on('message')`).
-    Message {
-        /// Slot.
-        slot: u32,
-        /// Unique id.
-        id: u64,
-        /// The payload.
-        payload: Vec<u8>,
-    },
 }
 
 impl Event {
@@ -225,14 +291,52 @@ impl Event {
             Event::WorkerSuicide { slot, id, reason } => {
                 warn!(worker = slot, id, %reason, "worker going down; replacing it")
             }
-            Event::WorkerHung { slot, id, pid } => {
+            Event::WorkerHung {
+                slot,
+                id,
+                pid,
+                reason,
+            } => {
+                warn!(worker = slot, id, pid, %reason, "worker unresponsive; killed")
+            }
+            Event::WorkerReadyTimeout { slot, id, timeout } => {
                 warn!(
                     worker = slot,
-                    id, pid, "worker missed its heartbeat; killed"
+                    id,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "worker not ready in time (no Ready message within the ready timeout); killed"
                 )
             }
-            Event::WorkerReadyTimeout { slot, id } => {
-                warn!(worker = slot, id, "worker not ready in time; killed")
+            Event::WorkerStalled { slot, id, reason } => {
+                warn!(worker = slot, id, %reason, "worker stalled; out of rotation")
+            }
+            Event::WorkerResumed { slot, id } => {
+                info!(worker = slot, id, "worker resumed; back in rotation")
+            }
+            Event::RecycleStarted { slot, id, reason } => {
+                info!(worker = slot, id, %reason, "recycling worker; replacement starting")
+            }
+            Event::Recycled {
+                slot,
+                old,
+                new,
+                reason,
+            } => info!(worker = slot, old, new, %reason, "worker recycled"),
+            Event::RecycleFailed { slot, reason } => {
+                warn!(worker = slot, %reason, "recycle failed; old worker kept")
+            }
+            Event::RollbackStarted { failed, generation } => {
+                warn!(
+                    failed,
+                    generation, "rolling back to the previous generation"
+                )
+            }
+            Event::ListenersPaused { paused } => {
+                if *paused {
+                    error!("no worker left to serve: listeners paused, connections refused")
+                } else {
+                    info!("listeners resumed")
+                }
             }
             Event::WorkerChannelClosed { slot, id, error } => match error {
                 Some(error) => warn!(worker = slot, id, %error, "worker channel error"),
@@ -285,14 +389,6 @@ impl Event {
             Event::Scaled { from, to } => info!(from, to, "scaled"),
             Event::Stopping { graceful } => info!(graceful, "stopping"),
             Event::Stopped { code } => info!(code, "stopped"),
-            Event::Message { slot, id, payload } => {
-                tracing::debug!(
-                    worker = slot,
-                    id,
-                    bytes = payload.len(),
-                    "message from worker"
-                )
-            }
         }
     }
 }

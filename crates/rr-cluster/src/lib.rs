@@ -10,7 +10,8 @@
 //!
 //! - [`protocol`]: the messages, the frame layout and their encoding (no I/O).
 //! - [`channel`]: a framed Unix stream that carries descriptors.
-//! - `sys`: every `unsafe` block and `libc` call of the crate.
+//! - [`node`]: the Node.js dialect of the channel (JSON lines on Node's IPC channel).
+//! - `sys`: the crate's system calls (through rustix) and its only two `unsafe` blocks.
 //! - [`master`]: [`Master`], its builder and handle; listeners, dispatch, the
 //!   supervisor state machine, the control socket, signals.
 //! - [`worker`]: [`Worker`], the worker side of the channel.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod control;
 pub mod event;
 pub mod master;
+pub mod node;
 pub mod protocol;
 mod sys;
 pub mod worker;
@@ -33,7 +35,9 @@ pub use channel::ChannelError;
 pub use config::{Config, ConfigError};
 pub use event::{Event, ExitInfo};
 pub use master::{
-    Balance, GiveUpAction, ListenSpec, LocalAddr, Master, MasterBuilder, MasterError, MasterHandle,
-    MasterSignal, WorkerCommand,
+    Balance, BuildError, GiveUpAction, ListenSpec, LocalAddr, LogFormat, Master, MasterBuilder,
+    MasterError, MasterHandle, MasterSignal, Messages, Outcome, Refusal, ScaleTo, StopMode,
+    WorkerCommand, WorkerMessage,
 };
-pub use worker::{Connection, Incoming, Worker, WorkerError};
+pub use protocol::Protocol;
+pub use worker::{Connection, Incoming, Worker, WorkerBuilder, WorkerError};

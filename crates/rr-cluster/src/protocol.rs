@@ -8,8 +8,60 @@
 use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
-/// Version of the channel protocol; sent in [`ToWorker::Hello`] and [`ToMaster::Ready`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The highest version of the binary channel protocol this crate speaks.
+///
+/// Versions are negotiated: the master offers the highest version it speaks in the
+/// worker's environment ([`ENV_PROTOCOL`]); the worker answers [`ToMaster::Ready`] with
+/// the version it chose (at most the offer). A master speaks every version from
+/// [`MIN_PROTOCOL_VERSION`] on, so a worker written to version 1 keeps working.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest version a master still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// The `version` field of [`ToWorker::Hello`]: the layout of the handshake, frozen at 1
+/// in every protocol version so that a worker of any version can read it.
+pub const HELLO_VERSION: u32 = 1;
+
+/// Environment variable in which a master offers its highest protocol version
+/// (decimal, e.g. `2`; absent means 1), or `node` for the Node.js dialect.
+pub const ENV_PROTOCOL: &str = "RR_CLUSTER_PROTOCOL";
+
+/// How a pool's workers speak to the master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Protocol {
+    /// The binary frames of this module over `RR_CLUSTER_CHANNEL_FD` (any language).
+    #[default]
+    Binary,
+    /// Node.js's own IPC channel (`NODE_CHANNEL_FD`, JSON lines, one descriptor per
+    /// message): `process.on('message', (m, socket) => ...)` (see [`crate::node`]).
+    Node,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "binary" => Ok(Protocol::Binary),
+            "node" => Ok(Protocol::Node),
+            other => Err(format!(
+                "unknown worker protocol {other:?}: expected binary or node"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Binary => "binary",
+            Protocol::Node => "node",
+        })
+    }
+}
 
 /// Largest payload a frame may carry (64 KiB); checked before allocating.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
@@ -58,7 +110,8 @@ pub struct ListenerInfo {
 /// The first frame a master sends on a new channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Encode, Decode)]
 pub struct Hello {
-    /// Must be the first field: a worker of any version can read it.
+    /// Must be the first field: a worker of any version can read it. Always
+    /// [`HELLO_VERSION`]; the session's version is negotiated in [`ToMaster::Ready`].
     pub version: u32,
     /// The worker's slot, `0..N`, stable across restarts of that slot.
     pub worker_id: u32,
@@ -88,10 +141,20 @@ pub enum ToWorker {
         /// Milliseconds from now after which the master kills the worker.
         deadline_ms: u64,
     },
-    /// Asks for a [`ToMaster::Pong`].
+    /// Asks for a [`ToMaster::Pong`], sent once the worker has read every frame before
+    /// the `Ping` (a version-2 worker acknowledges their descriptors first). The master
+    /// sends it to a worker that holds unacknowledged descriptors and has shown no
+    /// progress for a heartbeat interval.
     Ping,
     /// An application message (Node's `worker.send`).
     User(Vec<u8>),
+    /// Version 2: the listening socket of listener `listener` travels with this frame
+    /// (one descriptor); the worker accepts connections from it itself (`balance =
+    /// "shared"`) until it drains, and closes it first when it does.
+    Listener {
+        /// Index into `Hello::listeners`.
+        listener: u16,
+    },
 }
 
 /// Messages from a worker to the master.
@@ -121,7 +184,27 @@ pub enum ToMaster {
     Pong,
     /// An application message (Node's `process.send`).
     User(Vec<u8>),
+    /// Version 2: the worker's progress and room, sent after every
+    /// [`ACK_EVERY`] descriptors it takes off the channel, with every heartbeat, and
+    /// before every [`ToMaster::Pong`].
+    Ack {
+        /// Descriptors taken off the channel since the worker started (counting the
+        /// ones the kernel dropped, `lost`): the master's count of descriptors in
+        /// flight is what it sent minus this.
+        received: u64,
+        /// Descriptors the kernel dropped because the worker's descriptor table was
+        /// full (`MSG_CTRUNC`), since the worker started; their connections are lost.
+        lost: u64,
+        /// How many more connections the worker can take now, beyond those it holds
+        /// and those counted in `received`. The master never has more than this in
+        /// flight to the worker.
+        capacity: u32,
+    },
 }
+
+/// A version-2 worker sends an [`ToMaster::Ack`] at least after this many received
+/// descriptors (and with every heartbeat).
+pub const ACK_EVERY: u64 = 16;
 
 /// A message type that may travel on the channel.
 ///
@@ -137,6 +220,7 @@ impl Message for ToWorker {
     fn fd_count(&self) -> usize {
         match self {
             ToWorker::Connections { count, .. } => usize::from(*count),
+            ToWorker::Listener { .. } => 1,
             _ => 0,
         }
     }
@@ -276,17 +360,17 @@ pub fn decode_payload<M: Message>(payload: &[u8]) -> Result<M, ProtocolError> {
 
 /// Decodes the first frame a worker receives, the handshake.
 ///
-/// A `Hello` from a master of another version is reported as
+/// A `Hello` whose version is not [`HELLO_VERSION`] is reported as
 /// [`ProtocolError::VersionMismatch`], even when the rest of it does not decode.
 pub fn decode_hello(payload: &[u8]) -> Result<Hello, ProtocolError> {
     // Tag (u32, 0 = Hello) then version (u32): stable across versions.
     if let (Some(tag), Some(version)) = (payload.get(0..4), payload.get(4..8)) {
         let tag = u32::from_le_bytes([tag[0], tag[1], tag[2], tag[3]]);
         let version = u32::from_le_bytes([version[0], version[1], version[2], version[3]]);
-        if tag == 0 && version != PROTOCOL_VERSION {
+        if tag == 0 && version != HELLO_VERSION {
             return Err(ProtocolError::VersionMismatch {
                 peer: version,
-                ours: PROTOCOL_VERSION,
+                ours: HELLO_VERSION,
             });
         }
     }
@@ -308,7 +392,30 @@ fn variant_name(msg: &ToWorker) -> &'static str {
         ToWorker::Drain { .. } => "Drain",
         ToWorker::Ping => "Ping",
         ToWorker::User(_) => "User",
+        ToWorker::Listener { .. } => "Listener",
     }
+}
+
+/// The version a worker speaks under a master that offers `offered` (from
+/// [`ENV_PROTOCOL`]; `None` when the variable is absent), given the highest version
+/// the worker itself speaks. `Err` names what is wrong with the offer.
+pub fn negotiate(offered: Option<&str>, ours: u32) -> Result<u32, String> {
+    let offered = match offered {
+        None => MIN_PROTOCOL_VERSION,
+        Some("node") => {
+            return Err(format!(
+                "{ENV_PROTOCOL}=node: this pool speaks the Node.js dialect; run the pool with \
+                 the binary protocol (--worker-protocol binary) for this worker"
+            ));
+        }
+        Some(v) => v
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|v| *v >= MIN_PROTOCOL_VERSION)
+            .ok_or_else(|| format!("{ENV_PROTOCOL}={v:?} is not a protocol version"))?,
+    };
+    Ok(offered.min(ours).max(MIN_PROTOCOL_VERSION))
 }
 
 #[cfg(test)]
@@ -317,7 +424,7 @@ mod tests {
 
     fn hello() -> ToWorker {
         ToWorker::Hello(Hello {
-            version: PROTOCOL_VERSION,
+            version: HELLO_VERSION,
             worker_id: 3,
             generation: 7,
             heartbeat_ms: 1000,
@@ -340,6 +447,7 @@ mod tests {
             },
             ToWorker::Ping,
             ToWorker::User(b"hi".to_vec()),
+            ToWorker::Listener { listener: 2 },
         ]
     }
 
@@ -348,6 +456,10 @@ mod tests {
             ToMaster::Ready {
                 pid: 42,
                 version: PROTOCOL_VERSION,
+            },
+            ToMaster::Ready {
+                pid: 42,
+                version: 1,
             },
             ToMaster::Heartbeat {
                 active: 3,
@@ -358,6 +470,11 @@ mod tests {
             },
             ToMaster::Pong,
             ToMaster::User(vec![0, 1, 2, 255]),
+            ToMaster::Ack {
+                received: 64,
+                lost: 1,
+                capacity: 960,
+            },
         ]
     }
 
@@ -472,12 +589,47 @@ mod tests {
             decode_hello(&bytes[HEADER_LEN..]),
             Err(ProtocolError::VersionMismatch {
                 peer: 99,
-                ours: PROTOCOL_VERSION
+                ours: HELLO_VERSION
             })
         ));
         let ok = frame(&hello()).expect("encode");
         assert_eq!(decode_hello(&ok[HEADER_LEN..]).expect("hello").worker_id, 3);
         let ping = frame(&ToWorker::Ping).expect("encode");
         assert!(decode_hello(&ping[HEADER_LEN..]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod negotiation {
+    use super::*;
+
+    #[test]
+    fn a_worker_speaks_the_lower_of_the_two_versions() {
+        // An old master sets nothing: version 1, whatever the worker speaks.
+        assert_eq!(negotiate(None, 2), Ok(1));
+        assert_eq!(negotiate(Some("2"), 2), Ok(2));
+        // A newer master offers more than this worker knows.
+        assert_eq!(negotiate(Some("7"), 2), Ok(2));
+        // A worker written to version 1 under a version-2 master.
+        assert_eq!(negotiate(Some("2"), 1), Ok(1));
+        assert!(negotiate(Some("0"), 2).is_err());
+        assert!(negotiate(Some("two"), 2).is_err());
+        let node = negotiate(Some("node"), 2).expect_err("node dialect");
+        assert!(node.contains("--worker-protocol"), "{node}");
+    }
+
+    #[test]
+    fn version_two_messages_keep_the_version_one_tags() {
+        // Tags 0..=4 are unchanged; version 2 only adds tag 5 in each direction.
+        let ack = frame(&ToMaster::Ack {
+            received: 1,
+            lost: 0,
+            capacity: 2,
+        })
+        .expect("encode");
+        assert_eq!(&ack[HEADER_LEN..HEADER_LEN + 4], &5u32.to_le_bytes());
+        let listener = frame(&ToWorker::Listener { listener: 3 }).expect("encode");
+        assert_eq!(listener, [6, 0, 0, 0, 5, 0, 0, 0, 3, 0]);
+        assert_eq!(ToWorker::Listener { listener: 3 }.fd_count(), 1);
     }
 }

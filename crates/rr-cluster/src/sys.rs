@@ -1,28 +1,37 @@
-//! Every `unsafe` block and every `libc` call of the crate, each with its safety
-//! argument. The rest of the crate is `#![deny(unsafe_code)]` and sees only safe
-//! functions taking `OwnedFd`/`BorrowedFd`.
+//! The operating-system calls of the crate, through `rustix`'s safe wrappers, plus the
+//! three things that have no safe wrapper: adopting a descriptor number named by the
+//! environment, the hook that runs in a forked child before `exec`, and registering a
+//! socket with tokio's reactor (`AsyncFd::register`, unsafe since tokio 1.52 for I/O
+//! safety). Those are the crate's only `unsafe` blocks, each with its safety argument. The rest of the
+//! crate is `#![deny(unsafe_code)]` and sees only functions taking `OwnedFd` and
+//! `BorrowedFd`.
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::io;
-use std::mem;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use rustix::io::Errno;
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendFlags};
+use rustix::process::{Pid, Signal};
 
 /// Most descriptors the kernel attaches to one `sendmsg` (`SCM_MAX_FD`). A `recvmsg` on
 /// a stream socket returns the descriptors of at most one `sendmsg`, so a control
 /// buffer of this size is never truncated by a well-formed peer.
 pub(crate) const SCM_MAX_FD: usize = 253;
 
-/// Room for one `cmsghdr` carrying `SCM_MAX_FD` descriptors, aligned for `cmsghdr`.
-const CMSG_WORDS: usize = (mem::size_of::<libc::cmsghdr>() + SCM_MAX_FD * 4).div_ceil(8) + 1;
+/// Control-buffer bytes for `SCM_MAX_FD` descriptors.
+const CMSG_SPACE: usize = rustix::cmsg_space!(ScmRights(SCM_MAX_FD));
 
 /// What one `recvmsg` brought.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Received {
     /// Bytes written to the front of the buffer; 0 means end of stream.
     pub(crate) bytes: usize,
-    /// The kernel dropped descriptors because the control buffer was too small
-    /// (`MSG_CTRUNC`). Never happens with a peer that obeys `SCM_MAX_FD`.
+    /// The kernel dropped descriptors (`MSG_CTRUNC`): the receiver's descriptor table
+    /// was full, or the peer sent more than `SCM_MAX_FD`.
     pub(crate) truncated: bool,
 }
 
@@ -37,84 +46,63 @@ pub(crate) fn recv_with_fds(
     buf: &mut [u8],
     fds: &mut VecDeque<OwnedFd>,
 ) -> io::Result<Received> {
-    let mut cmsg_space = [0u64; CMSG_WORDS];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid value (null pointers, zero lengths).
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg_space.as_mut_ptr().cast();
-    msg.msg_controllen = mem::size_of_val(&cmsg_space) as _;
-
-    // SAFETY: `socket` is a live descriptor for the duration of the call; `msg` points
-    // at `iov` (describing `buf`, writable for `buf.len()` bytes) and at `cmsg_space`
-    // (writable for `msg_controllen` bytes, 8-byte aligned); all outlive the call.
-    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-
-    // SAFETY: `msg` was filled in by a successful recvmsg, so the CMSG_* walk stays
-    // within `msg_controllen` bytes of `cmsg_space`. Each SCM_RIGHTS payload holds
-    // `(cmsg_len - CMSG_LEN(0)) / 4` descriptors that the kernel just installed in our
-    // table and that nothing else owns, so wrapping each in an OwnedFd is sound.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            let header = &*cmsg;
-            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                let payload = header.cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..payload / mem::size_of::<RawFd>() {
-                    let raw = std::ptr::read_unaligned(data.add(i));
-                    fds.push_back(OwnedFd::from_raw_fd(raw));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+    let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = rustix::net::recvmsg(socket, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
         }
     }
     Ok(Received {
-        bytes: n as usize,
-        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        bytes: msg.bytes,
+        truncated: msg.flags.contains(ReturnFlags::CTRUNC),
     })
 }
 
-/// Takes ownership of a descriptor named by the environment (`RR_CLUSTER_CHANNEL_FD`,
-/// `LISTEN_FDS`): checks that it is open and a socket, and marks it close-on-exec so
-/// that the process's own children do not inherit it.
-pub(crate) fn adopt_inherited_socket(raw: RawFd) -> io::Result<OwnedFd> {
+/// The inode of the socket open as descriptor `raw` in this process, read from
+/// `/proc/self/fd` (`None` when `raw` is not an open socket). No descriptor is touched.
+pub(crate) fn socket_inode_of(raw: RawFd) -> Option<u64> {
     if raw < 0 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
+        return None;
     }
-    // SAFETY: fcntl(F_GETFD) on any integer is harmless; it fails with EBADF when the
-    // number is not an open descriptor.
-    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `st` is a plain-data out parameter; fstat writes it or fails.
-    let mut st: libc::stat = unsafe { mem::zeroed() };
-    // SAFETY: `raw` is open (checked above) and `st` is valid for writes.
-    if unsafe { libc::fstat(raw, &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+    let target = std::fs::read_link(format!("/proc/self/fd/{raw}")).ok()?;
+    let target = target.to_str()?;
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The inode of an open socket.
+pub(crate) fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(rustix::fs::fstat(fd)?.st_ino)
+}
+
+/// Takes ownership of a descriptor named by the environment (`RR_CLUSTER_CHANNEL_FD`,
+/// `LISTEN_FDS`): checks through `/proc/self/fd` that it is an open socket (without
+/// touching a number that may not be ours), then marks it close-on-exec so that the
+/// process's own children do not inherit it.
+///
+/// The caller guarantees that nothing else in the process owns `raw` (each inherited
+/// number is adopted once: the worker refuses a second adoption, `LISTEN_FDS` is read
+/// once at start).
+pub(crate) fn adopt_inherited_socket(raw: RawFd) -> io::Result<OwnedFd> {
+    if socket_inode_of(raw).is_none() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("descriptor {raw} is not a socket"),
+            format!("descriptor {raw} is not an open socket"),
         ));
     }
-    // SAFETY: sets a flag on an open descriptor; no memory is involved.
-    if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the environment handed this descriptor to this process to own; it is open
-    // (checked above) and no other object in this process claims it: callers adopt each
-    // inherited number once, and remove the variable that named it.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    // SAFETY: /proc/self/fd just showed `raw` open and a socket in this process; the
+    // environment handed it to this process to own, and the caller adopts each
+    // inherited number at most once, so no other object owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let flags = rustix::io::fcntl_getfd(&fd)?;
+    rustix::io::fcntl_setfd(&fd, flags | rustix::io::FdFlags::CLOEXEC)?;
+    Ok(fd)
 }
 
 /// Arranges for a worker child, between `fork` and `exec`, to
@@ -130,24 +118,23 @@ pub(crate) fn prepare_worker_command(
     master_pid: u32,
 ) {
     let fd = channel.as_raw_fd();
-    let master_pid = master_pid as libc::pid_t;
-    // SAFETY: the closure runs in the forked child before exec. It only calls
-    // async-signal-safe functions (prctl, getppid, fcntl), does not allocate (the error
-    // values are built from raw OS codes), and touches no lock. `fd` stays open in the
-    // child because the master keeps its end open until the spawn returns.
+    let master = Pid::from_raw(master_pid as i32);
+    // SAFETY: the closure runs in the forked child before exec. It makes only raw
+    // system calls through rustix's linux_raw backend (prctl, getppid, fcntl), which
+    // are async-signal-safe, allocates nothing (errors are built from raw OS codes) and
+    // takes no lock. `fd` is open in the child: the master keeps its copy open until
+    // `spawn` returns, and the child's table is a copy of the master's.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != master_pid {
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
+                .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
+            if rustix::process::getppid() != master {
                 // The master died before the death signal was armed.
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                return Err(io::Error::from_raw_os_error(Errno::SRCH.raw_os_error()));
             }
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let channel = BorrowedFd::borrow_raw(fd);
+            rustix::io::fcntl_setfd(channel, rustix::io::FdFlags::empty())
+                .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
             Ok(())
         });
     }
@@ -158,44 +145,134 @@ pub(crate) fn prepare_worker_command(
 pub(crate) fn send_all_for(
     socket: BorrowedFd<'_>,
     mut bytes: &[u8],
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> io::Result<()> {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     while !bytes.is_empty() {
-        // SAFETY: `bytes` is valid for reads of `bytes.len()` bytes and `socket` is open
-        // for the duration of the call. MSG_NOSIGNAL: a closed peer is an error, not
-        // SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                socket.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            bytes = &bytes[n as usize..];
-            continue;
+        // MSG_NOSIGNAL: a closed peer is an error, not SIGPIPE.
+        match rustix::net::send(socket, bytes, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+            Ok(n) => {
+                bytes = &bytes[n..];
+                continue;
+            }
+            Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) => {}
+            Err(e) => return Err(e.into()),
         }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => {}
-            _ => return Err(err),
-        }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::from(io::ErrorKind::TimedOut));
         }
-        let mut pfd = libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd, and the count passed is 1.
-        unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as libc::c_int) };
+        let mut pfd = [rustix::event::PollFd::new(
+            &socket,
+            rustix::event::PollFlags::OUT,
+        )];
+        let wait =
+            rustix::event::Timespec::try_from(left.min(Duration::from_secs(1))).unwrap_or_default();
+        let _ = rustix::event::poll(&mut pfd, Some(&wait));
     }
     Ok(())
+}
+
+/// `accept` failed for lack of descriptors or memory: retrying at once would spin.
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        Errno::from_io_error(e),
+        Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
+    )
+}
+
+/// `accept` failed for this one connection only (it was reset before we took it).
+pub(crate) fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        Errno::from_io_error(e),
+        Some(Errno::CONNABORTED | Errno::INTR | Errno::PROTO | Errno::PERM)
+    )
+}
+
+/// How a failed send to a worker's channel is to be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendFailure {
+    /// The socket buffer is full: retry once it is writable.
+    Full,
+    /// The worker's end is closed: it is gone.
+    Gone,
+    /// Anything else (`ETOOMANYREFS`: too many descriptors in flight for this user;
+    /// `ENOBUFS`, `ENOMEM`): the worker is fine, retry a little later.
+    Busy,
+}
+
+/// Classifies a send error. Only a closed peer means the worker is gone.
+pub(crate) fn send_failure(e: &io::Error) -> SendFailure {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        return SendFailure::Full;
+    }
+    match Errno::from_io_error(e) {
+        Some(Errno::PIPE | Errno::CONNRESET | Errno::NOTCONN | Errno::CONNREFUSED) => {
+            SendFailure::Gone
+        }
+        _ => SendFailure::Busy,
+    }
+}
+
+/// `shutdown(SHUT_RDWR)`: ends both directions of a socket for every holder.
+pub(crate) fn shutdown(socket: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::net::shutdown(socket, rustix::net::Shutdown::Both)?)
+}
+
+/// `shutdown(SHUT_WR)`: the peer reads end-of-file once it has read what was sent.
+pub(crate) fn shutdown_write(socket: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::net::shutdown(socket, rustix::net::Shutdown::Write)?)
+}
+
+/// Stops a listening TCP socket without closing it: pending and new connection
+/// attempts are refused (`shutdown(SHUT_RD)` moves a Linux listener to CLOSE while it
+/// keeps its bound address); [`resume_listening`] listens again on the same port.
+pub(crate) fn pause_listening(socket: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::net::shutdown(socket, rustix::net::Shutdown::Read)?)
+}
+
+/// `listen()` again on a socket paused by [`pause_listening`].
+pub(crate) fn resume_listening(socket: BorrowedFd<'_>, backlog: i32) -> io::Result<()> {
+    Ok(rustix::net::listen(socket, backlog)?)
+}
+
+/// Binds a Unix stream socket at `path` that only its owner may use: the socket gets
+/// mode 0600 *before* `bind` creates the file (Linux takes the file's mode from the
+/// socket's), so there is no window in which another user could connect.
+pub(crate) fn bind_private_unix(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let socket = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    rustix::fs::fchmod(&socket, rustix::fs::Mode::from_raw_mode(0o600))?;
+    rustix::net::bind(&socket, &rustix::net::SocketAddrUnix::new(path)?)?;
+    rustix::net::listen(&socket, 64)?;
+    Ok(socket)
+}
+
+/// The process id and user id of the peer of a connected Unix socket.
+pub(crate) fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    let cred = rustix::net::sockopt::socket_peercred(socket)?;
+    Ok((cred.pid.as_raw_nonzero().get() as u32, cred.uid.as_raw()))
+}
+
+/// This process's real user id.
+pub(crate) fn getuid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// The calling process's id, as the kernel knows it.
+pub(crate) fn getpid() -> u32 {
+    rustix::process::getpid().as_raw_nonzero().get() as u32
+}
+
+/// The soft limit on open descriptors (`RLIMIT_NOFILE`), if there is one.
+pub(crate) fn nofile_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
 }
 
 /// Registers a socket object with tokio's reactor.
@@ -213,72 +290,71 @@ where
     unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(io::Error::from)
 }
 
-/// `accept` failed for lack of descriptors or memory: retrying at once would spin.
-pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-/// `accept` failed for this one connection only (it was reset before we took it).
-pub(crate) fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)
-    )
-}
-
-/// `shutdown(SHUT_RDWR)`: ends both directions of a socket for every holder.
-pub(crate) fn shutdown(socket: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: shutdown(2) on a descriptor that is open for the duration of the call.
-    if unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// SIGTTIN, SIGTTOU: gunicorn's "one worker more / fewer".
-pub(crate) const SIGTTIN: i32 = libc::SIGTTIN;
-pub(crate) const SIGTTOU: i32 = libc::SIGTTOU;
+pub(crate) const SIGTTIN: i32 = Signal::TTIN.as_raw();
+pub(crate) const SIGTTOU: i32 = Signal::TTOU.as_raw();
 
-/// Signals the master sends to workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Signal {
-    Kill,
+/// A worker process the master may signal, held from spawn to reap.
+///
+/// Signals go through a pidfd (Linux 5.3+): once the process has been reaped the
+/// pidfd refers to nothing and a signal fails with `ESRCH`, so a reaped pid that the
+/// kernel gave to another process can never be hit. On kernels without pidfds the
+/// handle falls back to `kill(pid)`, which the driver only uses before it has seen the
+/// exit.
+#[derive(Debug)]
+pub(crate) struct ProcessHandle {
+    pid: Pid,
+    pidfd: Option<OwnedFd>,
 }
 
-/// Sends `sig` to process `pid`. A process that is already gone is not an error.
-pub(crate) fn kill(pid: u32, sig: Signal) -> io::Result<()> {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    };
-    if pid <= 0 {
-        // 0 and negatives address process groups: never what the caller meant.
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+impl ProcessHandle {
+    /// Opens a pidfd for `pid`, a child of this process that has not been reaped (the
+    /// caller holds its `Child` and has not waited for it yet, so the pid cannot have
+    /// been reused).
+    pub(crate) fn open(pid: u32) -> io::Result<ProcessHandle> {
+        let pid = Pid::from_raw(pid as i32)
+            .ok_or_else(|| io::Error::from_raw_os_error(Errno::INVAL.raw_os_error()))?;
+        let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => Some(fd),
+            Err(Errno::NOSYS) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(ProcessHandle { pid, pidfd })
     }
-    let signo = match sig {
-        Signal::Kill => libc::SIGKILL,
-    };
-    // SAFETY: kill(2) with a positive pid addresses one process; no memory involved.
-    if unsafe { libc::kill(pid, signo) } < 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ESRCH) {
-            return Ok(());
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid.as_raw_nonzero().get() as u32
+    }
+
+    /// SIGKILLs the process, and every process left in its process group (workers are
+    /// started as group leaders: `sh -c 'sleep 30 & exec worker'` leaves `sleep` in
+    /// the worker's group). A process already gone is not an error.
+    pub(crate) fn kill(&self) -> io::Result<()> {
+        self.kill_group();
+        let sent = match &self.pidfd {
+            Some(pidfd) => rustix::process::pidfd_send_signal(pidfd, Signal::KILL),
+            None => rustix::process::kill_process(self.pid, Signal::KILL),
+        };
+        match sent {
+            Ok(()) | Err(Errno::SRCH) => Ok(()),
+            Err(e) => Err(e.into()),
         }
-        return Err(err);
     }
-    Ok(())
-}
 
-/// The calling process's id, as the kernel knows it.
-pub(crate) fn getpid() -> u32 {
-    std::process::id()
+    /// SIGKILLs what is left of the worker's process group. The group id is the
+    /// worker's pid: it cannot name another group while any member lives (the kernel
+    /// does not reuse a pid that is a live group's id), and the call is a no-op
+    /// (`ESRCH`) once the group is empty.
+    pub(crate) fn kill_group(&self) {
+        let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
     #[test]
@@ -291,16 +367,13 @@ mod tests {
         sendfd::SendWithFd::send_with_fd(&a, b"abc", &raw).expect("send");
         let mut buf = [0u8; 16];
         let mut fds = VecDeque::new();
-        let got = recv_with_fds(std::os::fd::AsFd::as_fd(&b), &mut buf, &mut fds).expect("recv");
+        let got = recv_with_fds(b.as_fd(), &mut buf, &mut fds).expect("recv");
         assert_eq!(got.bytes, 3);
         assert!(!got.truncated);
         assert_eq!(fds.len(), 3);
         for fd in &fds {
-            // SAFETY-free check through std: the flag is visible via fcntl in libc only,
-            // so read it here (tests may call into this module's libc).
-            // SAFETY: F_GETFD on an open descriptor we own.
-            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
-            assert!(flags & libc::FD_CLOEXEC != 0);
+            let flags = rustix::io::fcntl_getfd(fd).expect("flags");
+            assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
         }
     }
 
@@ -314,8 +387,44 @@ mod tests {
     }
 
     #[test]
-    fn kill_refuses_process_groups() {
-        assert!(kill(0, Signal::Kill).is_err());
-        assert!(kill(u32::MAX, Signal::Kill).is_err());
+    fn socket_inodes_match() {
+        let (a, _b) = UnixStream::pair().expect("pair");
+        let ino = inode(a.as_fd()).expect("fstat");
+        assert_eq!(socket_inode_of(a.as_raw_fd()), Some(ino));
+        let file = std::fs::File::open("/dev/null").expect("open");
+        assert_eq!(socket_inode_of(file.as_raw_fd()), None);
+    }
+
+    #[test]
+    fn send_failures_are_classified() {
+        let e = |errno: Errno| io::Error::from_raw_os_error(errno.raw_os_error());
+        assert_eq!(send_failure(&e(Errno::AGAIN)), SendFailure::Full);
+        assert_eq!(send_failure(&e(Errno::PIPE)), SendFailure::Gone);
+        assert_eq!(send_failure(&e(Errno::CONNRESET)), SendFailure::Gone);
+        // In-flight descriptors over the sender's RLIMIT_NOFILE: the worker is fine.
+        assert_eq!(send_failure(&e(Errno::TOOMANYREFS)), SendFailure::Busy);
+        assert_eq!(send_failure(&e(Errno::NOBUFS)), SendFailure::Busy);
+    }
+
+    #[test]
+    fn a_reaped_child_cannot_be_signalled() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let handle = ProcessHandle::open(child.id()).expect("pidfd");
+        child.wait().expect("reap");
+        // Whatever now runs under that pid, the handle reaches nothing.
+        handle.kill().expect("a gone process is not an error");
+    }
+
+    #[test]
+    fn private_unix_sockets_are_created_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rr-sys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let _socket = bind_private_unix(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

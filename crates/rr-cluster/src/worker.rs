@@ -23,9 +23,13 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! An HTTP worker needs none of this: [`crate::http::serve`] does the loop, the drain
+//! and keep-alive rules included.
 
 use std::io;
-use std::os::fd::{OwnedFd, RawFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,29 +38,34 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{self, ChannelError, ChannelReader, ChannelWriter};
 use crate::protocol::{
-    self, Hello, ListenerInfo, ListenerKind, PROTOCOL_VERSION, ProtocolError, ToMaster, ToWorker,
+    self, ACK_EVERY, ENV_PROTOCOL, Hello, ListenerInfo, ListenerKind, PROTOCOL_VERSION,
+    ProtocolError, ToMaster, ToWorker,
 };
 use crate::sys;
 
 /// Environment variable naming the channel descriptor.
 pub const ENV_CHANNEL_FD: &str = "RR_CLUSTER_CHANNEL_FD";
+/// Environment variable holding the inode of the channel socket, so that a process
+/// that merely inherited the environment (a worker's own child) is not taken for a
+/// worker.
+pub const ENV_CHANNEL_INODE: &str = "RR_CLUSTER_CHANNEL_INODE";
 /// Environment variable holding the worker's slot.
 pub const ENV_WORKER_ID: &str = "RR_CLUSTER_WORKER_ID";
 /// Environment variable holding the pool generation.
 pub const ENV_GENERATION: &str = "RR_CLUSTER_GENERATION";
 
-/// How long a new worker waits for the master's `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a worker whose master is gone may take to finish its connections.
-const ORPHAN_DRAIN: Duration = Duration::from_secs(10);
-/// Connections received but not yet accepted by the application, at most; beyond
-/// this the channel backs up and the master skips this worker.
-const INCOMING_QUEUE: usize = 256;
+/// Descriptors a worker keeps for itself (files, logs, outgoing connections) when it
+/// derives its connection capacity from `RLIMIT_NOFILE`.
+const FD_RESERVE: u64 = 64;
+
+/// The channel is adopted once per process.
+static ADOPTED: AtomicBool = AtomicBool::new(false);
 
 /// Errors of the worker side.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +84,10 @@ pub enum WorkerError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The channel was already adopted by this process ([`Worker::from_env`] called
+    /// twice): clone the first [`Worker`] instead.
+    #[error("the channel was already adopted by this process; clone the first Worker")]
+    AlreadyAdopted,
     /// The channel failed.
     #[error(transparent)]
     Channel(#[from] ChannelError),
@@ -92,6 +105,184 @@ pub enum WorkerError {
     AlreadyReady,
 }
 
+/// How a worker is set up: queue sizes, timeouts and its connection capacity. Start
+/// from [`Worker::builder`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), rr_cluster::WorkerError> {
+/// let worker = rr_cluster::Worker::builder()
+///     .max_connections(10_000)
+///     .incoming_queue(1024)
+///     .from_env()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct WorkerBuilder {
+    incoming_queue: usize,
+    message_queue: usize,
+    handshake_timeout: Duration,
+    orphan_drain: Duration,
+    max_connections: Option<u32>,
+    max_version: u32,
+}
+
+impl Default for WorkerBuilder {
+    fn default() -> Self {
+        WorkerBuilder {
+            incoming_queue: 256,
+            message_queue: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            orphan_drain: Duration::from_secs(10),
+            max_connections: None,
+            max_version: PROTOCOL_VERSION,
+        }
+    }
+}
+
+impl WorkerBuilder {
+    /// Connections received but not yet taken by [`Incoming::accept`], at most
+    /// (default 256). Beyond this the worker stops reading its channel and the master
+    /// sends its connections elsewhere.
+    pub fn incoming_queue(mut self, n: usize) -> Self {
+        self.incoming_queue = n.max(1);
+        self
+    }
+
+    /// Application messages from the master not yet taken from
+    /// [`Worker::messages`], at most (default 1024). Beyond this new messages are
+    /// dropped and counted ([`Worker::dropped_messages`]): messages never hold up
+    /// connections.
+    pub fn message_queue(mut self, n: usize) -> Self {
+        self.message_queue = n.max(1);
+        self
+    }
+
+    /// How long to wait for the master's `Hello` (default 10 s).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// When the master is gone, how long [`Worker::drained`] waits for open
+    /// connections before it completes anyway (default 10 s).
+    pub fn orphan_drain(mut self, timeout: Duration) -> Self {
+        self.orphan_drain = timeout;
+        self
+    }
+
+    /// The most connections this worker holds at once; the master never sends more
+    /// (default: the descriptor limit `RLIMIT_NOFILE` less 64 for the worker's own
+    /// files).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = Some(n.max(1));
+        self
+    }
+
+    /// The highest protocol version to speak (default [`PROTOCOL_VERSION`]); the
+    /// session speaks the lower of this and the master's offer.
+    pub fn max_protocol_version(mut self, version: u32) -> Self {
+        self.max_version = version.clamp(protocol::MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
+        self
+    }
+
+    /// Picks up the channel named by `RR_CLUSTER_CHANNEL_FD` and waits for the master's
+    /// `Hello`. Must be called within a tokio runtime, once per process.
+    pub async fn from_env(self) -> Result<Worker, WorkerError> {
+        let fd = adopt_channel()?;
+        self.from_fd(fd).await
+    }
+
+    /// Like [`WorkerBuilder::from_env`] with an explicit channel descriptor (the
+    /// version offer is still read from `RR_CLUSTER_PROTOCOL`).
+    pub async fn from_fd(self, fd: OwnedFd) -> Result<Worker, WorkerError> {
+        let offered = std::env::var(ENV_PROTOCOL).ok();
+        let version =
+            protocol::negotiate(offered.as_deref(), self.max_version).map_err(|reason| {
+                WorkerError::BadEnv {
+                    var: ENV_PROTOCOL,
+                    value: offered.clone().unwrap_or_default(),
+                    reason,
+                }
+            })?;
+        let stream = channel::from_std(std::os::unix::net::UnixStream::from(fd))
+            .map_err(ChannelError::Io)?;
+        let (mut reader, writer) = channel::split(stream);
+        let hello = tokio::time::timeout(self.handshake_timeout, reader.recv_hello())
+            .await
+            .map_err(|_| WorkerError::HandshakeTimeout(self.handshake_timeout))?
+            .map_err(|e| match e {
+                ChannelError::Protocol(p) => WorkerError::Handshake(p),
+                other => WorkerError::Channel(other),
+            })?
+            .ok_or(WorkerError::MasterGone)?;
+
+        let max_connections = self.max_connections.unwrap_or_else(|| {
+            let limit = sys::nofile_limit().unwrap_or(1024);
+            u32::try_from(limit.saturating_sub(FD_RESERVE).max(16)).unwrap_or(u32::MAX)
+        });
+        let (incoming_tx, incoming_rx) = mpsc::channel(self.incoming_queue);
+        let (messages_tx, messages_rx) = mpsc::channel(self.message_queue);
+        let listeners: Arc<[ListenerInfo]> = hello.listeners.clone().into();
+        let inner = Arc::new(Inner {
+            hello,
+            listeners,
+            version,
+            writer,
+            counters: Arc::new(Counters::default()),
+            max_connections,
+            draining: CancellationToken::new(),
+            master_gone: AtomicBool::new(false),
+            finish_by: watch::Sender::new(None),
+            orphan_drain: self.orphan_drain,
+            incoming: Mutex::new(Some(incoming_rx)),
+            messages: Mutex::new(Some(messages_rx)),
+            incoming_tx: Mutex::new(Some(incoming_tx)),
+            dropped_messages: AtomicU64::new(0),
+        });
+        tokio::spawn(read_loop(Arc::downgrade(&inner), reader, messages_tx));
+        Ok(Worker { inner })
+    }
+}
+
+/// Takes ownership of the channel named by `RR_CLUSTER_CHANNEL_FD` (checked against
+/// `RR_CLUSTER_CHANNEL_INODE`, made close-on-exec), without the handshake: for workers
+/// that speak the protocol themselves through [`crate::channel`]. Once per process;
+/// [`Worker::from_env`] calls it.
+pub fn adopt_channel() -> Result<OwnedFd, WorkerError> {
+    let value = std::env::var(ENV_CHANNEL_FD).map_err(|_| WorkerError::NotAWorker)?;
+    let raw: RawFd = value.parse().map_err(|_| WorkerError::BadEnv {
+        var: ENV_CHANNEL_FD,
+        value: value.clone(),
+        reason: "not a descriptor number".into(),
+    })?;
+    if let Some(expected) = env_inode() {
+        if sys::socket_inode_of(raw) != Some(expected) {
+            return Err(WorkerError::BadEnv {
+                var: ENV_CHANNEL_FD,
+                value,
+                reason: "not the channel the master created (inherited environment?)".into(),
+            });
+        }
+    }
+    if ADOPTED.swap(true, Ordering::SeqCst) {
+        return Err(WorkerError::AlreadyAdopted);
+    }
+    sys::adopt_inherited_socket(raw).map_err(|e| {
+        ADOPTED.store(false, Ordering::SeqCst);
+        WorkerError::BadEnv {
+            var: ENV_CHANNEL_FD,
+            value,
+            reason: e.to_string(),
+        }
+    })
+}
+
+fn env_inode() -> Option<u64> {
+    std::env::var(ENV_CHANNEL_INODE).ok()?.parse().ok()
+}
+
 /// The worker's end of the channel to its master. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Worker {
@@ -101,23 +292,37 @@ pub struct Worker {
 #[derive(Debug)]
 struct Inner {
     hello: Hello,
+    listeners: Arc<[ListenerInfo]>,
+    /// The negotiated protocol version.
+    version: u32,
     writer: Arc<ChannelWriter>,
     counters: Arc<Counters>,
+    max_connections: u32,
     /// Cancelled when the worker must stop taking connections.
     draining: CancellationToken,
     master_gone: AtomicBool,
+    /// When [`Worker::drained`] completes at the latest (the master's deadline, or the
+    /// orphan drain once the master is gone).
+    finish_by: watch::Sender<Option<Instant>>,
+    orphan_drain: Duration,
     /// Receiving ends handed out once each.
     incoming: Mutex<Option<mpsc::Receiver<Connection>>>,
     messages: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
-    /// The one sender of connections; dropped (on `Drain` or when the master is gone)
-    /// to end `Incoming` once the queued connections are taken.
+    /// The one sender of connections from the channel; dropped (on `Drain` or when the
+    /// master is gone) to end `Incoming` once the queued connections are taken.
     incoming_tx: Mutex<Option<mpsc::Sender<Connection>>>,
+    dropped_messages: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct Counters {
     active: AtomicU32,
-    served: AtomicU64,
+    /// Descriptors taken off the channel (including `lost`): `Heartbeat.served` and
+    /// `Ack.received`.
+    received: AtomicU64,
+    lost: AtomicU64,
+    /// `received` at the last `Ack`.
+    acked: AtomicU64,
     idle: Notify,
 }
 
@@ -135,61 +340,36 @@ impl Counters {
 }
 
 impl Worker {
-    /// True when this process was started by a master (Node's `cluster.isWorker`).
+    /// A builder to set queue sizes, timeouts and the connection capacity.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    /// Picks up the channel with the default settings ([`WorkerBuilder::from_env`]).
+    pub async fn from_env() -> Result<Worker, WorkerError> {
+        WorkerBuilder::default().from_env().await
+    }
+
+    /// True when this process was started by a master (Node's `cluster.isWorker`):
+    /// the channel named by the environment is open here, and is the socket the
+    /// master created. A worker's own child processes, which inherit the environment
+    /// but not the channel, are not workers.
     pub fn is_worker() -> bool {
-        std::env::var_os(ENV_CHANNEL_FD).is_some()
+        let Some(raw) = std::env::var(ENV_CHANNEL_FD)
+            .ok()
+            .and_then(|v| v.parse::<RawFd>().ok())
+        else {
+            return false;
+        };
+        let Some(inode) = sys::socket_inode_of(raw) else {
+            return false;
+        };
+        env_inode().is_none_or(|expected| expected == inode)
     }
 
     /// The slot from the environment, without connecting (`None` outside a pool).
     pub fn id_from_env() -> Option<u32> {
         std::env::var(ENV_WORKER_ID).ok()?.parse().ok()
-    }
-
-    /// Picks up the channel named by `RR_CLUSTER_CHANNEL_FD` and waits for the master's
-    /// `Hello`. Must be called within a tokio runtime, once per process.
-    pub async fn from_env() -> Result<Worker, WorkerError> {
-        let value = std::env::var(ENV_CHANNEL_FD).map_err(|_| WorkerError::NotAWorker)?;
-        let raw: RawFd = value.parse().map_err(|_| WorkerError::BadEnv {
-            var: ENV_CHANNEL_FD,
-            value: value.clone(),
-            reason: "not a descriptor number".into(),
-        })?;
-        let fd = sys::adopt_inherited_socket(raw).map_err(|e| WorkerError::BadEnv {
-            var: ENV_CHANNEL_FD,
-            value,
-            reason: e.to_string(),
-        })?;
-        Self::from_fd(fd).await
-    }
-
-    /// Like [`Worker::from_env`] with an explicit channel descriptor.
-    pub async fn from_fd(fd: OwnedFd) -> Result<Worker, WorkerError> {
-        let stream = channel::from_std(std::os::unix::net::UnixStream::from(fd))
-            .map_err(ChannelError::Io)?;
-        let (mut reader, writer) = channel::split(stream);
-        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv_hello())
-            .await
-            .map_err(|_| WorkerError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
-            .map_err(|e| match e {
-                ChannelError::Protocol(p) => WorkerError::Handshake(p),
-                other => WorkerError::Channel(other),
-            })?
-            .ok_or(WorkerError::MasterGone)?;
-
-        let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
-        let (messages_tx, messages_rx) = mpsc::channel(1024);
-        let inner = Arc::new(Inner {
-            hello,
-            writer,
-            counters: Arc::default(),
-            draining: CancellationToken::new(),
-            master_gone: AtomicBool::new(false),
-            incoming: Mutex::new(Some(incoming_rx)),
-            messages: Mutex::new(Some(messages_rx)),
-            incoming_tx: Mutex::new(Some(incoming_tx)),
-        });
-        tokio::spawn(read_loop(Arc::downgrade(&inner), reader, messages_tx));
-        Ok(Worker { inner })
     }
 
     /// The worker's slot, `0..N`, stable across restarts.
@@ -202,9 +382,14 @@ impl Worker {
         self.inner.hello.generation
     }
 
+    /// The protocol version this session speaks (negotiated with the master).
+    pub fn protocol_version(&self) -> u32 {
+        self.inner.version
+    }
+
     /// The master's listeners; [`Connection::listener`] indexes this list.
     pub fn listeners(&self) -> &[ListenerInfo] {
-        &self.inner.hello.listeners
+        &self.inner.listeners
     }
 
     /// Tells the master this worker takes connections, starts the heartbeat, and
@@ -217,9 +402,12 @@ impl Worker {
             .writer
             .send_msg(&ToMaster::Ready {
                 pid: sys::getpid(),
-                version: PROTOCOL_VERSION,
+                version: self.inner.version,
             })
             .await?;
+        if self.inner.version >= 2 {
+            self.inner.send_ack().await?;
+        }
         let interval = Duration::from_millis(u64::from(self.inner.hello.heartbeat_ms.max(10)));
         tokio::spawn(heartbeat_loop(Arc::downgrade(&self.inner), interval));
         Ok(Incoming { rx })
@@ -231,9 +419,15 @@ impl Worker {
     }
 
     /// The application messages from the master (Node's `process.on('message')`).
-    /// `None` after the first call.
+    /// `None` after the first call. Messages that arrive while the queue is full are
+    /// dropped and counted ([`Worker::dropped_messages`]).
     pub fn messages(&self) -> Option<mpsc::Receiver<Vec<u8>>> {
         lock(&self.inner.messages).take()
+    }
+
+    /// Application messages dropped because the application did not take them.
+    pub fn dropped_messages(&self) -> u64 {
+        self.inner.dropped_messages.load(Ordering::Relaxed)
     }
 
     /// Cancelled when the worker must stop taking new work: the master sent `Drain`,
@@ -248,15 +442,45 @@ impl Worker {
         self.inner.master_gone.load(Ordering::SeqCst)
     }
 
-    /// Connections this worker holds open now.
+    /// Connections this worker holds open now (including received ones the
+    /// application has not accepted yet).
     pub fn active(&self) -> u32 {
         self.inner.counters.active.load(Ordering::SeqCst)
     }
 
-    /// Completes once the worker is draining and holds no connection.
+    /// Connections the kernel dropped on their way to this worker because its
+    /// descriptor table was full (see [`WorkerBuilder::max_connections`]).
+    pub fn lost_connections(&self) -> u64 {
+        self.inner.counters.lost.load(Ordering::Relaxed)
+    }
+
+    /// When the worker must be done by, once draining: the master's drain deadline
+    /// (less a quarter of a second), or the orphan drain once the master is gone.
+    pub fn deadline(&self) -> Option<Instant> {
+        *self.inner.finish_by.borrow()
+    }
+
+    /// Completes once the worker is draining and holds no connection, or at the
+    /// master's drain deadline (less a quarter of a second) with connections still
+    /// open, or [`WorkerBuilder::orphan_drain`] after the master went away. Return
+    /// from `main` then: the process must exit.
     pub async fn drained(&self) {
         self.inner.draining.cancelled().await;
-        self.inner.counters.idle().await;
+        let mut finish_by = self.inner.finish_by.subscribe();
+        loop {
+            let deadline = *finish_by.borrow_and_update();
+            let until = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.inner.counters.idle() => return,
+                () = until => return,
+                changed = finish_by.changed() => if changed.is_err() { return },
+            }
+        }
     }
 
     /// Announces that this worker is going down (`Suicide`): the master starts a
@@ -272,7 +496,7 @@ impl Worker {
             .send_msg(&ToMaster::Suicide { reason })
             .await;
         if sent.is_err() {
-            self.inner.begin_drain();
+            self.inner.begin_drain(None);
         }
         Ok(sent?)
     }
@@ -280,6 +504,11 @@ impl Worker {
     /// Installs a panic hook that announces the worker's end to the master (`Suicide`
     /// with the panic message) before the previous hook runs; the worker then drains
     /// as after [`Worker::suicide`].
+    ///
+    /// Opt-in, and process-wide: the hook runs for every panic of the process,
+    /// including panics inside tokio tasks that tokio catches (the task's `JoinHandle`
+    /// reports them; the runtime goes on). A worker that panicked anywhere is taken to
+    /// be in an unknown state: it finishes its connections and is replaced.
     pub fn install_panic_hook(&self) {
         let inner = Arc::downgrade(&self.inner);
         let previous = std::panic::take_hook();
@@ -289,7 +518,7 @@ impl Worker {
                 reason.truncate(4096);
                 inner.draining.cancel();
                 if !inner.suicide_blocking(&reason) {
-                    inner.begin_drain();
+                    inner.begin_drain(None);
                 }
             }
             previous(info);
@@ -298,10 +527,35 @@ impl Worker {
 }
 
 impl Inner {
-    fn begin_drain(&self) {
+    /// Stops taking connections: ends `Incoming` once queued connections are taken,
+    /// and sets the time by which the worker must be done.
+    fn begin_drain(&self, finish_by: Option<Instant>) {
         self.draining.cancel();
+        if let Some(at) = finish_by {
+            self.finish_by.send_modify(|d| {
+                *d = Some(d.map_or(at, |old| old.min(at)));
+            });
+        }
         // Dropping the reader's sender ends `Incoming` once queued connections are taken.
         lock(&self.incoming_tx).take();
+    }
+
+    /// How many more connections this worker can take.
+    fn capacity(&self) -> u32 {
+        self.max_connections
+            .saturating_sub(self.counters.active.load(Ordering::Relaxed))
+    }
+
+    async fn send_ack(&self) -> Result<(), ChannelError> {
+        let received = self.counters.received.load(Ordering::Relaxed);
+        self.counters.acked.fetch_max(received, Ordering::Relaxed);
+        self.writer
+            .send_msg(&ToMaster::Ack {
+                received,
+                lost: self.counters.lost.load(Ordering::Relaxed),
+                capacity: self.capacity(),
+            })
+            .await
     }
 
     /// Writes a `Suicide` frame from a context that cannot await (a panic hook): waits
@@ -336,44 +590,77 @@ async fn read_loop(
     mut reader: ChannelReader,
     messages: mpsc::Sender<Vec<u8>>,
 ) {
-    let Some((kinds, counters)) = inner.upgrade().map(|i| {
-        let kinds: Vec<ListenerKind> = i.hello.listeners.iter().map(|l| l.kind).collect();
-        (kinds, Arc::clone(&i.counters))
-    }) else {
+    let Some(counters) = inner.upgrade().map(|i| Arc::clone(&i.counters)) else {
         return;
     };
+    let mut lost_seen = 0u64;
     loop {
         let frame = reader.recv::<ToWorker>().await;
         let Some(this) = inner.upgrade() else { return };
         match frame {
-            Ok(Some((ToWorker::Connections { listener, .. }, fds))) => {
+            Ok(Some((ToWorker::Connections { listener, count }, fds))) => {
+                let lost = reader.lost() - lost_seen;
+                lost_seen = reader.lost();
+                if lost > 0 {
+                    counters.lost.fetch_add(lost, Ordering::Relaxed);
+                    tracing::warn!(
+                        lost,
+                        "descriptor table full: the kernel dropped {lost} connections on their \
+                         way to this worker (raise its RLIMIT_NOFILE or lower max_connections)"
+                    );
+                }
                 counters
-                    .served
-                    .fetch_add(fds.len() as u64, Ordering::Relaxed);
-                let kind = kinds.get(usize::from(listener)).copied();
+                    .received
+                    .fetch_add(u64::from(count), Ordering::Relaxed);
                 // Delivered until the master's `Drain` (which follows every connection it
                 // sent) or until the application drops `Incoming`; a connection that
                 // cannot be delivered is closed here.
                 let tx = lock(&this.incoming_tx).clone();
                 for fd in fds {
-                    let Some(conn) = Connection::from_fd(listener, kind, fd, &counters) else {
+                    let Some(conn) = Connection::from_fd(listener, &this.listeners, fd, &counters)
+                    else {
                         continue;
                     };
                     if let Some(tx) = &tx {
                         let _ = tx.send(conn).await;
                     }
                 }
+                drop(tx);
+                let unacked = counters.received.load(Ordering::Relaxed)
+                    - counters.acked.load(Ordering::Relaxed);
+                if this.version >= 2 && unacked >= ACK_EVERY && this.send_ack().await.is_err() {
+                    continue;
+                }
+            }
+            Ok(Some((ToWorker::Listener { listener }, fds))) => {
+                for fd in fds {
+                    accept_shared(&this, listener, fd);
+                }
             }
             Ok(Some((ToWorker::Drain { deadline_ms }, _))) => {
                 tracing::debug!(deadline_ms, "drain requested");
-                this.begin_drain();
+                let finish_by = Instant::now()
+                    + Duration::from_millis(deadline_ms).saturating_sub(Duration::from_millis(250));
+                this.begin_drain(Some(finish_by));
             }
             Ok(Some((ToWorker::Ping, _))) => {
-                let writer = Arc::clone(&this.writer);
-                tokio::spawn(async move { writer.send_msg(&ToMaster::Pong).await });
+                // After every frame before it: acknowledge what arrived, then answer.
+                if this.version >= 2 {
+                    let _ = this.send_ack().await;
+                }
+                let _ = this.writer.send_msg(&ToMaster::Pong).await;
             }
             Ok(Some((ToWorker::User(payload), _))) => {
-                let _ = messages.send(payload).await;
+                if messages.try_send(payload).is_err() {
+                    let n = this.dropped_messages.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            dropped = n,
+                            "message from the master dropped: the application does not read \
+                             Worker::messages()"
+                        );
+                    }
+                }
             }
             Ok(Some((ToWorker::Hello(_), _))) => {
                 tracing::warn!("unexpected second Hello from the master; ignored");
@@ -383,25 +670,86 @@ async fn read_loop(
                     tracing::error!(error = %e, "channel to the master failed");
                 }
                 this.master_gone.store(true, Ordering::SeqCst);
-                this.begin_drain();
-                // No orphan outlives its master: finish what is open, then exit.
-                let counters = Arc::clone(&this.counters);
-                drop(this);
-                orphan_exit(counters).await;
+                // No orphan outlives its master: `drained()` completes once the open
+                // connections are done, or after the orphan drain at the latest.
+                this.begin_drain(Some(Instant::now() + this.orphan_drain));
                 return;
             }
         }
     }
 }
 
-/// The master is gone: wait (bounded) for open connections to finish, then exit the
-/// process. Nothing would hand this worker work again.
-async fn orphan_exit(counters: Arc<Counters>) {
-    let _ = tokio::time::timeout(ORPHAN_DRAIN, counters.idle()).await;
-    // Give the application a moment to return from main on its own.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    tracing::warn!("master gone; worker exiting");
-    std::process::exit(0);
+/// Shared balancing: accept connections from the master's listening socket ourselves,
+/// until the worker drains (then the listener is closed first).
+fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
+    let kind = inner.listeners.get(usize::from(listener)).map(|l| l.kind);
+    let Some(tx) = lock(&inner.incoming_tx).clone() else {
+        return;
+    };
+    let draining = inner.draining.clone();
+    let counters = Arc::clone(&inner.counters);
+    let listeners = Arc::clone(&inner.listeners);
+    let received = |counters: &Counters| counters.received.fetch_add(1, Ordering::Relaxed);
+    match kind {
+        Some(ListenerKind::Tcp) => {
+            let std = std::net::TcpListener::from(fd);
+            let Ok(socket) = std
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(std))
+            else {
+                return;
+            };
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = draining.cancelled() => return,
+                        accepted = socket.accept() => match accepted {
+                            Ok((stream, _)) => {
+                                received(&counters);
+                                let conn = Connection::new(listener, &listeners, Socket::Tcp(stream), &counters);
+                                if tx.send(conn).await.is_err() { return; }
+                            }
+                            Err(e) => accept_failed(&e).await,
+                        },
+                    }
+                }
+            });
+        }
+        Some(ListenerKind::Unix) => {
+            let std = std::os::unix::net::UnixListener::from(fd);
+            let Ok(socket) = std
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(std))
+            else {
+                return;
+            };
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = draining.cancelled() => return,
+                        accepted = socket.accept() => match accepted {
+                            Ok((stream, _)) => {
+                                received(&counters);
+                                let conn = Connection::new(listener, &listeners, Socket::Unix(stream), &counters);
+                                if tx.send(conn).await.is_err() { return; }
+                            }
+                            Err(e) => accept_failed(&e).await,
+                        },
+                    }
+                }
+            });
+        }
+        None => tracing::warn!(listener, "listening socket for an unknown listener; closed"),
+    }
+}
+
+async fn accept_failed(e: &io::Error) {
+    if sys::is_resource_exhaustion(e) {
+        tracing::warn!(error = %e, "accept failed; backing off");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
@@ -412,11 +760,12 @@ async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
         let Some(this) = inner.upgrade() else { return };
         let beat = ToMaster::Heartbeat {
             active: this.counters.active.load(Ordering::Relaxed),
-            served: this.counters.served.load(Ordering::Relaxed),
+            served: this.counters.received.load(Ordering::Relaxed),
         };
-        let writer = Arc::clone(&this.writer);
-        drop(this);
-        if writer.send_msg(&beat).await.is_err() {
+        if this.writer.send_msg(&beat).await.is_err() {
+            return;
+        }
+        if this.version >= 2 && this.send_ack().await.is_err() {
             return;
         }
     }
@@ -438,6 +787,11 @@ impl Incoming {
     pub async fn accept(&mut self) -> Option<Connection> {
         self.rx.recv().await
     }
+
+    /// Polls for the next connection (`Ready(None)` once the worker drains).
+    pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<Connection>> {
+        self.rx.poll_recv(cx)
+    }
 }
 
 impl futures_core::Stream for Incoming {
@@ -451,15 +805,15 @@ impl futures_core::Stream for Incoming {
 /// The socket of an accepted connection.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum Stream {
+pub enum Socket {
     /// From a TCP listener.
     Tcp(TcpStream),
     /// From a Unix-socket listener.
     Unix(UnixStream),
 }
 
-/// Keeps a connection counted as active (for heartbeats and least-connections
-/// balancing) until dropped.
+/// Keeps a connection counted as active (for heartbeats, least-connections balancing
+/// and the capacity the worker reports) until dropped.
 #[derive(Debug)]
 pub struct ActiveGuard {
     counters: Arc<Counters>,
@@ -478,42 +832,56 @@ impl Drop for ActiveGuard {
 #[derive(Debug)]
 pub struct Connection {
     listener: u16,
-    stream: Stream,
+    listeners: Arc<[ListenerInfo]>,
+    socket: Socket,
     guard: ActiveGuard,
 }
 
 impl Connection {
     fn from_fd(
         listener: u16,
-        kind: Option<ListenerKind>,
+        listeners: &Arc<[ListenerInfo]>,
         fd: OwnedFd,
         counters: &Arc<Counters>,
     ) -> Option<Connection> {
-        let stream = match kind {
+        let socket = match listeners.get(usize::from(listener)).map(|l| l.kind) {
             Some(ListenerKind::Tcp) => {
                 let std = std::net::TcpStream::from(fd);
                 std.set_nonblocking(true).ok()?;
                 let _ = std.set_nodelay(true);
-                Stream::Tcp(TcpStream::from_std(std).ok()?)
+                Socket::Tcp(TcpStream::from_std(std).ok()?)
             }
             Some(ListenerKind::Unix) => {
                 let std = std::os::unix::net::UnixStream::from(fd);
                 std.set_nonblocking(true).ok()?;
-                Stream::Unix(UnixStream::from_std(std).ok()?)
+                Socket::Unix(UnixStream::from_std(std).ok()?)
             }
             None => {
                 tracing::warn!(listener, "connection for an unknown listener; closed");
                 return None;
             }
         };
+        Some(Connection::new(listener, listeners, socket, counters))
+    }
+
+    fn new(
+        listener: u16,
+        listeners: &Arc<[ListenerInfo]>,
+        socket: Socket,
+        counters: &Arc<Counters>,
+    ) -> Connection {
+        if let Socket::Tcp(s) = &socket {
+            let _ = s.set_nodelay(true);
+        }
         counters.active.fetch_add(1, Ordering::SeqCst);
-        Some(Connection {
+        Connection {
             listener,
-            stream,
+            listeners: Arc::clone(listeners),
+            socket,
             guard: ActiveGuard {
                 counters: Arc::clone(counters),
             },
-        })
+        }
     }
 
     /// Which listener accepted it (an index into [`Worker::listeners`]).
@@ -521,79 +889,115 @@ impl Connection {
         self.listener
     }
 
+    /// The listener that accepted it (its kind and address).
+    pub fn listener_info(&self) -> Option<&ListenerInfo> {
+        self.listeners.get(usize::from(self.listener))
+    }
+
+    /// The client's address (TCP; `None` for a Unix-socket connection).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        match &self.socket {
+            Socket::Tcp(s) => s.peer_addr().ok(),
+            Socket::Unix(_) => None,
+        }
+    }
+
+    /// The local address the client connected to (TCP; `None` for a Unix socket).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.socket {
+            Socket::Tcp(s) => s.local_addr().ok(),
+            Socket::Unix(_) => None,
+        }
+    }
+
     /// The socket.
-    pub fn stream(&self) -> &Stream {
-        &self.stream
+    pub fn socket(&self) -> &Socket {
+        &self.socket
     }
 
     /// The TCP socket, if it is one.
     pub fn as_tcp(&self) -> Option<&TcpStream> {
-        match &self.stream {
-            Stream::Tcp(s) => Some(s),
-            Stream::Unix(_) => None,
+        match &self.socket {
+            Socket::Tcp(s) => Some(s),
+            Socket::Unix(_) => None,
         }
     }
 
     /// The socket and the guard that keeps it counted as active.
-    pub fn into_parts(self) -> (Stream, ActiveGuard) {
-        (self.stream, self.guard)
+    pub fn into_parts(self) -> (Socket, ActiveGuard) {
+        (self.socket, self.guard)
+    }
+}
+
+impl AsFd for Connection {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.socket {
+            Socket::Tcp(s) => s.as_fd(),
+            Socket::Unix(s) => s.as_fd(),
+        }
     }
 }
 
 impl AsyncRead for Connection {
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        match &mut self.get_mut().socket {
+            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
 
 impl AsyncWrite for Connection {
+    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        match &mut self.get_mut().socket {
+            Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
+    #[inline]
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().socket {
+            Socket::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Socket::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
+    #[inline]
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Unix(s) => s.is_write_vectored(),
+        match &self.socket {
+            Socket::Tcp(s) => s.is_write_vectored(),
+            Socket::Unix(s) => s.is_write_vectored(),
         }
     }
 
+    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().socket {
+            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
+    #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().socket {
+            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

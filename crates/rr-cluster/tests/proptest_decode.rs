@@ -27,9 +27,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 use rr_cluster::channel::{ChannelError, from_std, split};
 use rr_cluster::protocol::{
-    HEADER_LEN, Hello, ListenerInfo, ListenerKind, MAX_FDS_PER_FRAME, MAX_FRAME_LEN, Message,
-    PROTOCOL_VERSION, ProtocolError, ToMaster, ToWorker, decode_hello, decode_payload,
-    encode_frame, frame, peek_len,
+    HEADER_LEN, HELLO_VERSION, Hello, ListenerInfo, ListenerKind, MAX_FDS_PER_FRAME, MAX_FRAME_LEN,
+    Message, ProtocolError, ToMaster, ToWorker, decode_hello, decode_payload, encode_frame, frame,
+    peek_len,
 };
 
 const DECODER_CASES: u32 = 2000;
@@ -137,6 +137,7 @@ fn to_worker(
         any::<u64>().prop_map(|deadline_ms| ToWorker::Drain { deadline_ms }),
         Just(ToWorker::Ping),
         data.prop_map(ToWorker::User),
+        any::<u16>().prop_map(|listener| ToWorker::Listener { listener }),
     ]
 }
 
@@ -149,6 +150,13 @@ fn to_master(data: impl Strategy<Value = Vec<u8>> + 'static) -> impl Strategy<Va
         text().prop_map(|reason| ToMaster::Suicide { reason }),
         Just(ToMaster::Pong),
         data.prop_map(ToMaster::User),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(received, lost, capacity)| {
+            ToMaster::Ack {
+                received,
+                lost,
+                capacity,
+            }
+        }),
     ]
 }
 
@@ -175,7 +183,7 @@ fn hostile_payload() -> impl Strategy<Value = Vec<u8>> {
         (0u32..7, vec(any::<u8>(), 0..96)).prop_map(|(tag, tail)| [le32(tag), tail].concat()),
         // A Hello of this or any version, then noise.
         (
-            prop_oneof![Just(PROTOCOL_VERSION), any::<u32>()],
+            prop_oneof![Just(HELLO_VERSION), any::<u32>()],
             vec(any::<u8>(), 0..96)
         )
             .prop_map(|(version, tail)| [le32(0), le32(version), tail].concat()),
@@ -190,7 +198,7 @@ fn hostile_payload() -> impl Strategy<Value = Vec<u8>> {
         (any::<u64>(), vec(any::<u8>(), 0..48)).prop_map(|(count, tail)| {
             [
                 le32(0),
-                le32(PROTOCOL_VERSION),
+                le32(HELLO_VERSION),
                 le32(0),
                 vec![0; 8],
                 le32(0),
@@ -273,22 +281,22 @@ fn decoders_hold_on(p: &[u8]) -> Result<(), TestCaseError> {
         .map(|h| (prefix_of(h).unwrap_or(0), prefix_of(&h[4..]).unwrap_or(0)));
     match decode_hello(p) {
         Ok(hello) => {
-            prop_assert_eq!(hello.version, PROTOCOL_VERSION);
+            prop_assert_eq!(hello.version, HELLO_VERSION);
             prop_assert_eq!(payload_of(&ToWorker::Hello(hello)), p);
         }
         Err(ProtocolError::VersionMismatch { peer, ours }) => {
             prop_assert_eq!(tag_and_version, Some((0, peer)));
-            prop_assert!(peer != PROTOCOL_VERSION && ours == PROTOCOL_VERSION);
+            prop_assert!(peer != HELLO_VERSION && ours == HELLO_VERSION);
         }
         Err(_) => {
             if let Some((0, version)) = tag_and_version {
-                prop_assert_eq!(version, PROTOCOL_VERSION, "a mismatch must be named");
+                prop_assert_eq!(version, HELLO_VERSION, "a mismatch must be named");
             }
             prop_assert!(
                 !matches!(
                     decode_payload::<ToWorker>(p),
                     Ok(ToWorker::Hello(Hello {
-                        version: PROTOCOL_VERSION,
+                        version: HELLO_VERSION,
                         ..
                     }))
                 ),
@@ -320,6 +328,7 @@ fn documented_len_to_worker(m: &ToWorker) -> usize {
         ToWorker::Drain { .. } => 12,
         ToWorker::Ping => 4,
         ToWorker::User(data) => 12 + data.len(),
+        ToWorker::Listener { .. } => 6,
         other => panic!("no documented layout for {other:?}"),
     }
 }
@@ -331,6 +340,7 @@ fn documented_len_to_master(m: &ToMaster) -> usize {
         ToMaster::Suicide { reason } => 12 + reason.len(),
         ToMaster::Pong => 4,
         ToMaster::User(data) => 12 + data.len(),
+        ToMaster::Ack { .. } => 24,
         other => panic!("no documented layout for {other:?}"),
     }
 }
@@ -431,7 +441,7 @@ fn hello_handshake_properties() {
             let payload = payload_of(&ToWorker::Hello(hello.clone()));
             let mut with_junk = payload.clone();
             with_junk.extend_from_slice(&junk);
-            if hello.version == PROTOCOL_VERSION {
+            if hello.version == HELLO_VERSION {
                 let back =
                     decode_hello(&payload).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(back, hello);
@@ -451,7 +461,7 @@ fn hello_handshake_properties() {
                     prop_assert!(
                         matches!(
                             decode_hello(p),
-                            Err(ProtocolError::VersionMismatch { peer, ours: PROTOCOL_VERSION })
+                            Err(ProtocolError::VersionMismatch { peer, ours: HELLO_VERSION })
                                 if peer == hello.version
                         ),
                         "a version mismatch must be named"

@@ -9,8 +9,9 @@
 //! 3. checks that the document holds exactly the rendered hex dump of that frame between
 //!    `<!-- begin frame NAME -->` and `<!-- end frame NAME -->`.
 //!
-//! The document also embeds docs/worker_sketch.py between
-//! `<!-- begin file worker_sketch.py -->` and `<!-- end file worker_sketch.py -->`.
+//! Version negotiation and the other statements a test can check are checked here and
+//! in the end-to-end tests (tests/tests/protocol.rs); the Python package's tests check
+//! its codec against the same dumps.
 //!
 //! Maintainers never edit those regions by hand: run
 //! `UPDATE_PROTOCOL_DOC=1 cargo test -p rr-cluster --test protocol_doc` to rewrite them.
@@ -19,9 +20,9 @@ use std::fmt::Debug;
 use std::path::PathBuf;
 
 use rr_cluster::protocol::{
-    HEADER_LEN, Hello, ListenerInfo, ListenerKind, MAX_FDS_PER_FRAME, MAX_FRAME_LEN, Message,
-    PROTOCOL_VERSION, ProtocolError, ToMaster, ToWorker, decode_hello, decode_payload, frame,
-    peek_len,
+    ACK_EVERY, HEADER_LEN, HELLO_VERSION, Hello, ListenerInfo, ListenerKind, MAX_FDS_PER_FRAME,
+    MAX_FRAME_LEN, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, ProtocolError, ToMaster,
+    ToWorker, decode_hello, decode_payload, frame, peek_len,
 };
 
 /// Where the note of each dump line starts.
@@ -182,7 +183,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn to_worker_examples() -> Vec<Example> {
     let hello = Hello {
-        version: PROTOCOL_VERSION,
+        version: HELLO_VERSION,
         worker_id: 3,
         generation: 7,
         heartbeat_ms: 1000,
@@ -244,6 +245,11 @@ fn to_worker_examples() -> Vec<Example> {
             f.extend(bytes("data", b"hi"));
             f
         }),
+        Example::new(
+            "ToWorker::Listener",
+            ToWorker::Listener { listener: 0 },
+            vec![tag("variant", 5, "Listener"), u16_field("listener", 0)],
+        ),
     ]
 }
 
@@ -294,6 +300,20 @@ fn to_master_examples() -> Vec<Example> {
             f.extend(bytes("data", &[0, 1, 2, 255]));
             f
         }),
+        Example::new(
+            "ToMaster::Ack",
+            ToMaster::Ack {
+                received: 64,
+                lost: 0,
+                capacity: 960,
+            },
+            vec![
+                tag("variant", 5, "Ack"),
+                u64_field("received", 64),
+                u64_field("lost", 0),
+                u32_field("capacity", 960),
+            ],
+        ),
     ]
 }
 
@@ -355,18 +375,18 @@ fn examples_match_the_documented_layout() {
 
 #[test]
 fn examples_cover_every_variant() {
-    // The examples hold tags 0..5 of each enum; tag 5 must be unknown to the decoder.
+    // The examples hold tags 0..6 of each enum; tag 6 must be unknown to the decoder.
     // A new variant decodes from zeros (with trailing bytes) instead: add its example.
     let names: Vec<&str> = all_examples().iter().map(|e| e.name).collect();
     assert_eq!(
         names.iter().filter(|n| n.starts_with("ToWorker::")).count(),
-        5
+        6
     );
     assert_eq!(
         names.iter().filter(|n| n.starts_with("ToMaster::")).count(),
-        5
+        6
     );
-    let mut payload = 5u32.to_le_bytes().to_vec();
+    let mut payload = 6u32.to_le_bytes().to_vec();
     payload.extend_from_slice(&[0; 64]);
     for result in [
         decode_payload::<ToWorker>(&payload).map(|m| format!("{m:?}")),
@@ -377,17 +397,20 @@ fn examples_cover_every_variant() {
                 let text = e.to_string();
                 assert!(
                     text.to_lowercase().contains("variant"),
-                    "tag 5 should be an unknown variant, got {text}"
+                    "tag 6 should be an unknown variant, got {text}"
                 );
             }
-            other => panic!("tag 5 should be an unknown variant: {other:?}"),
+            other => panic!("tag 6 should be an unknown variant: {other:?}"),
         }
     }
 }
 
 #[test]
 fn documented_constants_hold() {
-    assert_eq!(PROTOCOL_VERSION, 1);
+    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(MIN_PROTOCOL_VERSION, 1);
+    assert_eq!(HELLO_VERSION, 1);
+    assert_eq!(ACK_EVERY, 16);
     assert_eq!(HEADER_LEN, 4);
     assert_eq!(MAX_FRAME_LEN, 65_536);
     assert_eq!(MAX_FDS_PER_FRAME, 64);
@@ -405,7 +428,7 @@ fn documented_constants_hold() {
 fn document_is_up_to_date() {
     let path = docs_dir().join("PROTOCOL.md");
     let original = std::fs::read_to_string(&path).expect("read docs/PROTOCOL.md");
-    let mut regions: Vec<(String, String, String)> = all_examples()
+    let regions: Vec<(String, String, String)> = all_examples()
         .iter()
         .map(|e| {
             (
@@ -415,12 +438,6 @@ fn document_is_up_to_date() {
             )
         })
         .collect();
-    let sketch = std::fs::read_to_string(docs_dir().join("worker_sketch.py")).expect("read sketch");
-    regions.push((
-        "<!-- begin file worker_sketch.py -->".to_owned(),
-        "<!-- end file worker_sketch.py -->".to_owned(),
-        format!("```python\n{}```", sketch),
-    ));
     let mut doc = original.clone();
     let problems = check_or_update(&mut doc, &regions);
     if updating() && doc != original {

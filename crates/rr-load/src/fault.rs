@@ -170,7 +170,7 @@ async fn kill_one(
 
 async fn reload(control_path: &Path) -> Result<Done, String> {
     let at = Instant::now();
-    match control::request(control_path, &Request::Reload).await {
+    match control::request(control_path, &Request::Reload { wait: false }).await {
         Ok(Response::Ok { message }) => Ok(Done {
             at,
             slot: None,
@@ -263,9 +263,7 @@ mod tests {
             state,
             generation: 0,
             uptime_ms: 1,
-            dispatched: 0,
-            active: 0,
-            restarts: 0,
+            ..WorkerStatus::default()
         }
     }
 

@@ -1,25 +1,59 @@
 //! The control socket server: JSON lines in, JSON lines out (see [`crate::control`]).
+//!
+//! Hardened against its clients: the socket is created with mode 0600 (no window
+//! after `bind`), only the same user or root may talk (`SO_PEERCRED`), at most
+//! [`MAX_CLIENTS`] connections at once, requests of at most [`MAX_REQUEST`] bytes, and
+//! an idle connection is closed after [`IDLE_TIMEOUT`]. Only a dead socket file is ever
+//! replaced at the path.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::driver::Command;
-use crate::control::{MAX_LINE, Request, Response};
+use super::command::{Command, Outcome, Refusal, ScaleTo, StopMode};
+use crate::control::{IDLE_TIMEOUT, MAX_CLIENTS, MAX_REQUEST, Request, Response};
+use crate::sys;
 
-/// Binds the control socket with mode 0600. A stale socket file (nobody answers) is
-/// replaced; a live one means another master runs there.
+/// Binds the control socket, mode 0600 from the start. A stale socket file (nobody
+/// answers) is replaced; a live one means another master runs there; any other file
+/// is left alone and is an error. The default directory `/tmp/rr-cluster-<uid>` is
+/// created 0700, and refused when another user owns it or others may write to it.
 pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if dir == crate::control::private_dir() {
+            private_dir(dir)?;
+        }
+    }
     super::listen::clear_stale_socket(path, "another master is running there")?;
-    let listener = std::os::unix::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    listener.set_nonblocking(true)?;
-    UnixListener::from_std(listener)
+    let fd = sys::bind_private_unix(path)?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
+}
+
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != sys::getuid() || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a directory of this user that only it can write to",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Serves requests until `stop`, then removes the socket file.
@@ -28,73 +62,115 @@ pub(crate) async fn serve(
     path: PathBuf,
     commands: mpsc::Sender<Command>,
     stop: CancellationToken,
+    tasks: TaskTracker,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let me = sys::getuid();
     loop {
-        tokio::select! {
+        let stream = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let commands = commands.clone();
-                    let stop = stop.clone();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = stop.cancelled() => {}
-                            result = session(stream, commands) => {
-                                if let Err(e) = result {
-                                    tracing::debug!(error = %e, "control session ended");
-                                }
-                            }
-                        }
-                    });
-                }
+                Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                    continue;
                 }
             },
+        };
+        let allowed = sys::peer_credentials(std::os::fd::AsFd::as_fd(&stream))
+            .map(|(_, uid)| uid == me || uid == 0)
+            .unwrap_or(false);
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            refuse(stream, "too many control connections; try again").await;
+            continue;
+        };
+        if !allowed {
+            refuse(stream, "permission denied: not the master's user").await;
+            continue;
         }
+        let commands = commands.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            if let Err(e) = session(stream, commands, stop).await {
+                tracing::debug!(error = %e, "control session ended");
+            }
+            drop(permit);
+        });
     }
     drop(listener);
     let _ = std::fs::remove_file(&path);
 }
 
-async fn session(stream: UnixStream, commands: mpsc::Sender<Command>) -> io::Result<()> {
+/// One error line, then close; bounded so that a stuck client cannot hold us.
+async fn refuse(mut stream: UnixStream, message: &str) {
+    let resp = Response::Error {
+        message: message.to_owned(),
+    };
+    if let Ok(mut bytes) = serde_json::to_vec(&resp) {
+        bytes.push(b'\n');
+        let _ = tokio::time::timeout(Duration::from_millis(100), stream.write_all(&bytes)).await;
+    }
+}
+
+async fn session(
+    stream: UnixStream,
+    commands: mpsc::Sender<Command>,
+    stop: CancellationToken,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    let mut line = String::new();
+    let mut reader = BufReader::with_capacity(MAX_REQUEST + 1, read);
+    let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
-        let n = (&mut reader)
-            .take(MAX_LINE as u64)
-            .read_line(&mut line)
-            .await?;
+        let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
+        let read = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(()),
+            read = tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)) => read,
+        };
+        let n = match read {
+            Err(_) => {
+                write_line(&mut write, &error("idle for too long; closing")).await?;
+                return Ok(());
+            }
+            Ok(n) => n?,
+        };
         if n == 0 {
             return Ok(());
         }
-        if !line.ends_with('\n') && n as u64 >= MAX_LINE as u64 {
-            let resp = Response::Error {
-                message: format!("request longer than {MAX_LINE} bytes"),
-            };
+        if line.last() != Some(&b'\n') && n > MAX_REQUEST {
+            let resp = error(&format!("request longer than {MAX_REQUEST} bytes"));
             write_line(&mut write, &resp).await?;
             return Ok(());
         }
-        let resp = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => answer(req, &commands).await,
-            Err(e) => Response::Error {
-                message: format!("invalid request: {e}"),
+        let resp = match std::str::from_utf8(&line) {
+            Err(_) => error("invalid request: not UTF-8"),
+            Ok(text) => match serde_json::from_str::<Request>(text.trim()) {
+                Ok(req) => answer(req, &commands).await,
+                Err(e) => error(&format!("invalid request: {e}")),
             },
         };
         write_line(&mut write, &resp).await?;
     }
 }
 
+fn error(message: &str) -> Response {
+    Response::Error {
+        message: message.to_owned(),
+    }
+}
+
 async fn answer(req: Request, commands: &mpsc::Sender<Command>) -> Response {
-    let stopped = || Response::Error {
-        message: "the master is stopping".into(),
-    };
-    let outcome = |r: Result<String, String>| match r {
-        Ok(message) => Response::Ok { message },
-        Err(message) => Response::Error { message },
+    let stopped = || error("the master is stopping");
+    let outcome = |r: Result<Outcome, Refusal>| match r {
+        Ok(o) => Response::Ok {
+            message: o.to_string(),
+        },
+        Err(refusal) => error(&refusal.to_string()),
     };
     match req {
         Request::Status => {
@@ -104,35 +180,54 @@ async fn answer(req: Request, commands: &mpsc::Sender<Command>) -> Response {
             }
             rx.await.map(Response::Status).unwrap_or_else(|_| stopped())
         }
-        Request::Reload => {
-            let (tx, rx) = oneshot::channel();
-            if commands.send(Command::Reload(tx)).await.is_err() {
-                return stopped();
-            }
-            rx.await.map(outcome).unwrap_or_else(|_| stopped())
-        }
-        Request::Scale { workers } => {
-            let (tx, rx) = oneshot::channel();
-            if commands.send(Command::Scale(workers, tx)).await.is_err() {
-                return stopped();
-            }
-            rx.await.map(outcome).unwrap_or_else(|_| stopped())
-        }
-        Request::Stop { now } => {
+        Request::Reload { wait } => {
+            let (reply, rx) = oneshot::channel();
             if commands
-                .send(Command::Stop { graceful: !now })
+                .send(Command::Reload { wait, reply })
                 .await
                 .is_err()
             {
                 return stopped();
             }
-            Response::Ok {
-                message: if now {
-                    "stopping now".into()
-                } else {
-                    "stopping: draining workers".into()
-                },
+            rx.await.map(outcome).unwrap_or_else(|_| stopped())
+        }
+        Request::Scale { workers, by } => {
+            let to = match (workers, by) {
+                (Some(n), None) => ScaleTo::Exactly(n),
+                (None, Some(by)) => ScaleTo::By(by),
+                _ => return error("scale needs exactly one of \"workers\" and \"by\""),
+            };
+            let (reply, rx) = oneshot::channel();
+            if commands.send(Command::Scale { to, reply }).await.is_err() {
+                return stopped();
             }
+            rx.await.map(outcome).unwrap_or_else(|_| stopped())
+        }
+        Request::Stop { now, wait } => {
+            let mode = if now {
+                StopMode::Now
+            } else {
+                StopMode::Graceful
+            };
+            let (tx, rx) = oneshot::channel();
+            let sent = commands
+                .send(Command::Stop {
+                    mode,
+                    wait: wait.then_some(tx),
+                })
+                .await;
+            if sent.is_err() {
+                return stopped();
+            }
+            if wait {
+                return match rx.await {
+                    Ok(code) => outcome(Ok(Outcome::Stopped { code })),
+                    Err(_) => stopped(),
+                };
+            }
+            outcome(Ok(Outcome::Stopping {
+                graceful: mode == StopMode::Graceful,
+            }))
         }
     }
 }

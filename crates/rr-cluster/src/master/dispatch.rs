@@ -1,18 +1,31 @@
 //! Choosing a worker for each accepted socket and sending it there.
 //!
-//! Sends never block: a worker whose channel is full is skipped (and watched until it
-//! drains), and a send that fails because the worker is gone hands the same
-//! descriptors to the next worker. Descriptors nobody could take stay with the caller,
-//! which stops accepting until [`Dispatcher::subscribe`] says a worker has room.
+//! Sends never block and never lose a socket: a worker whose channel is full, whose
+//! in-flight window is used up, or whose send failed for a passing reason
+//! (`ETOOMANYREFS` when a non-root master has too many descriptors in flight) is
+//! skipped for this batch and retried later; only a worker whose channel is closed is
+//! taken out of rotation (and reported to the supervisor). Descriptors nobody could
+//! take stay with the caller, which stops accepting until [`Dispatcher::subscribe`]
+//! says a worker has room.
+//!
+//! The cost per connection does not grow with the number of workers for round-robin:
+//! per-worker scratch space lives in the dispatcher and only touched entries are reset.
 
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::channel::{ChannelWriter, TrySendError};
-use crate::protocol::{self, ToWorker};
+use super::link::WorkerLink;
+use crate::channel::TrySendError;
+use crate::node;
+use crate::protocol::{self, Protocol, ToWorker};
+
+/// How long a worker whose send failed for a passing reason is left alone.
+const BUSY_RETRY: Duration = Duration::from_millis(10);
 
 /// How the master picks a worker for a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -25,6 +38,32 @@ pub enum Balance {
     /// The worker with the fewest open connections, from its heartbeats plus what
     /// was sent to it since.
     LeastConnections,
+    /// The same client address to the same slot while the slot lives (jump
+    /// consistent hashing over slots): a restart or a scale change moves only the
+    /// affected share. Behind a proxy every client has the proxy's address.
+    ClientIp,
+    /// Every worker accepts on the listening socket itself (Node's `SCHED_NONE`): the
+    /// master hands each worker the listener once and dispatches nothing. Fastest on
+    /// new connections; the kernel, not the master, picks the worker.
+    Shared,
+}
+
+impl Balance {
+    /// The name used in configuration and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastConnections => "least-connections",
+            Balance::ClientIp => "client-ip",
+            Balance::Shared => "shared",
+        }
+    }
+}
+
+impl std::fmt::Display for Balance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl std::str::FromStr for Balance {
@@ -34,53 +73,21 @@ impl std::str::FromStr for Balance {
         match s {
             "round-robin" | "rr" => Ok(Balance::RoundRobin),
             "least-connections" | "lc" => Ok(Balance::LeastConnections),
+            "client-ip" | "ip-hash" => Ok(Balance::ClientIp),
+            "shared" | "none" => Ok(Balance::Shared),
             other => Err(format!(
-                "unknown balance {other:?}: expected round-robin or least-connections"
+                "unknown balance {other:?}: expected round-robin, least-connections, client-ip or shared"
             )),
         }
     }
 }
 
-/// The master's side of one worker's channel, as dispatch sees it.
+/// An accepted connection waiting for a worker.
 #[derive(Debug)]
-pub(crate) struct WorkerLink {
-    pub(crate) id: u64,
-    pub(crate) slot: u32,
-    pub(crate) writer: Arc<ChannelWriter>,
-    /// Connections sent to this worker.
-    pub(crate) dispatched: AtomicU64,
-    /// Open connections at the last heartbeat.
-    pub(crate) active: AtomicU32,
-    /// Connections sent since the last heartbeat.
-    pub(crate) since_heartbeat: AtomicU32,
-    /// A task waits for this channel to become writable again.
-    watching: AtomicBool,
-}
-
-impl WorkerLink {
-    pub(crate) fn new(id: u64, slot: u32, writer: Arc<ChannelWriter>) -> WorkerLink {
-        WorkerLink {
-            id,
-            slot,
-            writer,
-            dispatched: AtomicU64::new(0),
-            active: AtomicU32::new(0),
-            since_heartbeat: AtomicU32::new(0),
-            watching: AtomicBool::new(false),
-        }
-    }
-
-    /// Records a heartbeat's count of open connections.
-    pub(crate) fn heartbeat(&self, active: u32) {
-        self.active.store(active, Ordering::Relaxed);
-        self.since_heartbeat.store(0, Ordering::Relaxed);
-    }
-
-    fn load(&self) -> u32 {
-        self.active
-            .load(Ordering::Relaxed)
-            .saturating_add(self.since_heartbeat.load(Ordering::Relaxed))
-    }
+pub(crate) struct Accepted {
+    pub(crate) fd: OwnedFd,
+    /// The client's address (TCP), for client-ip balancing.
+    pub(crate) peer: Option<IpAddr>,
 }
 
 /// Counters dispatch keeps for status and metrics.
@@ -92,8 +99,12 @@ pub(crate) struct DispatchStats {
     pub(crate) queued: AtomicUsize,
     /// Sends that failed because the worker was gone (the sockets went elsewhere).
     pub(crate) send_failures: AtomicU64,
-    /// Sends skipped because the worker's channel was full.
+    /// Sends that failed for a passing reason (`ETOOMANYREFS`, `ENOBUFS`); retried.
+    pub(crate) send_busy: AtomicU64,
+    /// Sends skipped because a worker's channel was full.
     pub(crate) channel_full: AtomicU64,
+    /// Sends skipped because a worker had as many connections in flight as it may.
+    pub(crate) window_full: AtomicU64,
     /// Accept errors (EMFILE and the like).
     pub(crate) accept_errors: AtomicU64,
 }
@@ -103,6 +114,11 @@ pub(crate) struct DispatchStats {
 pub(crate) struct Dispatcher {
     state: Mutex<State>,
     wake: watch::Sender<u64>,
+    retry_scheduled: AtomicBool,
+    /// A worker reached its `max_requests`.
+    recycle: tokio::sync::Notify,
+    /// The connection line of each listener (Node.js dialect), built once.
+    node_lines: Mutex<Vec<Arc<[u8]>>>,
     pub(crate) stats: DispatchStats,
 }
 
@@ -111,6 +127,12 @@ struct State {
     links: Vec<Arc<WorkerLink>>,
     cursor: usize,
     balance: Balance,
+    /// Per link: index into `groups` in the current call (`usize::MAX`: none).
+    group_of: Vec<usize>,
+    /// Per link: skipped in the current call.
+    excluded: Vec<bool>,
+    /// Per slot (client-ip): the link serving it, if any.
+    by_slot: Vec<Option<usize>>,
 }
 
 impl Dispatcher {
@@ -120,8 +142,14 @@ impl Dispatcher {
                 links: Vec::new(),
                 cursor: 0,
                 balance,
+                group_of: Vec::new(),
+                excluded: Vec::new(),
+                by_slot: Vec::new(),
             }),
             wake: watch::Sender::new(0),
+            retry_scheduled: AtomicBool::new(false),
+            recycle: tokio::sync::Notify::new(),
+            node_lines: Mutex::new(Vec::new()),
             stats: DispatchStats::default(),
         })
     }
@@ -130,11 +158,16 @@ impl Dispatcher {
         self.lock().balance = balance;
     }
 
+    pub(crate) fn balance(&self) -> Balance {
+        self.lock().balance
+    }
+
     /// Puts a worker into rotation.
     pub(crate) fn add(&self, link: Arc<WorkerLink>) {
         let mut st = self.lock();
         if !st.links.iter().any(|l| l.id == link.id) {
             st.links.push(link);
+            st.reindex();
         }
         drop(st);
         self.notify();
@@ -142,7 +175,9 @@ impl Dispatcher {
 
     /// Takes a worker out of rotation: it gets no further socket.
     pub(crate) fn remove(&self, id: u64) {
-        self.lock().links.retain(|l| l.id != id);
+        let mut st = self.lock();
+        st.links.retain(|l| l.id != id);
+        st.reindex();
     }
 
     /// Workers in rotation.
@@ -156,78 +191,179 @@ impl Dispatcher {
         self.wake.subscribe()
     }
 
-    fn notify(&self) {
+    /// Wakes the accept loops: a worker may take sockets again.
+    pub(crate) fn notify(&self) {
         self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Completes when a worker was handed its `max_requests`.
+    pub(crate) async fn recycle_due(&self) {
+        self.recycle.notified().await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends the sockets in `fds` (accepted by listener `listener`) to workers, several
-    /// per frame where one worker gets several. What no worker could take stays in
-    /// `fds`, in order.
-    pub(crate) fn dispatch(self: &Arc<Self>, listener: u16, fds: &mut Vec<OwnedFd>) {
+    fn node_line(&self, listener: u16) -> Arc<[u8]> {
+        let mut lines = self.node_lines.lock().unwrap_or_else(|p| p.into_inner());
+        while lines.len() <= usize::from(listener) {
+            let l = lines.len() as u16;
+            lines.push(node::connection_line(l).into());
+        }
+        Arc::clone(&lines[usize::from(listener)])
+    }
+
+    /// Sends the sockets in `batch` (accepted by listener `listener`) to workers,
+    /// several per frame where one worker gets several. What no worker could take
+    /// stays in `batch`, in order.
+    pub(crate) fn dispatch(self: &Arc<Self>, listener: u16, batch: &mut Vec<Accepted>) {
         let mut st = self.lock();
-        let balance = st.balance;
-        let n = st.links.len();
-        if n == 0 || fds.is_empty() {
+        if st.links.is_empty() || batch.is_empty() {
             return;
         }
-        let mut excluded = vec![false; n];
-        let mut groups: Vec<Vec<OwnedFd>> = (0..n).map(|_| Vec::new()).collect();
+        let balance = st.balance;
+        let mut groups: Vec<(usize, Vec<OwnedFd>)> = Vec::new();
+        let mut touched: Vec<usize> = Vec::new();
         let mut gone: Vec<u64> = Vec::new();
-        while !fds.is_empty() && excluded.iter().any(|x| !x) {
-            // Assign each socket to a worker.
-            for fd in fds.drain(..) {
-                let State { links, cursor, .. } = &mut *st;
-                let pick = match balance {
-                    Balance::RoundRobin => next_round_robin(cursor, &excluded),
-                    Balance::LeastConnections => {
-                        let pick = least_loaded(links, cursor, &excluded);
-                        links[pick].since_heartbeat.fetch_add(1, Ordering::Relaxed);
-                        pick
-                    }
-                };
-                groups[pick].push(fd);
-            }
-            // One frame per worker; failures go back to `fds` for another round.
-            for (i, group) in groups.iter_mut().enumerate() {
-                if group.is_empty() {
+        let mut busy = false;
+        let mut rounds = 0;
+        while !batch.is_empty() && rounds < st.links.len() + 1 {
+            rounds += 1;
+            // Assign each socket to a worker that is not excluded.
+            let mut kept = Vec::new();
+            for accepted in batch.drain(..) {
+                let Some(pick) = st.pick(balance, accepted.peer) else {
+                    kept.push(accepted);
                     continue;
+                };
+                if balance == Balance::LeastConnections {
+                    st.links[pick]
+                        .since_heartbeat
+                        .fetch_add(1, Ordering::Relaxed);
                 }
-                let link = &st.links[i];
-                for chunk_start in (0..group.len()).step_by(protocol::MAX_FDS_PER_FRAME) {
-                    let chunk_end = (chunk_start + protocol::MAX_FDS_PER_FRAME).min(group.len());
-                    let chunk = &group[chunk_start..chunk_end];
-                    match send_connections(link, listener, chunk) {
-                        Ok(()) => {
-                            link.dispatched
-                                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                        }
-                        Err(TrySendError::Full) => {
-                            self.stats.channel_full.fetch_add(1, Ordering::Relaxed);
-                            excluded[i] = true;
-                            self.watch_writable(link);
-                            fds.extend(group.drain(chunk_start..));
-                            break;
-                        }
-                        Err(TrySendError::Closed(e)) => {
-                            tracing::debug!(worker = link.slot, id = link.id, error = %e, "send failed; re-dispatching");
-                            self.stats.send_failures.fetch_add(1, Ordering::Relaxed);
-                            excluded[i] = true;
-                            gone.push(link.id);
-                            fds.extend(group.drain(chunk_start..));
-                            break;
-                        }
+                let g = st.group_of[pick];
+                if g == usize::MAX {
+                    st.group_of[pick] = groups.len();
+                    touched.push(pick);
+                    groups.push((pick, vec![accepted.fd]));
+                } else {
+                    groups[g].1.push(accepted.fd);
+                }
+            }
+            batch.extend(kept);
+            // One send per worker (Node.js: one per socket); what fails goes back.
+            for (i, fds) in groups.drain(..) {
+                st.group_of[i] = usize::MAX;
+                let link = Arc::clone(&st.links[i]);
+                let failed = self.send_group(&link, listener, fds, &mut busy);
+                if let Some((rest, is_gone)) = failed {
+                    st.excluded[i] = true;
+                    if is_gone {
+                        gone.push(link.id);
                     }
+                    batch.extend(rest.into_iter().map(|fd| Accepted { fd, peer: None }));
                 }
-                // Sent: the kernel holds the descriptors; close the master's copies.
-                group.clear();
+            }
+            if st.excluded.iter().all(|x| *x) {
+                break;
             }
         }
+        for i in touched {
+            if i < st.group_of.len() {
+                st.group_of[i] = usize::MAX;
+            }
+        }
+        st.excluded.iter_mut().for_each(|x| *x = false);
         if !gone.is_empty() {
             st.links.retain(|l| !gone.contains(&l.id));
+            st.reindex();
+        }
+        drop(st);
+        if busy {
+            self.retry_soon();
+        }
+    }
+
+    /// Sends `fds` to one worker. `None` when all went; otherwise what is left and
+    /// whether the worker is gone.
+    fn send_group(
+        self: &Arc<Self>,
+        link: &Arc<WorkerLink>,
+        listener: u16,
+        mut fds: Vec<OwnedFd>,
+        busy: &mut bool,
+    ) -> Option<(Vec<OwnedFd>, bool)> {
+        let budget = usize::try_from(link.budget()).unwrap_or(usize::MAX);
+        if budget < fds.len() {
+            self.stats.window_full.fetch_add(1, Ordering::Relaxed);
+            link.blocked.store(true, Ordering::Release);
+            // Re-check: an acknowledgement may have raised the window meanwhile.
+            if link.budget() > 0 {
+                self.notify();
+            }
+        }
+        let allowed = budget.min(fds.len());
+        let mut sent = 0;
+        let mut failure = None;
+        while sent < allowed {
+            let result = match link.protocol {
+                Protocol::Binary => {
+                    let n = (allowed - sent).min(protocol::MAX_FDS_PER_FRAME);
+                    send_connections(link, listener, &fds[sent..sent + n]).map(|()| n)
+                }
+                Protocol::Node => {
+                    let line = self.node_line(listener);
+                    link.writer
+                        .try_send(&line, &[fds[sent].as_raw_fd()])
+                        .map(|()| 1)
+                }
+            };
+            match result {
+                Ok(n) => {
+                    sent += n;
+                    let total = link.dispatched.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                    if total >= link.recycle_at.load(Ordering::Relaxed)
+                        && !link.recycle_signalled.swap(true, Ordering::AcqRel)
+                    {
+                        self.recycle.notify_one();
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        // Sent: the kernel holds those descriptors; close the master's copies.
+        let rest = fds.split_off(sent);
+        drop(fds);
+        let is_gone = match failure {
+            None => false,
+            Some(TrySendError::Full) => {
+                self.stats.channel_full.fetch_add(1, Ordering::Relaxed);
+                self.watch_writable(link);
+                false
+            }
+            Some(TrySendError::Busy(e)) => {
+                let n = self.stats.send_busy.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(worker = link.slot, id = link.id, error = %e, count = n, "send to worker failed for now; retrying");
+                }
+                *busy = true;
+                false
+            }
+            Some(TrySendError::Closed(e)) => {
+                tracing::warn!(worker = link.slot, id = link.id, error = %e, "worker's channel closed; its sockets go to another worker");
+                self.stats.send_failures.fetch_add(1, Ordering::Relaxed);
+                link.mark_gone(format!("send failed: {e}"));
+                true
+            }
+        };
+        if rest.is_empty() {
+            None
+        } else {
+            Some((rest, is_gone))
         }
     }
 
@@ -246,6 +382,130 @@ impl Dispatcher {
             }
         });
     }
+
+    /// Wakes the accept loops shortly, to retry sends that failed for now.
+    fn retry_soon(self: &Arc<Self>) {
+        if self.retry_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let dispatcher = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(BUSY_RETRY).await;
+            if let Some(d) = dispatcher.upgrade() {
+                d.retry_scheduled.store(false, Ordering::Release);
+                d.notify();
+            }
+        });
+    }
+}
+
+impl State {
+    /// Rebuilds the per-link scratch space after the rotation changed.
+    fn reindex(&mut self) {
+        let n = self.links.len();
+        self.group_of.clear();
+        self.group_of.resize(n, usize::MAX);
+        self.excluded.clear();
+        self.excluded.resize(n, false);
+        self.by_slot.clear();
+        for (i, l) in self.links.iter().enumerate() {
+            let slot = l.slot as usize;
+            if self.by_slot.len() <= slot {
+                self.by_slot.resize(slot + 1, None);
+            }
+            // A slot's newer worker (a reload's or recycle's replacement) wins.
+            if self.by_slot[slot].is_none_or(|j| self.links[j].id < l.id) {
+                self.by_slot[slot] = Some(i);
+            }
+        }
+        if n > 0 {
+            self.cursor %= n;
+        } else {
+            self.cursor = 0;
+        }
+    }
+
+    /// The worker for the next socket, skipping excluded ones.
+    fn pick(&mut self, balance: Balance, peer: Option<IpAddr>) -> Option<usize> {
+        let n = self.links.len();
+        match balance {
+            Balance::RoundRobin | Balance::Shared => {
+                for _ in 0..n {
+                    let i = self.cursor % n;
+                    self.cursor = (i + 1) % n;
+                    if !self.excluded[i] {
+                        return Some(i);
+                    }
+                }
+                None
+            }
+            Balance::LeastConnections => {
+                let mut best: Option<(u32, usize)> = None;
+                for k in 0..n {
+                    let i = (self.cursor + k) % n;
+                    if self.excluded[i] {
+                        continue;
+                    }
+                    let load = self.links[i].load();
+                    if best.is_none_or(|(b, _)| load < b) {
+                        best = Some((load, i));
+                    }
+                }
+                let pick = best.map(|(_, i)| i)?;
+                self.cursor = (pick + 1) % n;
+                Some(pick)
+            }
+            Balance::ClientIp => {
+                let Some(ip) = peer else {
+                    return self.pick(Balance::RoundRobin, None);
+                };
+                let slots = self.by_slot.len() as u32;
+                // Jump consistent hashing over slots; a slot without a worker (or an
+                // excluded one) sends its share on along a fixed chain, so only the
+                // affected share moves, and comes back when the slot does.
+                let mut key = hash_ip(ip);
+                for _ in 0..16 {
+                    let slot = jump_hash(key, slots) as usize;
+                    if let Some(i) = self.by_slot[slot] {
+                        if !self.excluded[i] {
+                            return Some(i);
+                        }
+                    }
+                    key = key.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
+                }
+                self.pick(Balance::RoundRobin, None)
+            }
+        }
+    }
+}
+
+/// FNV-1a over the address bytes, mixed.
+fn hash_ip(ip: IpAddr) -> u64 {
+    let bytes: Vec<u8> = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.octets().to_vec(),
+            None => v6.octets().to_vec(),
+        },
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Lamping and Veach's jump consistent hash: a bucket in `0..buckets` for `key`;
+/// growing `buckets` by one moves only `1/buckets` of the keys.
+fn jump_hash(mut key: u64, buckets: u32) -> u32 {
+    let (mut b, mut j) = (-1i64, 0i64);
+    while j < i64::from(buckets) {
+        b = j;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+    }
+    b.max(0) as u32
 }
 
 fn send_connections(link: &WorkerLink, listener: u16, fds: &[OwnedFd]) -> Result<(), TrySendError> {
@@ -254,42 +514,9 @@ fn send_connections(link: &WorkerLink, listener: u16, fds: &[OwnedFd]) -> Result
         count: fds.len() as u16,
     };
     // 12 bytes; encoding cannot fail for this message.
-    let frame =
-        protocol::frame(&msg).map_err(|e| TrySendError::Closed(std::io::Error::other(e)))?;
+    let frame = protocol::frame(&msg).map_err(|e| TrySendError::Busy(std::io::Error::other(e)))?;
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     link.writer.try_send(&frame, &raw)
-}
-
-/// The next index in turn that is not excluded (at least one is not).
-fn next_round_robin(cursor: &mut usize, excluded: &[bool]) -> usize {
-    let n = excluded.len();
-    for _ in 0..n {
-        let i = *cursor % n;
-        *cursor = (i + 1) % n;
-        if !excluded[i] {
-            return i;
-        }
-    }
-    0
-}
-
-/// The least loaded index that is not excluded; ties go round-robin.
-fn least_loaded(links: &[Arc<WorkerLink>], cursor: &mut usize, excluded: &[bool]) -> usize {
-    let n = links.len();
-    let mut best: Option<(u32, usize)> = None;
-    for k in 0..n {
-        let i = (*cursor + k) % n;
-        if excluded[i] {
-            continue;
-        }
-        let load = links[i].load();
-        if best.is_none_or(|(b, _)| load < b) {
-            best = Some((load, i));
-        }
-    }
-    let pick = best.map_or(0, |(_, i)| i);
-    *cursor = (pick + 1) % n;
-    pick
 }
 
 #[cfg(test)]
@@ -303,13 +530,17 @@ mod tests {
         _peer: std::os::unix::net::UnixStream,
     }
 
-    fn link(id: u64) -> (Arc<WorkerLink>, FakeWorker) {
+    fn link_with(id: u64, slot: u32, limit_open: bool) -> (Arc<WorkerLink>, FakeWorker) {
         let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
         let peer = b.try_clone().expect("clone");
         let (_, writer) = channel::split(channel::from_std(a).expect("tokio"));
         let (reader, _) = channel::split(channel::from_std(b).expect("tokio"));
+        let link = Arc::new(WorkerLink::new(id, slot, Protocol::Binary, writer));
+        if limit_open {
+            link.open_window_for_tests(u64::MAX);
+        }
         (
-            Arc::new(WorkerLink::new(id, id as u32, writer)),
+            link,
             FakeWorker {
                 reader,
                 _peer: peer,
@@ -317,11 +548,18 @@ mod tests {
         )
     }
 
-    fn sockets(n: usize) -> Vec<OwnedFd> {
+    fn link(id: u64) -> (Arc<WorkerLink>, FakeWorker) {
+        link_with(id, id as u32, true)
+    }
+
+    fn sockets(n: usize) -> Vec<Accepted> {
         (0..n)
-            .map(|_| {
+            .map(|i| {
                 let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
-                OwnedFd::from(a)
+                Accepted {
+                    fd: OwnedFd::from(a),
+                    peer: Some(IpAddr::from([127, 0, 0, (i % 4) as u8 + 2])),
+                }
             })
             .collect()
     }
@@ -377,7 +615,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dead_worker_hands_its_sockets_to_the_next() {
+    async fn a_dead_worker_hands_its_sockets_to_the_next_and_is_reported() {
         let d = Dispatcher::new(Balance::RoundRobin);
         let (l1, w1) = link(1);
         let (l2, mut w2) = link(2);
@@ -391,6 +629,7 @@ mod tests {
         assert_eq!(received(&mut w2).await, 10);
         assert_eq!(d.len(), 1, "the dead worker left the rotation");
         assert_eq!(d.stats.send_failures.load(Ordering::Relaxed), 1);
+        assert!(l1.gone.is_cancelled(), "the link task hears of it");
     }
 
     #[tokio::test]
@@ -429,6 +668,7 @@ mod tests {
         assert!(fds.is_empty());
         assert_eq!(received(&mut w2).await, 8);
         assert!(d.stats.channel_full.load(Ordering::Relaxed) >= 1);
+        assert_eq!(d.len(), 2, "a full worker stays in rotation");
         // Worker 1 reads its backlog: the watcher wakes the accept loops.
         let mut drained = 0;
         while drained < filled {
@@ -448,6 +688,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_in_flight_window_bounds_what_a_worker_holds() {
+        let d = Dispatcher::new(Balance::RoundRobin);
+        let (l1, mut w1) = link_with(1, 0, false);
+        let (l2, mut w2) = link(2);
+        writable(&[&l1, &l2]).await;
+        l1.open_window_for_tests(5);
+        d.add(Arc::clone(&l1));
+        d.add(Arc::clone(&l2));
+        let mut fds = sockets(40);
+        d.dispatch(0, &mut fds);
+        assert!(fds.is_empty());
+        assert_eq!(received(&mut w1).await, 5, "no more than its window");
+        assert_eq!(received(&mut w2).await, 35);
+        assert!(l1.blocked.load(Ordering::Relaxed));
+        assert!(d.stats.window_full.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[tokio::test]
     async fn least_connections_prefers_the_idle_worker() {
         let d = Dispatcher::new(Balance::LeastConnections);
         let (l1, mut w1) = link(1);
@@ -464,5 +722,69 @@ mod tests {
         // Worker 2 takes the first 10, then they alternate: 12 vs 2.
         assert_eq!(received(&mut w2).await, 12);
         assert_eq!(received(&mut w1).await, 2);
+    }
+
+    #[test]
+    fn jump_hash_moves_only_the_new_share() {
+        let keys: Vec<u64> = (0..10_000u64)
+            .map(|k| hash_ip(IpAddr::from((k as u32).to_be_bytes())))
+            .collect();
+        let before: Vec<u32> = keys.iter().map(|k| jump_hash(*k, 4)).collect();
+        let after: Vec<u32> = keys.iter().map(|k| jump_hash(*k, 5)).collect();
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        // About a fifth move, all of them to the new bucket.
+        assert!((1500..2500).contains(&moved), "{moved}");
+        assert!(before.iter().zip(&after).all(|(a, b)| a == b || *b == 4));
+        let mut counts = [0usize; 5];
+        for b in &after {
+            counts[*b as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|c| (1500..2500).contains(c)),
+            "{counts:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_ip_keeps_each_address_on_one_slot_and_moves_only_a_dead_slots_share() {
+        let d = Dispatcher::new(Balance::ClientIp);
+        let mut links = Vec::new();
+        let mut workers = Vec::new();
+        for slot in 0..4u32 {
+            let (l, w) = link_with(u64::from(slot) + 1, slot, true);
+            links.push(l);
+            workers.push(w);
+        }
+        writable(&links.iter().collect::<Vec<_>>()).await;
+        for l in &links {
+            d.add(Arc::clone(l));
+        }
+        let home = |d: &Arc<Dispatcher>, ip: IpAddr| {
+            let mut st = d.lock();
+            st.pick(Balance::ClientIp, Some(ip))
+                .map(|i| st.links[i].slot)
+        };
+        let ips: Vec<IpAddr> = (0..64u8).map(|i| IpAddr::from([10, 0, i, 1])).collect();
+        let first: Vec<Option<u32>> = ips.iter().map(|ip| home(&d, *ip)).collect();
+        assert_eq!(
+            first,
+            ips.iter().map(|ip| home(&d, *ip)).collect::<Vec<_>>()
+        );
+        // Slot 1's worker dies: only its addresses move.
+        d.remove(2);
+        let during: Vec<Option<u32>> = ips.iter().map(|ip| home(&d, *ip)).collect();
+        for (a, b) in first.iter().zip(&during) {
+            if *a != Some(1) {
+                assert_eq!(a, b);
+            } else {
+                assert_ne!(*b, Some(1));
+            }
+        }
+        // Its replacement comes back: they return.
+        let (l, _w) = link_with(9, 1, true);
+        d.add(l);
+        let after: Vec<Option<u32>> = ips.iter().map(|ip| home(&d, *ip)).collect();
+        assert_eq!(first, after);
+        drop(workers);
     }
 }

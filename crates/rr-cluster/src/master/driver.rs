@@ -1,43 +1,64 @@
 //! The one task that runs the supervisor: it feeds it inputs (worker messages, exits,
-//! timers, commands) and carries out the actions it decides.
+//! timers, commands) and carries out the actions it decides. Status and metrics live
+//! in `status`, reloads in `reload`, each worker's channel in `link`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::dispatch::{Dispatcher, WorkerLink};
+use super::builder::Settings;
+use super::command::{Command, Outcome, Refusal, ScaleTo, StopMode};
+use super::dispatch::{Balance, Dispatcher};
+use super::link::{self, LinkContext, MessageQueue, Outgoing, WorkerLink};
 use super::listen::{self, LocalAddr};
-use super::spawn::{Job, Spawner};
-use super::supervisor::{Action, Input, Supervisor};
-use super::{MasterError, MasterHandle, MasterSignal, Settings, control, metrics};
-use crate::channel::{self, ChannelReader};
-use crate::control::Status;
+use super::output::{OutputSink, Stream};
+use super::procstat::{self, Sample};
+use super::spawn::{Job, Report, Spawner};
+use super::supervisor::{Action, Input, ReloadStart, Supervisor};
+use super::{MasterError, MasterHandle, MasterSignal, control};
+use crate::channel;
 use crate::event::Event;
-use crate::protocol::{Hello, ListenerInfo, PROTOCOL_VERSION, ToMaster, ToWorker};
+use crate::node;
+use crate::protocol::{self, HELLO_VERSION, Hello, ListenerInfo, Protocol, ToWorker};
 use crate::sys;
 
-/// Requests from handles, the control socket and signals.
+/// How often CPU and memory are sampled, and recycle limits checked.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// A worker still starting after this long is checked for common misconfigurations.
+const HINT_AFTER: Duration = Duration::from_secs(2);
+
+/// The last two CPU/memory samples of a process.
+pub(crate) type Samples = (Option<(Instant, Sample)>, Option<(Instant, Sample)>);
+
+/// Someone waiting for a reload's end: its generation (`None` until a queued reload
+/// starts) and where to answer.
+pub(crate) type ReloadWaiter = (Option<u64>, oneshot::Sender<Result<Outcome, Refusal>>);
+
+/// One worker process as the driver knows it.
 #[derive(Debug)]
-pub(crate) enum Command {
-    Status(oneshot::Sender<Status>),
-    Metrics(oneshot::Sender<String>),
-    Reload(oneshot::Sender<Result<String, String>>),
-    Scale(usize, oneshot::Sender<Result<String, String>>),
-    Stop {
-        graceful: bool,
-    },
-    Send {
-        slot: Option<u32>,
-        payload: Vec<u8>,
-        reply: oneshot::Sender<usize>,
-    },
-    Signal(MasterSignal),
+pub(crate) struct WorkerProc {
+    pub(crate) link: Arc<WorkerLink>,
+    pub(crate) slot: u32,
+    pub(crate) generation: u64,
+    pub(crate) process: Option<sys::ProcessHandle>,
+    pub(crate) spawned_at: Instant,
+    /// The last two CPU/memory samples.
+    pub(crate) samples: Samples,
+    /// `dispatched` at the previous sample, for connections per second.
+    pub(crate) dispatched_before: (Instant, u64),
+    pub(crate) connections_per_sec: f64,
+    /// This worker's `max_requests` (with its jitter).
+    pub(crate) max_requests: Option<u64>,
+    pub(crate) recycle_asked: bool,
+    pub(crate) hinted: bool,
+    pub(crate) listeners_sent: bool,
 }
 
 /// Binds everything, starts the workers and the driver task.
@@ -45,6 +66,7 @@ pub(crate) async fn start(
     settings: Settings,
     events: broadcast::Sender<Event>,
 ) -> Result<MasterHandle, MasterError> {
+    settings.command.check().map_err(MasterError::Command)?;
     let listeners = listen::bind_all(&settings.listen)
         .map_err(|(addr, source)| MasterError::Bind { addr, source })?;
     let addrs: Vec<LocalAddr> = listeners.iter().map(|l| l.local_addr().clone()).collect();
@@ -63,45 +85,88 @@ pub(crate) async fn start(
             path.clone(),
             commands_tx.clone(),
             control_stop.clone(),
+            tasks.clone(),
         ));
     }
+    let output = if settings.output.capture {
+        Some(
+            OutputSink::start(
+                settings.output.format,
+                settings.output.stdout.clone(),
+                settings.output.stderr.clone(),
+            )
+            .map_err(MasterError::Start)?,
+        )
+    } else {
+        None
+    };
 
+    let (reports_tx, reports) = mpsc::unbounded_channel();
+    let spawner = Spawner::start(reports_tx).map_err(MasterError::Start)?;
     let (inputs_tx, inputs) = mpsc::unbounded_channel();
-    let spawner = Spawner::start(inputs_tx.clone()).map_err(MasterError::Start)?;
     let dispatcher = Dispatcher::new(settings.balance);
     let accept_stop = CancellationToken::new();
+    let (paused_tx, paused) = watch::channel(false);
+    let mut shared = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
-        tracing::info!(listen = %listener.local_addr(), "listening");
+        tracing::info!(listen = %listener.local_addr(), balance = %settings.balance, "listening");
+        if settings.balance == Balance::Shared {
+            // Workers accept themselves; the master keeps the socket to hand out.
+            shared.push(listener);
+            continue;
+        }
         tasks.spawn(listen::accept_loop(
             listener,
             index as u16,
             Arc::clone(&dispatcher),
             accept_stop.clone(),
+            paused.clone(),
         ));
+    }
+    if settings.command.get_protocol() == Protocol::Binary && looks_like_node(&settings) {
+        tracing::warn!(
+            "the worker command looks like a Node.js program, but the pool speaks the binary \
+             protocol: a Node.js app needs --worker-protocol node (or [worker] protocol = \"node\")"
+        );
     }
 
     let (done_tx, done) = watch::channel(None);
+    let messages = Arc::new(MessageQueue::new(settings.message_queue));
     let mut sm = Supervisor::new(settings.policy.clone(), settings.workers);
     sm.start(Instant::now());
+    let settings = Arc::new(settings);
     let driver = Driver {
         sm,
         listeners: infos,
+        shared,
         addrs: addrs.iter().map(ToString::to_string).collect(),
-        links: HashMap::new(),
+        workers: HashMap::new(),
         dispatcher,
         inputs_tx,
         inputs,
+        reports,
         commands,
         spawner: Some(spawner),
         events: events.clone(),
+        messages: Arc::clone(&messages),
+        output,
         accept_stop,
         control_stop,
+        paused: paused_tx,
         tasks: tasks.clone(),
         started: Instant::now(),
-        settings,
-        dispatched_by_gone: std::collections::BTreeMap::new(),
+        configured_workers: settings.workers,
+        generations: BTreeMap::from([(0, Arc::clone(&settings))]),
+        in_effect: 0,
+        dispatched_by_gone: BTreeMap::new(),
+        reload_waiters: Vec::new(),
+        stop_waiters: Vec::new(),
+        master_samples: (None, None),
+        recycles: BTreeMap::new(),
+        accepted_before: (Instant::now(), 0),
+        connections_per_sec: 0.0,
     };
-    let control = driver.settings.control.clone();
+    let control = driver.settings().control.clone();
     tokio::spawn(async move {
         let code = driver.run().await;
         tasks.close();
@@ -111,37 +176,88 @@ pub(crate) async fn start(
     Ok(MasterHandle {
         commands: commands_tx,
         events,
+        messages,
         addrs: Arc::new(addrs),
         done,
         control,
     })
 }
 
-struct Driver {
-    sm: Supervisor,
+fn looks_like_node(settings: &Settings) -> bool {
+    let program = std::path::Path::new(settings.command.program());
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name == "node"
+        || name == "nodejs"
+        || name == "npm"
+        || settings
+            .command
+            .get_args()
+            .first()
+            .is_some_and(|a| a.to_string_lossy().ends_with(".js"))
+}
+
+pub(crate) struct Driver {
+    pub(crate) sm: Supervisor,
     listeners: Vec<ListenerInfo>,
-    addrs: Vec<String>,
-    links: HashMap<u64, Arc<WorkerLink>>,
-    dispatcher: Arc<Dispatcher>,
+    /// The listeners themselves, in shared balancing (handed to each worker).
+    shared: Vec<listen::Listener>,
+    pub(crate) addrs: Vec<String>,
+    pub(crate) workers: HashMap<u64, WorkerProc>,
+    pub(crate) dispatcher: Arc<Dispatcher>,
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs: mpsc::UnboundedReceiver<Input>,
+    reports: mpsc::UnboundedReceiver<Report>,
     commands: mpsc::Receiver<Command>,
     spawner: Option<Spawner>,
     events: broadcast::Sender<Event>,
+    pub(crate) messages: Arc<MessageQueue>,
+    pub(crate) output: Option<OutputSink>,
     accept_stop: CancellationToken,
     control_stop: CancellationToken,
+    paused: watch::Sender<bool>,
     tasks: TaskTracker,
-    started: Instant,
-    settings: Settings,
+    pub(crate) started: Instant,
+    /// `workers` of the configuration last read (a reload that leaves it unchanged
+    /// keeps a runtime scale).
+    pub(crate) configured_workers: usize,
+    /// The configuration of each generation still in use.
+    pub(crate) generations: BTreeMap<u64, Arc<Settings>>,
+    /// The generation whose balance and recycle settings apply.
+    in_effect: u64,
     /// Connections dispatched per slot by workers that are gone (for metrics).
-    dispatched_by_gone: std::collections::BTreeMap<u32, u64>,
+    pub(crate) dispatched_by_gone: BTreeMap<u32, u64>,
+    /// Waiting for a reload's end: `None` until the queued reload starts.
+    pub(crate) reload_waiters: Vec<ReloadWaiter>,
+    stop_waiters: Vec<oneshot::Sender<i32>>,
+    pub(crate) master_samples: Samples,
+    /// Recycles done, by limit.
+    pub(crate) recycles: BTreeMap<String, u64>,
+    pub(crate) accepted_before: (Instant, u64),
+    pub(crate) connections_per_sec: f64,
 }
 
 impl Driver {
+    pub(crate) fn events_sender(&self) -> &broadcast::Sender<Event> {
+        &self.events
+    }
+
+    /// The configuration in effect.
+    pub(crate) fn settings(&self) -> &Arc<Settings> {
+        self.generations
+            .get(&self.in_effect)
+            .or_else(|| self.generations.values().next_back())
+            .expect("the first configuration is always kept")
+    }
+
     async fn run(mut self) -> i32 {
+        let mut sample = tokio::time::interval(SAMPLE_EVERY);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Some(code) = self.execute() {
-                self.shutdown();
+                self.shutdown(code);
                 return code;
             }
             let deadline = self.sm.next_deadline();
@@ -153,23 +269,78 @@ impl Driver {
             };
             tokio::select! {
                 biased;
-                Some(input) = self.inputs.recv() => {
-                    if let Input::Exited { id, .. } | Input::SpawnFailed { id, .. } = &input {
-                        if let Some(link) = self.links.remove(id) {
-                            *self.dispatched_by_gone.entry(link.slot).or_default() +=
-                                link.dispatched.load(Ordering::Relaxed);
-                        }
-                    }
-                    self.sm.handle(Instant::now(), input);
-                }
+                Some(report) = self.reports.recv() => self.report(report),
+                Some(input) = self.inputs.recv() => self.input(input),
                 Some(cmd) = self.commands.recv() => self.command(cmd),
+                () = self.dispatcher.recycle_due() => self.check_recycle(),
                 () = timer => self.sm.tick(Instant::now()),
+                _ = sample.tick() => {
+                    self.sample();
+                    self.check_recycle();
+                }
             }
         }
     }
 
-    fn shutdown(&mut self) {
+    fn report(&mut self, report: Report) {
+        match report {
+            Report::Spawned {
+                id,
+                process,
+                stdout,
+                stderr,
+            } => {
+                let pid = process.pid();
+                if let Some(w) = self.workers.get_mut(&id) {
+                    if let Some(sink) = &self.output {
+                        if let Some(out) = stdout {
+                            sink.capture(out, w.slot, pid, Stream::Stdout);
+                        }
+                        if let Some(err) = stderr {
+                            sink.capture(err, w.slot, pid, Stream::Stderr);
+                        }
+                    }
+                    w.process = Some(process);
+                }
+                self.sm.handle(Instant::now(), Input::Spawned { id, pid });
+            }
+            Report::Input(input) => self.input(input),
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        match &input {
+            Input::Exited { id, .. } | Input::SpawnFailed { id, .. } => {
+                if let Some(w) = self.workers.remove(id) {
+                    *self.dispatched_by_gone.entry(w.slot).or_default() +=
+                        w.link.dispatched.load(Ordering::Relaxed);
+                    // No descendant keeps the master waiting on this channel, and none
+                    // outlives the worker in its process group.
+                    w.link.shutdown();
+                    if let Some(p) = &w.process {
+                        p.kill_group();
+                    }
+                }
+                self.forget_unused_generations();
+            }
+            Input::Heartbeat { id, .. } => {
+                if let Some(w) = self.workers.get(id) {
+                    w.link.heartbeat_queued.store(false, Ordering::Release);
+                }
+            }
+            _ => {}
+        }
+        self.sm.handle(Instant::now(), input);
+    }
+
+    fn shutdown(&mut self, code: i32) {
         self.accept_stop.cancel();
+        for w in self.workers.values() {
+            w.link.shutdown();
+        }
+        for waiter in self.stop_waiters.drain(..) {
+            let _ = waiter.send(code);
+        }
         self.control_stop.cancel();
         // Ends the spawner thread (every child is gone by now).
         self.spawner = None;
@@ -178,39 +349,95 @@ impl Driver {
     /// Carries out the supervisor's actions; `Some(code)` when the master is done.
     fn execute(&mut self) -> Option<i32> {
         let mut exit = None;
-        for action in self.sm.take_actions() {
-            match action {
-                Action::Spawn {
-                    slot,
-                    id,
-                    generation,
-                } => self.spawn(slot, id, generation),
-                Action::Rotate { id, on: true } => {
-                    if let Some(link) = self.links.get(&id) {
-                        self.dispatcher.add(Arc::clone(link));
+        loop {
+            let actions = self.sm.take_actions();
+            if actions.is_empty() {
+                break;
+            }
+            for action in actions {
+                match action {
+                    Action::Spawn {
+                        slot,
+                        id,
+                        generation,
+                    } => self.spawn(slot, id, generation),
+                    Action::Rotate { id, on: true } => {
+                        if let Some(w) = self.workers.get_mut(&id) {
+                            if self.dispatcher.balance() == Balance::Shared {
+                                if !w.listeners_sent {
+                                    w.listeners_sent = true;
+                                    hand_listeners(&self.shared, &w.link);
+                                }
+                            } else {
+                                self.dispatcher.add(Arc::clone(&w.link));
+                            }
+                        }
                     }
-                }
-                Action::Rotate { id, on: false } => self.dispatcher.remove(id),
-                Action::Drain { id, deadline } => {
-                    if let Some(link) = self.links.get(&id) {
-                        let deadline_ms = deadline.as_millis() as u64;
-                        self.post(link, ToWorker::Drain { deadline_ms });
+                    Action::Rotate { id, on: false } => self.dispatcher.remove(id),
+                    Action::Drain { id, deadline } => {
+                        if let Some(w) = self.workers.get(&id) {
+                            w.link.post_drain(deadline);
+                        }
                     }
-                }
-                Action::Kill { id, pid } => {
-                    if let Err(e) = sys::kill(pid, sys::Signal::Kill) {
-                        tracing::error!(id, pid, error = %e, "cannot kill worker");
+                    Action::Kill { id } => {
+                        if let Some(p) = self.workers.get(&id).and_then(|w| w.process.as_ref()) {
+                            if let Err(e) = p.kill() {
+                                tracing::error!(id, pid = p.pid(), error = %e, "cannot kill worker");
+                            }
+                        }
                     }
+                    Action::Publish(event) => self.publish(event),
+                    Action::StopAccepting => self.accept_stop.cancel(),
+                    Action::Pause(on) => {
+                        let _ = self.paused.send(on);
+                    }
+                    Action::StartQueuedReload => {
+                        let started = self.reload(Instant::now());
+                        if let Err(refusal) = started {
+                            for (_, reply) in
+                                self.reload_waiters.extract_if(.., |(g, _)| g.is_none())
+                            {
+                                let _ = reply.send(Err(refusal.clone()));
+                            }
+                        }
+                    }
+                    Action::Exit { code } => exit = Some(code),
                 }
-                Action::Publish(event) => self.publish(event),
-                Action::StopAccepting => self.accept_stop.cancel(),
-                Action::Exit { code } => exit = Some(code),
             }
         }
+        self.apply_generation();
         exit
     }
 
+    /// After a failed reload the previous configuration is in effect again.
+    fn apply_generation(&mut self) {
+        let g = self.sm.generation();
+        if g != self.in_effect && self.generations.contains_key(&g) {
+            self.in_effect = g;
+            let balance = self.settings().balance;
+            if balance != Balance::Shared {
+                self.dispatcher.set_balance(balance);
+            }
+        }
+    }
+
+    fn forget_unused_generations(&mut self) {
+        let in_use: std::collections::BTreeSet<u64> =
+            self.workers.values().map(|w| w.generation).collect();
+        let keep_from = self.in_effect.min(self.sm.generation());
+        self.generations
+            .retain(|g, _| *g >= keep_from || in_use.contains(g));
+    }
+
     fn spawn(&mut self, slot: u32, id: u64, generation: u64) {
+        let Some(settings) = self
+            .generations
+            .get(&generation)
+            .or_else(|| self.generations.get(&self.in_effect))
+            .cloned()
+        else {
+            return self.spawn_failed(id, "no configuration for this generation".into());
+        };
         let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
             Ok(pair) => pair,
             Err(e) => return self.spawn_failed(id, format!("socketpair: {e}")),
@@ -220,31 +447,61 @@ impl Driver {
             Err(e) => return self.spawn_failed(id, format!("channel: {e}")),
         };
         let (reader, writer) = channel::split(stream);
-        let link = Arc::new(WorkerLink::new(id, slot, writer));
-        self.links.insert(id, Arc::clone(&link));
+        let protocol = settings.command.get_protocol();
+        let link = Arc::new(WorkerLink::new(id, slot, protocol, writer));
+        let policy = &settings.policy;
         let hello = Hello {
-            version: PROTOCOL_VERSION,
+            version: HELLO_VERSION,
             worker_id: slot,
             generation,
-            heartbeat_ms: self.settings.heartbeat_interval.as_millis() as u32,
+            heartbeat_ms: u32::try_from(policy.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
             listeners: self.listeners.clone(),
         };
-        self.tasks.spawn(link_task(
-            link,
-            reader,
-            hello,
-            self.inputs_tx.clone(),
-            self.events.clone(),
-        ));
+        let ctx = LinkContext {
+            inputs: self.inputs_tx.clone(),
+            messages: Arc::clone(&self.messages),
+            dispatcher: Arc::downgrade(&self.dispatcher),
+            heartbeat_interval: policy.heartbeat_interval,
+            heartbeat_timeout: policy.heartbeat_timeout,
+        };
+        self.tasks
+            .spawn(link::run(Arc::clone(&link), reader, hello, ctx));
+        let recycle = &settings.recycle;
+        let max_requests = recycle
+            .max_requests
+            .map(|n| n.saturating_add(jitter(recycle.max_requests_jitter, id)));
+        if let Some(n) = max_requests {
+            link.recycle_at.store(n, Ordering::Relaxed);
+        }
+        self.workers.insert(
+            id,
+            WorkerProc {
+                link,
+                slot,
+                generation,
+                process: None,
+                spawned_at: Instant::now(),
+                samples: (None, None),
+                dispatched_before: (Instant::now(), 0),
+                connections_per_sec: 0.0,
+                max_requests,
+                recycle_asked: false,
+                hinted: false,
+                listeners_sent: false,
+            },
+        );
         let job = Job {
             id,
             slot,
             generation,
-            command: self.settings.command.clone(),
+            command: settings.command.clone(),
+            heartbeat_ms: u64::try_from(policy.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
+            listeners_json: listeners_json(&self.listeners),
+            capture: self.output.is_some(),
             channel: OwnedFd::from(theirs),
         };
         let refused = match &self.spawner {
-            Some(spawner) => spawner.spawn(job).is_err(),
+            Some(spawner) => !spawner.spawn(job),
             None => true,
         };
         if refused {
@@ -252,17 +509,44 @@ impl Driver {
         }
     }
 
-    /// Logs an event and hands it to every subscriber.
-    fn publish(&self, event: Event) {
+    /// Logs an event, answers whoever waits for it, and hands it to every subscriber.
+    fn publish(&mut self, event: Event) {
         event.log();
+        match &event {
+            Event::ReloadStarted { generation } => {
+                for (g, _) in self.reload_waiters.iter_mut() {
+                    g.get_or_insert(*generation);
+                }
+            }
+            Event::ReloadFinished { generation } => {
+                let g = *generation;
+                for (_, reply) in self.reload_waiters.extract_if(.., |(w, _)| *w == Some(g)) {
+                    let _ = reply.send(Ok(Outcome::Reloaded { generation: g }));
+                }
+            }
+            Event::ReloadFailed {
+                generation, reason, ..
+            } => {
+                let g = *generation;
+                for (_, reply) in self.reload_waiters.extract_if(.., |(w, _)| *w == Some(g)) {
+                    let _ = reply.send(Err(Refusal::ReloadFailed {
+                        generation: g,
+                        reason: reason.clone(),
+                    }));
+                }
+            }
+            Event::Recycled { reason, .. } => {
+                let limit = reason.split(':').next().unwrap_or("other").to_owned();
+                *self.recycles.entry(limit).or_default() += 1;
+            }
+            Event::WorkerReadyTimeout { id, .. } => {
+                if let Some(hint) = self.misconfiguration_hint(*id) {
+                    tracing::warn!("{hint}");
+                }
+            }
+            _ => {}
+        }
         let _ = self.events.send(event);
-    }
-
-    /// Sends `msg` to a worker from a tracked task: the driver never waits on a
-    /// worker's channel.
-    fn post(&self, link: &WorkerLink, msg: ToWorker) {
-        let writer = Arc::clone(&link.writer);
-        self.tasks.spawn(async move { writer.send_msg(&msg).await });
     }
 
     fn spawn_failed(&mut self, id: u64, error: String) {
@@ -278,29 +562,81 @@ impl Driver {
             Command::Metrics(reply) => {
                 let _ = reply.send(self.metrics());
             }
-            Command::Reload(reply) => {
-                let _ = reply.send(self.reload(now));
+            Command::Reload { wait, reply } => match self.reload(now) {
+                Ok(Outcome::Reloading { generation }) if wait => {
+                    self.reload_waiters.push((Some(generation), reply));
+                }
+                Ok(Outcome::ReloadQueued) if wait => self.reload_waiters.push((None, reply)),
+                other => {
+                    let _ = reply.send(other);
+                }
+            },
+            Command::Scale { to, reply } => {
+                let _ = reply.send(self.scale(now, to));
             }
-            Command::Scale(n, reply) => {
-                let _ = reply.send(self.sm.scale(now, n));
+            Command::Stop { mode, wait } => {
+                if let Some(w) = wait {
+                    self.stop_waiters.push(w);
+                }
+                self.sm.stop(now, mode == StopMode::Graceful);
             }
-            Command::Stop { graceful } => self.sm.stop(now, graceful),
             Command::Send {
                 slot,
                 payload,
                 reply,
             } => {
-                let mut sent = 0;
-                for link in self.links.values() {
-                    if slot.is_none_or(|s| s == link.slot) {
-                        self.post(link, ToWorker::User(payload.clone()));
-                        sent += 1;
-                    }
-                }
-                let _ = reply.send(sent);
+                let _ = reply.send(self.send(slot, &payload));
             }
             Command::Signal(sig) => self.signal(now, sig),
         }
+    }
+
+    fn send(&self, slot: Option<u32>, payload: &[u8]) -> Result<usize, Refusal> {
+        let mut sent = 0;
+        let mut binary = None;
+        let mut line = None;
+        for w in self.workers.values() {
+            if slot.is_some_and(|s| s != w.slot) {
+                continue;
+            }
+            let bytes = match w.link.protocol {
+                Protocol::Binary => binary
+                    .get_or_insert_with(|| {
+                        protocol::frame(&ToWorker::User(payload.to_vec()))
+                            .map_err(|e| e.to_string())
+                    })
+                    .clone(),
+                Protocol::Node => line
+                    .get_or_insert_with(|| node::user_line(payload).map_err(|e| e.to_string()))
+                    .clone(),
+            }
+            .map_err(|reason| Refusal::BadMessage { reason })?;
+            if w.link.post(Outgoing::Bytes(bytes, Vec::new())) {
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    }
+
+    fn scale(&mut self, now: Instant, to: ScaleTo) -> Result<Outcome, Refusal> {
+        let from = self.sm.target();
+        let target = match to {
+            ScaleTo::Exactly(n) => n as i64,
+            ScaleTo::By(by) => from as i64 + by,
+        };
+        let max = super::MAX_WORKERS;
+        if target < 1 || target > max as i64 {
+            return Err(Refusal::WorkersOutOfRange {
+                requested: target,
+                max,
+            });
+        }
+        let to = target as usize;
+        if to == from {
+            return Ok(Outcome::Unchanged { workers: from });
+        }
+        self.sm.scale(now, to).map_err(refusal)?;
+        Ok(Outcome::Scaling { from, to })
     }
 
     fn signal(&mut self, now: Instant, sig: MasterSignal) {
@@ -318,151 +654,281 @@ impl Driver {
                 let _ = self.reload(now);
             }
             MasterSignal::IncreaseWorkers => {
-                let n = self.sm.target() + 1;
-                let _ = self.sm.scale(now, n.min(super::MAX_WORKERS));
+                let _ = self.scale(now, ScaleTo::By(1));
             }
             MasterSignal::DecreaseWorkers => {
-                let n = self.sm.target().saturating_sub(1).max(1);
-                let _ = self.sm.scale(now, n);
+                let _ = self.scale(now, ScaleTo::By(-1));
             }
-        }
-    }
-
-    /// A reload: re-reads the configuration through the hook (a bad one is rejected
-    /// and the pool is left alone), applies it, and rolls the workers over.
-    fn reload(&mut self, now: Instant) -> Result<String, String> {
-        if self.sm.stopping() {
-            return Err("the master is stopping".into());
-        }
-        if let Some(hook) = self.settings.reload_hook.clone() {
-            let fresh = hook().and_then(|b| b.validate().map_err(|e| e.to_string()));
-            let fresh = match fresh {
-                Ok(s) => s,
-                Err(reason) => {
-                    self.publish(Event::ReloadRejected {
-                        reason: reason.clone(),
-                    });
-                    return Err(format!("reload rejected, pool unchanged: {reason}"));
+            MasterSignal::ReopenLogs => {
+                if let Some(sink) = &self.output {
+                    sink.reopen();
                 }
-            };
-            if fresh.listen != self.settings.listen {
-                tracing::warn!(
-                    "listen addresses cannot change on reload; restart the master to change them"
-                );
             }
-            self.dispatcher.set_balance(fresh.balance);
-            self.sm.set_policy(fresh.policy.clone());
-            if fresh.workers != self.sm.target() {
-                self.sm.scale(now, fresh.workers)?;
-            }
-            self.settings = Settings {
-                listen: self.settings.listen.clone(),
-                control: self.settings.control.clone(),
-                reload_hook: self.settings.reload_hook.clone(),
-                ..fresh
-            };
         }
-        self.sm.reload(now)
     }
 
-    fn metrics(&self) -> String {
-        let stats = &self.dispatcher.stats;
-        let totals = metrics::Totals {
-            dispatched_by_gone: self
-                .dispatched_by_gone
-                .iter()
-                .map(|(slot, n)| (*slot, *n))
-                .collect(),
-            restarts: self.sm.restarts_total(),
-            give_ups: self.sm.give_ups(),
-            send_failures: stats.send_failures.load(Ordering::Relaxed),
-            channel_full: stats.channel_full.load(Ordering::Relaxed),
-            accept_errors: stats.accept_errors.load(Ordering::Relaxed),
-        };
-        metrics::render(&self.status(), &totals)
-    }
-
-    fn status(&self) -> Status {
+    /// Samples CPU and memory of the master and every worker, computes rates, and
+    /// checks the memory and age recycle limits and misconfiguration hints.
+    fn sample(&mut self) {
         let now = Instant::now();
-        let mut workers = self.sm.status(now);
-        for w in &mut workers {
-            if let Some(link) = self.links.get(&w.id) {
-                w.dispatched = link.dispatched.load(Ordering::Relaxed);
+        if let Some(s) = procstat::sample(sys::getpid()) {
+            self.master_samples = (self.master_samples.1.take(), Some((now, s)));
+        }
+        let accepted = self.dispatcher.stats.accepted.load(Ordering::Relaxed);
+        let (t0, a0) = self.accepted_before;
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs > 0.0 {
+            self.connections_per_sec = accepted.saturating_sub(a0) as f64 / secs;
+        }
+        self.accepted_before = (now, accepted);
+        let recycle = self.settings().recycle.clone();
+        let mut recycles = Vec::new();
+        let mut hints = Vec::new();
+        for (id, w) in &mut self.workers {
+            let Some(p) = &w.process else { continue };
+            if let Some(s) = procstat::sample(p.pid()) {
+                w.samples = (w.samples.1.take(), Some((now, s)));
+                if let Some(max) = recycle.max_memory {
+                    if s.rss > max && !w.recycle_asked && self.sm.is_current_ready(*id) {
+                        recycles
+                            .push((*id, format!("max_memory: resident {} bytes > {max}", s.rss)));
+                    }
+                }
+            }
+            let dispatched = w.link.dispatched.load(Ordering::Relaxed);
+            let (t0, d0) = w.dispatched_before;
+            let secs = now.duration_since(t0).as_secs_f64();
+            if secs > 0.0 {
+                w.connections_per_sec = dispatched.saturating_sub(d0) as f64 / secs;
+            }
+            w.dispatched_before = (now, dispatched);
+            if let Some(age) = recycle.max_age {
+                if now.duration_since(w.spawned_at) >= age
+                    && !w.recycle_asked
+                    && self.sm.is_current_ready(*id)
+                {
+                    recycles.push((
+                        *id,
+                        format!("max_age: older than {}", humantime::format_duration(age)),
+                    ));
+                }
+            }
+            if !w.hinted && w.link.version() == 0 && now.duration_since(w.spawned_at) >= HINT_AFTER
+            {
+                w.hinted = true;
+                hints.push(*id);
             }
         }
-        let stats = &self.dispatcher.stats;
-        Status {
-            master_pid: sys::getpid(),
-            generation: self.sm.generation(),
-            target_workers: self.sm.target(),
-            reloading: self.sm.reloading(),
-            gave_up: self.sm.gave_up(),
-            stopping: self.sm.stopping(),
-            listeners: self.addrs.clone(),
-            accepted: stats.accepted.load(Ordering::Relaxed),
-            queued: stats.queued.load(Ordering::Relaxed),
-            restarts_in_window: self.sm.restarts_in_window(now),
-            uptime_ms: now.duration_since(self.started).as_millis() as u64,
-            workers,
+        for (id, reason) in recycles {
+            self.ask_recycle(id, reason);
+        }
+        for id in hints {
+            if let Some(hint) = self.misconfiguration_hint(id) {
+                tracing::warn!("{hint}");
+            }
+        }
+    }
+
+    /// Recycles workers that were handed their `max_requests`.
+    fn check_recycle(&mut self) {
+        let due: Vec<(u64, u64)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.recycle_asked)
+            .filter_map(|(id, w)| {
+                let max = w.max_requests?;
+                (w.link.dispatched.load(Ordering::Relaxed) >= max).then_some((*id, max))
+            })
+            .collect();
+        for (id, max) in due {
+            if self.sm.is_current_ready(id) {
+                self.ask_recycle(id, format!("max_requests: {max} connections"));
+            }
+        }
+    }
+
+    fn ask_recycle(&mut self, id: u64, reason: String) {
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.recycle_asked = true;
+        }
+        self.sm
+            .handle(Instant::now(), Input::Recycle { id, reason });
+        // A recycle that could not start now (its last replacement failed) is asked
+        // again at the next check.
+        if self.sm.is_current_ready(id) {
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.recycle_asked = false;
+            }
+        }
+    }
+
+    /// Why a worker that does not get ready is likely misconfigured, if it looks so.
+    fn misconfiguration_hint(&self, id: u64) -> Option<String> {
+        let w = self.workers.get(&id)?;
+        let pid = w.process.as_ref()?.pid();
+        let settings = self.generations.get(&w.generation)?;
+        if let Some(port) = listening_tcp_ports(pid).first() {
+            return Some(format!(
+                "worker {} (pid {pid}) listens on TCP port {port} itself: under rr-cluster a worker \
+                 takes the connections the master passes it instead of binding a port{}",
+                w.slot,
+                if looks_like_node(settings) {
+                    " (a Node.js app: run it with --worker-protocol node and hand its server to \
+                     the rr-cluster-worker package, or emit the sockets it is passed)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if settings.command.get_protocol() == Protocol::Binary && looks_like_node(settings) {
+            return Some(format!(
+                "worker {} (pid {pid}) has not said Ready: it looks like a Node.js program, which \
+                 needs --worker-protocol node (or [worker] protocol = \"node\")",
+                w.slot
+            ));
+        }
+        None
+    }
+}
+
+fn refusal(r: super::supervisor::Refused) -> Refusal {
+    match r {
+        super::supervisor::Refused::Stopping => Refusal::Stopping,
+        super::supervisor::Refused::OutOfRange { requested, max } => Refusal::WorkersOutOfRange {
+            requested: requested as i64,
+            max,
+        },
+    }
+}
+
+pub(crate) fn reload_outcome(r: ReloadStart) -> Outcome {
+    match r {
+        ReloadStart::Started(generation) => Outcome::Reloading { generation },
+        ReloadStart::Queued => Outcome::ReloadQueued,
+    }
+}
+
+pub(crate) fn reload_refusal(r: super::supervisor::Refused) -> Refusal {
+    refusal(r)
+}
+
+/// Hands a worker a copy of every listening socket (shared balancing).
+fn hand_listeners(shared: &[listen::Listener], link: &Arc<WorkerLink>) {
+    if link.protocol == Protocol::Binary && link.version() < 2 {
+        tracing::error!(
+            worker = link.slot,
+            id = link.id,
+            "balance = shared needs protocol version 2; this worker speaks version 1 and gets no connection"
+        );
+        return;
+    }
+    for (index, listener) in shared.iter().enumerate() {
+        let Ok(fd) = listener.try_clone_fd() else {
+            continue;
+        };
+        let bytes = match link.protocol {
+            Protocol::Binary => match protocol::frame(&ToWorker::Listener {
+                listener: index as u16,
+            }) {
+                Ok(b) => b,
+                Err(_) => continue,
+            },
+            Protocol::Node => node::listener_line(index as u16),
+        };
+        if !link.post(Outgoing::Bytes(bytes, vec![fd])) {
+            tracing::warn!(worker = link.slot, "cannot hand the listener to the worker");
         }
     }
 }
 
-/// Speaks to one worker: sends the handshake, then turns its frames into inputs.
-async fn link_task(
-    link: Arc<WorkerLink>,
-    mut reader: ChannelReader,
-    hello: Hello,
-    inputs: mpsc::UnboundedSender<Input>,
-    events: broadcast::Sender<Event>,
-) {
-    let id = link.id;
-    let closed = |error: Option<String>| Input::ChannelClosed { id, error };
-    if let Err(e) = link.writer.send_msg(&ToWorker::Hello(hello)).await {
-        let _ = inputs.send(closed(Some(e.to_string())));
-        return;
+/// A stable pseudo-random `0..=max` for worker `id` (no randomness source needed).
+fn jitter(max: u64, id: u64) -> u64 {
+    if max == 0 {
+        return 0;
     }
-    loop {
-        let msg = match reader.recv::<ToMaster>().await {
-            Ok(Some((msg, _))) => msg,
-            Ok(None) => {
-                let _ = inputs.send(closed(None));
-                return;
+    let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(sys::getpid());
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 29;
+    x % (max + 1)
+}
+
+fn listeners_json(listeners: &[ListenerInfo]) -> String {
+    let items: Vec<serde_json::Value> = listeners
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "kind": match l.kind {
+                    protocol::ListenerKind::Tcp => "tcp",
+                    protocol::ListenerKind::Unix => "unix",
+                },
+                "address": l.address,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+/// The TCP ports the process listens on itself, from /proc (its socket inodes against
+/// the LISTEN entries of its network namespace).
+fn listening_tcp_ports(pid: u32) -> Vec<u16> {
+    let mut ports = Vec::new();
+    let mut inodes = std::collections::HashSet::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return ports;
+    };
+    for entry in dir.flatten() {
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            if let Some(n) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                inodes.insert(n);
             }
-            Err(e) => {
-                // The peer is dropped, not the master: close its channel so the worker
-                // sees the end, and let the supervisor replace it.
-                link.writer.shutdown();
-                let _ = inputs.send(closed(Some(e.to_string())));
-                return;
-            }
-        };
-        let input = match msg {
-            ToMaster::Ready { version, .. } if version != PROTOCOL_VERSION => {
-                link.writer.shutdown();
-                let _ = inputs.send(closed(Some(format!(
-                    "protocol version mismatch: worker speaks {version}, master {PROTOCOL_VERSION}"
-                ))));
-                return;
-            }
-            ToMaster::Ready { pid, .. } => Input::Ready { id, pid },
-            ToMaster::Heartbeat { active, .. } => {
-                link.heartbeat(active);
-                Input::Heartbeat { id, active }
-            }
-            ToMaster::Suicide { reason } => Input::Suicide { id, reason },
-            ToMaster::Pong => continue,
-            ToMaster::User(payload) => {
-                let _ = events.send(Event::Message {
-                    slot: link.slot,
-                    id,
-                    payload,
-                });
-                continue;
-            }
-        };
-        if inputs.send(input).is_err() {
-            return;
         }
+    }
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is "IP:PORT" in hex; st 0A is LISTEN; inode is field 9.
+            if f.len() > 9 && f[3] == "0A" {
+                let inode: u64 = f[9].parse().unwrap_or(0);
+                if inodes.contains(&inode) {
+                    if let Some(port) = f[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    {
+                        ports.push(port);
+                    }
+                }
+            }
+        }
+    }
+    ports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds_and_varies() {
+        let values: std::collections::BTreeSet<u64> = (1..200).map(|id| jitter(50, id)).collect();
+        assert!(values.iter().all(|v| *v <= 50));
+        assert!(values.len() > 20, "{values:?}");
+        assert_eq!(jitter(0, 7), 0);
+    }
+
+    #[test]
+    fn a_process_listening_itself_is_found() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        assert!(listening_tcp_ports(std::process::id()).contains(&port));
     }
 }

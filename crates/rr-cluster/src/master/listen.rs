@@ -4,16 +4,17 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::dispatch::Dispatcher;
+use super::dispatch::{Accepted, Dispatcher};
 use crate::protocol::{ListenerInfo, ListenerKind, MAX_FDS_PER_FRAME};
 use crate::sys;
 
@@ -130,12 +131,28 @@ impl From<Socket> for OwnedFd {
     }
 }
 
-impl Socket {
-    /// One `accept4` (close-on-exec); the connection as a bare descriptor.
-    fn accept(&self) -> io::Result<OwnedFd> {
+impl AsFd for Socket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
-            Socket::Tcp(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
-            Socket::Unix(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
+            Socket::Tcp(l) => l.as_fd(),
+            Socket::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
+impl Socket {
+    /// One `accept4` (close-on-exec); the connection as a bare descriptor, with the
+    /// client's IP address for a TCP connection.
+    fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Socket::Tcp(l) => l.accept().map(|(s, peer)| Accepted {
+                fd: OwnedFd::from(s),
+                peer: Some(peer.ip()),
+            }),
+            Socket::Unix(l) => l.accept().map(|(s, _)| Accepted {
+                fd: OwnedFd::from(s),
+                peer: None,
+            }),
         }
     }
 }
@@ -152,6 +169,12 @@ pub(crate) struct Listener {
 impl Listener {
     pub(crate) fn local_addr(&self) -> &LocalAddr {
         &self.local
+    }
+
+    /// A second descriptor for the listening socket (shared balancing hands copies to
+    /// workers).
+    pub(crate) fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.socket.get_ref().as_fd().try_clone_to_owned()
     }
 
     pub(crate) fn info(&self) -> ListenerInfo {
@@ -204,17 +227,31 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<Listener> {
     })
 }
 
-/// Makes way for binding a Unix socket at `path`: a socket file nobody answers on is
-/// a leftover of a dead process and is removed; one that answers is in use
-/// (`AddrInUse`, with `in_use` as the message).
+/// Makes way for binding a Unix socket at `path`. Only a leftover may be removed: a
+/// socket file (not a symlink, not a regular file) on which connecting is refused. One
+/// that answers is in use (`AddrInUse`, with `in_use` as the message); anything else
+/// at the path is left alone and is an error.
 pub(crate) fn clear_stale_socket(path: &std::path::Path, in_use: &'static str) -> io::Result<()> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, in_use));
-        }
-        std::fs::remove_file(path)?;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket; refusing to replace it",
+        ));
     }
-    Ok(())
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(io::ErrorKind::AddrInUse, in_use)),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot tell whether the socket is in use ({e}); refusing to replace it"),
+        )),
+    }
 }
 
 fn bind_unix(path: PathBuf) -> io::Result<Listener> {
@@ -240,6 +277,20 @@ fn from_systemd() -> io::Result<Vec<Listener>> {
     }
     fds.map(|raw| sys::adopt_inherited_socket(raw).and_then(listener_from_fd))
         .collect()
+}
+
+/// `LISTEN_FDS` is set but `LISTEN_PID` names another process: the sockets were meant
+/// for someone else (a wrapper that did not pass them on). The message says so.
+pub fn socket_activation_mismatch() -> Option<String> {
+    let fds = std::env::var("LISTEN_FDS").ok()?;
+    let pid = std::env::var("LISTEN_PID").ok()?;
+    if pid.parse::<u32>().ok() == Some(sys::getpid()) {
+        return None;
+    }
+    Some(format!(
+        "LISTEN_FDS={fds} is set for process {pid}, not this one ({}): the inherited sockets are not used",
+        sys::getpid()
+    ))
 }
 
 /// True when systemd passed listening sockets to this process.
@@ -278,16 +329,53 @@ pub(crate) fn listener_from_fd(fd: OwnedFd) -> io::Result<Listener> {
 
 /// Accepts until the listener would block (up to a frame's worth of sockets), hands
 /// the batch to the dispatcher, and stops accepting while sockets wait for a worker.
+///
+/// While `paused` is true (no worker left after a give-up) a TCP listener is shut down
+/// for reading: the kernel refuses connection attempts (and resets those waiting in the
+/// backlog) instead of leaving clients hanging; it listens again when `paused` turns
+/// false. Other listeners just stop accepting.
 pub(crate) async fn accept_loop(
     listener: Listener,
     index: u16,
     dispatcher: Arc<Dispatcher>,
     stop: CancellationToken,
+    mut paused: watch::Receiver<bool>,
 ) {
     let mut wake = dispatcher.subscribe();
-    let mut batch: Vec<OwnedFd> = Vec::with_capacity(MAX_FDS_PER_FRAME);
+    let mut batch: Vec<Accepted> = Vec::with_capacity(MAX_FDS_PER_FRAME);
     let stats = &dispatcher.stats;
     loop {
+        if *paused.borrow_and_update() {
+            let tcp = matches!(listener.local, LocalAddr::Tcp(_));
+            if tcp {
+                if let Err(e) = sys::pause_listening(listener.socket.get_ref().as_fd()) {
+                    tracing::warn!(listener = %listener.local, error = %e, "cannot pause the listener");
+                }
+            }
+            // Queued sockets have nowhere to go: close them (the clients see a reset).
+            stats.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+            batch.clear();
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = paused.wait_for(|p| !*p) => {}
+            }
+            if tcp {
+                let socket = listener.socket.get_ref();
+                if let Err(e) = sys::resume_listening(socket.as_fd(), BACKLOG as i32) {
+                    tracing::error!(listener = %listener.local, error = %e, "cannot listen again");
+                }
+                if let Socket::Tcp(l) = socket {
+                    if l.local_addr().ok() != listener.local.tcp() {
+                        // A listener bound to port 0 gets a new port when it listens again.
+                        tracing::error!(
+                            listener = %listener.local,
+                            "the listener came back on another port (it was bound to port 0)"
+                        );
+                    }
+                }
+            }
+            continue;
+        }
         if !batch.is_empty() {
             wake.borrow_and_update();
             let before = batch.len();
@@ -298,6 +386,7 @@ pub(crate) async fn accept_loop(
                 // The kernel backlog holds new connections meanwhile.
                 tokio::select! {
                     _ = stop.cancelled() => break,
+                    _ = paused.changed() => {}
                     changed = wake.changed() => if changed.is_err() { break },
                 }
                 continue;
@@ -305,6 +394,7 @@ pub(crate) async fn accept_loop(
         }
         let mut guard = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = paused.changed() => continue,
             ready = listener.socket.readable() => match ready {
                 Ok(guard) => guard,
                 Err(e) => {
@@ -316,7 +406,7 @@ pub(crate) async fn accept_loop(
         let mut backoff = false;
         while batch.len() < MAX_FDS_PER_FRAME {
             match guard.try_io(|socket| socket.get_ref().accept()) {
-                Ok(Ok(fd)) => batch.push(fd),
+                Ok(Ok(accepted)) => batch.push(accepted),
                 Ok(Err(e)) if sys::is_transient_accept_error(&e) => continue,
                 Ok(Err(e)) => {
                     stats.accept_errors.fetch_add(1, Ordering::Relaxed);
@@ -390,8 +480,9 @@ mod tests {
         assert_ne!(addr.port(), 0);
         let _client = std::net::TcpStream::connect(addr).expect("connect");
         let guard = listeners[0].socket.readable().await.expect("readable");
-        let fd = guard.get_inner().accept().expect("accept");
-        assert!(fd.as_raw_fd() > 2);
+        let accepted = guard.get_inner().accept().expect("accept");
+        assert!(accepted.fd.as_raw_fd() > 2);
+        assert_eq!(accepted.peer, Some(std::net::IpAddr::from([127, 0, 0, 1])));
     }
 
     #[tokio::test]
@@ -408,5 +499,42 @@ mod tests {
         drop(l);
         assert!(!path.exists());
         let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// Regression (v0.1, issue 9.11): `--control some.toml` or `--listen unix:PATH`
+    /// deleted whatever regular file or symlink was at the path.
+    #[test]
+    fn only_a_dead_socket_file_is_ever_removed() {
+        let dir = std::env::temp_dir().join(format!("rr-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("rr-cluster.toml");
+        std::fs::write(&file, "workers = 2\n").expect("write");
+        let err = clear_stale_socket(&file, "in use").expect_err("a regular file");
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert!(file.exists(), "left alone");
+        let link = dir.join("link.sock");
+        std::os::unix::fs::symlink(&file, &link).expect("symlink");
+        assert!(clear_stale_socket(&link, "in use").is_err());
+        assert!(link.exists() && file.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_paused_tcp_listener_refuses_then_listens_again_on_the_same_port() {
+        // An explicit port (a port-0 socket gets a new ephemeral port when it listens
+        // again, as the kernel does not hold an automatic port for a closed socket).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let spec = format!("127.0.0.1:{port}");
+        let listeners = bind_all(&[spec.parse().expect("spec")]).expect("bind");
+        let addr = listeners[0].local_addr().tcp().expect("tcp");
+        let fd = listeners[0].socket.get_ref().as_fd();
+        sys::pause_listening(fd).expect("pause");
+        let err = std::net::TcpStream::connect(addr).expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        sys::resume_listening(fd, 16).expect("listen again");
+        std::net::TcpStream::connect(addr).expect("accepted into the backlog");
     }
 }

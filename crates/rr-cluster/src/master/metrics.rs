@@ -17,8 +17,14 @@ pub(crate) struct Totals {
     pub(crate) restarts: u64,
     pub(crate) give_ups: u64,
     pub(crate) send_failures: u64,
+    pub(crate) send_busy: u64,
     pub(crate) channel_full: u64,
+    pub(crate) window_full: u64,
     pub(crate) accept_errors: u64,
+    pub(crate) messages_dropped: u64,
+    pub(crate) output_dropped: u64,
+    /// Recycles by limit (`max_requests`, `max_memory`, `max_age`).
+    pub(crate) recycles: std::collections::BTreeMap<String, u64>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -62,9 +68,41 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
         counter(totals.send_failures),
     );
     registry.register(
+        "dispatch_send_busy",
+        "Sends that failed for a passing reason (ETOOMANYREFS, ENOBUFS) and were retried",
+        counter(totals.send_busy),
+    );
+    registry.register(
         "dispatch_channel_full",
         "Sends skipped because a worker's channel was full",
         counter(totals.channel_full),
+    );
+    registry.register(
+        "dispatch_window_full",
+        "Sends skipped because a worker had as many connections in flight as it may take",
+        counter(totals.window_full),
+    );
+    registry.register(
+        "worker_messages_dropped",
+        "Application messages from workers dropped because nobody read them",
+        counter(totals.messages_dropped),
+    );
+    registry.register(
+        "worker_output_dropped_lines",
+        "Lines of worker output dropped because workers wrote faster than the output took",
+        counter(totals.output_dropped),
+    );
+    let recycles = Family::<Labels, Counter>::default();
+    for limit in ["max_requests", "max_memory", "max_age"] {
+        let n = totals.recycles.get(limit).copied().unwrap_or(0);
+        recycles
+            .get_or_create(&vec![("reason".to_owned(), limit.to_owned())])
+            .inc_by(n);
+    }
+    registry.register(
+        "worker_recycles",
+        "Workers replaced, drain-first, for reaching a recycle limit",
+        recycles,
     );
     registry.register(
         "accept_errors",
@@ -107,9 +145,11 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
     for state in [
         WorkerState::Starting,
         WorkerState::Ready,
+        WorkerState::Stalled,
         WorkerState::Draining,
         WorkerState::Leaving,
         WorkerState::Hung,
+        WorkerState::Lost,
         WorkerState::Backoff,
         WorkerState::Stopped,
     ] {
@@ -136,6 +176,35 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
         active,
     );
 
+    let cpu = Family::<Labels, Counter<f64>>::default();
+    let rss = Family::<Labels, Gauge>::default();
+    let lost = Family::<Labels, Counter>::default();
+    for w in status.workers.iter().filter(|w| w.pid.is_some()) {
+        let labels = worker_label(w.slot);
+        if let Some(s) = w.cpu_seconds {
+            cpu.get_or_create(&labels).inc_by(s);
+        }
+        if let Some(b) = w.rss_bytes {
+            rss.get_or_create(&labels)
+                .inc_by(i64::try_from(b).unwrap_or(i64::MAX));
+        }
+        lost.get_or_create(&labels).inc_by(w.lost);
+    }
+    registry.register(
+        "worker_cpu_seconds",
+        "CPU time (user + system) used by the worker processes now alive, by slot",
+        cpu,
+    );
+    registry.register(
+        "worker_resident_bytes",
+        "Resident memory of the worker processes, by slot",
+        rss,
+    );
+    registry.register(
+        "worker_lost_connections",
+        "Connections the kernel dropped on their way to a worker whose descriptor table was full",
+        lost,
+    );
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &registry);
@@ -154,11 +223,12 @@ mod tests {
             id: u64::from(slot) + 1,
             pid: Some(100 + slot),
             state,
-            generation: 0,
             uptime_ms: 1,
             dispatched,
             active: 2,
-            restarts: 0,
+            cpu_seconds: Some(1.5),
+            rss_bytes: Some(4096),
+            ..WorkerStatus::default()
         };
         let status = Status {
             master_pid: 1,
@@ -185,6 +255,9 @@ mod tests {
             "rr_cluster_workers{state=\"hung\"} 0",
             "rr_cluster_generation 3",
             "rr_cluster_worker_active_connections{worker=\"1\"} 2",
+            "rr_cluster_worker_cpu_seconds_total{worker=\"1\"} 1.5",
+            "rr_cluster_worker_resident_bytes{worker=\"0\"} 4096",
+            "rr_cluster_worker_recycles_total{reason=\"max_requests\"} 0",
             "# EOF",
         ] {
             assert!(

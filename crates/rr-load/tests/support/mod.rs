@@ -208,7 +208,7 @@ pub fn fake_master(dir: &Path, pids: Vec<u32>) -> FakeMaster {
                     };
                     let answer = match serde_json::from_str::<Request>(&line) {
                         Ok(Request::Status) => Response::Status(status(&pids)),
-                        Ok(Request::Reload) => {
+                        Ok(Request::Reload { .. }) => {
                             counter.fetch_add(1, Ordering::Relaxed);
                             Response::Ok {
                                 message: "reloading".into(),
@@ -248,9 +248,7 @@ fn status(pids: &[u32]) -> Status {
                 state: WorkerState::Ready,
                 generation: 0,
                 uptime_ms: 1,
-                dispatched: 0,
-                active: 0,
-                restarts: 0,
+                ..WorkerStatus::default()
             })
             .collect(),
         ..Status::default()

@@ -1,0 +1,537 @@
+//! [`MasterBuilder`]: everything a master is configured with, and its validation into
+//! [`Settings`] (the same fields, checked: parsed listen addresses, every duration
+//! within its documented bound).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::dispatch::Balance;
+use super::listen::ListenSpec;
+use super::spawn::WorkerCommand;
+use super::supervisor::{GiveUpAction, Policy};
+use super::{Master, MasterBuilder};
+use crate::event::Event;
+
+/// The most workers one master runs.
+pub const MAX_WORKERS: usize = 1024;
+
+/// Upper bounds of the durations a master accepts. Larger values are refused when the
+/// master is built and when a reload brings them (a deadline that far out would
+/// overflow the clock, and no real deployment waits a day for a worker).
+pub mod limits {
+    use std::time::Duration;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    /// `ready_timeout`, `drain_timeout`, `heartbeat_timeout`, `min_uptime`: 24 h.
+    pub const TIMEOUT: Duration = DAY;
+    /// `heartbeat_interval`: 10 ms to 1 h.
+    pub const HEARTBEAT_INTERVAL: (Duration, Duration) = (Duration::from_millis(10), HOUR);
+    /// `restart_window`: 7 days.
+    pub const RESTART_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+    /// `backoff_base`, `backoff_max`: 1 h.
+    pub const BACKOFF: Duration = HOUR;
+    /// `max_age`: 365 days.
+    pub const MAX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
+}
+
+/// A function that produces the configuration for a reload (the binary re-reads its
+/// file here). An `Err` rejects the reload and keeps the pool as it is.
+pub type ReloadHook = Arc<dyn Fn() -> Result<MasterBuilder, String> + Send + Sync>;
+
+/// An invalid configuration, naming the builder method that set the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A value is out of range or inconsistent.
+    #[error("{method}(): {reason}")]
+    Invalid {
+        /// The [`MasterBuilder`] method (`workers`, `drain_timeout`, ...).
+        method: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// When workers are replaced (always drain-first: the replacement is ready before the
+/// old worker drains).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Recycle {
+    /// Connections handed to a worker before it is replaced (gunicorn's
+    /// `max_requests`).
+    pub(crate) max_requests: Option<u64>,
+    /// A random 0..=jitter added per worker, so that workers do not recycle together.
+    pub(crate) max_requests_jitter: u64,
+    /// Resident memory (bytes) above which a worker is replaced.
+    pub(crate) max_memory: Option<u64>,
+    /// Age after which a worker is replaced.
+    pub(crate) max_age: Option<Duration>,
+}
+
+/// Where worker output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Output {
+    /// Capture worker stdout and stderr through the master (line by line, prefixed
+    /// with slot and pid); `false`: workers inherit the master's.
+    pub(crate) capture: bool,
+    /// Append captured stdout to this file instead of the master's log.
+    pub(crate) stdout: Option<PathBuf>,
+    /// Append captured stderr to this file instead of the master's log.
+    pub(crate) stderr: Option<PathBuf>,
+    /// Text lines with a `[worker N pid P]` prefix, or JSON objects.
+    pub(crate) format: super::output::LogFormat,
+}
+
+/// A validated configuration.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) listen: Vec<ListenSpec>,
+    pub(crate) workers: usize,
+    pub(crate) command: WorkerCommand,
+    pub(crate) balance: Balance,
+    pub(crate) policy: Policy,
+    pub(crate) recycle: Recycle,
+    pub(crate) output: Output,
+    pub(crate) control: Option<PathBuf>,
+    pub(crate) reload_hook: Option<ReloadHook>,
+    pub(crate) message_queue: usize,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("workers", &self.workers)
+            .field("command", &self.command)
+            .field("balance", &self.balance)
+            .field("policy", &self.policy)
+            .field("recycle", &self.recycle)
+            .field("output", &self.output)
+            .field("control", &self.control)
+            .field("reload_hook", &self.reload_hook.is_some())
+            .finish()
+    }
+}
+
+/// The builder's raw fields.
+#[derive(Clone)]
+pub(crate) struct Raw {
+    pub(crate) listen: Vec<String>,
+    pub(crate) workers: Option<usize>,
+    pub(crate) command: Option<WorkerCommand>,
+    pub(crate) balance: Balance,
+    pub(crate) policy: Policy,
+    pub(crate) recycle: Recycle,
+    pub(crate) output: Output,
+    pub(crate) control: Option<PathBuf>,
+    pub(crate) reload_hook: Option<ReloadHook>,
+    pub(crate) message_queue: usize,
+    pub(crate) event_capacity: usize,
+}
+
+impl Default for Raw {
+    fn default() -> Self {
+        Raw {
+            listen: Vec::new(),
+            workers: None,
+            command: None,
+            balance: Balance::default(),
+            policy: Policy::default(),
+            recycle: Recycle::default(),
+            output: Output {
+                capture: true,
+                stdout: None,
+                stderr: None,
+                format: super::output::LogFormat::Text,
+            },
+            control: None,
+            reload_hook: None,
+            message_queue: 4096,
+            event_capacity: 4096,
+        }
+    }
+}
+
+impl std::fmt::Debug for MasterBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.raw;
+        f.debug_struct("MasterBuilder")
+            .field("listen", &r.listen)
+            .field("workers", &r.workers)
+            .field("command", &r.command)
+            .field("balance", &r.balance)
+            .field("policy", &r.policy)
+            .field("recycle", &r.recycle)
+            .field("output", &r.output)
+            .field("control", &r.control)
+            .field("reload_hook", &r.reload_hook.is_some())
+            .finish()
+    }
+}
+
+impl MasterBuilder {
+    /// Listens on an address: `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT`, `unix:/path`
+    /// or `systemd` (sockets passed by socket activation). May be called several times.
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.raw.listen.push(addr.into());
+        self
+    }
+
+    /// Replaces every listen address.
+    pub fn listen_all<I, S>(mut self, addrs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.raw.listen = addrs.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Runs `n` workers (default: one per CPU core), 1 to [`MAX_WORKERS`].
+    pub fn workers(mut self, n: usize) -> Self {
+        self.raw.workers = Some(n);
+        self
+    }
+
+    /// The worker program (and the protocol it speaks, [`WorkerCommand::protocol`]).
+    pub fn command(mut self, command: WorkerCommand) -> Self {
+        self.raw.command = Some(command);
+        self
+    }
+
+    /// How connections are spread (default: round-robin).
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.raw.balance = balance;
+        self
+    }
+
+    /// More than `limit` boot failures (workers that exit, close their channel or
+    /// time out before they say `Ready`) within the restart window is a give-up
+    /// (default 10). Workers that became ready are always replaced.
+    pub fn restart_limit(mut self, limit: usize) -> Self {
+        self.raw.policy.restart_limit = limit;
+        self
+    }
+
+    /// The window boot failures are counted in (default 60 s, at most 7 days).
+    pub fn restart_window(mut self, window: Duration) -> Self {
+        self.raw.policy.restart_window = window;
+        self
+    }
+
+    /// Delay before the first quick restart of a slot; the n-th waits
+    /// `base * 2^(n-1)`, at most [`MasterBuilder::backoff_max`] (default 100 ms). A
+    /// worker that was ready waits at most one second.
+    pub fn backoff_base(mut self, base: Duration) -> Self {
+        self.raw.policy.backoff_base = base;
+        self
+    }
+
+    /// The longest restart delay (default 10 s, at most 1 h).
+    pub fn backoff_max(mut self, max: Duration) -> Self {
+        self.raw.policy.backoff_max = max;
+        self
+    }
+
+    /// A worker ready for this long was healthy: its slot's backoff resets, and a
+    /// rolling reload lets each new worker serve this long before the old one drains
+    /// (default 1 s).
+    pub fn min_uptime(mut self, uptime: Duration) -> Self {
+        self.raw.policy.min_uptime = uptime;
+        self
+    }
+
+    /// A worker must say `Ready` within this (default 30 s, at most 24 h).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.raw.policy.ready_timeout = timeout;
+        self
+    }
+
+    /// Workers send a heartbeat this often (default 1 s; 10 ms to 1 h). A worker whose
+    /// heartbeat is two intervals late gets no new connection until it shows life.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.raw.policy.heartbeat_interval = interval;
+        self
+    }
+
+    /// A worker silent for this long is killed and replaced; `None` turns the check
+    /// off (default 10 s, at most 24 h).
+    pub fn heartbeat_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.raw.policy.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// How long a draining worker may take before SIGKILL (default 30 s, at most 24 h).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.raw.policy.drain_timeout = timeout;
+        self
+    }
+
+    /// What to do when the restart limit is hit (default: exit non-zero).
+    pub fn on_give_up(mut self, action: GiveUpAction) -> Self {
+        self.raw.policy.on_give_up = action;
+        self
+    }
+
+    /// Replaces a worker after the master handed it `n` connections (gunicorn's
+    /// `max_requests`), drain-first. Default: never.
+    pub fn max_requests(mut self, n: Option<u64>) -> Self {
+        self.raw.recycle.max_requests = n;
+        self
+    }
+
+    /// Adds a random `0..=jitter` to each worker's `max_requests`, so that workers
+    /// started together do not recycle together (default 0).
+    pub fn max_requests_jitter(mut self, jitter: u64) -> Self {
+        self.raw.recycle.max_requests_jitter = jitter;
+        self
+    }
+
+    /// Replaces a worker whose resident memory exceeds `bytes`, drain-first (sampled
+    /// once a second). Default: never.
+    pub fn max_memory(mut self, bytes: Option<u64>) -> Self {
+        self.raw.recycle.max_memory = bytes;
+        self
+    }
+
+    /// Replaces a worker older than `age`, drain-first. Default: never.
+    pub fn max_age(mut self, age: Option<Duration>) -> Self {
+        self.raw.recycle.max_age = age;
+        self
+    }
+
+    /// Captures worker stdout and stderr through the master, line by line with the
+    /// worker's slot and pid (default `true`); `false` lets workers write to the
+    /// master's own stdout and stderr.
+    pub fn capture_output(mut self, capture: bool) -> Self {
+        self.raw.output.capture = capture;
+        self
+    }
+
+    /// How captured worker lines are written: text with a `[worker N pid P]` prefix
+    /// (default) or one JSON object per line.
+    pub fn log_format(mut self, format: super::output::LogFormat) -> Self {
+        self.raw.output.format = format;
+        self
+    }
+
+    /// Appends captured worker stdout (and, with [`MasterBuilder::stderr_log`] unset,
+    /// stderr too) to a file, reopened on [`MasterSignal::ReopenLogs`](super::MasterSignal)
+    /// (SIGUSR1).
+    pub fn stdout_log(mut self, path: Option<PathBuf>) -> Self {
+        self.raw.output.stdout = path;
+        self
+    }
+
+    /// Appends captured worker stderr to a file.
+    pub fn stderr_log(mut self, path: Option<PathBuf>) -> Self {
+        self.raw.output.stderr = path;
+        self
+    }
+
+    /// Serves the control socket at `path` (mode 0600, same user or root only).
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.raw.control = Some(path.into());
+        self
+    }
+
+    /// Application messages from workers kept for [`MasterHandle::messages`] at most
+    /// (default 4096; more are dropped and counted).
+    ///
+    /// [`MasterHandle::messages`]: super::MasterHandle::messages
+    pub fn message_queue(mut self, n: usize) -> Self {
+        self.raw.message_queue = n.max(1);
+        self
+    }
+
+    /// Lifecycle events kept for a slow [`Master::events`] subscriber (default 4096;
+    /// a subscriber that falls further behind skips events).
+    pub fn event_capacity(mut self, n: usize) -> Self {
+        self.raw.event_capacity = n.max(16);
+        self
+    }
+
+    /// Called on every reload request (SIGHUP, control `reload`) for the new
+    /// configuration; without a hook a reload restarts the workers as they are. The
+    /// new configuration may not change the listen addresses or the control socket
+    /// (the reload is refused: restart the master to change them).
+    pub fn on_reload<F>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> Result<MasterBuilder, String> + Send + Sync + 'static,
+    {
+        self.raw.reload_hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Checks the configuration and returns a master ready to
+    /// [`Master::start`](super::Master::start).
+    pub fn build(self) -> Result<Master, BuildError> {
+        let capacity = self.raw.event_capacity;
+        let settings = self.validate()?;
+        let (events, _) = tokio::sync::broadcast::channel::<Event>(capacity);
+        Ok(Master { settings, events })
+    }
+
+    pub(crate) fn validate(self) -> Result<Settings, BuildError> {
+        let r = self.raw;
+        let invalid = |method: &'static str, reason: String| BuildError::Invalid { method, reason };
+        if r.listen.is_empty() {
+            return Err(invalid(
+                "listen",
+                "at least one listen address is needed".into(),
+            ));
+        }
+        let listen = r
+            .listen
+            .iter()
+            .map(|s| s.parse::<ListenSpec>().map_err(|e| invalid("listen", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let workers = r.workers.unwrap_or_else(default_workers);
+        if !(1..=MAX_WORKERS).contains(&workers) {
+            return Err(invalid(
+                "workers",
+                format!("{workers} is out of range 1..={MAX_WORKERS}"),
+            ));
+        }
+        let command = r
+            .command
+            .ok_or_else(|| invalid("command", "a worker command is needed".into()))?;
+        if command.program().is_empty() {
+            return Err(invalid("command", "the worker program is empty".into()));
+        }
+        let p = &r.policy;
+        let within = |method: &'static str, d: Duration, min: Duration, max: Duration| {
+            if d < min || d > max {
+                Err(invalid(
+                    method,
+                    format!(
+                        "{} is out of range {}..={}",
+                        humantime::format_duration(d),
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let nonzero = Duration::from_millis(1);
+        within(
+            "restart_window",
+            p.restart_window,
+            nonzero,
+            limits::RESTART_WINDOW,
+        )?;
+        within(
+            "backoff_base",
+            p.backoff_base,
+            Duration::ZERO,
+            limits::BACKOFF,
+        )?;
+        within(
+            "backoff_max",
+            p.backoff_max,
+            Duration::ZERO,
+            limits::BACKOFF,
+        )?;
+        if p.backoff_base > p.backoff_max {
+            return Err(invalid(
+                "backoff_base",
+                format!(
+                    "{} is more than backoff_max {}",
+                    humantime::format_duration(p.backoff_base),
+                    humantime::format_duration(p.backoff_max)
+                ),
+            ));
+        }
+        within("min_uptime", p.min_uptime, Duration::ZERO, limits::TIMEOUT)?;
+        within("ready_timeout", p.ready_timeout, nonzero, limits::TIMEOUT)?;
+        within("drain_timeout", p.drain_timeout, nonzero, limits::TIMEOUT)?;
+        let (lo, hi) = limits::HEARTBEAT_INTERVAL;
+        within("heartbeat_interval", p.heartbeat_interval, lo, hi)?;
+        if let Some(t) = p.heartbeat_timeout {
+            within("heartbeat_timeout", t, nonzero, limits::TIMEOUT)?;
+            if t <= p.heartbeat_interval {
+                return Err(invalid(
+                    "heartbeat_timeout",
+                    format!(
+                        "{} must be longer than the heartbeat interval {}",
+                        humantime::format_duration(t),
+                        humantime::format_duration(p.heartbeat_interval)
+                    ),
+                ));
+            }
+        }
+        if r.recycle.max_requests == Some(0) {
+            return Err(invalid("max_requests", "must be at least 1".into()));
+        }
+        if r.recycle.max_memory == Some(0) {
+            return Err(invalid("max_memory", "must be more than 0 bytes".into()));
+        }
+        if let Some(age) = r.recycle.max_age {
+            within("max_age", age, Duration::from_secs(1), limits::MAX_AGE)?;
+        }
+        Ok(Settings {
+            listen,
+            workers,
+            command,
+            balance: r.balance,
+            policy: r.policy,
+            recycle: r.recycle,
+            output: r.output,
+            control: r.control,
+            reload_hook: r.reload_hook,
+            message_queue: r.message_queue,
+        })
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> MasterBuilder {
+        MasterBuilder::default()
+            .listen("127.0.0.1:0")
+            .command(WorkerCommand::new("worker"))
+    }
+
+    /// Regression (v0.1, issue 9.7): huge durations were accepted and then panicked at
+    /// the first `now + d` (`overflow when adding duration to instant`).
+    #[test]
+    fn every_duration_is_bounded_and_errors_name_the_method() {
+        let huge = Duration::from_secs(10_000_000_000_000_000_000);
+        let cases: Vec<(&str, MasterBuilder)> = vec![
+            ("drain_timeout", base().drain_timeout(huge)),
+            ("ready_timeout", base().ready_timeout(huge)),
+            ("restart_window", base().restart_window(huge)),
+            ("backoff_max", base().backoff_max(huge)),
+            ("min_uptime", base().min_uptime(huge)),
+            ("heartbeat_interval", base().heartbeat_interval(huge)),
+            ("heartbeat_timeout", base().heartbeat_timeout(Some(huge))),
+            ("max_age", base().max_age(Some(huge))),
+            ("ready_timeout", base().ready_timeout(Duration::ZERO)),
+            ("workers", base().workers(0)),
+            ("workers", base().workers(MAX_WORKERS + 1)),
+            ("max_requests", base().max_requests(Some(0))),
+        ];
+        for (method, b) in cases {
+            let err = b.build().expect_err(method);
+            assert!(
+                err.to_string().starts_with(&format!("{method}(): ")),
+                "{err}"
+            );
+        }
+        let ok = base()
+            .drain_timeout(limits::TIMEOUT)
+            .restart_window(limits::RESTART_WINDOW)
+            .heartbeat_timeout(Some(limits::TIMEOUT));
+        ok.build().expect("the bounds themselves are accepted");
+    }
+}

@@ -1,0 +1,647 @@
+//! The master's side of one worker's channel: [`WorkerLink`] (what dispatch and the
+//! driver share about the worker) and the link task, which speaks the worker's dialect
+//! and turns what it says into supervisor inputs.
+//!
+//! Inbound work is bounded per worker: heartbeats update atomics and reach the driver
+//! at most one at a time, a worker that floods heartbeats is dropped, and application
+//! messages go to a queue bounded in bytes (dropped and counted when full). A worker
+//! can cost the master CPU, never unbounded memory.
+//!
+//! The link task also watches that the worker takes the descriptors sent to it: every
+//! connection it is sent must be acknowledged (version-2 `Ack`, a heartbeat's
+//! `served`, a `Pong` after a `Ping`, or Node's `NODE_HANDLE_ACK`). A worker that holds
+//! unacknowledged descriptors without progress for a heartbeat interval is pinged; for
+//! two intervals it is taken out of rotation (`Stalled`); for the heartbeat timeout it
+//! is killed and replaced (`Unresponsive`).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::dispatch::Dispatcher;
+use super::supervisor::Input;
+use crate::channel::{ChannelError, ChannelReader, ChannelWriter};
+use crate::node::{self, FromNode};
+use crate::protocol::{
+    self, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Protocol, ToMaster, ToWorker,
+};
+
+/// Descriptors in flight to a version-2 worker before its first `Ack` (and at most,
+/// whatever its capacity).
+pub(crate) const WINDOW: u64 = 512;
+/// Un-ACKed handles in flight to a Node.js worker, at most.
+pub(crate) const NODE_WINDOW: u64 = 128;
+/// More heartbeats (or pongs) than this per heartbeat interval is a flood.
+const MAX_BEATS_PER_INTERVAL: u32 = 50;
+
+/// An application message from a worker (Node's `worker.on('message')`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerMessage {
+    /// The worker's slot.
+    pub slot: u32,
+    /// The worker's id.
+    pub id: u64,
+    /// The bytes it sent (JSON text for a Node.js worker).
+    pub payload: Vec<u8>,
+}
+
+/// Messages from workers to the application, bounded in bytes.
+#[derive(Debug)]
+pub(crate) struct MessageQueue {
+    tx: mpsc::UnboundedSender<WorkerMessage>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<WorkerMessage>>>,
+    taken: AtomicBool,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+    pub(crate) dropped: AtomicU64,
+}
+
+/// The receiving end of [`MasterHandle::messages`](super::MasterHandle::messages).
+#[derive(Debug)]
+pub struct Messages {
+    rx: mpsc::UnboundedReceiver<WorkerMessage>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl Messages {
+    /// The next message; `None` once the master has stopped.
+    pub async fn recv(&mut self) -> Option<WorkerMessage> {
+        let msg = self.rx.recv().await?;
+        self.bytes
+            .fetch_sub(msg.payload.len() + 64, Ordering::Relaxed);
+        Some(msg)
+    }
+}
+
+impl MessageQueue {
+    /// A queue that holds at most `max_messages` of the largest size.
+    pub(crate) fn new(max_messages: usize) -> MessageQueue {
+        let (tx, rx) = mpsc::unbounded_channel();
+        MessageQueue {
+            tx,
+            rx: Mutex::new(Some(rx)),
+            taken: AtomicBool::new(false),
+            bytes: Arc::new(AtomicUsize::new(0)),
+            max_bytes: max_messages
+                .saturating_mul(1024)
+                .clamp(64 * 1024, 64 * 1024 * 1024),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// The receiver, once.
+    pub(crate) fn take(&self) -> Option<Messages> {
+        let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        self.taken.store(true, Ordering::SeqCst);
+        Some(Messages {
+            rx,
+            bytes: Arc::clone(&self.bytes),
+        })
+    }
+
+    fn push(&self, msg: WorkerMessage) {
+        if !self.taken.load(Ordering::Relaxed) {
+            // Nobody listens: nothing to keep.
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let size = msg.payload.len() + 64;
+        if self.bytes.fetch_add(size, Ordering::Relaxed) + size > self.max_bytes
+            || self.tx.send(msg).is_err()
+        {
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped = n,
+                    "message from a worker dropped: the application does not read MasterHandle::messages()"
+                );
+            }
+        }
+    }
+}
+
+/// What dispatch and the driver share about one worker.
+#[derive(Debug)]
+pub(crate) struct WorkerLink {
+    pub(crate) id: u64,
+    pub(crate) slot: u32,
+    pub(crate) protocol: Protocol,
+    /// The negotiated binary protocol version (0 until `Ready`).
+    version: AtomicU32,
+    pub(crate) writer: Arc<ChannelWriter>,
+    /// Descriptors sent to this worker.
+    pub(crate) dispatched: AtomicU64,
+    /// Descriptors the worker is known to have taken off its channel.
+    confirmed: AtomicU64,
+    /// `dispatched` may not go past this (in-flight window and the worker's capacity).
+    limit: AtomicU64,
+    /// Dispatch skipped this worker for lack of window: wake the accept loops when it
+    /// grows.
+    pub(crate) blocked: AtomicBool,
+    /// Open connections at the last heartbeat.
+    pub(crate) active: AtomicU32,
+    /// Connections sent since the last heartbeat.
+    pub(crate) since_heartbeat: AtomicU32,
+    /// Connections the worker lost (its descriptor table was full), as it reports.
+    pub(crate) lost: AtomicU64,
+    /// A task waits for this channel to become writable again.
+    pub(crate) watching: AtomicBool,
+    /// A heartbeat input is on its way to the driver.
+    pub(crate) heartbeat_queued: AtomicBool,
+    /// `dispatched` at which the worker is recycled (`max_requests`).
+    pub(crate) recycle_at: AtomicU64,
+    /// Dispatch told the driver about `recycle_at`.
+    pub(crate) recycle_signalled: AtomicBool,
+    /// Dispatch found the worker's end closed; the link task reports it.
+    pub(crate) gone: CancellationToken,
+    gone_reason: Mutex<Option<String>>,
+    /// Outgoing application messages (and the listener sockets for shared balancing),
+    /// written in order by the outbox task.
+    outbox: mpsc::Sender<Outgoing>,
+    outbox_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// Set once: the drain notice, sent before anything else still queued.
+    drain: Mutex<Option<u64>>,
+    drain_posted: Notify,
+}
+
+/// Something the outbox task writes.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// An encoded frame or line, with descriptors.
+    Bytes(Vec<u8>, Vec<std::os::fd::OwnedFd>),
+}
+
+impl WorkerLink {
+    pub(crate) fn new(
+        id: u64,
+        slot: u32,
+        protocol: Protocol,
+        writer: Arc<ChannelWriter>,
+    ) -> WorkerLink {
+        let (outbox, outbox_rx) = mpsc::channel(1024);
+        WorkerLink {
+            id,
+            slot,
+            protocol,
+            version: AtomicU32::new(0),
+            writer,
+            dispatched: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
+            limit: AtomicU64::new(0),
+            blocked: AtomicBool::new(false),
+            active: AtomicU32::new(0),
+            since_heartbeat: AtomicU32::new(0),
+            lost: AtomicU64::new(0),
+            watching: AtomicBool::new(false),
+            heartbeat_queued: AtomicBool::new(false),
+            recycle_at: AtomicU64::new(u64::MAX),
+            recycle_signalled: AtomicBool::new(false),
+            gone: CancellationToken::new(),
+            gone_reason: Mutex::new(None),
+            outbox,
+            outbox_rx: Mutex::new(Some(outbox_rx)),
+            drain: Mutex::new(None),
+            drain_posted: Notify::new(),
+        }
+    }
+
+    /// The negotiated protocol version (binary dialect; 0 before `Ready`).
+    pub(crate) fn version(&self) -> u32 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// Records a heartbeat's count of open connections.
+    pub(crate) fn heartbeat(&self, active: u32) {
+        self.active.store(active, Ordering::Relaxed);
+        self.since_heartbeat.store(0, Ordering::Relaxed);
+    }
+
+    /// Open connections, as least-connections balancing sees them.
+    pub(crate) fn load(&self) -> u32 {
+        self.active
+            .load(Ordering::Relaxed)
+            .saturating_add(self.since_heartbeat.load(Ordering::Relaxed))
+    }
+
+    /// How many more descriptors may be sent now.
+    pub(crate) fn budget(&self) -> u64 {
+        self.limit
+            .load(Ordering::Acquire)
+            .saturating_sub(self.dispatched.load(Ordering::Relaxed))
+    }
+
+    /// Descriptors sent and not yet acknowledged.
+    pub(crate) fn unconfirmed(&self) -> u64 {
+        self.dispatched
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.confirmed.load(Ordering::Relaxed))
+    }
+
+    fn confirm(&self, received: u64) -> bool {
+        self.confirmed.fetch_max(received, Ordering::AcqRel) < received
+    }
+
+    /// Sets the window; wakes dispatch if it was waiting for room here.
+    fn set_limit(&self, limit: u64, dispatcher: &Weak<Dispatcher>) {
+        let old = self.limit.swap(limit, Ordering::AcqRel);
+        if limit > old && self.blocked.swap(false, Ordering::AcqRel) {
+            if let Some(d) = dispatcher.upgrade() {
+                d.notify();
+            }
+        }
+    }
+
+    /// Opens the in-flight window (tests of dispatch without a link task).
+    #[cfg(test)]
+    pub(crate) fn open_window_for_tests(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Release);
+    }
+
+    /// Dispatch found the worker's end of the channel closed.
+    pub(crate) fn mark_gone(&self, reason: String) {
+        let mut r = self.gone_reason.lock().unwrap_or_else(|p| p.into_inner());
+        r.get_or_insert(reason);
+        self.gone.cancel();
+    }
+
+    /// Queues an application message or listener socket; `false` when the outbox is
+    /// full (the worker does not read its channel).
+    pub(crate) fn post(&self, msg: Outgoing) -> bool {
+        self.outbox.try_send(msg).is_ok()
+    }
+
+    /// Asks the worker to drain (ahead of queued messages, after every connection sent).
+    pub(crate) fn post_drain(&self, deadline: Duration) {
+        let ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+        let mut d = self.drain.lock().unwrap_or_else(|p| p.into_inner());
+        if d.is_none() {
+            *d = Some(ms);
+            self.drain_posted.notify_one();
+        }
+    }
+
+    /// Closes the master's end: the link task's reader ends, and the worker (or a
+    /// descendant still holding its end) sees end-of-file.
+    pub(crate) fn shutdown(&self) {
+        self.writer.shutdown();
+    }
+}
+
+/// What a link task needs besides its link.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkContext {
+    pub(crate) inputs: mpsc::UnboundedSender<Input>,
+    pub(crate) messages: Arc<MessageQueue>,
+    pub(crate) dispatcher: Weak<Dispatcher>,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) heartbeat_timeout: Option<Duration>,
+}
+
+/// Stall detection state of one link task.
+#[derive(Debug)]
+struct Watch {
+    /// Since when descriptors have waited without progress.
+    since: Option<Instant>,
+    /// `dispatched` when the last `Ping` went out (a `Pong` confirms up to it).
+    ping_mark: Option<u64>,
+    stalled: bool,
+    reported_unresponsive: bool,
+    beats: u32,
+    window_start: Instant,
+}
+
+/// Speaks to one worker until its channel ends.
+pub(crate) async fn run(
+    link: Arc<WorkerLink>,
+    mut reader: ChannelReader,
+    hello: Hello,
+    ctx: LinkContext,
+) {
+    let id = link.id;
+    let closed = |error: Option<String>| Input::ChannelClosed { id, error };
+    if link.protocol == Protocol::Binary {
+        if let Err(e) = link.writer.send_msg(&ToWorker::Hello(hello)).await {
+            let _ = ctx.inputs.send(closed(Some(e.to_string())));
+            return;
+        }
+    }
+    // Only after the Hello: queued messages may go out now.
+    let outbox = link
+        .outbox_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(rx) = outbox {
+        tokio::spawn(outbox_task(Arc::clone(&link), rx));
+    }
+    let every =
+        (ctx.heartbeat_interval / 4).clamp(Duration::from_millis(25), Duration::from_millis(250));
+    let mut check = tokio::time::interval(every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = Watch {
+        since: None,
+        ping_mark: None,
+        stalled: false,
+        reported_unresponsive: false,
+        beats: 0,
+        window_start: Instant::now(),
+    };
+    let error = loop {
+        let step = tokio::select! {
+            biased;
+            () = link.gone.cancelled() => {
+                let reason = link.gone_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                break reason;
+            }
+            _ = check.tick() => {
+                stall_check(&link, &ctx, &mut watch);
+                continue;
+            }
+            step = next(&link, &mut reader, &ctx, &mut watch) => step,
+        };
+        match step {
+            Ok(true) => {}
+            Ok(false) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    // The peer is dropped, not the master: close its channel so the worker sees the
+    // end, and let the supervisor replace it.
+    link.shutdown();
+    let _ = ctx.inputs.send(closed(error));
+}
+
+/// Reads and handles one message. `Ok(false)` at a clean end of stream.
+async fn next(
+    link: &Arc<WorkerLink>,
+    reader: &mut ChannelReader,
+    ctx: &LinkContext,
+    watch: &mut Watch,
+) -> Result<bool, String> {
+    match link.protocol {
+        Protocol::Binary => match reader.recv::<ToMaster>().await {
+            Ok(Some((msg, _))) => binary(link, ctx, watch, msg).map(|()| true),
+            Ok(None) => Ok(false),
+            Err(ChannelError::Closed) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        },
+        Protocol::Node => match reader.recv_line(node::MAX_LINE).await {
+            Ok(Some(line)) => match node::decode_line(&line) {
+                Ok(msg) => from_node(link, ctx, watch, msg).map(|()| true),
+                Err(e) => Err(e.to_string()),
+            },
+            Ok(None) => Ok(false),
+            Err(ChannelError::Closed) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        },
+    }
+}
+
+fn binary(
+    link: &Arc<WorkerLink>,
+    ctx: &LinkContext,
+    watch: &mut Watch,
+    msg: ToMaster,
+) -> Result<(), String> {
+    let id = link.id;
+    let version = link.version();
+    match msg {
+        ToMaster::Ready { version: v, .. } => {
+            if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) {
+                return Err(format!(
+                    "protocol version mismatch: the worker speaks version {v}, the master \
+                     {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+                ));
+            }
+            if version != 0 {
+                return Err("a second Ready".into());
+            }
+            link.version.store(v, Ordering::Relaxed);
+            let limit = if v >= 2 { WINDOW } else { u64::MAX };
+            link.set_limit(limit, &ctx.dispatcher);
+            let _ = ctx.inputs.send(Input::Ready {
+                id,
+                heartbeats: true,
+            });
+        }
+        ToMaster::Heartbeat { active, served } => {
+            beat(link, ctx, watch, active)?;
+            progress(link, ctx, watch, served);
+        }
+        ToMaster::Ack {
+            received,
+            lost,
+            capacity,
+        } if version >= 2 => {
+            link.lost.store(lost, Ordering::Relaxed);
+            progress(link, ctx, watch, received);
+            let room = u64::from(capacity).min(WINDOW);
+            link.set_limit(received.saturating_add(room), &ctx.dispatcher);
+        }
+        ToMaster::Ack { .. } => {
+            return Err("Ack from a worker that speaks protocol version 1".into());
+        }
+        ToMaster::Pong => {
+            beat(link, ctx, watch, link.active.load(Ordering::Relaxed)).map(|_| ())?;
+            if let Some(mark) = watch.ping_mark.take() {
+                progress(link, ctx, watch, mark);
+            }
+        }
+        ToMaster::Suicide { reason } => {
+            let _ = ctx.inputs.send(Input::Suicide { id, reason });
+        }
+        ToMaster::User(payload) => ctx.messages.push(WorkerMessage {
+            slot: link.slot,
+            id,
+            payload,
+        }),
+    }
+    Ok(())
+}
+
+fn from_node(
+    link: &Arc<WorkerLink>,
+    ctx: &LinkContext,
+    watch: &mut Watch,
+    msg: FromNode,
+) -> Result<(), String> {
+    let id = link.id;
+    match msg {
+        FromNode::Ready => {
+            if link.version() != 0 {
+                return Ok(());
+            }
+            link.version.store(1, Ordering::Relaxed);
+            link.set_limit(NODE_WINDOW, &ctx.dispatcher);
+            // A Node.js worker without the package never heartbeats: it is held to
+            // heartbeats only once it sends one.
+            let _ = ctx.inputs.send(Input::Ready {
+                id,
+                heartbeats: false,
+            });
+        }
+        FromNode::Heartbeat { active, capacity } => {
+            beat(link, ctx, watch, active)?;
+            if let Some(capacity) = capacity {
+                let base = link.confirmed.load(Ordering::Relaxed);
+                let room = u64::from(capacity).min(NODE_WINDOW);
+                link.set_limit(base.saturating_add(room), &ctx.dispatcher);
+            }
+        }
+        FromNode::HandleAck | FromNode::HandleNack => {
+            if matches!(msg, FromNode::HandleNack) {
+                link.lost.fetch_add(1, Ordering::Relaxed);
+            }
+            let confirmed = link.confirmed.load(Ordering::Relaxed) + 1;
+            progress(link, ctx, watch, confirmed);
+            if link.version() != 0 {
+                let room = link.limit.load(Ordering::Relaxed) + 1;
+                link.set_limit(room, &ctx.dispatcher);
+            }
+        }
+        FromNode::Suicide { reason } => {
+            let _ = ctx.inputs.send(Input::Suicide { id, reason });
+        }
+        FromNode::User(payload) => ctx.messages.push(WorkerMessage {
+            slot: link.slot,
+            id,
+            payload,
+        }),
+        FromNode::Ignored => {}
+    }
+    Ok(())
+}
+
+/// A heartbeat: counted against the flood limit, recorded, passed on (coalesced).
+fn beat(
+    link: &Arc<WorkerLink>,
+    ctx: &LinkContext,
+    watch: &mut Watch,
+    active: u32,
+) -> Result<(), String> {
+    let now = Instant::now();
+    if now.duration_since(watch.window_start) >= ctx.heartbeat_interval {
+        watch.window_start = now;
+        watch.beats = 0;
+    }
+    watch.beats += 1;
+    if watch.beats > MAX_BEATS_PER_INTERVAL {
+        return Err(format!(
+            "heartbeat flood: more than {MAX_BEATS_PER_INTERVAL} in one heartbeat interval"
+        ));
+    }
+    link.heartbeat(active);
+    if !link.heartbeat_queued.swap(true, Ordering::AcqRel) {
+        let _ = ctx.inputs.send(Input::Heartbeat {
+            id: link.id,
+            active,
+        });
+    }
+    Ok(())
+}
+
+/// The worker has taken `received` descriptors off its channel.
+fn progress(link: &Arc<WorkerLink>, ctx: &LinkContext, watch: &mut Watch, received: u64) {
+    if !link.confirm(received) {
+        return;
+    }
+    watch.since = (link.unconfirmed() > 0).then(Instant::now);
+    watch.ping_mark = None;
+    if watch.stalled {
+        watch.stalled = false;
+        watch.reported_unresponsive = false;
+        let _ = ctx.inputs.send(Input::Resumed { id: link.id });
+    }
+}
+
+/// Pings, then takes out of rotation, then reports unresponsive a worker that leaves
+/// descriptors unacknowledged.
+fn stall_check(link: &Arc<WorkerLink>, ctx: &LinkContext, watch: &mut Watch) {
+    if link.version() == 0 || link.unconfirmed() == 0 {
+        watch.since = None;
+        return;
+    }
+    let now = Instant::now();
+    let since = *watch.since.get_or_insert(now);
+    let waited = now.duration_since(since);
+    let interval = ctx.heartbeat_interval;
+    if waited >= interval && watch.ping_mark.is_none() && link.protocol == Protocol::Binary {
+        if let Ok(frame) = protocol::frame(&ToWorker::Ping) {
+            if link.writer.try_send(&frame, &[]).is_ok() {
+                watch.ping_mark = Some(link.dispatched.load(Ordering::Relaxed));
+            }
+        }
+    }
+    if waited >= interval * 2 && !watch.stalled {
+        watch.stalled = true;
+        let _ = ctx.inputs.send(Input::Stalled {
+            id: link.id,
+            reason: format!(
+                "{} connections sent to it not taken for {}",
+                link.unconfirmed(),
+                humantime::format_duration(Duration::from_millis(waited.as_millis() as u64))
+            ),
+        });
+    }
+    // With the heartbeat check off, a stalled worker stays out of rotation, unkilled.
+    let Some(timeout) = ctx.heartbeat_timeout else {
+        return;
+    };
+    if watch.stalled && waited >= timeout && !watch.reported_unresponsive {
+        watch.reported_unresponsive = true;
+        let _ = ctx.inputs.send(Input::Unresponsive {
+            id: link.id,
+            reason: format!(
+                "it stopped reading its channel ({} connections not taken for {})",
+                link.unconfirmed(),
+                humantime::format_duration(Duration::from_millis(waited.as_millis() as u64))
+            ),
+        });
+    }
+}
+
+/// Writes queued messages in order; the drain notice overtakes them.
+async fn outbox_task(link: Arc<WorkerLink>, mut rx: mpsc::Receiver<Outgoing>) {
+    loop {
+        let drain = { *link.drain.lock().unwrap_or_else(|p| p.into_inner()) };
+        if let Some(ms) = drain {
+            let sent = match link.protocol {
+                Protocol::Binary => {
+                    link.writer
+                        .send_msg(&ToWorker::Drain { deadline_ms: ms })
+                        .await
+                }
+                Protocol::Node => {
+                    let sent = link.writer.send(&node::drain_line(ms), &[]).await;
+                    // Node sees end-of-file after the drain notice ('disconnect'): a
+                    // worker written without the package exits once idle.
+                    link.writer.shutdown_write();
+                    sent
+                }
+            };
+            if let Err(e) = sent {
+                tracing::debug!(worker = link.slot, id = link.id, error = %e, "drain notice not sent");
+            }
+            return;
+        }
+        let msg = tokio::select! {
+            biased;
+            () = link.drain_posted.notified() => continue,
+            () = link.gone.cancelled() => return,
+            msg = rx.recv() => msg,
+        };
+        let Some(Outgoing::Bytes(bytes, fds)) = msg else {
+            return;
+        };
+        let raw: Vec<_> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        if link.writer.send(&bytes, &raw).await.is_err() {
+            return;
+        }
+    }
+}
