@@ -399,3 +399,100 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS")
 }
+
+/// A minimal HTTP/1.1 client for load under reloads: `clients` connections, each
+/// sending `GET /` in a loop (keep-alive, reconnecting when the server closes, or
+/// `Connection: close` when `keepalive` is false) until `stop`. Returns (requests
+/// answered 200, requests failed). A request fails when its connection breaks before
+/// a full response (a reset, or an end of stream without an answer).
+pub async fn http_load(
+    addr: SocketAddr,
+    clients: usize,
+    keepalive: bool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64) {
+    use std::sync::atomic::Ordering;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let stop = Arc::clone(&stop);
+        tasks.spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut conn: Option<tokio::io::BufReader<TcpStream>> = None;
+            for _ in 0..10_000_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut c = match conn.take() {
+                    Some(c) => c,
+                    None => match TcpStream::connect(addr).await {
+                        Ok(s) => tokio::io::BufReader::new(s),
+                        Err(_) => {
+                            failed += 1;
+                            continue;
+                        }
+                    },
+                };
+                let request: &[u8] = if keepalive {
+                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                } else {
+                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                };
+                match tokio::time::timeout(WAIT, one_response(&mut c, request)).await {
+                    Ok(Ok((200, close))) => {
+                        ok += 1;
+                        if keepalive && !close {
+                            conn = Some(c);
+                        }
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        let (o, f) = done.expect("client task");
+        ok += o;
+        failed += f;
+    }
+    (ok, failed)
+}
+
+/// Writes `request` and reads one response: (status, whether the server closes).
+async fn one_response(
+    c: &mut tokio::io::BufReader<TcpStream>,
+    request: &[u8],
+) -> std::io::Result<(u16, bool)> {
+    use tokio::io::AsyncBufReadExt;
+    c.get_mut().write_all(request).await?;
+    let mut line = String::new();
+    if c.read_line(&mut line).await? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (mut length, mut close) = (0usize, false);
+    loop {
+        line.clear();
+        if c.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let l = line.trim_end().to_ascii_lowercase();
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if l == "connection: close" {
+            close = true;
+        }
+    }
+    let mut body = vec![0u8; length];
+    c.read_exact(&mut body).await?;
+    Ok((status, close))
+}

@@ -15,6 +15,8 @@
 //! - [`master`]: [`Master`], its builder and handle; listeners, dispatch, the
 //!   supervisor state machine, the control socket, signals.
 //! - [`worker`]: [`Worker`], the worker side of the channel.
+//! - `http` (feature `http`, on by default): a drain-correct HTTP server for workers
+//!   (hyper-util; an axum listener with the `axum` feature).
 //! - [`config`]: the TOML configuration file and its validation.
 //! - [`event`]: [`Event`], the lifecycle events a master publishes.
 //! - [`control`]: the control-socket protocol (JSON lines) and its client.
@@ -25,6 +27,8 @@ pub mod channel;
 pub mod config;
 pub mod control;
 pub mod event;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod master;
 pub mod node;
 pub mod protocol;

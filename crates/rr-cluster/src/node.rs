@@ -69,6 +69,10 @@ pub enum FromNode {
     HandleAck,
     /// `{"cmd":"NODE_HANDLE_NACK"}`: Node could not take a handle.
     HandleNack,
+    /// `{"cmd":"NODE_HANDLE",...}`: the application sent a handle to the master. The
+    /// master does not take handles, but answers [`handle_ack_line`]: Node holds every
+    /// later message (heartbeats included) until the handle is acknowledged.
+    Handle,
     /// Any other Node-internal message (`cmd` starting with `NODE_`), or an `rr`
     /// message of a kind this version does not know: ignored.
     Ignored,
@@ -95,6 +99,11 @@ pub fn listener_line(listener: u16) -> Vec<u8> {
         "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Server\",\"msg\":{{\"rr\":\"listen\",\"listener\":{listener}}}}}\n"
     )
     .into_bytes()
+}
+
+/// Node's acknowledgement of a handle it was sent.
+pub fn handle_ack_line() -> &'static [u8] {
+    b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n"
 }
 
 /// The drain notice.
@@ -149,6 +158,7 @@ pub fn decode_line(line: &[u8]) -> Result<FromNode, NodeError> {
         match cmd {
             "NODE_HANDLE_ACK" => return Ok(FromNode::HandleAck),
             "NODE_HANDLE_NACK" => return Ok(FromNode::HandleNack),
+            "NODE_HANDLE" => return Ok(FromNode::Handle),
             c if c.starts_with("NODE_") => return Ok(FromNode::Ignored),
             _ => {}
         }

@@ -254,6 +254,12 @@ pub(crate) fn bind_private_unix(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(socket)
 }
 
+/// `TCP_NODELAY` on an accepted connection (a Node.js worker fed sockets through
+/// `server.emit('connection')` does not set it). Not an error on a Unix socket.
+pub(crate) fn set_nodelay(socket: BorrowedFd<'_>) {
+    let _ = rustix::net::sockopt::set_tcp_nodelay(socket, true);
+}
+
 /// The process id and user id of the peer of a connected Unix socket.
 pub(crate) fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     let cred = rustix::net::sockopt::socket_peercred(socket)?;

@@ -239,6 +239,7 @@ impl WorkerBuilder {
             incoming: Mutex::new(Some(incoming_rx)),
             messages: Mutex::new(Some(messages_rx)),
             incoming_tx: Mutex::new(Some(incoming_tx)),
+            incoming_done: CancellationToken::new(),
             dropped_messages: AtomicU64::new(0),
         });
         tokio::spawn(read_loop(Arc::downgrade(&inner), reader, messages_tx));
@@ -311,6 +312,8 @@ struct Inner {
     /// The one sender of connections from the channel; dropped (on `Drain` or when the
     /// master is gone) to end `Incoming` once the queued connections are taken.
     incoming_tx: Mutex<Option<mpsc::Sender<Connection>>>,
+    /// Cancelled once `Incoming` has handed out its last connection.
+    incoming_done: CancellationToken,
     dropped_messages: AtomicU64,
 }
 
@@ -410,7 +413,17 @@ impl Worker {
         }
         let interval = Duration::from_millis(u64::from(self.inner.hello.heartbeat_ms.max(10)));
         tokio::spawn(heartbeat_loop(Arc::downgrade(&self.inner), interval));
-        Ok(Incoming { rx })
+        Ok(Incoming {
+            rx,
+            done: self.inner.incoming_done.clone(),
+        })
+    }
+
+    /// Completes once the worker drains and [`Incoming`] has handed out the last
+    /// connection the master sent: a graceful-shutdown signal that loses no queued
+    /// connection (for `axum::serve(..).with_graceful_shutdown(..)`, say).
+    pub async fn shutdown_signal(&self) {
+        self.inner.incoming_done.cancelled().await;
     }
 
     /// Sends an application message to the master (Node's `process.send`).
@@ -780,17 +793,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct Incoming {
     rx: mpsc::Receiver<Connection>,
+    done: CancellationToken,
 }
 
 impl Incoming {
     /// The next connection; `None` once the worker drains.
     pub async fn accept(&mut self) -> Option<Connection> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
     }
 
     /// Polls for the next connection (`Ready(None)` once the worker drains).
     pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<Connection>> {
-        self.rx.poll_recv(cx)
+        let next = self.rx.poll_recv(cx);
+        if let Poll::Ready(None) = next {
+            self.done.cancel();
+        }
+        next
     }
 }
 
@@ -798,7 +816,7 @@ impl futures_core::Stream for Incoming {
     type Item = Connection;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Connection>> {
-        self.rx.poll_recv(cx)
+        self.poll_accept(cx)
     }
 }
 

@@ -84,43 +84,9 @@ pub(crate) struct Output {
     pub(crate) format: super::output::LogFormat,
 }
 
-/// A validated configuration.
+/// The settings that validation keeps as the builder set them.
 #[derive(Clone)]
-pub(crate) struct Settings {
-    pub(crate) listen: Vec<ListenSpec>,
-    pub(crate) workers: usize,
-    pub(crate) command: WorkerCommand,
-    pub(crate) balance: Balance,
-    pub(crate) policy: Policy,
-    pub(crate) recycle: Recycle,
-    pub(crate) output: Output,
-    pub(crate) control: Option<PathBuf>,
-    pub(crate) reload_hook: Option<ReloadHook>,
-    pub(crate) message_queue: usize,
-}
-
-impl std::fmt::Debug for Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
-            .field("listen", &self.listen)
-            .field("workers", &self.workers)
-            .field("command", &self.command)
-            .field("balance", &self.balance)
-            .field("policy", &self.policy)
-            .field("recycle", &self.recycle)
-            .field("output", &self.output)
-            .field("control", &self.control)
-            .field("reload_hook", &self.reload_hook.is_some())
-            .finish()
-    }
-}
-
-/// The builder's raw fields.
-#[derive(Clone)]
-pub(crate) struct Raw {
-    pub(crate) listen: Vec<String>,
-    pub(crate) workers: Option<usize>,
-    pub(crate) command: Option<WorkerCommand>,
+pub(crate) struct Common {
     pub(crate) balance: Balance,
     pub(crate) policy: Policy,
     pub(crate) recycle: Recycle,
@@ -131,12 +97,24 @@ pub(crate) struct Raw {
     pub(crate) event_capacity: usize,
 }
 
-impl Default for Raw {
+impl std::fmt::Debug for Common {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Common")
+            .field("balance", &self.balance)
+            .field("policy", &self.policy)
+            .field("recycle", &self.recycle)
+            .field("output", &self.output)
+            .field("control", &self.control)
+            .field("reload_hook", &self.reload_hook.is_some())
+            .field("message_queue", &self.message_queue)
+            .field("event_capacity", &self.event_capacity)
+            .finish()
+    }
+}
+
+impl Default for Common {
     fn default() -> Self {
-        Raw {
-            listen: Vec::new(),
-            workers: None,
-            command: None,
+        Common {
             balance: Balance::default(),
             policy: Policy::default(),
             recycle: Recycle::default(),
@@ -154,6 +132,33 @@ impl Default for Raw {
     }
 }
 
+/// What a [`MasterBuilder`] holds: the three values validation turns into something
+/// else (parsed addresses, a resolved worker count, a required command), and the rest.
+#[derive(Clone, Default)]
+pub(crate) struct Raw {
+    pub(crate) listen: Vec<String>,
+    pub(crate) workers: Option<usize>,
+    pub(crate) command: Option<WorkerCommand>,
+    pub(crate) common: Common,
+}
+
+/// A validated configuration: [`Raw`] with its three values checked.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub(crate) listen: Vec<ListenSpec>,
+    pub(crate) workers: usize,
+    pub(crate) command: WorkerCommand,
+    pub(crate) common: Common,
+}
+
+impl std::ops::Deref for Settings {
+    type Target = Common;
+
+    fn deref(&self) -> &Common {
+        &self.common
+    }
+}
+
 impl std::fmt::Debug for MasterBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let r = &self.raw;
@@ -161,12 +166,7 @@ impl std::fmt::Debug for MasterBuilder {
             .field("listen", &r.listen)
             .field("workers", &r.workers)
             .field("command", &r.command)
-            .field("balance", &r.balance)
-            .field("policy", &r.policy)
-            .field("recycle", &r.recycle)
-            .field("output", &r.output)
-            .field("control", &r.control)
-            .field("reload_hook", &r.reload_hook.is_some())
+            .field("common", &r.common)
             .finish()
     }
 }
@@ -203,7 +203,7 @@ impl MasterBuilder {
 
     /// How connections are spread (default: round-robin).
     pub fn balance(mut self, balance: Balance) -> Self {
-        self.raw.balance = balance;
+        self.raw.common.balance = balance;
         self
     }
 
@@ -211,13 +211,13 @@ impl MasterBuilder {
     /// time out before they say `Ready`) within the restart window is a give-up
     /// (default 10). Workers that became ready are always replaced.
     pub fn restart_limit(mut self, limit: usize) -> Self {
-        self.raw.policy.restart_limit = limit;
+        self.raw.common.policy.restart_limit = limit;
         self
     }
 
     /// The window boot failures are counted in (default 60 s, at most 7 days).
     pub fn restart_window(mut self, window: Duration) -> Self {
-        self.raw.policy.restart_window = window;
+        self.raw.common.policy.restart_window = window;
         self
     }
 
@@ -225,13 +225,13 @@ impl MasterBuilder {
     /// `base * 2^(n-1)`, at most [`MasterBuilder::backoff_max`] (default 100 ms). A
     /// worker that was ready waits at most one second.
     pub fn backoff_base(mut self, base: Duration) -> Self {
-        self.raw.policy.backoff_base = base;
+        self.raw.common.policy.backoff_base = base;
         self
     }
 
     /// The longest restart delay (default 10 s, at most 1 h).
     pub fn backoff_max(mut self, max: Duration) -> Self {
-        self.raw.policy.backoff_max = max;
+        self.raw.common.policy.backoff_max = max;
         self
     }
 
@@ -239,66 +239,66 @@ impl MasterBuilder {
     /// rolling reload lets each new worker serve this long before the old one drains
     /// (default 1 s).
     pub fn min_uptime(mut self, uptime: Duration) -> Self {
-        self.raw.policy.min_uptime = uptime;
+        self.raw.common.policy.min_uptime = uptime;
         self
     }
 
     /// A worker must say `Ready` within this (default 30 s, at most 24 h).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
-        self.raw.policy.ready_timeout = timeout;
+        self.raw.common.policy.ready_timeout = timeout;
         self
     }
 
     /// Workers send a heartbeat this often (default 1 s; 10 ms to 1 h). A worker whose
     /// heartbeat is two intervals late gets no new connection until it shows life.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
-        self.raw.policy.heartbeat_interval = interval;
+        self.raw.common.policy.heartbeat_interval = interval;
         self
     }
 
     /// A worker silent for this long is killed and replaced; `None` turns the check
     /// off (default 10 s, at most 24 h).
     pub fn heartbeat_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.raw.policy.heartbeat_timeout = timeout;
+        self.raw.common.policy.heartbeat_timeout = timeout;
         self
     }
 
     /// How long a draining worker may take before SIGKILL (default 30 s, at most 24 h).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.raw.policy.drain_timeout = timeout;
+        self.raw.common.policy.drain_timeout = timeout;
         self
     }
 
     /// What to do when the restart limit is hit (default: exit non-zero).
     pub fn on_give_up(mut self, action: GiveUpAction) -> Self {
-        self.raw.policy.on_give_up = action;
+        self.raw.common.policy.on_give_up = action;
         self
     }
 
     /// Replaces a worker after the master handed it `n` connections (gunicorn's
     /// `max_requests`), drain-first. Default: never.
     pub fn max_requests(mut self, n: Option<u64>) -> Self {
-        self.raw.recycle.max_requests = n;
+        self.raw.common.recycle.max_requests = n;
         self
     }
 
     /// Adds a random `0..=jitter` to each worker's `max_requests`, so that workers
     /// started together do not recycle together (default 0).
     pub fn max_requests_jitter(mut self, jitter: u64) -> Self {
-        self.raw.recycle.max_requests_jitter = jitter;
+        self.raw.common.recycle.max_requests_jitter = jitter;
         self
     }
 
     /// Replaces a worker whose resident memory exceeds `bytes`, drain-first (sampled
     /// once a second). Default: never.
     pub fn max_memory(mut self, bytes: Option<u64>) -> Self {
-        self.raw.recycle.max_memory = bytes;
+        self.raw.common.recycle.max_memory = bytes;
         self
     }
 
     /// Replaces a worker older than `age`, drain-first. Default: never.
     pub fn max_age(mut self, age: Option<Duration>) -> Self {
-        self.raw.recycle.max_age = age;
+        self.raw.common.recycle.max_age = age;
         self
     }
 
@@ -306,14 +306,14 @@ impl MasterBuilder {
     /// worker's slot and pid (default `true`); `false` lets workers write to the
     /// master's own stdout and stderr.
     pub fn capture_output(mut self, capture: bool) -> Self {
-        self.raw.output.capture = capture;
+        self.raw.common.output.capture = capture;
         self
     }
 
     /// How captured worker lines are written: text with a `[worker N pid P]` prefix
     /// (default) or one JSON object per line.
     pub fn log_format(mut self, format: super::output::LogFormat) -> Self {
-        self.raw.output.format = format;
+        self.raw.common.output.format = format;
         self
     }
 
@@ -321,19 +321,19 @@ impl MasterBuilder {
     /// stderr too) to a file, reopened on [`MasterSignal::ReopenLogs`](super::MasterSignal)
     /// (SIGUSR1).
     pub fn stdout_log(mut self, path: Option<PathBuf>) -> Self {
-        self.raw.output.stdout = path;
+        self.raw.common.output.stdout = path;
         self
     }
 
     /// Appends captured worker stderr to a file.
     pub fn stderr_log(mut self, path: Option<PathBuf>) -> Self {
-        self.raw.output.stderr = path;
+        self.raw.common.output.stderr = path;
         self
     }
 
     /// Serves the control socket at `path` (mode 0600, same user or root only).
     pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
-        self.raw.control = Some(path.into());
+        self.raw.common.control = Some(path.into());
         self
     }
 
@@ -342,14 +342,14 @@ impl MasterBuilder {
     ///
     /// [`MasterHandle::messages`]: super::MasterHandle::messages
     pub fn message_queue(mut self, n: usize) -> Self {
-        self.raw.message_queue = n.max(1);
+        self.raw.common.message_queue = n.max(1);
         self
     }
 
     /// Lifecycle events kept for a slow [`Master::events`] subscriber (default 4096;
     /// a subscriber that falls further behind skips events).
     pub fn event_capacity(mut self, n: usize) -> Self {
-        self.raw.event_capacity = n.max(16);
+        self.raw.common.event_capacity = n.max(16);
         self
     }
 
@@ -361,14 +361,14 @@ impl MasterBuilder {
     where
         F: Fn() -> Result<MasterBuilder, String> + Send + Sync + 'static,
     {
-        self.raw.reload_hook = Some(Arc::new(hook));
+        self.raw.common.reload_hook = Some(Arc::new(hook));
         self
     }
 
     /// Checks the configuration and returns a master ready to
     /// [`Master::start`](super::Master::start).
     pub fn build(self) -> Result<Master, BuildError> {
-        let capacity = self.raw.event_capacity;
+        let capacity = self.raw.common.event_capacity;
         let settings = self.validate()?;
         let (events, _) = tokio::sync::broadcast::channel::<Event>(capacity);
         Ok(Master { settings, events })
@@ -401,7 +401,7 @@ impl MasterBuilder {
         if command.program().is_empty() {
             return Err(invalid("command", "the worker program is empty".into()));
         }
-        let p = &r.policy;
+        let p = &r.common.policy;
         let within = |method: &'static str, d: Duration, min: Duration, max: Duration| {
             if d < min || d > max {
                 Err(invalid(
@@ -464,26 +464,20 @@ impl MasterBuilder {
                 ));
             }
         }
-        if r.recycle.max_requests == Some(0) {
+        if r.common.recycle.max_requests == Some(0) {
             return Err(invalid("max_requests", "must be at least 1".into()));
         }
-        if r.recycle.max_memory == Some(0) {
+        if r.common.recycle.max_memory == Some(0) {
             return Err(invalid("max_memory", "must be more than 0 bytes".into()));
         }
-        if let Some(age) = r.recycle.max_age {
+        if let Some(age) = r.common.recycle.max_age {
             within("max_age", age, Duration::from_secs(1), limits::MAX_AGE)?;
         }
         Ok(Settings {
             listen,
             workers,
             command,
-            balance: r.balance,
-            policy: r.policy,
-            recycle: r.recycle,
-            output: r.output,
-            control: r.control,
-            reload_hook: r.reload_hook,
-            message_queue: r.message_queue,
+            common: r.common,
         })
     }
 }

@@ -513,6 +513,14 @@ fn from_node(
             id,
             payload,
         }),
+        FromNode::Handle => {
+            // Node holds every later message until its handle is acknowledged; the
+            // descriptor itself was closed on arrival.
+            let ack = node::handle_ack_line().to_vec();
+            if link.writer.try_send(&ack, &[]).is_err() {
+                link.post(Outgoing::Bytes(ack, Vec::new()));
+            }
+        }
         FromNode::Ignored => {}
     }
     Ok(())

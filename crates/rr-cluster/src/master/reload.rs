@@ -67,11 +67,9 @@ impl Driver {
         }
         let generation = self.sm.next_generation();
         let policy = fresh.policy.clone();
-        let fresh = super::builder::Settings {
-            output: current.output.clone(),
-            reload_hook: current.reload_hook.clone(),
-            ..fresh
-        };
+        let mut fresh = fresh;
+        fresh.common.output = current.output.clone();
+        fresh.common.reload_hook = current.reload_hook.clone();
         self.generations.insert(generation, Arc::new(fresh));
         let started = self.sm.reload(now, policy).map_err(reload_refusal);
         if started.is_err() {

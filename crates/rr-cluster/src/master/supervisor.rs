@@ -971,15 +971,17 @@ impl Supervisor {
             return;
         };
         let slot = p.slot;
-        if matches!(p.state, ProcState::Starting | ProcState::Ready) {
-            p.state = ProcState::Lost;
-            p.lost_at = Some(now);
-            if !p.killed {
-                let grace = now + CHANNEL_CLOSED_GRACE;
-                p.deadline = Some(p.deadline.map_or(grace, |d| d.min(grace)));
-            }
-            self.sync_rotation(id);
+        // A worker on its way out closes its channel as it should: nothing to say.
+        if !matches!(p.state, ProcState::Starting | ProcState::Ready) {
+            return;
         }
+        p.state = ProcState::Lost;
+        p.lost_at = Some(now);
+        if !p.killed {
+            let grace = now + CHANNEL_CLOSED_GRACE;
+            p.deadline = Some(p.deadline.map_or(grace, |d| d.min(grace)));
+        }
+        self.sync_rotation(id);
         self.publish(Event::WorkerChannelClosed { slot, id, error });
     }
 

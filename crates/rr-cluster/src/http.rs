@@ -1,0 +1,335 @@
+//! A drain-correct HTTP server for workers: HTTP/1.1 and HTTP/2 over cleartext
+//! (hyper-util's `auto` connection), on the connections the master passes.
+//!
+//! The point is the drain. A rolling reload must not lose a request, and with
+//! keep-alive that takes more than hyper's graceful shutdown (which closes idle
+//! keep-alive connections and connections whose first request was not read yet: a
+//! client that sends a request at that moment loses it). Once the master says drain:
+//!
+//! - every connection already passed to the worker is served (the queued ones too);
+//! - every HTTP/1 response carries `Connection: close`, so the client opens its next
+//!   request on a new connection, which the master sends to another worker;
+//! - HTTP/2 connections get GOAWAY at once (streams in flight finish);
+//! - an HTTP/1 connection that stays idle is closed after a grace period (2 s by
+//!   default), not at once: a request may be on its way;
+//! - [`Server::serve`] returns once every connection is closed, or at the master's
+//!   deadline; return from `main` then.
+//!
+//! ```no_run
+//! use std::convert::Infallible;
+//! use rr_cluster::{Worker, http};
+//!
+//! # async fn demo() -> Result<(), rr_cluster::WorkerError> {
+//! let worker = Worker::from_env().await?;
+//! worker.install_panic_hook();
+//! let hello = hyper::service::service_fn(|_req| async {
+//!     Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+//!         bytes::Bytes::from_static(b"hello\n"),
+//!     )))
+//! });
+//! http::serve(worker, hello).await
+//! # }
+//! ```
+//!
+//! An axum `Router` is a tower service: [`serve_tower`] (or [`Server::serve_tower`]).
+//! Handlers see the client's address as the [`PeerAddr`] request extension, and, with
+//! the `axum` feature, as `axum::extract::ConnectInfo<SocketAddr>`.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{CONNECTION, HeaderValue};
+use http::{Request, Response, Version};
+use http_body::Body;
+use hyper::body::Incoming as IncomingBody;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::worker::{Connection, Worker, WorkerError};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The client's address, as a request extension (`req.extensions().get::<PeerAddr>()`).
+/// Absent for a connection from a Unix-socket listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Serves `service` on every connection the master passes to `worker` (with the
+/// defaults of [`Server`]), then returns once drained.
+pub async fn serve<S, B>(worker: Worker, service: S) -> Result<(), WorkerError>
+where
+    S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Server::new(worker).serve(service).await
+}
+
+/// Serves a tower service (an axum `Router`, say) on every connection the master
+/// passes to `worker`, then returns once drained.
+pub async fn serve_tower<S, B>(worker: Worker, service: S) -> Result<(), WorkerError>
+where
+    S: tower_service::Service<Request<IncomingBody>, Response = Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Server::new(worker).serve_tower(service).await
+}
+
+/// The HTTP server of a worker, with its settings.
+#[derive(Debug)]
+pub struct Server {
+    worker: Worker,
+    idle_grace: Duration,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl Server {
+    /// A server for `worker`'s connections: HTTP/1.1 with keep-alive and HTTP/2 over
+    /// cleartext, an idle grace of 2 s.
+    pub fn new(worker: Worker) -> Server {
+        Server {
+            worker,
+            idle_grace: Duration::from_secs(2),
+            builder: auto::Builder::new(TokioExecutor::new()),
+        }
+    }
+
+    /// Once draining, how long an idle HTTP/1 keep-alive connection is kept open
+    /// before it is closed (default 2 s). A request that arrives meanwhile is answered
+    /// with `Connection: close`.
+    pub fn idle_grace(mut self, grace: Duration) -> Server {
+        self.idle_grace = grace;
+        self
+    }
+
+    /// hyper-util's connection builder, for HTTP/1 and HTTP/2 settings.
+    pub fn builder_mut(&mut self) -> &mut auto::Builder<TokioExecutor> {
+        &mut self.builder
+    }
+
+    /// Says `Ready`, serves `service` (a hyper service) on every connection, and
+    /// returns once the worker drained: every connection closed, or the master's
+    /// deadline reached.
+    pub async fn serve<S, B>(self, service: S) -> Result<(), WorkerError>
+    where
+        S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let Server {
+            worker,
+            idle_grace,
+            builder,
+        } = self;
+        let draining = worker.draining();
+        let mut incoming = worker.ready().await?;
+        let builder = Arc::new(builder);
+        let tracker = TaskTracker::new();
+        while let Some(conn) = incoming.accept().await {
+            tracker.spawn(connection(
+                conn,
+                service.clone(),
+                Arc::clone(&builder),
+                draining.clone(),
+                idle_grace,
+            ));
+        }
+        tracker.close();
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = worker.drained() => {}
+        }
+        Ok(())
+    }
+
+    /// [`Server::serve`] for a tower service (an axum `Router`).
+    pub async fn serve_tower<S, B>(self, service: S) -> Result<(), WorkerError>
+    where
+        S: tower_service::Service<Request<IncomingBody>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        self.serve(TowerToHyperService::new(service)).await
+    }
+}
+
+/// Serves one connection with the drain rules.
+async fn connection<S, B>(
+    conn: Connection,
+    service: S,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    draining: CancellationToken,
+    idle_grace: Duration,
+) where
+    S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let h2 = Arc::new(AtomicBool::new(false));
+    let service = DrainAware {
+        inner: service,
+        draining: draining.clone(),
+        peer: conn.peer_addr(),
+        h2: Arc::clone(&h2),
+    };
+    let http = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
+    tokio::pin!(http);
+    tokio::select! {
+        _ = http.as_mut() => return,
+        () = draining.cancelled() => {}
+    }
+    if !h2.load(Ordering::Relaxed) {
+        // HTTP/1: requests still arriving are answered with `Connection: close`; a
+        // connection that stays idle through the grace is closed politely.
+        tokio::select! {
+            _ = http.as_mut() => return,
+            () = tokio::time::sleep(idle_grace) => {}
+        }
+    }
+    // HTTP/2: GOAWAY now, the streams in flight finish; HTTP/1: close once idle.
+    http.as_mut().graceful_shutdown();
+    let _ = http.await;
+}
+
+/// Marks responses `Connection: close` once draining (HTTP/1), and hands handlers the
+/// client's address.
+#[derive(Debug, Clone)]
+struct DrainAware<S> {
+    inner: S,
+    draining: CancellationToken,
+    peer: Option<SocketAddr>,
+    h2: Arc<AtomicBool>,
+}
+
+impl<S, B> Service<Request<IncomingBody>> for DrainAware<S>
+where
+    S: Service<Request<IncomingBody>, Response = Response<B>>,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = DrainAwareFuture<S::Future>;
+
+    fn call(&self, mut req: Request<IncomingBody>) -> Self::Future {
+        let h1 = req.version() < Version::HTTP_2;
+        if !h1 {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        if let Some(peer) = self.peer {
+            req.extensions_mut().insert(PeerAddr(peer));
+            #[cfg(feature = "axum")]
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+        }
+        DrainAwareFuture {
+            inner: self.inner.call(req),
+            draining: h1.then(|| self.draining.clone()),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`DrainAware`].
+    #[derive(Debug)]
+    struct DrainAwareFuture<F> {
+        #[pin]
+        inner: F,
+        draining: Option<CancellationToken>,
+    }
+}
+
+impl<F, B, E> Future for DrainAwareFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = std::task::ready!(this.inner.poll(cx))?;
+        if this.draining.as_ref().is_some_and(|d| d.is_cancelled()) {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+#[cfg(feature = "axum")]
+mod axum_listener {
+    use super::*;
+    use crate::worker::Incoming;
+
+    /// `axum::serve(incoming, app)`: the master's connections as an axum listener
+    /// (the address is the client's; `0.0.0.0:0` for a Unix-socket connection).
+    ///
+    /// After the worker drains, `accept` never completes: use
+    /// `with_graceful_shutdown(worker.shutdown_signal())`. axum's graceful shutdown
+    /// closes idle keep-alive connections at once, so a client may lose a request
+    /// sent at that moment: [`serve_tower`] is the zero-loss way to serve a `Router`.
+    impl axum::serve::Listener for Incoming {
+        type Io = Connection;
+        type Addr = SocketAddr;
+
+        async fn accept(&mut self) -> (Connection, SocketAddr) {
+            match Incoming::accept(self).await {
+                Some(conn) => {
+                    let addr = conn
+                        .peer_addr()
+                        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    (conn, addr)
+                }
+                None => std::future::pending().await,
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<SocketAddr> {
+            Ok(SocketAddr::from(([0, 0, 0, 0], 0)))
+        }
+    }
+
+    impl Incoming {
+        /// The listener wrapped so that `into_make_service_with_connect_info::<SocketAddr>()`
+        /// works with `axum::serve` (axum implements `Connected` for the address of a
+        /// tapped listener).
+        pub fn with_connect_info(self) -> axum::serve::TapIo<Incoming, fn(&mut Connection)> {
+            use axum::serve::ListenerExt;
+            fn nothing(_: &mut Connection) {}
+            self.tap_io(nothing as fn(&mut Connection))
+        }
+    }
+}
