@@ -1,0 +1,543 @@
+'use strict';
+
+// rr-cluster-worker: makes a Node.js program a worker of an rr-cluster master that
+// speaks the Node dialect (`rr-cluster run --worker-protocol node -- node app.js`).
+//
+// The master starts this process with an IPC channel (NODE_CHANNEL_FD, JSON
+// serialization), so Node itself provides process.send() and process.on('message').
+// Over that channel (see README.md):
+//   master -> worker  {rr:'connection', listener:N} + a net.Socket (one per connection)
+//                     {rr:'listen', listener:N} + a net.Server ("shared" balance mode)
+//                     {rr:'drain', deadline_ms:D}, then end of file
+//                     anything else: a user message
+//   worker -> master  {rr:'ready'} once, {rr:'heartbeat', active:N} every heartbeat period,
+//                     {rr:'suicide', reason:'...'} before going down on its own,
+//                     anything else: a user message
+// Zero dependencies; Node >= 18.
+
+const { EventEmitter } = require('node:events');
+const http = require('node:http');
+const https = require('node:https');
+const net = require('node:net');
+const { inspect } = require('node:util');
+
+const DEFAULT_HEARTBEAT_MS = 1000;
+const DEFAULT_IDLE_GRACE_MS = 2000;
+const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10000;
+const DEFAULT_PORT = 3000;
+const SWEEP_INTERVAL_MS = 100;
+const MAX_PENDING_MESSAGES = 1000;
+const SINGLETON = Symbol.for('rr-cluster-worker');
+
+function noop() {}
+
+function parseCount(text, fallback) {
+  if (text === undefined || text === '') return fallback;
+  const n = Number(text);
+  return Number.isSafeInteger(n) && n >= 0 ? n : fallback;
+}
+
+function parseListeners(text) {
+  if (!text) return [];
+  try {
+    const list = JSON.parse(text);
+    return Array.isArray(list) ? list : [];
+  } catch {
+    return [];
+  }
+}
+
+// A value this package owns on the wire: the master reads `rr` objects as protocol
+// messages, and Node reads a `cmd` starting with NODE_ as its own.
+function isReserved(value) {
+  return value !== null && typeof value === 'object' && !Array.isArray(value) &&
+    (Object.prototype.hasOwnProperty.call(value, 'rr') ||
+     (typeof value.cmd === 'string' && value.cmd.startsWith('NODE_')));
+}
+
+function oneLine(err) {
+  const text = err instanceof Error ? `${err.name}: ${err.message}` : inspect(err);
+  return text.replace(/\s+/g, ' ').slice(0, 500);
+}
+
+function isHttpServer(server) {
+  return server instanceof http.Server || server instanceof https.Server;
+}
+
+// A server that never calls listen() never gets Node's connection tracking (it is set
+// up by a 'listening' listener): without it headersTimeout/requestTimeout are not
+// enforced and closeIdleConnections() does nothing. Run that listener ourselves.
+function enableConnectionTracking(server) {
+  for (const fn of server.listeners('listening')) {
+    if (fn.name === 'setupConnectionsTracking') {
+      fn.call(server);
+      return true;
+    }
+  }
+  return false;
+}
+
+class RRClusterWorker extends EventEmitter {
+  #env = process.env;
+  #entries = [];           // one per serve() call
+  #open = new Set();       // sockets of every served server, until 'close'
+  #attached = false;       // listening on the IPC channel
+  #readyScheduled = false;
+  #manualReady = false;
+  #isReady = false;
+  #heartbeat = null;
+  #draining = false;
+  #drainInfo = null;
+  #deadlineAt = 0;
+  #forceTimer = null;
+  #exiting = false;
+  #exitCode = 0;
+  #crashed = false;
+  #hooksPending = 0;
+  #pending = [];           // user messages received before a 'message' listener existed
+  #processHandlers = false;
+  #shutdownTimeoutMs = DEFAULT_SHUTDOWN_TIMEOUT_MS;
+  #warnedListeners = new Set();
+
+  constructor() {
+    super();
+    const env = this.#env;
+    const isWorker = typeof process.send === 'function' && env.RR_CLUSTER_PROTOCOL === 'node' &&
+      env.RR_CLUSTER_WORKER_ID !== undefined;
+    const info = {
+      // True when started by an rr-cluster master with the Node dialect.
+      isWorker,
+      // The worker's slot, 0..N-1 (0 outside a pool).
+      id: parseCount(env.RR_CLUSTER_WORKER_ID, 0),
+      // How many reloads the pool went through when this worker started (0 outside a pool).
+      generation: parseCount(env.RR_CLUSTER_GENERATION, 0),
+      // Heartbeat period in ms.
+      heartbeatMs: Math.max(1, parseCount(env.RR_CLUSTER_HEARTBEAT_MS, DEFAULT_HEARTBEAT_MS)),
+      // The master's listeners, [{kind, address}]; a connection's `listener` indexes it.
+      listenerInfo: Object.freeze(parseListeners(env.RR_CLUSTER_LISTENERS)),
+    };
+    for (const [name, value] of Object.entries(info)) {
+      Object.defineProperty(this, name, { value, enumerable: true });
+    }
+    if (this.isWorker) {
+      // A process this worker forks with an IPC channel must not take its parent for a
+      // master (Node already removes NODE_CHANNEL_FD; the other variables stay readable).
+      delete env.RR_CLUSTER_PROTOCOL;
+    }
+    // So that `const { serve, send } = require('rr-cluster-worker')` works too.
+    for (const name of ['serve', 'ready', 'send', 'shutdown']) this[name] = this[name].bind(this);
+    this.on('newListener', (event) => {
+      if (event !== 'message') return;
+      this.#attach();
+      process.nextTick(() => this.#flushPending());
+    });
+  }
+
+  /** True from the start of the drain on. */
+  get draining() {
+    return this.#draining;
+  }
+
+  /** Number of connections open in the served servers. */
+  get active() {
+    return this.#open.size;
+  }
+
+  /**
+   * Serves `server` (an http, https or net server that is not listening) with the
+   * connections the master hands over; outside a pool, listens on `options.port`.
+   * Returns `server`.
+   */
+  serve(server, options = {}) {
+    if (!server || typeof server.emit !== 'function' || typeof server.listeners !== 'function') {
+      throw new TypeError('serve(server): server must be an http, https or net server');
+    }
+    if (options === null || typeof options !== 'object') {
+      throw new TypeError('serve(server, options): options must be an object');
+    }
+    if (this.#entries.some((e) => e.server === server)) {
+      throw new Error('serve(): this server is already served');
+    }
+    if (!this.isWorker && this.#env.RR_CLUSTER_CHANNEL_FD !== undefined) {
+      throw new Error('rr-cluster-worker: this process was started by rr-cluster with its binary ' +
+        'protocol; start the pool with `--worker-protocol node` (or `[worker] protocol = "node"`)');
+    }
+    if (this.isWorker && server.listening) {
+      throw new Error('serve(): the server is listening; in an rr-cluster pool the master owns the ' +
+        'listening sockets, so do not call listen()');
+    }
+    const listener = options.listener;
+    if (listener !== undefined && !(Number.isSafeInteger(listener) && listener >= 0)) {
+      throw new TypeError('serve(): options.listener must be a listener index (integer >= 0)');
+    }
+    if (this.#entries.some((e) => e.listener === listener)) {
+      throw new Error(listener === undefined ?
+        'serve(): a server without options.listener is already served' :
+        `serve(): a server is already served for listener ${listener}`);
+    }
+    if (options.onDrain !== undefined && typeof options.onDrain !== 'function') {
+      throw new TypeError('serve(): options.onDrain must be a function');
+    }
+    const idleGraceMs = options.idleGraceMs ?? DEFAULT_IDLE_GRACE_MS;
+    if (!(Number.isFinite(idleGraceMs) && idleGraceMs >= 0)) {
+      throw new TypeError('serve(): options.idleGraceMs must be a number of ms >= 0');
+    }
+    if (options.shutdownTimeoutMs !== undefined) {
+      if (!(Number.isFinite(options.shutdownTimeoutMs) && options.shutdownTimeoutMs > 0)) {
+        throw new TypeError('serve(): options.shutdownTimeoutMs must be a number of ms > 0');
+      }
+      this.#shutdownTimeoutMs = options.shutdownTimeoutMs;
+    }
+
+    const entry = {
+      server,
+      listener,
+      idleGraceMs,
+      onDrain: options.onDrain,
+      port: options.port ?? parseCount(this.#env.PORT, DEFAULT_PORT),
+      host: options.host,
+      http: isHttpServer(server),
+      tracking: false,
+      shared: [],          // net.Servers received in shared mode
+      sockets: new Set(),
+      inflight: new Set(), // http responses not yet closed
+      sweeper: null,
+    };
+    this.#entries.push(entry);
+
+    server.on('connection', (socket) => this.#track(entry, socket));
+    if (entry.http) {
+      // Runs before the application's handler, so the header is in place before it
+      // writes its head.
+      server.prependListener('request', (req, res) => {
+        entry.inflight.add(res);
+        res.once('close', () => entry.inflight.delete(res));
+        if (this.#draining && !res.headersSent) res.setHeader('Connection', 'close');
+      });
+      if (this.isWorker) entry.tracking = enableConnectionTracking(server);
+    }
+
+    if (options.handleErrors !== false || options.handleSignals !== false) {
+      this.#installProcessHandlers(options.handleErrors !== false, options.handleSignals !== false);
+    }
+    if (this.isWorker) this.#attach();
+
+    if (options.ready === false) this.#manualReady = true;
+    if (!this.#readyScheduled) {
+      this.#readyScheduled = true;
+      process.nextTick(() => {
+        if (!this.#manualReady) this.ready();
+      });
+    }
+    if (this.#isReady && !this.isWorker) this.#listen(entry);
+    return server;
+  }
+
+  /**
+   * Tells the master this worker takes connections (once; later calls do nothing).
+   * Called automatically after serve() unless it was given `ready: false`.
+   * Outside a pool, starts listening instead.
+   */
+  ready() {
+    if (this.#isReady || this.#draining) return;
+    this.#isReady = true;
+    if (!this.isWorker) {
+      for (const entry of this.#entries) this.#listen(entry);
+      return;
+    }
+    this.#attach();
+    this.#write({ rr: 'ready' });
+    this.#heartbeat = setInterval(() => {
+      this.#write({ rr: 'heartbeat', active: this.#open.size });
+    }, this.heartbeatMs);
+    this.#heartbeat.unref();
+  }
+
+  /**
+   * Sends a user message (any JSON value; objects with an `rr` key or a NODE_ `cmd`
+   * are reserved) to the master. Returns false when there is no master to send to, or
+   * when the channel's write queue is long; `callback(err)` runs once it is written.
+   */
+  send(value, callback) {
+    if (isReserved(value)) {
+      throw new TypeError('send(): objects with an `rr` key or a NODE_ `cmd` are reserved for the protocol');
+    }
+    if (callback !== undefined && typeof callback !== 'function') {
+      throw new TypeError('send(value, callback): callback must be a function');
+    }
+    return this.#write(value, callback);
+  }
+
+  /**
+   * Leaves the pool on the worker's own decision: announces it (the master starts a
+   * replacement at once), drains, exits with status 0.
+   */
+  shutdown(reason = 'shutdown') {
+    if (this.#draining) return;
+    this.#write({ rr: 'suicide', reason: String(reason) });
+    this.#startDrain('shutdown', this.#shutdownTimeoutMs);
+  }
+
+  // --- the channel -----------------------------------------------------------------
+
+  #attach() {
+    if (this.#attached || !this.isWorker) return;
+    this.#attached = true;
+    process.on('message', (msg, handle) => this.#onMessage(msg, handle));
+    process.on('disconnect', () => {
+      if (!this.#draining) this.#startDrain('disconnect', this.#shutdownTimeoutMs);
+    });
+  }
+
+  #write(msg, callback) {
+    if (!this.isWorker || !process.connected) {
+      if (callback) process.nextTick(callback, new Error('rr-cluster-worker: no channel to the master'));
+      return false;
+    }
+    // With a callback, a failed write is reported there instead of as an 'error' event
+    // on process (which would be fatal).
+    return process.send(msg, callback ?? noop);
+  }
+
+  #onMessage(msg, handle) {
+    if (msg !== null && typeof msg === 'object' && typeof msg.rr === 'string') {
+      switch (msg.rr) {
+        case 'connection':
+          if (handle) this.#onConnection(msg.listener, handle);
+          return;
+        case 'listen':
+          if (handle) this.#onListen(msg.listener, handle);
+          return;
+        case 'drain': {
+          const d = msg.deadline_ms;
+          this.#startDrain('master', Number.isFinite(d) && d >= 0 ? d : this.#shutdownTimeoutMs);
+          return;
+        }
+        default:
+          return; // an rr message this version does not know: not the application's
+      }
+    }
+    if (this.listenerCount('message') > 0) {
+      this.emit('message', msg, handle);
+    } else if (this.#pending.length < MAX_PENDING_MESSAGES) {
+      this.#pending.push([msg, handle]);
+    }
+  }
+
+  #flushPending() {
+    while (this.#pending.length > 0 && this.listenerCount('message') > 0) {
+      const [msg, handle] = this.#pending.shift();
+      this.emit('message', msg, handle);
+    }
+  }
+
+  #entryFor(listener) {
+    return this.#entries.find((e) => e.listener === listener) ??
+      this.#entries.find((e) => e.listener === undefined);
+  }
+
+  #onConnection(listener, socket) {
+    if (this.#entries.length === 0) return; // the application handles process 'message' itself
+    const entry = this.#entryFor(listener);
+    if (!entry) {
+      this.#warnListener(listener);
+      socket.destroy();
+      return;
+    }
+    // Served even while draining: the master sent it before the drain.
+    this.#feed(entry, socket);
+  }
+
+  // What net.Server does for a connection it accepts itself, then 'connection'.
+  #feed(entry, socket) {
+    const server = entry.server;
+    // A socket received over IPC has the defaults; an accepted one the server's options.
+    socket.allowHalfOpen = Boolean(server.allowHalfOpen);
+    if (server.noDelay) socket.setNoDelay(true);
+    if (server.keepAlive) socket.setKeepAlive(true, (server.keepAliveInitialDelay || 0) * 1000);
+    server.emit('connection', socket);
+  }
+
+  #onListen(listener, server) {
+    if (this.#entries.length === 0) return;
+    const entry = this.#entryFor(listener);
+    if (!entry || this.#draining) {
+      if (!entry) this.#warnListener(listener);
+      server.close();
+      return;
+    }
+    entry.shared.push(server);
+    server.on('connection', (socket) => {
+      if (!this.#draining) this.#feed(entry, socket);
+      else socket.destroy();
+    });
+    server.on('error', (err) => {
+      process.stderr.write(`rr-cluster-worker: shared listener ${listener}: ${oneLine(err)}\n`);
+    });
+  }
+
+  #warnListener(listener) {
+    if (this.#warnedListeners.has(listener)) return;
+    this.#warnedListeners.add(listener);
+    process.stderr.write(`rr-cluster-worker: no server for listener ${listener}; ` +
+      'its connections are closed (pass options.listener to serve())\n');
+  }
+
+  #track(entry, socket) {
+    if (this.#open.has(socket)) return;
+    this.#open.add(socket);
+    entry.sockets.add(socket);
+    socket.once('close', () => {
+      this.#open.delete(socket);
+      entry.sockets.delete(socket);
+      this.#maybeExit();
+    });
+  }
+
+  #listen(entry) {
+    if (entry.server.listening) return;
+    if (entry.host !== undefined) entry.server.listen(entry.port, entry.host);
+    else entry.server.listen(entry.port);
+  }
+
+  // --- drain and exit -----------------------------------------------------------------
+
+  #startDrain(reason, deadlineMs, exitCode = 0) {
+    if (exitCode !== 0) this.#exitCode = exitCode;
+    const deadlineAt = Date.now() + deadlineMs;
+    if (this.#draining) {
+      if (deadlineAt < this.#deadlineAt) this.#armForceExit(deadlineMs);
+      return;
+    }
+    this.#draining = true;
+    this.#drainInfo = { reason, deadlineMs };
+    this.#armForceExit(deadlineMs);
+
+    for (const entry of this.#entries) {
+      // Stop taking connections: the shared listening sockets first.
+      for (const shared of entry.shared) shared.close();
+      if (entry.server.listening) {
+        // net.Server's close: http's own would also close idle keep-alive connections
+        // at once, without the grace.
+        if (entry.http) net.Server.prototype.close.call(entry.server);
+        else entry.server.close();
+      }
+      for (const res of entry.inflight) {
+        if (!res.headersSent) res.setHeader('Connection', 'close');
+      }
+      if (entry.http) {
+        const timer = setTimeout(() => {
+          this.#sweep(entry);
+          entry.sweeper = setInterval(() => this.#sweep(entry), SWEEP_INTERVAL_MS);
+          entry.sweeper.unref();
+        }, entry.idleGraceMs);
+        timer.unref();
+      }
+    }
+
+    const info = { ...this.#drainInfo };
+    this.emit('drain', info);
+    for (const entry of this.#entries) {
+      if (!entry.onDrain) continue;
+      this.#hooksPending++;
+      Promise.resolve()
+        .then(() => entry.onDrain(info))
+        .catch((err) => process.stderr.write(`rr-cluster-worker: onDrain failed: ${inspect(err)}\n`))
+        .finally(() => {
+          this.#hooksPending--;
+          this.#maybeExit();
+        });
+    }
+    // Let connections already queued on the channel land before judging "nothing open".
+    setImmediate(() => this.#maybeExit());
+  }
+
+  #sweep(entry) {
+    if (entry.tracking && typeof entry.server.closeIdleConnections === 'function') {
+      entry.server.closeIdleConnections();
+      return;
+    }
+    // Node without connection tracking: a socket is idle when no response is open on it.
+    const busy = new Set();
+    for (const res of entry.inflight) busy.add(res.socket);
+    for (const socket of entry.sockets) {
+      if (!busy.has(socket)) socket.destroy();
+    }
+  }
+
+  #armForceExit(deadlineMs) {
+    // Leave before the master's SIGKILL: a tenth of the deadline, 20 ms to 1 s.
+    const margin = Math.min(1000, Math.max(20, Math.floor(deadlineMs / 10)));
+    this.#deadlineAt = Date.now() + deadlineMs;
+    if (this.#forceTimer) clearTimeout(this.#forceTimer);
+    this.#forceTimer = setTimeout(() => {
+      const open = this.#open.size;
+      if (open > 0) {
+        process.stderr.write(`rr-cluster-worker: drain deadline: exiting with ${open} ` +
+          `connection${open === 1 ? '' : 's'} still open\n`);
+      }
+      this.#exit();
+    }, Math.max(0, deadlineMs - margin));
+    this.#forceTimer.unref();
+  }
+
+  #maybeExit() {
+    if (!this.#draining || this.#exiting) return;
+    if (this.#open.size > 0 || this.#hooksPending > 0) return;
+    this.#exit();
+  }
+
+  #exit() {
+    if (this.#exiting) return;
+    this.#exiting = true;
+    process.exit(this.#exitCode);
+  }
+
+  // --- errors and signals ---------------------------------------------------------------
+
+  #installProcessHandlers(errors, signals) {
+    if (this.#processHandlers) return;
+    this.#processHandlers = true;
+    if (errors) {
+      // Unhandled rejections reach this handler too in Node's default mode
+      // (--unhandled-rejections=throw), with origin 'unhandledRejection'.
+      process.on('uncaughtException', (err, origin) => this.#onFatal(err, origin));
+    }
+    if (signals) {
+      for (const signal of ['SIGTERM', 'SIGINT']) {
+        process.on(signal, () => {
+          if (this.#draining) {
+            // A second signal: leave now, as Node would have on the first.
+            process.exit(128 + (signal === 'SIGTERM' ? 15 : 2));
+          }
+          this.#write({ rr: 'suicide', reason: signal });
+          this.#startDrain('signal', this.#shutdownTimeoutMs);
+        });
+      }
+    }
+  }
+
+  #onFatal(err, origin) {
+    // What Node prints for an uncaught error, then what happens next.
+    const what = origin === 'unhandledRejection' ? 'unhandled rejection' : 'uncaught exception';
+    process.stderr.write(`${inspect(err)}\n\nNode.js ${process.version}\n`);
+    if (this.#crashed) return;
+    this.#crashed = true;
+    process.stderr.write(`rr-cluster-worker: ${what} in worker ${this.id} (pid ${process.pid}); ` +
+      'draining, then exiting with status 1\n');
+    // Announced before anything closes, so the master replaces this worker at once.
+    this.#write({ rr: 'suicide', reason: `${what}: ${oneLine(err)}` });
+    this.#startDrain('crash', this.#shutdownTimeoutMs, 1);
+  }
+}
+
+function instance() {
+  // One per process, even when several copies of this package are installed: two
+  // would both answer the master.
+  if (!globalThis[SINGLETON]) {
+    Object.defineProperty(globalThis, SINGLETON, { value: new RRClusterWorker() });
+  }
+  return globalThis[SINGLETON];
+}
+
+module.exports = instance();

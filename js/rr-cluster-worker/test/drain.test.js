@@ -1,0 +1,97 @@
+'use strict';
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const path = require('node:path');
+const { FakeMaster, RawHttp, sleep, within, FIXTURES } = require('../test-support/helpers.js');
+
+const WORKER = path.join(FIXTURES, 'http-worker.js');
+const GRACE = 300;
+
+test('drain: in-flight request completes, keep-alive gets Connection: close, idle closes after the grace, exit 0', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 1, heartbeatMs: 50, env: { TEST_IDLE_GRACE_MS: String(GRACE) },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+
+  // A: a slow request in flight when the drain comes.
+  const a = await RawHttp.connect(master.port);
+  const slow = a.request('/slow?ms=600');
+  // B: keep-alive, one request done; it sends another one after the drain.
+  const b = await RawHttp.connect(master.port);
+  assert.equal((await b.request('/')).headers.connection, 'keep-alive');
+  // C: keep-alive, one request done; then silent.
+  const c = await RawHttp.connect(master.port);
+  assert.equal((await c.request('/')).status, 200);
+  await worker.waitMessage((m) => m.rr === 'heartbeat' && m.active === 3, 2000, 'three connections open');
+
+  const drainAt = await worker.drain(3000);
+
+  await sleep(100);
+  const late = await b.request('/');
+  assert.equal(late.status, 200);
+  assert.equal(late.headers.connection, 'close');
+  assert.equal(late.body, `Hello from worker 0 (pid ${worker.pid})\n`);
+  await within(2000, b.closed, 'B closed after its Connection: close response');
+
+  const closedC = await within(3000, c.closed, 'idle C closed');
+  assert.ok(closedC - drainAt >= GRACE - 20, `C closed ${closedC - drainAt} ms after the drain`);
+  assert.ok(closedC - drainAt < GRACE + 1000, `C closed ${closedC - drainAt} ms after the drain`);
+
+  const res = await slow;
+  assert.equal(res.status, 200);
+  assert.equal(res.body, 'slow done\n');
+  assert.equal(res.headers.connection, 'close', 'headers written after the drain say close');
+
+  const exit = await worker.waitExit(5000);
+  assert.equal(exit.code, 0);
+  assert.ok(exit.at - drainAt < 3000, `exit ${exit.at - drainAt} ms after the drain (deadline 3000)`);
+  assert.match(worker.stdout, /drain \{"reason":"master","deadlineMs":3000\}/);
+  a.close();
+  b.close();
+  c.close();
+});
+
+test('drain: a connection that never finishes does not keep the worker past the deadline', async (t) => {
+  const master = await FakeMaster.start({ script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: '100' } });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+
+  const a = await RawHttp.connect(master.port);
+  t.after(() => a.close());
+  const stuck = a.request('/slow?ms=20000', {}, 10000).catch((err) => err);
+  await worker.waitMessage((m) => m.rr === 'heartbeat' && m.active === 1, 2000, 'the request open');
+
+  const drainAt = await worker.drain(800);
+  const exit = await worker.waitExit(3000);
+  const took = exit.at - drainAt;
+  assert.equal(exit.code, 0);
+  assert.ok(took < 800, `exited ${took} ms after a drain with an 800 ms deadline`);
+  assert.ok(took >= 500, `exited ${took} ms after the drain: too early`);
+  assert.match(worker.stderr, /drain deadline: exiting with 1 connection still open/);
+  assert.ok((await stuck) instanceof Error, 'the stuck request got no response');
+});
+
+test('connections sent before the drain are still served after it', async (t) => {
+  const master = await FakeMaster.start({ script: WORKER, workers: 1, dispatch: 'none' });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+
+  const client = await RawHttp.connect(master.port);
+  t.after(() => client.close());
+  const socket = await within(2000, (async () => {
+    while (master.accepted.length === 0) await sleep(5);
+    return master.accepted[0];
+  })(), 'accept');
+  // The connection, then the drain right behind it on the channel.
+  const handed = worker.sendConnection(socket);
+  const drainAt = await worker.drain(3000);
+  await handed;
+  const res = await client.request('/');
+  assert.equal(res.status, 200);
+  assert.equal(res.headers.connection, 'close');
+  const exit = await worker.waitExit(3000);
+  assert.equal(exit.code, 0);
+  assert.ok(exit.at - drainAt < 3000);
+});

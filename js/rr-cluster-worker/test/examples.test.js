@@ -1,0 +1,33 @@
+'use strict';
+
+// examples/node: app.js (with the package) and plain.js (Node's documented API only).
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const path = require('node:path');
+const { FakeMaster, get, ROOT } = require('../test-support/helpers.js');
+
+for (const name of ['app.js', 'plain.js']) {
+  test(`examples/node/${name}: two workers answer as dispatched, then drain and exit 0`, async (t) => {
+    const master = await FakeMaster.start({ script: path.join(ROOT, 'examples', 'node', name), workers: 2 });
+    t.after(() => master.close());
+
+    for (let i = 0; i < 6; i++) {
+      const res = await get(master.port);
+      const id = master.dispatched[i];
+      assert.equal(res.status, 200);
+      assert.equal(res.headers['x-worker-id'], String(id));
+      assert.equal(res.body, `Hello from worker ${id} (pid ${master.workers[id].pid})\n`);
+    }
+    assert.deepEqual(master.dispatched, [0, 1, 0, 1, 0, 1]);
+
+    // Nothing open any more: both leave at once (plain.js by itself: the closed
+    // channel was the last thing keeping it alive).
+    for (const w of master.workers) {
+      const drainAt = await w.drain(3000);
+      const exit = await w.waitExit(3000);
+      assert.equal(exit.code, 0, `${name} worker ${w.slot}: ${w.stderr}`);
+      assert.ok(exit.at - drainAt < 1000, `${name} worker ${w.slot} left ${exit.at - drainAt} ms after the drain`);
+    }
+  });
+}

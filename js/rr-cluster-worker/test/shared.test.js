@@ -1,0 +1,68 @@
+'use strict';
+
+// The "shared" balance mode: the master sends its listening socket once
+// ({rr:'listen', listener:N} + a net.Server) and the workers accept on it themselves.
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const net = require('node:net');
+const path = require('node:path');
+const { FakeMaster, RawHttp, get, within, FIXTURES } = require('../test-support/helpers.js');
+
+const WORKER = path.join(FIXTURES, 'http-worker.js');
+
+function refused(port) {
+  return within(3000, new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1');
+    s.on('connect', () => { s.destroy(); resolve(false); });
+    s.on('error', (err) => resolve(err.code === 'ECONNREFUSED'));
+  }), 'connect after the drain');
+}
+
+test('shared mode: workers accept on the listening socket; drain closes it first', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 2, dispatch: 'none', heartbeatMs: 50, env: { TEST_IDLE_GRACE_MS: '100' },
+  });
+  t.after(() => master.close());
+  const listener = net.createServer();
+  await within(2000, new Promise((resolve) => listener.listen(0, '127.0.0.1', resolve)), 'listen');
+  const { port } = listener.address();
+  listener.on('connection', () => assert.fail('the master accepted a connection'));
+
+  for (const w of master.workers) await w.sendListen(listener);
+  // Written: the descriptors are in flight or received; the master's own copy can go.
+  listener.close();
+
+  const pids = new Set();
+  for (let i = 0; i < 20; i++) {
+    const res = await get(port);
+    assert.equal(res.status, 200);
+    const id = Number(res.headers['x-worker-id']);
+    assert.equal(res.body, `Hello from worker ${id} (pid ${master.workers[id].pid})\n`);
+    pids.add(res.headers['x-worker-pid']);
+  }
+  assert.ok(pids.size >= 1);
+
+  // Connections the workers accepted themselves count in their heartbeats.
+  const open = await RawHttp.connect(port);
+  t.after(() => open.close());
+  const res = await open.request('/');
+  const owner = master.workers[Number(res.headers['x-worker-id'])];
+  await owner.waitMessage((m) => m.rr === 'heartbeat' && m.active === 1, 2000, 'active 1');
+
+  const slow = open.request('/slow?ms=400');
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  const drains = await Promise.all(master.workers.map((w) => w.drain(3000)));
+  // Every copy of the listening socket is closed: nobody accepts any more.
+  await within(2000, (async () => {
+    while (!(await refused(port))) await new Promise((resolve) => setTimeout(resolve, 20));
+  })(), 'connections refused after the drain');
+  const done = await slow;
+  assert.equal(done.body, 'slow done\n');
+  assert.equal(done.headers.connection, 'close');
+  for (const [i, w] of master.workers.entries()) {
+    const exit = await w.waitExit(3000);
+    assert.equal(exit.code, 0);
+    assert.ok(exit.at - drains[i] < 3000);
+  }
+});
