@@ -5,6 +5,7 @@
 //! - `panic`: answers `panicking`, then panics in the handler (the panic hook tells
 //!   the master, which replaces this worker);
 //! - `exit <code>`: exits the process at once;
+//! - `leak <KiB>`: keeps that much memory allocated, answers `leaked <slot> <pid>`;
 //! - `hold`: answers `held <slot>` and keeps the connection open until the client
 //!   closes it (an idle keep-alive connection).
 //!
@@ -26,6 +27,9 @@ use std::time::Duration;
 use rr_cluster::protocol::ToMaster;
 use rr_cluster::{Worker, channel};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// Memory kept on purpose by `leak <KiB>`.
+static LEAKED: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -118,6 +122,12 @@ async fn main() -> anyhow::Result<()> {
                     panic!("asked to panic");
                 }
                 (Some("exit"), Some(code)) => std::process::exit(code as i32),
+                (Some("leak"), Some(kib)) => {
+                    // Keeps `kib` KiB allocated (and touched) for the process's life.
+                    let block = vec![1u8; (kib * 1024) as usize];
+                    LEAKED.lock().unwrap_or_else(|p| p.into_inner()).push(block);
+                    format!("leaked {slot} {pid}\n")
+                }
                 (Some("hold"), _) => {
                     let _ = conn.write_all(format!("held {slot}\n").as_bytes()).await;
                     let _ = conn.flush().await;

@@ -172,3 +172,136 @@ async fn scale_up_and_down_shows_in_status() {
     ));
     assert_eq!(cluster.stop().await, 0);
 }
+
+/// Issue 13: `max_requests`: workers are replaced after about that many connections,
+/// drain-first, and no connection fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_recycles_drain_first_without_a_failure() {
+    let b = builder(WORKER.as_ref(), &[], 2).max_requests(Some(100));
+    let mut cluster = start_cluster(b).await;
+    cluster.wait_ready(2).await;
+    let addr = cluster.addr;
+    let mut served = 0;
+    for _ in 0..1000 {
+        let answer = ask(addr, "id").await;
+        assert_eq!(answer.split_whitespace().count(), 2, "{answer:?}");
+        served += 1;
+    }
+    assert_eq!(served, 1000);
+    let recycled = cluster.drain_events(|e| match e {
+        Event::Recycled { reason, .. } => Some(reason.clone()),
+        _ => None,
+    });
+    println!(
+        "1000 connections, max_requests 100: {} recycles",
+        recycled.len()
+    );
+    assert!(recycled.len() >= 6, "{recycled:?}");
+    assert!(recycled.iter().all(|r| r.starts_with("max_requests")));
+    let metrics = cluster.handle.metrics().await.expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rr_cluster_worker_recycles_total{reason=\"max_requests\"}")),
+        "{metrics}"
+    );
+    assert_eq!(cluster.stop().await, 0);
+}
+
+/// Issue 13: `max_memory`: a worker that leaks is replaced drain-first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_memory_recycles_a_leaking_worker() {
+    let b = builder(WORKER.as_ref(), &[], 1).max_memory(Some(64 * 1024 * 1024));
+    let mut cluster = start_cluster(b).await;
+    let s = cluster.wait_ready(1).await;
+    let leaker = s.workers[0].pid.expect("pid");
+    // 80 MiB, 8 at a time, every request answered.
+    for _ in 0..10 {
+        let answer = ask(cluster.addr, "leak 8192").await;
+        assert!(answer.starts_with("leaked "), "{answer:?}");
+    }
+    let reason = cluster
+        .next_event(|e| match e {
+            Event::Recycled { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(reason.starts_with("max_memory"), "{reason}");
+    let s = cluster.wait_ready(1).await;
+    assert_ne!(s.workers[0].pid, Some(leaker));
+    assert_eq!(ask(cluster.addr, "id").await.split_whitespace().count(), 2);
+    assert_eq!(cluster.stop().await, 0);
+}
+
+/// Issue 13: `balance = "client-ip"`: 1000 connections from 4 source addresses land on
+/// at most 4 slots, each address always on one; after a worker is killed only its
+/// addresses move, and they come back to its replacement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ip_balance_keeps_each_address_on_its_slot() {
+    let b = builder(WORKER.as_ref(), &[], 4).balance(rr_cluster::Balance::ClientIp);
+    let mut cluster = start_cluster(b).await;
+    let status = cluster.wait_ready(4).await;
+    let addr = cluster.addr;
+    let sources: Vec<std::net::IpAddr> = (2..=5u8).map(|i| [127, 0, 0, i].into()).collect();
+    async fn slot_from(addr: std::net::SocketAddr, source: std::net::IpAddr) -> u32 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind((source, 0).into()).expect("bind source");
+        let mut s = socket.connect(addr).await.expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"id\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        tokio::time::timeout(
+            WAIT,
+            tokio::io::AsyncReadExt::read_to_string(&mut s, &mut answer),
+        )
+        .await
+        .expect("in time")
+        .expect("read");
+        answer
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("slot")
+    }
+    let mut home = std::collections::BTreeMap::new();
+    for i in 0..1000 {
+        let source = sources[i % 4];
+        let slot = slot_from(addr, source).await;
+        assert_eq!(*home.entry(source).or_insert(slot), slot, "{source} moved");
+    }
+    let used: std::collections::BTreeSet<u32> = home.values().copied().collect();
+    println!("client-ip: {home:?}");
+    assert!(used.len() <= 4);
+    // Kill the worker of the slot the first address lives on.
+    let victim_slot = home[&sources[0]];
+    let victim = status
+        .workers
+        .iter()
+        .find(|w| w.slot == victim_slot)
+        .and_then(|w| w.pid)
+        .expect("victim");
+    cluster.drain_events(|_| None::<()>);
+    rr_cluster_tests::kill(victim);
+    cluster
+        .next_event(|e| {
+            matches!(e, Event::WorkerExited { pid, .. } if *pid == victim).then_some(())
+        })
+        .await;
+    // While it is being replaced, only its addresses may move (and they come back).
+    for source in &sources {
+        let slot = slot_from(addr, *source).await;
+        if home[source] != victim_slot {
+            assert_eq!(slot, home[source], "{source} did not live on the dead slot");
+        }
+    }
+    cluster.wait_ready(4).await;
+    for source in &sources {
+        assert_eq!(
+            slot_from(addr, *source).await,
+            home[source],
+            "{source} is home again"
+        );
+    }
+    assert_eq!(cluster.stop().await, 0);
+}

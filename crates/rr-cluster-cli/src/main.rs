@@ -6,12 +6,14 @@
 //! - `run`: `rr-cluster run`, the master: configuration file + flags, logs, signals.
 //! - `client`: `status`, `reload`, `scale`, `stop` over the control socket.
 //! - `hello`: `rr-cluster hello-worker`, the bundled demo worker.
+//! - `top`: `rr-cluster top`, the live terminal view.
 //! - `ops`: the Prometheus and health endpoints and systemd notifications.
 
 mod client;
 mod hello;
 mod ops;
 mod run;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +80,15 @@ enum Cmd {
         /// With --wait: give up waiting after this long.
         #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = rr_cluster::config::parse_duration)]
         timeout: Duration,
+    },
+    /// A live view of the pool (CPU, memory, connections/s per worker); keys: r
+    /// reload, + / - scale, q quit.
+    Top {
+        #[command(flatten)]
+        control: ControlArg,
+        /// How often to refresh.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = rr_cluster::config::parse_duration)]
+        interval: Duration,
     },
     /// The bundled demo worker: HTTP hello world that names its worker.
     HelloWorker,
@@ -187,6 +198,9 @@ fn main() -> ExitCode {
                 wait,
                 timeout,
             } => client::simple(&control.path(), Request::Stop { now, wait }, timeout).await,
+            Cmd::Top { control, interval } => {
+                top::main(control.path(), interval.max(Duration::from_millis(100))).await
+            }
             Cmd::HelloWorker => hello::main().await,
         }
     })

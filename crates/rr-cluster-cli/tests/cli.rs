@@ -757,3 +757,76 @@ fn the_control_socket_is_the_masters_alone() {
     }
     drop(pool);
 }
+
+/// Issue 13: `rr-cluster top` under tmux: it shows every worker, its keys act on the
+/// pool, and `q` quits.
+#[test]
+fn top_shows_the_pool_and_its_keys_work() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: tmux is not installed");
+        return;
+    }
+    let dir = Scratch::new("top");
+    let control = dir.path("ctl.sock");
+    let mut pool = Running::start(&control, &["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let s = pool.wait_ready(None);
+    let pids: Vec<String> = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["pid"].to_string())
+        .collect();
+    let session = format!("rr-top-{}", std::process::id());
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("run tmux");
+    let top = format!("{BIN} top --interval 200ms --control {}", control.display());
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "160",
+        "-y",
+        "30",
+        &top,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let capture = || {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned()
+    };
+    let wait_for = |needle: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let screen = capture();
+            if needle(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not on screen in time:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let screen =
+        wait_for(&|s: &str| s.contains("SLOT") && pids.iter().all(|p| s.contains(p.as_str())));
+    println!("{screen}");
+    assert!(
+        screen.contains("ready") && screen.contains("RSS"),
+        "{screen}"
+    );
+    // `+`: one worker more.
+    tmux(&["send-keys", "-t", &session, "+"]);
+    wait_for(&|s: &str| s.contains("scaling from 2 to 3 workers"));
+    let s = pool.wait_ready(Some(3));
+    assert_eq!(s["target_workers"], 3);
+    // `q`: the view ends, and the session with it.
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let deadline = Instant::now() + WAIT;
+    while tmux(&["has-session", "-t", &session]).status.success() {
+        assert!(Instant::now() < deadline, "top did not quit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(pool.child.id(), Signal::TERM);
+    assert_eq!(pool.wait_exit(), 0);
+}

@@ -1,14 +1,21 @@
-//! A minimal HTTP/1.1 response parser: pure functions over byte slices, no I/O.
+//! HTTP/1.1 responses as the load driver reads them: pure functions over byte slices, no I/O.
 //!
 //! [`parse_head`] reads the status line and headers from the start of a buffer that may
-//! hold only part of them (it answers `Ok(None)` until the blank line has arrived);
-//! [`Body`] then consumes the body in whatever pieces the socket delivers, for the three
-//! framings a response can have: `Content-Length`, `Transfer-Encoding: chunked`, or
-//! "until the server closes". Nothing here allocates, and no input makes it panic: every
-//! malformed response is a [`ParseError`].
+//! hold only part of them (it answers `Ok(None)` until the blank line has arrived). The
+//! syntax is checked by [`httparse`], hyper's parser; what the headers mean for this
+//! client (framing, keep-alive, the worker's id) is decided here. [`Body`] then consumes
+//! the body in whatever pieces the socket delivers, for the three framings a response
+//! can have: `Content-Length`, `Transfer-Encoding: chunked`, or "until the server
+//! closes". Nothing here allocates, and no input makes it panic: every malformed
+//! response is a [`ParseError`].
+
+use std::mem::MaybeUninit;
 
 /// The longest response head (status line and headers) accepted, in bytes.
 pub const MAX_HEAD: usize = 64 * 1024;
+
+/// The most header lines accepted in one response head (hyper's default limit too).
+pub const MAX_HEADERS: usize = 100;
 
 /// The most bytes of chunk extensions or trailers accepted in one body.
 const MAX_CHUNK_META: usize = 16 * 1024;
@@ -71,6 +78,12 @@ pub enum ParseError {
     /// A header line is not `name: value`.
     #[error("malformed header line")]
     BadHeader,
+    /// The head has more header lines than [`MAX_HEADERS`].
+    #[error("more than {max} response headers")]
+    TooManyHeaders {
+        /// The limit.
+        max: usize,
+    },
     /// `Content-Length` is not a number, or two of them disagree.
     #[error("invalid Content-Length")]
     BadContentLength,
@@ -94,16 +107,35 @@ pub enum ParseError {
 /// longer buffer), `Ok(Some(head))` once the blank line is in, and an error as soon as
 /// the bytes seen cannot start a valid response or the head exceeds `max` bytes.
 pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head<'_>>, ParseError> {
-    let mut lines = Lines { buf, pos: 0 };
-    let Some(status_line) = lines.next_line() else {
-        // Reject garbage early rather than waiting for a newline that may never come.
-        let prefix_len = buf.len().min(7);
-        if buf[..prefix_len] != b"HTTP/1."[..prefix_len] {
-            return Err(ParseError::BadStatusLine);
+    // httparse skips empty lines before the status line (a robustness rule meant for
+    // requests); a response must start right away.
+    if buf.iter().zip(b"HTTP/1.").any(|(a, b)| a != b) {
+        return Err(ParseError::BadStatusLine);
+    }
+    // Only the first `max` bytes can hold an acceptable head: httparse never sees more.
+    let window = &buf[..buf.len().min(max)];
+    let mut headers = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        window,
+        &mut headers,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > max => {
+            return Err(ParseError::HeadTooLarge { max });
         }
-        return check_size(buf.len(), max);
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(ParseError::from(e)),
     };
-    let (minor_version, status) = parse_status_line(status_line)?;
+    let (Some(minor_version), Some(status)) = (response.version, response.code) else {
+        // A complete parse has both; this only keeps a surprise from becoming a panic.
+        return Err(ParseError::BadStatusLine);
+    };
+    if status < 100 {
+        return Err(ParseError::BadStatusLine);
+    }
     let mut head = Head {
         minor_version,
         status,
@@ -111,24 +143,16 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head<'_>>, ParseError
         keep_alive: minor_version == 1,
         worker_id: None,
         worker_pid: None,
-        len: 0,
+        len,
     };
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
     let mut connection_close = false;
     let mut connection_keep_alive = false;
-    loop {
-        let Some(line) = lines.next_line() else {
-            return check_size(buf.len(), max);
-        };
-        if lines.pos > max {
-            return Err(ParseError::HeadTooLarge { max });
-        }
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = split_header(line)?;
+    for header in response.headers.iter() {
+        // httparse has dropped the whitespace around the value.
+        let (name, value) = (header.name.as_bytes(), header.value);
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_decimal(value).ok_or(ParseError::BadContentLength)?;
             if content_length.is_some_and(|old| old != n) {
@@ -157,7 +181,6 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head<'_>>, ParseError
             head.worker_pid = parse_decimal(value).and_then(|n| u32::try_from(n).ok());
         }
     }
-    head.len = lines.pos;
     if head.status == 101 {
         return Err(ParseError::UnexpectedUpgrade);
     }
@@ -193,78 +216,18 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head<'_>>, ParseError
     Ok(Some(head))
 }
 
-fn check_size<T>(seen: usize, max: usize) -> Result<Option<T>, ParseError> {
-    if seen > max {
-        Err(ParseError::HeadTooLarge { max })
-    } else {
-        Ok(None)
+impl From<httparse::Error> for ParseError {
+    fn from(e: httparse::Error) -> ParseError {
+        match e {
+            httparse::Error::Version | httparse::Error::Status | httparse::Error::Token => {
+                ParseError::BadStatusLine
+            }
+            httparse::Error::HeaderName
+            | httparse::Error::HeaderValue
+            | httparse::Error::NewLine => ParseError::BadHeader,
+            httparse::Error::TooManyHeaders => ParseError::TooManyHeaders { max: MAX_HEADERS },
+        }
     }
-}
-
-/// Complete lines of a buffer, without their `\r\n` (a bare `\n` is accepted too).
-struct Lines<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Lines<'a> {
-    fn next_line(&mut self) -> Option<&'a [u8]> {
-        let rest = &self.buf[self.pos..];
-        let nl = rest.iter().position(|&b| b == b'\n')?;
-        self.pos += nl + 1;
-        let line = &rest[..nl];
-        Some(line.strip_suffix(b"\r").unwrap_or(line))
-    }
-}
-
-fn parse_status_line(line: &[u8]) -> Result<(u8, u16), ParseError> {
-    // "HTTP/1.1 200 OK", the reason phrase may be empty or missing.
-    let rest = line
-        .strip_prefix(b"HTTP/1.")
-        .ok_or(ParseError::BadStatusLine)?;
-    let (&minor, rest) = rest.split_first().ok_or(ParseError::BadStatusLine)?;
-    let minor_version = match minor {
-        b'0' => 0,
-        b'1' => 1,
-        _ => return Err(ParseError::BadStatusLine),
-    };
-    let rest = rest.strip_prefix(b" ").ok_or(ParseError::BadStatusLine)?;
-    let (code, reason) = rest.split_at_checked(3).ok_or(ParseError::BadStatusLine)?;
-    if !code.iter().all(u8::is_ascii_digit) || code[0] == b'0' {
-        return Err(ParseError::BadStatusLine);
-    }
-    if !(reason.is_empty() || reason[0] == b' ') {
-        return Err(ParseError::BadStatusLine);
-    }
-    if reason.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
-        return Err(ParseError::BadStatusLine);
-    }
-    let status = code
-        .iter()
-        .fold(0u16, |acc, &d| acc * 10 + u16::from(d - b'0'));
-    Ok((minor_version, status))
-}
-
-fn split_header(line: &[u8]) -> Result<(&[u8], &[u8]), ParseError> {
-    let colon = line
-        .iter()
-        .position(|&b| b == b':')
-        .ok_or(ParseError::BadHeader)?;
-    let name = &line[..colon];
-    if name.is_empty() || !name.iter().all(|&b| is_token_char(b)) {
-        // Also rejects obsolete line folding (a line starting with whitespace) and
-        // whitespace between the name and the colon.
-        return Err(ParseError::BadHeader);
-    }
-    let value = trim(&line[colon + 1..]);
-    if value.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
-        return Err(ParseError::BadHeader);
-    }
-    Ok((name, value))
-}
-
-fn is_token_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn trim(mut s: &[u8]) -> &[u8] {
