@@ -333,19 +333,21 @@ mod tests {
     #[test]
     fn history_follows_the_slots() {
         let mut view = View::default();
-        let mut s = Status::default();
-        s.workers = vec![
-            rr_cluster::control::WorkerStatus {
-                slot: 0,
-                connections_per_sec: 10.0,
-                ..Default::default()
-            },
-            rr_cluster::control::WorkerStatus {
-                slot: 1,
-                connections_per_sec: 20.0,
-                ..Default::default()
-            },
-        ];
+        let mut s = Status {
+            workers: vec![
+                rr_cluster::control::WorkerStatus {
+                    slot: 0,
+                    connections_per_sec: 10.0,
+                    ..Default::default()
+                },
+                rr_cluster::control::WorkerStatus {
+                    slot: 1,
+                    connections_per_sec: 20.0,
+                    ..Default::default()
+                },
+            ],
+            ..Status::default()
+        };
         view.update(Ok(s.clone()));
         s.workers.pop();
         view.update(Ok(s));
