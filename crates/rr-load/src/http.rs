@@ -114,6 +114,7 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head<'_>>, ParseError
     }
     // Only the first `max` bytes can hold an acceptable head: httparse never sees more.
     let window = &buf[..buf.len().min(max)];
+    // Uninitialised slots: nothing to zero on every read; httparse fills what it uses.
     let mut headers = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -121,21 +122,23 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head<'_>>, ParseError
         window,
         &mut headers,
     );
+    // httparse takes `000`..`099` too. Its fields fill in as it goes: reject such a code
+    // as soon as it is in, like any other bad status line.
+    if response.code.is_some_and(|code| code < 100) {
+        return Err(ParseError::BadStatusLine);
+    }
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > max => {
             return Err(ParseError::HeadTooLarge { max });
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(ParseError::from(e)),
+        Err(e) => return Err(syntax_error(e)),
     };
     let (Some(minor_version), Some(status)) = (response.version, response.code) else {
         // A complete parse has both; this only keeps a surprise from becoming a panic.
         return Err(ParseError::BadStatusLine);
     };
-    if status < 100 {
-        return Err(ParseError::BadStatusLine);
-    }
     let mut head = Head {
         minor_version,
         status,
@@ -216,17 +219,17 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head<'_>>, ParseError
     Ok(Some(head))
 }
 
-impl From<httparse::Error> for ParseError {
-    fn from(e: httparse::Error) -> ParseError {
-        match e {
-            httparse::Error::Version | httparse::Error::Status | httparse::Error::Token => {
-                ParseError::BadStatusLine
-            }
-            httparse::Error::HeaderName
-            | httparse::Error::HeaderValue
-            | httparse::Error::NewLine => ParseError::BadHeader,
-            httparse::Error::TooManyHeaders => ParseError::TooManyHeaders { max: MAX_HEADERS },
+/// The kind of an httparse syntax error (a function, not a `From`, so that no httparse
+/// type shows in rr-load's public API).
+fn syntax_error(e: httparse::Error) -> ParseError {
+    match e {
+        httparse::Error::Version | httparse::Error::Status | httparse::Error::Token => {
+            ParseError::BadStatusLine
         }
+        httparse::Error::HeaderName | httparse::Error::HeaderValue | httparse::Error::NewLine => {
+            ParseError::BadHeader
+        }
+        httparse::Error::TooManyHeaders => ParseError::TooManyHeaders { max: MAX_HEADERS },
     }
 }
 
@@ -623,6 +626,90 @@ mod tests {
         let h = head(b"HTTP/1.1 200 OK\r\nx-worker-pid: abc\r\nx-worker-id:  a b \r\nContent-Length: 0\r\n\r\n");
         assert_eq!(h.worker_pid, None);
         assert_eq!(h.worker_id, Some(&b"a b"[..]));
+    }
+
+    /// httparse skips empty lines before a status line; a response may not have any.
+    #[test]
+    fn leading_empty_lines_are_rejected() {
+        for buf in [
+            &b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..],
+            b"\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            b"\r\n",
+            b"\n",
+        ] {
+            assert_eq!(parse_head(buf, MAX_HEAD), Err(ParseError::BadStatusLine));
+        }
+    }
+
+    #[test]
+    fn head_of_exactly_max_bytes_is_accepted() {
+        let buf = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi";
+        let len = head(buf).len;
+        assert_eq!(
+            parse_head(buf, len).map(|h| h.map(|h| h.len)),
+            Ok(Some(len))
+        );
+        assert_eq!(
+            parse_head(buf, len - 1),
+            Err(ParseError::HeadTooLarge { max: len - 1 })
+        );
+        // Incomplete and already longer than the limit.
+        assert_eq!(
+            parse_head(&buf[..len - 1], len - 2),
+            Err(ParseError::HeadTooLarge { max: len - 2 })
+        );
+        assert_eq!(parse_head(&buf[..len - 1], len - 1), Ok(None));
+    }
+
+    #[test]
+    fn header_count_is_limited() {
+        let with_headers = |n: usize| {
+            let mut buf = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..n {
+                buf.extend_from_slice(format!("X-Filler-{i}: a\r\n").as_bytes());
+            }
+            buf.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+            buf
+        };
+        let ok = with_headers(MAX_HEADERS - 1);
+        assert_eq!(head(&ok).framing, Framing::Empty);
+        assert_eq!(
+            parse_head(&with_headers(MAX_HEADERS), MAX_HEAD),
+            Err(ParseError::TooManyHeaders { max: MAX_HEADERS })
+        );
+    }
+
+    /// A byte that no valid response can have there is an error at once, without
+    /// waiting for the end of its line.
+    #[test]
+    fn bad_bytes_are_rejected_before_the_line_ends() {
+        for (buf, err) in [
+            (&b"HTTP/1.1 2x"[..], ParseError::BadStatusLine),
+            (b"HTTP/1.1 099", ParseError::BadStatusLine),
+            (b"HTTP/1.1 200 O\x00", ParseError::BadStatusLine),
+            (b"HTTP/1.1 200 OK\r\nNa me", ParseError::BadHeader),
+            (b"HTTP/1.1 200 OK\r\nA: b\x7f", ParseError::BadHeader),
+            (b"HTTP/1.1 200 OK\r\n\rX", ParseError::BadHeader),
+        ] {
+            assert_eq!(
+                parse_head(buf, MAX_HEAD),
+                Err(err),
+                "{:?}",
+                String::from_utf8_lossy(buf)
+            );
+        }
+    }
+
+    #[test]
+    fn obs_text_is_accepted_in_reason_and_values() {
+        let h =
+            head(b"HTTP/1.1 200 \xe9t\xe9\r\nx-worker-id: caf\xe9\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.status, 200);
+        assert_eq!(h.worker_id, Some(&b"caf\xe9"[..]));
+        // An empty value and a tab before the value are fine too.
+        let h =
+            head(b"HTTP/1.1 200 OK\r\nX-Empty:\r\nConnection:\tclose\r\nContent-Length: 0\r\n\r\n");
+        assert!(!h.keep_alive);
     }
 
     #[test]

@@ -26,7 +26,8 @@
 //!
 //! - [`config`]: [`Config`], its builder and validation; duration parsing.
 //! - [`cli`]: the `rr-load` command line, turned into a [`Config`].
-//! - [`http`]: a minimal HTTP/1.1 response parser (no I/O, never panics).
+//! - [`http`]: HTTP/1.1 responses: the head through `httparse`, body framing by hand (no
+//!   I/O, never panics).
 //! - `conn`: one client connection: connect, write, read, classify the failure.
 //! - [`outcome`]: [`ErrorKind`], how a request fails.
 //! - `recorder`: per-connection counters and histograms, merged at the end.
