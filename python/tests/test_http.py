@@ -1,0 +1,301 @@
+"""The HTTP/1.1 layer of serve_wsgi, in process (no master): framing, bodies, HEAD,
+100-continue, pipelining, errors, and the drain's Connection: close / idle grace."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from fakemaster import Listener, at_eof, read_response, request
+from rr_cluster_worker.wsgi import WSGIServer
+
+
+class StubWorker:
+    id = 0
+
+    def __init__(self):
+        self.closing = threading.Event()
+        self.draining = threading.Event()
+        self.drain_started = None
+
+    def drain(self):
+        self.drain_started = time.monotonic()
+        self.closing.set()
+        self.draining.set()
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/echo":
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("x-method", environ["REQUEST_METHOD"])])
+        return [body]
+    if path == "/lines":
+        lines = list(environ["wsgi.input"])
+        start_response("200 OK", [("x-lines", str(len(lines)))])
+        return [b"|".join(lines)]
+    if path == "/stream":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (f"part {i}\n".encode() for i in range(3))
+    if path == "/write":
+        write = start_response("200 OK", [])
+        write(b"written ")
+        return [b"and returned"]
+    if path == "/ignore-body":
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+    if path == "/fail":
+        raise ValueError("the application failed")
+    if path == "/short":
+        start_response("200 OK", [("Content-Length", "10")])
+        return [b"abc", b""]
+    if path.startswith("/a "):
+        keys = ["PATH_INFO", "QUERY_STRING", "SERVER_NAME", "SERVER_PORT", "HTTP_X_THING",
+                "CONTENT_TYPE", "REMOTE_ADDR", "SERVER_PROTOCOL"]
+        body = "\n".join(f"{k}={environ.get(k)}" for k in keys).encode()
+        start_response("200 OK", [])
+        return [body]
+    if path == "/nocontent":
+        start_response("204 No Content", [])
+        return []
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello\n"]
+
+
+@pytest.fixture
+def server():
+    worker = StubWorker()
+    srv = WSGIServer(app, worker, threads=4, idle_grace=1.0, request_timeout=5)
+    srv.start()
+    lst = Listener()
+    conns = []
+
+    def connect():
+        client, conn = lst.pair()
+        srv.add(conn, 0)
+        conns.append(client)
+        return client
+
+    srv.connect = connect
+    srv.stub = worker
+    yield srv
+    for c in conns:
+        c.close()
+    lst.close()
+    srv.close()
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server):
+    c = server.connect()
+    for _ in range(20):
+        request(c, "/")
+        r = read_response(c)
+        assert r.status == 200 and r.body == b"hello\n" and "connection" not in r.headers
+        assert r.headers["content-length"] == "6" and "date" in r.headers
+
+
+def test_connection_close_is_honoured(server):
+    c = server.connect()
+    request(c, "/", keep_alive=False)
+    r = read_response(c)
+    assert r.headers["connection"] == "close"
+    assert at_eof(c)
+
+
+def test_http_1_0(server):
+    c = server.connect()
+    c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    r = read_response(c)
+    assert r.status == 200 and r.headers["connection"] == "close"
+    assert at_eof(c)
+    c = server.connect()
+    c.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    r = read_response(c)
+    assert r.headers["connection"] == "keep-alive"
+    c.sendall(b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    # No chunked encoding in 1.0: the body ends with the connection.
+    c.settimeout(5)
+    data = b""
+    while True:
+        chunk = c.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    assert data.endswith(b"part 0\npart 1\npart 2\n") and b"connection: close" in data.lower()
+
+
+def test_content_length_and_chunked_request_bodies(server):
+    c = server.connect()
+    request(c, "/echo", method="POST", body=b"x" * 100_000)
+    r = read_response(c)
+    assert r.body == b"x" * 100_000
+    c.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\nTrailer: x\r\n\r\n")
+    r = read_response(c)
+    assert r.body == b"hello world!"
+    c.sendall(b"POST /lines HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"4\r\na\nb\n\r\n3\r\nc\nd\r\n0\r\n\r\n")
+    r = read_response(c)
+    assert r.headers["x-lines"] == "4" and r.body == b"a\n|b\n|c\n|d"
+
+
+def test_unread_body_is_skipped_for_the_next_request(server):
+    c = server.connect()
+    request(c, "/ignore-body", method="POST", body=b"y" * 5000)
+    assert read_response(c).body == b"ok"
+    request(c, "/")
+    assert read_response(c).body == b"hello\n"
+
+
+def test_pipelined_requests(server):
+    c = server.connect()
+    c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" * 3 + b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+    buf = bytearray()
+    for _ in range(3):
+        assert read_response(c, buf=buf).body == b"hello\n"
+    r = read_response(c, buf=buf)
+    assert r.headers["transfer-encoding"] == "chunked" and r.body == b"part 0\npart 1\npart 2\n"
+
+
+def test_head_has_the_headers_and_no_body(server):
+    c = server.connect()
+    c.sendall(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+    r = read_response(c, head_only=True)
+    assert r.status == 200 and r.headers["content-length"] == "6"
+    request(c, "/")  # nothing was left behind on the connection
+    assert read_response(c).body == b"hello\n"
+    c.sendall(b"GET /nocontent HTTP/1.1\r\nHost: t\r\n\r\n")
+    r = read_response(c)
+    assert r.status == 204 and "content-length" not in r.headers and "transfer-encoding" not in r.headers
+    request(c, "/")
+    assert read_response(c).body == b"hello\n"
+
+
+def test_100_continue(server):
+    c = server.connect()
+    c.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    r = read_response(c)
+    assert r.status == 100
+    c.sendall(b"data")
+    assert read_response(c).body == b"data"
+    # Not read by the application: no 100, and the connection closes after the answer.
+    c.sendall(b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    r = read_response(c)
+    assert r.status == 200 and r.headers["connection"] == "close"
+
+
+def test_write_callable_and_streaming(server):
+    c = server.connect()
+    request(c, "/write")
+    assert read_response(c).body == b"written and returned"
+    request(c, "/stream")
+    assert read_response(c).body == b"part 0\npart 1\npart 2\n"
+
+
+def test_environ(server):
+    c = server.connect()
+    c.sendall(b"GET /a%20b/%C3%A9?x=1&y=%20 HTTP/1.1\r\nHost: example.org:8080\r\n"
+              b"X-Thing: 1\r\nX-Thing: 2\r\nX_Thing: spoof\r\n\r\n")
+    r = read_response(c)
+    env = dict(line.split("=", 1) for line in r.body.decode().split("\n"))
+    assert env["PATH_INFO"] == "/a b/" + "é".encode().decode("latin-1")
+    assert env["QUERY_STRING"] == "x=1&y=%20"
+    assert (env["SERVER_NAME"], env["SERVER_PORT"]) == ("example.org", "8080")
+    assert env["HTTP_X_THING"] == "1, 2"  # the underscore one is dropped
+    assert env["REMOTE_ADDR"] == "127.0.0.1" and env["SERVER_PROTOCOL"] == "HTTP/1.1"
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+    (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n folded\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nExpect: magic\r\n\r\n", 417),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
+])
+def test_bad_requests_get_an_error_and_close(server, raw, status):
+    c = server.connect()
+    c.sendall(raw)
+    r = read_response(c)
+    assert r.status == status and r.headers["connection"] == "close"
+    assert at_eof(c)
+
+
+def test_application_errors(server):
+    c = server.connect()
+    request(c, "/fail")
+    r = read_response(c)
+    assert r.status == 500 and r.headers["connection"] == "close"
+    assert at_eof(c)
+    c = server.connect()
+    request(c, "/short")  # 3 bytes of a promised 10: the connection must end
+    c.settimeout(5)
+    data = b""
+    while True:
+        chunk = c.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    assert data.endswith(b"\r\n\r\nabc")
+
+
+def test_bad_chunked_body_closes_the_connection(server):
+    c = server.connect()
+    c.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    r = read_response(c)
+    assert r.status == 500
+    assert at_eof(c)
+
+
+def test_drain_rules(server):
+    idle = server.connect()
+    used = server.connect()
+    request(idle, "/")
+    read_response(idle)
+    request(used, "/")
+    read_response(used)
+    server.stub.drain()
+    t = time.monotonic()
+    time.sleep(0.3)
+    request(used, "/")
+    r = read_response(used)
+    assert r.headers["connection"] == "close"
+    assert at_eof(used)
+    assert not at_eof(idle, 0.5)  # not at once: a request may be on its way
+    assert at_eof(idle, 2)
+    assert 0.9 <= time.monotonic() - t <= 2.0
+    assert server.wait_closed(2)
+
+
+def test_a_request_arriving_at_the_end_of_the_grace_is_served(server):
+    c = server.connect()
+    server.stub.drain()
+    time.sleep(0.95)
+    request(c, "/")
+    r = read_response(c)
+    assert r.status == 200 and r.headers["connection"] == "close"
+
+
+def test_slow_handlers_do_not_block_other_connections(server):
+    def slow_app(environ, start_response):
+        if environ["PATH_INFO"] == "/slow":
+            time.sleep(1.5)
+        start_response("200 OK", [])
+        return [b"x"]
+
+    server.app = slow_app
+    slow = [server.connect() for _ in range(3)]
+    for c in slow:
+        request(c, "/slow")
+    t = time.monotonic()
+    fast = server.connect()
+    request(fast, "/")
+    assert read_response(fast).body == b"x"
+    assert time.monotonic() - t < 1.0  # 4 threads: one was free
+    for c in slow:
+        assert read_response(c).body == b"x"
