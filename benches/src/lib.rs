@@ -7,14 +7,18 @@
 //! - `benches/channel_fds.rs`: frames and descriptors per second through a channel pair,
 //!   a `ChannelWriter` sending `Connections` frames with 1 and 16 descriptors to a
 //!   `ChannelReader`.
-//! - this library: the sample messages both use.
+//! - `src/service.rs`: the demo worker's HTTP answer, for the reference servers.
+//! - `src/bin/ref-fdpass.rs`: a minimal fd-passing master with hyper workers.
+//! - `src/bin/ref-reuseport.rs`: hyper workers on one SO_REUSEPORT port.
+//! - `compare.sh`: rr-cluster against those references and Node's cluster, with wrk.
+//! - this library: the sample messages the criterion benchmarks use.
 //!
 //! Run `cargo bench -p rr-cluster-benches` (add `-- --quick` for a short run, or a
 //! filter such as `-- codec/decode`).
 
-use rr_cluster::protocol::{
-    Hello, ListenerInfo, ListenerKind, PROTOCOL_VERSION, ToMaster, ToWorker,
-};
+pub mod service;
+
+use rr_cluster::protocol::{HELLO_VERSION, Hello, ListenerInfo, ListenerKind, ToMaster, ToWorker};
 
 /// Bytes of data in the [`user_1k`] message.
 pub const USER_LEN: usize = 1024;
@@ -22,7 +26,7 @@ pub const USER_LEN: usize = 1024;
 /// A handshake as a master with two listeners sends it.
 pub fn hello() -> ToWorker {
     ToWorker::Hello(Hello {
-        version: PROTOCOL_VERSION,
+        version: HELLO_VERSION,
         worker_id: 3,
         generation: 7,
         heartbeat_ms: 1000,

@@ -9,7 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use rr_cluster::protocol::{
-    HEADER_LEN, MAX_FDS_PER_FRAME, MAX_FRAME_LEN, Message, PROTOCOL_VERSION, ProtocolError,
+    HEADER_LEN, MAX_FDS_PER_FRAME, MAX_FRAME_LEN, Message, HELLO_VERSION, ProtocolError,
     ToMaster, ToWorker, decode_hello, decode_payload, frame, peek_len,
 };
 
@@ -52,13 +52,13 @@ fn check_payload(payload: &[u8]) {
     }
     match decode_hello(payload) {
         Ok(hello) => {
-            assert_eq!(hello.version, PROTOCOL_VERSION);
+            assert_eq!(hello.version, HELLO_VERSION);
             assert_canonical(&ToWorker::Hello(hello), payload);
         }
         Err(ProtocolError::VersionMismatch { peer, .. }) => {
             assert_eq!(payload[..4], [0, 0, 0, 0]);
             assert_eq!(payload[4..8], peer.to_le_bytes());
-            assert_ne!(peer, PROTOCOL_VERSION);
+            assert_ne!(peer, HELLO_VERSION);
         }
         Err(_) => {}
     }

@@ -18,7 +18,7 @@ use rr_cluster::control::{Status, WorkerState};
 use rr_cluster::{Event, MasterBuilder, MasterHandle, StopMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::broadcast;
 
 /// The default bound of every wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -30,7 +30,9 @@ pub struct Cluster {
     pub handle: MasterHandle,
     /// Its TCP address.
     pub addr: SocketAddr,
-    events: mpsc::UnboundedReceiver<Event>,
+    /// Read directly (no forwarding task): the master publishes synchronously, so an
+    /// event published before a call returned is already here.
+    events: broadcast::Receiver<Event>,
     pids: Arc<Mutex<HashSet<u32>>>,
 }
 
@@ -38,31 +40,26 @@ pub struct Cluster {
 /// short timeouts suited to tests.
 pub async fn start_cluster(builder: MasterBuilder) -> Cluster {
     let master = builder.build().expect("valid master configuration");
-    let mut events = master.events();
+    let events = master.events();
+    // A second subscriber keeps the set of live worker pids for teardown, whether or
+    // not the test reads events.
+    let mut watch = master.events();
     let pids = Arc::new(Mutex::new(HashSet::new()));
-    let (tx, rx) = mpsc::unbounded_channel();
     let seen = Arc::clone(&pids);
     tokio::spawn(async move {
         loop {
-            match events.recv().await {
-                Ok(event) => {
-                    match &event {
-                        Event::WorkerSpawned { pid, .. } => {
-                            lock(&seen).insert(*pid);
-                        }
-                        Event::WorkerExited { pid, .. } => {
-                            lock(&seen).remove(pid);
-                        }
-                        _ => {}
-                    }
-                    if tx.send(event).is_err() {
-                        return;
-                    }
+            match watch.recv().await {
+                Ok(Event::WorkerSpawned { pid, .. }) => {
+                    lock(&seen).insert(pid);
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                Ok(Event::WorkerExited { pid, .. }) => {
+                    lock(&seen).remove(&pid);
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
                     eprintln!("test lagged {n} events");
                 }
-                Err(_) => return,
+                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     });
@@ -71,7 +68,7 @@ pub async fn start_cluster(builder: MasterBuilder) -> Cluster {
     Cluster {
         handle,
         addr,
-        events: rx,
+        events,
         pids,
     }
 }
@@ -123,10 +120,14 @@ impl Cluster {
     pub async fn next_event<T>(&mut self, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let event = tokio::time::timeout_at(deadline, self.events.recv())
+            let event = match tokio::time::timeout_at(deadline, self.events.recv())
                 .await
                 .expect("event in time")
-                .expect("event stream open");
+            {
+                Ok(event) => event,
+                Err(broadcast::error::RecvError::Lagged(n)) => panic!("test lagged {n} events"),
+                Err(broadcast::error::RecvError::Closed) => panic!("event stream closed"),
+            };
             if let Some(t) = pick(&event) {
                 return t;
             }
@@ -136,9 +137,15 @@ impl Cluster {
     /// Every event received so far that `pick` accepts, without waiting.
     pub fn drain_events<T>(&mut self, mut pick: impl FnMut(&Event) -> Option<T>) -> Vec<T> {
         let mut out = Vec::new();
-        while let Ok(event) = self.events.try_recv() {
-            if let Some(t) = pick(&event) {
-                out.push(t);
+        loop {
+            match self.events.try_recv() {
+                Ok(event) => {
+                    if let Some(t) = pick(&event) {
+                        out.push(t);
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(n)) => panic!("test lagged {n} events"),
+                Err(_) => break,
             }
         }
         out

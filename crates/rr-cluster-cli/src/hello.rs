@@ -17,6 +17,8 @@
 //! connections are closed after a grace, and it exits once every connection is done.
 
 use std::convert::Infallible;
+use std::future::{Future, Ready};
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -25,6 +27,7 @@ use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use rr_cluster::Worker;
+use tokio_util::either::Either;
 /// The longest `/sleep/<ms>`.
 const MAX_SLEEP_MS: u64 = 60_000;
 
@@ -51,11 +54,7 @@ pub(crate) async fn main() -> ExitCode {
         pid: HeaderValue::from(pid),
         body: Bytes::from(format!("Hello from worker {} (pid {pid})\n", worker.id())),
     };
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let identity = identity.clone();
-        async move { Ok::<_, Infallible>(answer(req, &identity).await) }
-    });
-    match rr_cluster::http::serve(worker, service).await {
+    match rr_cluster::http::serve(worker, identity).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             crate::eprintln_safe(&format!("rr-cluster hello-worker: error: {e}"));
@@ -64,23 +63,48 @@ pub(crate) async fn main() -> ExitCode {
     }
 }
 
-async fn answer(req: Request<hyper::body::Incoming>, identity: &Identity) -> Response<Full<Bytes>> {
-    let mut status = StatusCode::OK;
-    let mut body = identity.body.clone();
-    if let Some(ms) = req.uri().path().strip_prefix("/sleep/") {
-        match ms.parse::<u64>() {
-            Ok(ms) if ms <= MAX_SLEEP_MS => tokio::time::sleep(Duration::from_millis(ms)).await,
-            _ => {
-                status = StatusCode::BAD_REQUEST;
-                body = Bytes::from_static(b"usage: /sleep/<milliseconds up to 60000>\n");
+/// The demo's answer: immediate for every path but `/sleep/<ms>`.
+type Answer = Either<
+    Ready<Result<Response<Full<Bytes>>, Infallible>>,
+    Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>,
+>;
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for Identity {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Answer;
+
+    fn call(&self, req: Request<hyper::body::Incoming>) -> Answer {
+        let Some(ms) = req.uri().path().strip_prefix("/sleep/") else {
+            return Either::Left(std::future::ready(Ok(self.answer(StatusCode::OK, None))));
+        };
+        let resp = match ms.parse::<u64>() {
+            Ok(ms) if ms <= MAX_SLEEP_MS => {
+                let resp = self.answer(StatusCode::OK, None);
+                return Either::Right(Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok(resp)
+                }));
             }
-        }
+            _ => self.answer(
+                StatusCode::BAD_REQUEST,
+                Some(Bytes::from_static(
+                    b"usage: /sleep/<milliseconds up to 60000>\n",
+                )),
+            ),
+        };
+        Either::Left(std::future::ready(Ok(resp)))
     }
-    let mut resp = Response::new(Full::new(body));
-    *resp.status_mut() = status;
-    let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    headers.insert("x-worker-id", identity.id.clone());
-    headers.insert("x-worker-pid", identity.pid.clone());
-    resp
+}
+
+impl Identity {
+    fn answer(&self, status: StatusCode, body: Option<Bytes>) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(body.unwrap_or_else(|| self.body.clone())));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert("x-worker-id", self.id.clone());
+        headers.insert("x-worker-pid", self.pid.clone());
+        resp
+    }
 }

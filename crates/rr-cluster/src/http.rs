@@ -32,8 +32,10 @@
 //! ```
 //!
 //! An axum `Router` is a tower service: [`serve_tower`] (or [`Server::serve_tower`]).
-//! Handlers see the client's address as the [`PeerAddr`] request extension, and, with
-//! the `axum` feature, as `axum::extract::ConnectInfo<SocketAddr>`.
+//! There handlers see the client's address as the [`PeerAddr`] request extension, and,
+//! with the `axum` feature, as `axum::extract::ConnectInfo<SocketAddr>`
+//! ([`Server::connect_info`]; on by default for tower services, off for hyper
+//! services, where it costs an allocation per request).
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -44,6 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http::header::{CONNECTION, HeaderValue};
 use http::{Request, Response, Version};
 use http_body::Body;
@@ -52,6 +55,7 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -101,6 +105,7 @@ where
 pub struct Server {
     worker: Worker,
     idle_grace: Duration,
+    connect_info: Option<bool>,
     builder: auto::Builder<TokioExecutor>,
 }
 
@@ -111,8 +116,17 @@ impl Server {
         Server {
             worker,
             idle_grace: Duration::from_secs(2),
+            connect_info: None,
             builder: auto::Builder::new(TokioExecutor::new()),
         }
+    }
+
+    /// Hands every request the client's address as a [`PeerAddr`] extension (and
+    /// `axum::extract::ConnectInfo<SocketAddr>` with the `axum` feature). Default: on
+    /// for [`Server::serve_tower`], off for [`Server::serve`].
+    pub fn connect_info(mut self, on: bool) -> Server {
+        self.connect_info = Some(on);
+        self
     }
 
     /// Once draining, how long an idle HTTP/1 keep-alive connection is kept open
@@ -143,21 +157,36 @@ impl Server {
         let Server {
             worker,
             idle_grace,
+            connect_info,
             builder,
         } = self;
+        let connect_info = connect_info.unwrap_or(false);
         let draining = worker.draining();
         let mut incoming = worker.ready().await?;
         let builder = Arc::new(builder);
         let tracker = TaskTracker::new();
+        let wakers = Arc::new(Wakers::default());
+        // One task hears of the drain and wakes every connection: connections do not
+        // each wait on the cancellation token (a lock per poll).
+        let announcer = {
+            let (wakers, draining) = (Arc::clone(&wakers), draining.clone());
+            tokio::spawn(async move {
+                draining.cancelled().await;
+                wakers.wake_all();
+            })
+        };
         while let Some(conn) = incoming.accept().await {
             tracker.spawn(connection(
                 conn,
                 service.clone(),
                 Arc::clone(&builder),
                 draining.clone(),
+                wakers.register(),
                 idle_grace,
+                connect_info,
             ));
         }
+        drop(announcer);
         tracker.close();
         tokio::select! {
             () = tracker.wait() => {}
@@ -180,7 +209,10 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        self.serve(TowerToHyperService::new(service)).await
+        let connect_info = self.connect_info.unwrap_or(true);
+        self.connect_info(connect_info)
+            .serve(TowerToHyperService::new(service))
+            .await
     }
 }
 
@@ -190,7 +222,9 @@ async fn connection<S, B>(
     service: S,
     builder: Arc<auto::Builder<TokioExecutor>>,
     draining: CancellationToken,
+    wake: Arc<AtomicWaker>,
     idle_grace: Duration,
+    connect_info: bool,
 ) where
     S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -203,14 +237,24 @@ async fn connection<S, B>(
     let service = DrainAware {
         inner: service,
         draining: draining.clone(),
-        peer: conn.peer_addr(),
+        peer: if connect_info { conn.peer_addr() } else { None },
         h2: Arc::clone(&h2),
     };
     let http = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
     tokio::pin!(http);
-    tokio::select! {
-        _ = http.as_mut() => return,
-        () = draining.cancelled() => {}
+    let served = std::future::poll_fn(|cx| {
+        if http.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        wake.register(cx.waker());
+        if draining.is_cancelled() {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    })
+    .await;
+    if served {
+        return;
     }
     if !h2.load(Ordering::Relaxed) {
         // HTTP/1: requests still arriving are answered with `Connection: close`; a
@@ -225,8 +269,34 @@ async fn connection<S, B>(
     let _ = http.await;
 }
 
-/// Marks responses `Connection: close` once draining (HTTP/1), and hands handlers the
-/// client's address.
+/// The wakers of the open connections, woken all at once when the worker drains.
+#[derive(Debug, Default)]
+struct Wakers {
+    list: std::sync::Mutex<Vec<std::sync::Weak<AtomicWaker>>>,
+}
+
+impl Wakers {
+    /// A waker slot for a new connection (dropped with it).
+    fn register(&self) -> Arc<AtomicWaker> {
+        let waker = Arc::new(AtomicWaker::new());
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        if list.len() >= 64 && list.len().is_power_of_two() {
+            list.retain(|w| w.strong_count() > 0);
+        }
+        list.push(Arc::downgrade(&waker));
+        waker
+    }
+
+    fn wake_all(&self) {
+        let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        for waker in list.iter().filter_map(std::sync::Weak::upgrade) {
+            waker.wake();
+        }
+    }
+}
+
+/// Marks responses to requests that arrive once draining `Connection: close`
+/// (HTTP/1), and hands handlers the client's address.
 #[derive(Debug, Clone)]
 struct DrainAware<S> {
     inner: S,
@@ -241,7 +311,7 @@ where
 {
     type Response = Response<B>;
     type Error = S::Error;
-    type Future = DrainAwareFuture<S::Future>;
+    type Future = Either<S::Future, DrainAwareFuture<S::Future>>;
 
     fn call(&self, mut req: Request<IncomingBody>) -> Self::Future {
         let h1 = req.version() < Version::HTTP_2;
@@ -254,10 +324,15 @@ where
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
         }
-        DrainAwareFuture {
-            inner: self.inner.call(req),
-            draining: h1.then(|| self.draining.clone()),
+        // Until the drain, the service's own future, untouched. A request that arrives
+        // before the drain and ends after it keeps its keep-alive: the client's next
+        // request, within the idle grace, is answered with `Connection: close`.
+        if !h1 || !self.draining.is_cancelled() {
+            return Either::Left(self.inner.call(req));
         }
+        Either::Right(DrainAwareFuture {
+            inner: self.inner.call(req),
+        })
     }
 }
 
@@ -267,7 +342,6 @@ pin_project_lite::pin_project! {
     struct DrainAwareFuture<F> {
         #[pin]
         inner: F,
-        draining: Option<CancellationToken>,
     }
 }
 
@@ -280,11 +354,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = std::task::ready!(this.inner.poll(cx))?;
-        if this.draining.as_ref().is_some_and(|d| d.is_cancelled()) {
-            response
-                .headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-        }
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
         Poll::Ready(Ok(response))
     }
 }

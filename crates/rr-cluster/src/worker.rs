@@ -702,7 +702,6 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
     let draining = inner.draining.clone();
     let counters = Arc::clone(&inner.counters);
     let listeners = Arc::clone(&inner.listeners);
-    let received = |counters: &Counters| counters.received.fetch_add(1, Ordering::Relaxed);
     match kind {
         Some(ListenerKind::Tcp) => {
             let std = std::net::TcpListener::from(fd);
@@ -719,7 +718,6 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
                         () = draining.cancelled() => return,
                         accepted = socket.accept() => match accepted {
                             Ok((stream, _)) => {
-                                received(&counters);
                                 let conn = Connection::new(listener, &listeners, Socket::Tcp(stream), &counters);
                                 if tx.send(conn).await.is_err() { return; }
                             }
@@ -744,7 +742,6 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
                         () = draining.cancelled() => return,
                         accepted = socket.accept() => match accepted {
                             Ok((stream, _)) => {
-                                received(&counters);
                                 let conn = Connection::new(listener, &listeners, Socket::Unix(stream), &counters);
                                 if tx.send(conn).await.is_err() { return; }
                             }

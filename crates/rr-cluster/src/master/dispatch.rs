@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use super::link::WorkerLink;
 use crate::channel::TrySendError;
 use crate::node;
-use crate::protocol::{self, Protocol, ToWorker};
+use crate::protocol::{self, Protocol};
 use crate::sys;
 
 /// How long a worker whose send failed for a passing reason is left alone.
@@ -134,6 +134,13 @@ struct State {
     excluded: Vec<bool>,
     /// Per slot (client-ip): the link serving it, if any.
     by_slot: Vec<Option<usize>>,
+    /// Links excluded in the current call, to reset.
+    excluded_list: Vec<usize>,
+    /// Scratch: the sockets being assigned, the groups of the current round, and
+    /// spare group buffers.
+    pending: Vec<Accepted>,
+    groups: Vec<(usize, Vec<OwnedFd>)>,
+    spare: Vec<Vec<OwnedFd>>,
 }
 
 impl Dispatcher {
@@ -146,6 +153,10 @@ impl Dispatcher {
                 group_of: Vec::new(),
                 excluded: Vec::new(),
                 by_slot: Vec::new(),
+                excluded_list: Vec::new(),
+                pending: Vec::new(),
+                groups: Vec::new(),
+                spare: Vec::new(),
             }),
             wake: watch::Sender::new(0),
             retry_scheduled: AtomicBool::new(false),
@@ -217,25 +228,27 @@ impl Dispatcher {
 
     /// Sends the sockets in `batch` (accepted by listener `listener`) to workers,
     /// several per frame where one worker gets several. What no worker could take
-    /// stays in `batch`, in order.
+    /// stays in `batch`, in order. Allocation-free in the steady state: the scratch
+    /// space lives in the dispatcher.
     pub(crate) fn dispatch(self: &Arc<Self>, listener: u16, batch: &mut Vec<Accepted>) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.links.is_empty() || batch.is_empty() {
             return;
         }
         let balance = st.balance;
-        let mut groups: Vec<(usize, Vec<OwnedFd>)> = Vec::new();
-        let mut touched: Vec<usize> = Vec::new();
-        let mut gone: Vec<u64> = Vec::new();
         let mut busy = false;
-        let mut rounds = 0;
-        while !batch.is_empty() && rounds < st.links.len() + 1 {
-            rounds += 1;
+        let mut gone = false;
+        for _round in 0..=st.links.len() {
+            if batch.is_empty() || st.excluded_list.len() == st.links.len() {
+                break;
+            }
             // Assign each socket to a worker that is not excluded.
-            let mut kept = Vec::new();
-            for accepted in batch.drain(..) {
+            let mut pending = std::mem::take(&mut st.pending);
+            std::mem::swap(batch, &mut pending);
+            for accepted in pending.drain(..) {
                 let Some(pick) = st.pick(balance, accepted.peer) else {
-                    kept.push(accepted);
+                    batch.push(accepted);
                     continue;
                 };
                 if balance == Balance::LeastConnections {
@@ -245,56 +258,49 @@ impl Dispatcher {
                 }
                 let g = st.group_of[pick];
                 if g == usize::MAX {
-                    st.group_of[pick] = groups.len();
-                    touched.push(pick);
-                    groups.push((pick, vec![accepted.fd]));
+                    st.group_of[pick] = st.groups.len();
+                    let mut fds = st.spare.pop().unwrap_or_default();
+                    fds.push(accepted.fd);
+                    st.groups.push((pick, fds));
                 } else {
-                    groups[g].1.push(accepted.fd);
+                    st.groups[g].1.push(accepted.fd);
                 }
             }
-            batch.extend(kept);
+            st.pending = pending;
             // One send per worker (Node.js: one per socket); what fails goes back.
-            for (i, fds) in groups.drain(..) {
+            while let Some((i, mut fds)) = st.groups.pop() {
                 st.group_of[i] = usize::MAX;
                 let link = Arc::clone(&st.links[i]);
-                let failed = self.send_group(&link, listener, fds, &mut busy);
-                if let Some((rest, is_gone)) = failed {
-                    st.excluded[i] = true;
-                    if is_gone {
-                        gone.push(link.id);
-                    }
-                    batch.extend(rest.into_iter().map(|fd| Accepted { fd, peer: None }));
+                if let Some(is_gone) = self.send_group(&link, listener, &mut fds, &mut busy) {
+                    st.exclude(i);
+                    gone |= is_gone;
+                    batch.extend(fds.drain(..).map(|fd| Accepted { fd, peer: None }));
                 }
-            }
-            if st.excluded.iter().all(|x| *x) {
-                break;
+                st.spare.push(fds);
             }
         }
-        for i in touched {
-            if i < st.group_of.len() {
-                st.group_of[i] = usize::MAX;
-            }
+        while let Some(i) = st.excluded_list.pop() {
+            st.excluded[i] = false;
         }
-        st.excluded.iter_mut().for_each(|x| *x = false);
-        if !gone.is_empty() {
-            st.links.retain(|l| !gone.contains(&l.id));
+        if gone {
+            st.links.retain(|l| !l.gone.is_cancelled());
             st.reindex();
         }
-        drop(st);
+        drop(guard);
         if busy {
             self.retry_soon();
         }
     }
 
-    /// Sends `fds` to one worker. `None` when all went; otherwise what is left and
-    /// whether the worker is gone.
+    /// Sends `fds` to one worker, taking the sent ones out of `fds`. `None` when all
+    /// went; otherwise whether the worker is gone.
     fn send_group(
         self: &Arc<Self>,
         link: &Arc<WorkerLink>,
         listener: u16,
-        mut fds: Vec<OwnedFd>,
+        fds: &mut Vec<OwnedFd>,
         busy: &mut bool,
-    ) -> Option<(Vec<OwnedFd>, bool)> {
+    ) -> Option<bool> {
         let budget = usize::try_from(link.budget()).unwrap_or(usize::MAX);
         if budget < fds.len() {
             self.stats.window_full.fetch_add(1, Ordering::Relaxed);
@@ -338,8 +344,7 @@ impl Dispatcher {
             }
         }
         // Sent: the kernel holds those descriptors; close the master's copies.
-        let rest = fds.split_off(sent);
-        drop(fds);
+        fds.drain(..sent);
         let is_gone = match failure {
             None => false,
             Some(TrySendError::Full) => {
@@ -362,11 +367,7 @@ impl Dispatcher {
                 true
             }
         };
-        if rest.is_empty() {
-            None
-        } else {
-            Some((rest, is_gone))
-        }
+        if fds.is_empty() { None } else { Some(is_gone) }
     }
 
     /// Wakes the accept loops once `link` can take bytes again.
@@ -402,6 +403,14 @@ impl Dispatcher {
 }
 
 impl State {
+    /// Skips link `i` for the rest of the current call.
+    fn exclude(&mut self, i: usize) {
+        if !self.excluded[i] {
+            self.excluded[i] = true;
+            self.excluded_list.push(i);
+        }
+    }
+
     /// Rebuilds the per-link scratch space after the rotation changed.
     fn reindex(&mut self) {
         let n = self.links.len();
@@ -510,15 +519,20 @@ fn jump_hash(mut key: u64, buckets: u32) -> u32 {
     b.max(0) as u32
 }
 
+/// One `Connections` frame with `fds` (at most [`protocol::MAX_FDS_PER_FRAME`]), built on
+/// the stack: 12 bytes, `len = 8`, tag 1, `listener`, `count` (docs/PROTOCOL.md).
 fn send_connections(link: &WorkerLink, listener: u16, fds: &[OwnedFd]) -> Result<(), TrySendError> {
-    let msg = ToWorker::Connections {
-        listener,
-        count: fds.len() as u16,
-    };
-    // 12 bytes; encoding cannot fail for this message.
-    let frame = protocol::frame(&msg).map_err(|e| TrySendError::Busy(std::io::Error::other(e)))?;
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    link.writer.try_send(&frame, &raw)
+    let count = fds.len().min(protocol::MAX_FDS_PER_FRAME);
+    let mut frame = [0u8; 12];
+    frame[0..4].copy_from_slice(&8u32.to_le_bytes());
+    frame[4..8].copy_from_slice(&1u32.to_le_bytes());
+    frame[8..10].copy_from_slice(&listener.to_le_bytes());
+    frame[10..12].copy_from_slice(&(count as u16).to_le_bytes());
+    let mut raw = [0 as RawFd; protocol::MAX_FDS_PER_FRAME];
+    for (slot, fd) in raw.iter_mut().zip(fds) {
+        *slot = fd.as_raw_fd();
+    }
+    link.writer.try_send(&frame, &raw[..count])
 }
 
 #[cfg(test)]
@@ -724,6 +738,20 @@ mod tests {
         // Worker 2 takes the first 10, then they alternate: 12 vs 2.
         assert_eq!(received(&mut w2).await, 12);
         assert_eq!(received(&mut w1).await, 2);
+    }
+
+    #[test]
+    fn connections_frames_built_by_hand_match_the_encoder() {
+        for (listener, count) in [(0u16, 1u16), (3, 64), (65535, 17)] {
+            let expected =
+                protocol::frame(&ToWorker::Connections { listener, count }).expect("encode");
+            let mut frame = [0u8; 12];
+            frame[0..4].copy_from_slice(&8u32.to_le_bytes());
+            frame[4..8].copy_from_slice(&1u32.to_le_bytes());
+            frame[8..10].copy_from_slice(&listener.to_le_bytes());
+            frame[10..12].copy_from_slice(&count.to_le_bytes());
+            assert_eq!(frame.as_slice(), expected.as_slice());
+        }
     }
 
     #[test]
