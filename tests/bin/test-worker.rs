@@ -9,7 +9,8 @@
 //! - `hold`: answers `held <slot>` and keeps the connection open until the client
 //!   closes it (an idle keep-alive connection).
 //!
-//! Flags: `--crash-at-start <code>` exits before saying Ready; `--ready-delay <ms>`
+//! Flags: `--crash-at-start <code>` exits before saying Ready; `--crash-if-exists
+//! <path>` exits 3 before Ready while that file exists; `--ready-delay <ms>`
 //! waits before saying Ready; `--nofile <n>` lowers its descriptor limit first;
 //! `--protocol <v>` speaks at most protocol version `v`; `--max-connections <n>`;
 //! `--self-checks` checks `is_worker()` in a child and a
@@ -22,6 +23,7 @@
 //! its channel again; `--spawn-child` starts `sleep 60` that inherits the environment
 //! (and reports whether it believes it is a worker).
 
+use std::path::Path;
 use std::time::Duration;
 
 use rr_cluster::protocol::ToMaster;
@@ -72,6 +74,12 @@ async fn main() -> anyhow::Result<()> {
     let worker = builder.from_env().await?;
     if let Some(code) = flag("--crash-at-start") {
         std::process::exit(code as i32);
+    }
+    if let Some(i) = args.iter().position(|a| a == "--crash-if-exists") {
+        // Boot failure while the file exists (a broken deploy, fixed later).
+        if args.get(i + 1).is_some_and(|p| Path::new(p).exists()) {
+            std::process::exit(3);
+        }
     }
     if let Some(ms) = flag("--ready-delay") {
         tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -208,6 +208,38 @@ async fn max_requests_recycles_drain_first_without_a_failure() {
     assert_eq!(cluster.stop().await, 0);
 }
 
+/// A recycle whose replacement fails keeps the old worker serving and is tried again
+/// (spaced out) once replacements start again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_recycle_is_retried() {
+    let marker = std::env::temp_dir().join(format!("rr-recycle-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let path = marker.display().to_string();
+    let b = builder(WORKER.as_ref(), &["--crash-if-exists", &path], 1).max_requests(Some(5));
+    let mut cluster = start_cluster(b).await;
+    let first = cluster.wait_ready(1).await.workers[0].pid.expect("pid");
+    std::fs::write(&marker, b"broken deploy").expect("marker");
+    for _ in 0..5 {
+        ask(cluster.addr, "id").await;
+    }
+    cluster
+        .next_event(|e| matches!(e, Event::RecycleFailed { .. }).then_some(()))
+        .await;
+    // The old worker serves on.
+    assert_eq!(ask(cluster.addr, "id").await, format!("0 {first}\n"));
+    std::fs::remove_file(&marker).expect("remove marker");
+    let reason = cluster
+        .next_event(|e| match e {
+            Event::Recycled { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(reason.starts_with("max_requests"), "{reason}");
+    let status = cluster.wait_ready(1).await;
+    assert_ne!(status.workers[0].pid, Some(first), "replaced on the retry");
+    assert_eq!(cluster.stop().await, 0);
+}
+
 /// Issue 13: `max_memory`: a worker that leaks is replaced drain-first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_memory_recycles_a_leaking_worker() {

@@ -320,11 +320,10 @@ impl ProcessHandle {
     pub(crate) fn open(pid: u32) -> io::Result<ProcessHandle> {
         let pid = Pid::from_raw(pid as i32)
             .ok_or_else(|| io::Error::from_raw_os_error(Errno::INVAL.raw_os_error()))?;
-        let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
-            Ok(fd) => Some(fd),
-            Err(Errno::NOSYS) => None,
-            Err(e) => return Err(e.into()),
-        };
+        // Without pidfds (ENOSYS: kernel before 5.3; EPERM: a seccomp profile that
+        // refuses them) the handle signals by pid. The pid is our unreaped child's,
+        // so it cannot be reused until we reap it.
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok();
         Ok(ProcessHandle { pid, pidfd })
     }
 

@@ -397,19 +397,30 @@ impl Worker {
 
     /// Tells the master this worker takes connections, starts the heartbeat, and
     /// returns the stream of incoming connections. Call once.
+    ///
+    /// If the master is already gone (its end of the channel closed), the worker
+    /// drains as it would on end-of-file: the returned [`Incoming`] ends at once and
+    /// [`Worker::master_gone`] is true, so the usual serve-then-exit path runs.
     pub async fn ready(&self) -> Result<Incoming, WorkerError> {
         let rx = lock(&self.inner.incoming)
             .take()
             .ok_or(WorkerError::AlreadyReady)?;
-        self.inner
-            .writer
-            .send_msg(&ToMaster::Ready {
-                pid: sys::getpid(),
-                version: self.inner.version,
-            })
-            .await?;
-        if self.inner.version >= 2 {
-            self.inner.send_ack().await?;
+        let ready = ToMaster::Ready {
+            pid: sys::getpid(),
+            version: self.inner.version,
+        };
+        let mut sent = self.inner.writer.send_msg(&ready).await;
+        if sent.is_ok() && self.inner.version >= 2 {
+            sent = self.inner.send_ack().await;
+        }
+        match sent {
+            Ok(()) => {}
+            Err(ChannelError::Closed) => {
+                self.inner.master_gone.store(true, Ordering::SeqCst);
+                self.inner
+                    .begin_drain(Some(Instant::now() + self.inner.orphan_drain));
+            }
+            Err(e) => return Err(e.into()),
         }
         let interval = Duration::from_millis(u64::from(self.inner.hello.heartbeat_ms.max(10)));
         tokio::spawn(heartbeat_loop(Arc::downgrade(&self.inner), interval));

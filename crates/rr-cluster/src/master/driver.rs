@@ -535,6 +535,24 @@ impl Driver {
                     }));
                 }
             }
+            Event::RecycleFailed { slot, .. } => {
+                // The replacement failed: the worker it was to replace may be asked
+                // again (the supervisor spaces the attempts out).
+                let slot = *slot;
+                let ids: Vec<u64> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.slot == slot && w.recycle_asked)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in ids {
+                    if self.sm.is_current_ready(id) {
+                        if let Some(w) = self.workers.get_mut(&id) {
+                            w.recycle_asked = false;
+                        }
+                    }
+                }
+            }
             Event::Recycled { reason, .. } => {
                 let limit = reason.split(':').next().unwrap_or("other").to_owned();
                 *self.recycles.entry(limit).or_default() += 1;

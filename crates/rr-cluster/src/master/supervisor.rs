@@ -1021,7 +1021,9 @@ impl Supervisor {
                     }
                 }
             } else {
-                self.restart(now, slot, was_ready, uptime, true);
+                // A serving worker is replaced at once; one that announces its end
+                // before it was ready is a boot failure like any other (backoff).
+                self.restart(now, slot, was_ready, uptime, was_ready);
             }
         } else if s.successor.as_ref().is_some_and(|x| x.id == id) {
             let purpose = s.successor.take().map(|x| x.purpose);
@@ -1103,6 +1105,21 @@ impl Supervisor {
         if !failure {
             return;
         }
+        if is_current {
+            if let Some(next) = self.slots[slot as usize].successor.take() {
+                // The replacement being prepared (reload or recycle) takes the slot
+                // now, as after a suicide: no second replacement.
+                self.slots[slot as usize].current = Some(next.id);
+                if self
+                    .procs
+                    .get(&next.id)
+                    .is_some_and(|p| p.state == ProcState::Ready)
+                {
+                    self.sync_rotation(next.id);
+                }
+                return;
+            }
+        }
         if self
             .reload
             .as_ref()
@@ -1114,7 +1131,7 @@ impl Supervisor {
         }
         let was_ready = p.ready_at.is_some();
         let mut uptime = p.uptime(now);
-        if exit.is_some_and(|e| e.killed_from_outside()) && was_ready {
+        if exit.is_some_and(|e| e.killed_from_outside()) && was_ready && !p.killed {
             // Killed by an operator or the OOM killer after it served: not its fault.
             uptime = Some(Duration::MAX);
         }
@@ -1775,6 +1792,68 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_suicide_before_ready_backs_off_like_a_boot_failure() {
+        let mut h = Harness::new(quick_policy(), 1);
+        let first = h.last_spawn(0);
+        h.input(Input::Suicide {
+            id: first,
+            reason: "bad config".into(),
+        });
+        assert_eq!(h.spawns().len(), 1, "no replacement at once");
+        assert!(h.has(|a| matches!(
+            a,
+            Action::Publish(Event::RestartScheduled { delay, .. })
+                if *delay == Duration::from_millis(100)
+        )));
+        h.advance(Duration::from_millis(100)).await;
+        assert_eq!(h.spawns().len(), 2, "replaced after the backoff");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_young_worker_the_master_killed_is_not_killed_from_outside() {
+        // min_uptime longer than the heartbeat timeout: the hung worker died young.
+        let policy = Policy {
+            min_uptime: Duration::from_secs(10),
+            ..quick_policy()
+        };
+        let mut h = Harness::new(policy, 1);
+        let id = h.last_spawn(0);
+        h.ready(id);
+        h.advance(Duration::from_secs(2)).await;
+        assert!(h.has(|a| *a == Action::Kill { id }), "hung: killed");
+        h.exit(id, None, Some(9));
+        assert!(
+            h.has(|a| matches!(
+                a,
+                Action::Publish(Event::RestartScheduled { delay, .. }) if !delay.is_zero()
+            )),
+            "the master's own SIGKILL is no operator's: backoff applies"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_while_a_replacement_is_on_its_way_promotes_the_replacement() {
+        let mut h = Harness::new(no_heartbeat_policy(), 1);
+        let a = h.last_spawn(0);
+        h.ready(a);
+        h.advance(Duration::from_secs(2)).await;
+        h.input(Input::Recycle {
+            id: a,
+            reason: "max_requests 10".into(),
+        });
+        let b = h.last_spawn(0);
+        assert_ne!(a, b);
+        h.crash(a);
+        assert_eq!(h.spawns().len(), 2, "no third process for the slot");
+        assert_eq!(h.sm.slots[0].current, Some(b));
+        h.ready(b);
+        assert!(h.rotating(b));
+        h.advance(Duration::from_secs(2)).await;
+        assert_eq!(h.spawns().len(), 2);
+        assert_eq!(h.sm.slots[0].current, Some(b));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_leaving_worker_is_killed_at_the_drain_deadline() {
         let mut h = Harness::new(no_heartbeat_policy(), 1);
         let old = h.last_spawn(0);
@@ -1841,6 +1920,8 @@ mod tests {
         });
         assert!(h.has(|x| *x == Action::Kill { id: a }));
         h.exit(a, None, Some(9));
+        // Killed by the master while young: replaced after a short backoff.
+        h.advance(Duration::from_secs(1)).await;
         let a2 = h.last_spawn(0);
         assert_ne!(a2, a, "replaced");
     }
