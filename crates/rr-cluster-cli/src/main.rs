@@ -5,11 +5,14 @@
 //! - `main`: the command line (clap) and exit codes.
 //! - `run`: `rr-cluster run`, the master: configuration file + flags, logs, signals.
 //! - `client`: `status`, `reload`, `scale`, `stop` over the control socket.
+//! - `conformance`: `rr-cluster conformance -- CMD`, checks a worker against
+//!   docs/PROTOCOL.md.
 //! - `hello`: `rr-cluster hello-worker`, the bundled demo worker.
 //! - `top`: `rr-cluster top`, the live terminal view.
 //! - `ops`: the Prometheus and health endpoints and systemd notifications.
 
 mod client;
+mod conformance;
 mod hello;
 mod ops;
 mod run;
@@ -92,6 +95,10 @@ enum Cmd {
     },
     /// The bundled demo worker: HTTP hello world that names its worker.
     HelloWorker,
+    /// Check a worker program against the protocol (docs/PROTOCOL.md) under a private
+    /// test master: `rr-cluster conformance [FLAGS] -- PROGRAM ARGS...`. Exit status 0
+    /// when every required check passes, 1 otherwise.
+    Conformance(Box<conformance::ConformanceArgs>),
 }
 
 fn parse_scale(s: &str) -> Result<rr_cluster::ScaleTo, String> {
@@ -202,17 +209,19 @@ fn main() -> ExitCode {
                 top::main(control.path(), interval.max(Duration::from_millis(100))).await
             }
             Cmd::HelloWorker => hello::main().await,
+            Cmd::Conformance(args) => conformance::main(*args).await,
         }
     })
 }
 
-/// `rr-cluster run node app.js`: the worker command goes after `--`.
+/// `rr-cluster run node app.js` (or `conformance`): the worker command goes after `--`.
 fn worker_command_tip(e: &clap::Error) -> Option<String> {
     if e.kind() != clap::error::ErrorKind::UnknownArgument {
         return None;
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) != Some("run") {
+    let sub = args.first().map(String::as_str)?;
+    if sub != "run" && sub != "conformance" {
         return None;
     }
     let clap::error::ContextValue::String(arg) = e.get(clap::error::ContextKind::InvalidArg)?
@@ -224,7 +233,7 @@ fn worker_command_tip(e: &clap::Error) -> Option<String> {
     }
     let at = args.iter().position(|a| a == arg)?;
     Some(format!(
-        "tip: the worker command goes after `--`: rr-cluster run [OPTIONS] -- {}",
+        "tip: the worker command goes after `--`: rr-cluster {sub} [OPTIONS] -- {}",
         args[at..].join(" ")
     ))
 }
