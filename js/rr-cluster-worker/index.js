@@ -200,22 +200,14 @@ class RRClusterWorker extends EventEmitter {
       tracking: false,
       shared: [],          // net.Servers received in shared mode
       sockets: new Set(),
-      inflight: new Set(), // http responses not yet closed
       sweeper: null,
     };
     this.#entries.push(entry);
 
     server.on('connection', (socket) => this.#track(entry, socket));
-    if (entry.http) {
-      // Runs before the application's handler, so the header is in place before it
-      // writes its head.
-      server.prependListener('request', (req, res) => {
-        entry.inflight.add(res);
-        res.once('close', () => entry.inflight.delete(res));
-        if (this.#draining && !res.headersSent) res.setHeader('Connection', 'close');
-      });
-      if (this.isWorker) entry.tracking = enableConnectionTracking(server);
-    }
+    // Nothing runs per request until the drain (see #startDrain): serving costs what
+    // the bare server costs.
+    if (entry.http && this.isWorker) entry.tracking = enableConnectionTracking(server);
 
     if (options.handleErrors !== false || options.handleSignals !== false) {
       this.#installProcessHandlers(options.handleErrors !== false, options.handleSignals !== false);
@@ -422,10 +414,19 @@ class RRClusterWorker extends EventEmitter {
         if (entry.http) net.Server.prototype.close.call(entry.server);
         else entry.server.close();
       }
-      for (const res of entry.inflight) {
-        if (!res.headersSent) res.setHeader('Connection', 'close');
-      }
       if (entry.http) {
+        // From now on every response says Connection: close: requests that arrive
+        // later (this listener runs before the application's handler, so the header
+        // is in place before it writes its head), and those in flight whose head is
+        // not written yet (a socket's current response is its _httpMessage, which
+        // Node clears once the response is done).
+        entry.server.prependListener('request', (req, res) => {
+          if (!res.headersSent) res.setHeader('Connection', 'close');
+        });
+        for (const socket of entry.sockets) {
+          const res = socket._httpMessage;
+          if (res && !res.headersSent) res.setHeader('Connection', 'close');
+        }
         const timer = setTimeout(() => {
           this.#sweep(entry);
           entry.sweeper = setInterval(() => this.#sweep(entry), SWEEP_INTERVAL_MS);
@@ -457,11 +458,10 @@ class RRClusterWorker extends EventEmitter {
       entry.server.closeIdleConnections();
       return;
     }
-    // Node without connection tracking: a socket is idle when no response is open on it.
-    const busy = new Set();
-    for (const res of entry.inflight) busy.add(res.socket);
+    // Node without connection tracking: a socket is idle when no response is open on
+    // it (Node keeps the open one in socket._httpMessage).
     for (const socket of entry.sockets) {
-      if (!busy.has(socket)) socket.destroy();
+      if (!socket._httpMessage) socket.destroy();
     }
   }
 

@@ -53,7 +53,7 @@ pub struct Args {
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub reload_every: Option<Duration>,
     /// The master's control socket [default: $XDG_RUNTIME_DIR/rr-cluster.sock or
-    /// /tmp/rr-cluster-UID.sock].
+    /// /tmp/rr-cluster-UID/control.sock].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// A failed request that started this long after a fault is still charged to it.
