@@ -8,8 +8,8 @@
 //! kill -HUP <master pid>                 # rolling reload, no request lost
 //! ```
 //!
-//! It takes `--listen ADDR`, `--workers N` and `--control PATH` as `rr-cluster run`
-//! does, and obeys the same signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads,
+//! It takes `--listen ADDR`, `--workers N`, `--control PATH` and `--min-uptime D` as
+//! `rr-cluster run` does, and obeys the same signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads,
 //! SIGTTIN/SIGTTOU add or remove a worker. `rr-cluster status --control PATH` works on it.
 
 use std::net::SocketAddr;
@@ -32,6 +32,10 @@ struct Args {
     /// Control socket [default: rr-cluster's default path].
     #[arg(long)]
     control: Option<std::path::PathBuf>,
+    /// How long each new worker serves beside the old one during a reload (e.g. 500ms)
+    /// [default: 1s].
+    #[arg(long, value_parser = rr_cluster::config::parse_duration)]
+    min_uptime: Option<std::time::Duration>,
 }
 
 #[derive(Clone)]
@@ -74,6 +78,9 @@ async fn main() -> anyhow::Result<()> {
         );
     if let Some(n) = args.workers {
         builder = builder.workers(n);
+    }
+    if let Some(d) = args.min_uptime {
+        builder = builder.min_uptime(d);
     }
     std::process::exit(builder.build()?.run().await?);
 }

@@ -239,6 +239,26 @@ async fn a_version_2_worker_is_never_sent_more_than_it_can_hold() {
     assert_eq!(cluster.stop().await, 0);
 }
 
+/// Item 13: a second `Worker::from_env()` closed the first Worker's live descriptor,
+/// and `is_worker()` was true in a worker's own child processes. The test worker
+/// checks both before Ready (`--self-checks`: a child asks `is_worker()`, a second
+/// adoption must be refused) and exits 3 or 4 if either is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_adoption_is_refused_and_a_workers_children_are_not_workers() {
+    let mut cluster = start_cluster(builder(WORKER.as_ref(), &["--self-checks"], 1)).await;
+    let status = cluster.wait_ready(1).await;
+    let pid = status.workers[0].pid.expect("pid");
+    // The first Worker still works after the refused second adoption.
+    assert_eq!(ask(cluster.addr, "id").await, format!("0 {pid}\n"));
+    assert!(
+        cluster
+            .drain_events(|e| matches!(e, Event::WorkerExited { .. }).then_some(()))
+            .is_empty(),
+        "the worker passed its self-checks"
+    );
+    assert_eq!(cluster.stop().await, 0);
+}
+
 /// Item 4: a worker that closed its channel but kept running was restarted 23 times in
 /// 25 s without counting, shown as `ready`. It is a boot failure now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,16 +163,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let runtime = match cli.command {
-        // Workers run on one thread each: the pool is the parallelism.
-        Cmd::HelloWorker => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        _ => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build(),
-    };
+    // One thread each. Workers: the pool is the parallelism. The master: its work per
+    // connection is a few system calls, and on one thread no wake-up crosses threads
+    // (a multi-thread runtime cost it a fifth more CPU per connection, benches/). The
+    // process-spawning thread and the log writer are threads of their own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {

@@ -345,6 +345,11 @@ pub(crate) async fn accept_loop(
     let mut batch: Vec<Accepted> = Vec::with_capacity(MAX_FDS_PER_FRAME);
     let stats = &dispatcher.stats;
     loop {
+        // Checked here, not only in the selects below: those poll the listener first,
+        // which under constant load is always ready.
+        if stop.is_cancelled() {
+            break;
+        }
         if *paused.borrow_and_update() {
             let tcp = matches!(listener.local, LocalAddr::Tcp(_));
             if tcp {
@@ -392,9 +397,10 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         }
+        // The listener first: when it is ready (the common case under load) the other
+        // futures are never polled, so no waiter is registered for them.
         let mut guard = tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = paused.changed() => continue,
+            biased;
             ready = listener.socket.readable() => match ready {
                 Ok(guard) => guard,
                 Err(e) => {
@@ -402,6 +408,8 @@ pub(crate) async fn accept_loop(
                     break;
                 }
             },
+            _ = stop.cancelled() => break,
+            _ = paused.changed() => continue,
         };
         let mut backoff = false;
         while batch.len() < MAX_FDS_PER_FRAME {
