@@ -112,7 +112,7 @@ pub(crate) async fn start(
         tracing::info!(listen = %listener.local_addr(), balance = %settings.balance, "listening");
         if settings.balance == Balance::Shared {
             // Workers accept themselves; the master keeps the socket to hand out.
-            shared.push(listener);
+            shared.push(listener.into_shared());
             continue;
         }
         tasks.spawn(listen::accept_loop(
@@ -203,7 +203,7 @@ pub(crate) struct Driver {
     pub(crate) sm: Supervisor,
     listeners: Vec<ListenerInfo>,
     /// The listeners themselves, in shared balancing (handed to each worker).
-    shared: Vec<listen::Listener>,
+    shared: Vec<listen::SharedListener>,
     pub(crate) addrs: Vec<String>,
     pub(crate) workers: HashMap<u64, WorkerProc>,
     pub(crate) dispatcher: Arc<Dispatcher>,
@@ -831,7 +831,7 @@ pub(crate) fn reload_refusal(r: super::supervisor::Refused) -> Refusal {
 }
 
 /// Hands a worker a copy of every listening socket (shared balancing).
-fn hand_listeners(shared: &[listen::Listener], link: &Arc<WorkerLink>) {
+fn hand_listeners(shared: &[listen::SharedListener], link: &Arc<WorkerLink>) {
     if link.protocol == Protocol::Binary && link.version() < 2 {
         tracing::error!(
             worker = link.slot,

@@ -162,8 +162,33 @@ impl Socket {
 pub(crate) struct Listener {
     socket: AsyncFd<Socket>,
     local: LocalAddr,
-    /// A Unix socket file this master created and removes when it stops.
-    owned_path: Option<PathBuf>,
+    owned_path: Option<SocketFile>,
+}
+
+/// A Unix socket file this master created; removed when the master stops.
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A listening socket the master hands to workers and never accepts on (shared
+/// balancing). It is out of the master's reactor: with the socket registered, every
+/// connection arriving for the workers would also wake the master, for nothing.
+#[derive(Debug)]
+pub(crate) struct SharedListener {
+    socket: Socket,
+    _owned_path: Option<SocketFile>,
+}
+
+impl SharedListener {
+    /// A second descriptor for the listening socket, to hand to a worker.
+    pub(crate) fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.socket.as_fd().try_clone_to_owned()
+    }
 }
 
 impl Listener {
@@ -171,10 +196,18 @@ impl Listener {
         &self.local
     }
 
-    /// A second descriptor for the listening socket (shared balancing hands copies to
-    /// workers).
-    pub(crate) fn try_clone_fd(&self) -> io::Result<OwnedFd> {
-        self.socket.get_ref().as_fd().try_clone_to_owned()
+    /// For shared balancing: the socket leaves the reactor (the master stops being
+    /// woken by its connections) and is kept only to hand copies to workers.
+    pub(crate) fn into_shared(self) -> SharedListener {
+        let Listener {
+            socket,
+            local: _,
+            owned_path,
+        } = self;
+        SharedListener {
+            socket: socket.into_inner(),
+            _owned_path: owned_path,
+        }
     }
 
     pub(crate) fn info(&self) -> ListenerInfo {
@@ -184,14 +217,6 @@ impl Listener {
                 LocalAddr::Unix(_) => ListenerKind::Unix,
             },
             address: self.local.to_string(),
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Some(path) = &self.owned_path {
-            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -261,7 +286,7 @@ fn bind_unix(path: PathBuf) -> io::Result<Listener> {
     Ok(Listener {
         socket: sys::register_owned(Socket::Unix(listener))?,
         local: LocalAddr::Unix(path.clone()),
-        owned_path: Some(path),
+        owned_path: Some(SocketFile(path)),
     })
 }
 
