@@ -506,6 +506,47 @@ mod tests {
         assert!("unix:".parse::<ListenSpec>().is_err());
     }
 
+    /// Whether any epoll instance of this process watches descriptor `fd`
+    /// (/proc/self/fdinfo of an epoll descriptor lists each watch as `tfd: N ...`).
+    fn watched_by_an_epoll(fd: RawFd) -> bool {
+        let fd = fd.to_string();
+        let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+            return false;
+        };
+        dir.flatten().any(|entry| {
+            std::fs::read_to_string(entry.path()).is_ok_and(|info| {
+                info.lines().any(|line| {
+                    let mut words = line.split_whitespace();
+                    words.next() == Some("tfd:") && words.next() == Some(fd.as_str())
+                })
+            })
+        })
+    }
+
+    #[tokio::test]
+    async fn a_shared_listener_leaves_the_reactor() {
+        let mut listeners = bind_all(&["127.0.0.1:0".parse().expect("spec")]).expect("bind");
+        let listener = listeners.pop().expect("one listener");
+        let raw = listener.socket.get_ref().as_raw_fd();
+        assert!(
+            watched_by_an_epoll(raw),
+            "an accepting listener is in the reactor"
+        );
+        let shared = listener.into_shared();
+        assert_eq!(
+            shared.socket.as_raw_fd(),
+            raw,
+            "the same socket, still open"
+        );
+        // Connections for the workers must not wake the master.
+        assert!(
+            !watched_by_an_epoll(raw),
+            "a shared listener is out of the reactor"
+        );
+        let copy = shared.try_clone_fd().expect("a copy for a worker");
+        assert_ne!(copy.as_raw_fd(), raw);
+    }
+
     #[tokio::test]
     async fn binds_port_zero_and_accepts() {
         let listeners = bind_all(&["127.0.0.1:0".parse().expect("spec")]).expect("bind");
