@@ -492,9 +492,14 @@ async fn with_no_worker_left_after_a_give_up_connections_are_refused() {
     .await
     .expect("join");
     // The accept loop pauses the listener right after the event: wait for it (bounded).
+    // An attempt that races the pause itself (SYN answered, then the listener closed)
+    // is reset: it fails at once too, and the next attempt must be refused.
     let mut refused = None;
     for _ in 0..200 {
         match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                refused = Some(e.kind());
+            }
             Err(e) => {
                 refused = Some(e.kind());
                 break;
