@@ -240,7 +240,7 @@ async fn connection<S, B>(
         peer: if connect_info { conn.peer_addr() } else { None },
         h2: Arc::clone(&h2),
     };
-    let http = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
+    let http = builder.serve_connection_with_upgrades(TokioIo::new(ReadAhead::new(conn)), service);
     tokio::pin!(http);
     let served = std::future::poll_fn(|cx| {
         if http.as_mut().poll(cx).is_ready() {
@@ -267,6 +267,102 @@ async fn connection<S, B>(
     // HTTP/2: GOAWAY now, the streams in flight finish; HTTP/1: close once idle.
     http.as_mut().graceful_shutdown();
     let _ = http.await;
+}
+
+/// Bytes the first read of a connection asks the kernel for.
+const READ_AHEAD: usize = 4096;
+
+/// A connection whose first read takes up to [`READ_AHEAD`] bytes at once.
+///
+/// hyper-util's `auto` connection starts with a read of at most 24 bytes (to tell the
+/// HTTP/2 preface from HTTP/1), then hyper reads the rest of the request: two system
+/// calls where one does, on every connection. Here the first read fills a buffer and
+/// hands its bytes out from memory; once they are gone every read and write goes
+/// straight to the connection.
+#[derive(Debug)]
+struct ReadAhead<I> {
+    io: I,
+    /// The read-ahead buffer, until it is used up (`None` afterwards, or before the
+    /// first read when that read is large enough on its own).
+    buf: Option<Box<[u8]>>,
+    /// Bytes of `buf` not handed out yet: `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Whether the first read completed.
+    started: bool,
+}
+
+impl<I> ReadAhead<I> {
+    fn new(io: I) -> ReadAhead<I> {
+        ReadAhead {
+            io,
+            buf: None,
+            start: 0,
+            end: 0,
+            started: false,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadAhead<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.started && out.remaining() < READ_AHEAD {
+            let buf = this
+                .buf
+                .get_or_insert_with(|| vec![0; READ_AHEAD].into_boxed_slice());
+            let mut ahead = tokio::io::ReadBuf::new(buf);
+            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut ahead))?;
+            this.started = true;
+            this.start = 0;
+            this.end = ahead.filled().len();
+        }
+        this.started = true;
+        if let Some(buf) = &this.buf {
+            let n = (this.end - this.start).min(out.remaining());
+            out.put_slice(&buf[this.start..this.start + n]);
+            this.start += n;
+            if this.start == this.end {
+                this.buf = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, out)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadAhead<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// The wakers of the open connections, woken all at once when the worker drains.
@@ -403,5 +499,110 @@ mod axum_listener {
             fn nothing(_: &mut Connection) {}
             self.tap_io(nothing as fn(&mut Connection))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+
+    /// A connection that holds `data` and counts the reads that reach it.
+    struct Counted {
+        data: Vec<u8>,
+        pos: usize,
+        reads: usize,
+        written: Vec<u8>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            out: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            this.reads += 1;
+            let n = (this.data.len() - this.pos).min(out.remaining());
+            out.put_slice(&this.data[this.pos..this.pos + n]);
+            this.pos += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Counted {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.get_mut().written.extend_from_slice(data);
+            Poll::Ready(Ok(data.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn counted(data: &[u8]) -> Counted {
+        Counted {
+            data: data.to_vec(),
+            pos: 0,
+            reads: 0,
+            written: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_first_read_costs_one_read_of_the_connection() {
+        let request: Vec<u8> = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(5000)
+            .collect();
+        let mut io = ReadAhead::new(counted(&request));
+        // hyper-util's preface check, then hyper's own reads.
+        let mut preface = [0u8; 24];
+        assert_eq!(io.read(&mut preface).await.expect("read"), 24);
+        let mut rest = vec![0u8; 8192];
+        let n = io.read(&mut rest).await.expect("read");
+        assert_eq!(n, READ_AHEAD - 24, "what the first read took, from memory");
+        assert_eq!(io.io.reads, 1);
+        let m = io.read(&mut rest[n..]).await.expect("read");
+        assert_eq!(
+            m,
+            request.len() - READ_AHEAD,
+            "then straight from the connection"
+        );
+        assert_eq!(io.io.reads, 2);
+        let mut all = preface.to_vec();
+        all.extend_from_slice(&rest[..n + m]);
+        assert_eq!(all, request);
+        assert_eq!(io.read(&mut rest).await.expect("eof"), 0);
+        io.write_all(b"HTTP/1.1 200 OK\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(io.io.written, b"HTTP/1.1 200 OK\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_large_first_read_and_an_empty_connection_go_straight_through() {
+        let mut io = ReadAhead::new(counted(b"hello"));
+        let mut buf = vec![0u8; READ_AHEAD];
+        assert_eq!(io.read(&mut buf).await.expect("read"), 5);
+        assert!(io.buf.is_none());
+        assert_eq!(&buf[..5], b"hello");
+
+        let mut io = ReadAhead::new(counted(b""));
+        let mut small = [0u8; 24];
+        assert_eq!(io.read(&mut small).await.expect("eof"), 0);
+        assert_eq!(io.read(&mut small).await.expect("eof again"), 0);
+        assert!(io.buf.is_none());
     }
 }

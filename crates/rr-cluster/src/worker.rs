@@ -874,7 +874,7 @@ impl Connection {
             Some(ListenerKind::Tcp) => {
                 let std = std::net::TcpStream::from(fd);
                 std.set_nonblocking(true).ok()?;
-                let _ = std.set_nodelay(true);
+                // TCP_NODELAY: set by `Connection::new`.
                 Socket::Tcp(TcpStream::from_std(std).ok()?)
             }
             Some(ListenerKind::Unix) => {
