@@ -22,6 +22,8 @@ fn main() -> std::io::Result<()> {
     let port: u16 = arg("--port", 8080);
     let workers: usize = arg("--workers", 2);
     let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    // The backlog rr-cluster's listener has (std's default may be shorter).
+    rustix::net::listen(&listener, 4096)?;
     let mut channels = Vec::new();
     let mut children = Vec::new();
     for slot in 0..workers {

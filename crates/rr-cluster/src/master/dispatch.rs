@@ -22,11 +22,17 @@ use tokio::sync::watch;
 use super::link::WorkerLink;
 use crate::channel::TrySendError;
 use crate::node;
-use crate::protocol::{self, Protocol};
+use crate::protocol::{self, MAX_FDS_PER_FRAME, Protocol};
 use crate::sys;
 
 /// How long a worker whose send failed for a passing reason is left alone.
 const BUSY_RETRY: Duration = Duration::from_millis(10);
+/// Descriptors per worker an accept loop aims for in one batch at saturation.
+const PER_WORKER_BATCH: usize = 16;
+/// Most connections one batch holds (a larger pool gets smaller shares per worker).
+/// The master holds these descriptors until they are sent; 256 keeps it far below a
+/// 1024-descriptor limit.
+const MAX_BATCH: usize = 256;
 
 /// How the master picks a worker for a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -196,6 +202,16 @@ impl Dispatcher {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().links.len()
+    }
+
+    /// How many connections an accept loop takes off the backlog before it
+    /// dispatches: enough that at saturation each worker's share of a batch fills a
+    /// frame of [`PER_WORKER_BATCH`] descriptors (one `sendmsg`, at most one wake-up
+    /// of the worker, per that many connections, whatever the pool's size), within
+    /// [`MAX_FDS_PER_FRAME`] and [`MAX_BATCH`]. Below saturation the backlog empties
+    /// first and batches stay small.
+    pub(crate) fn batch_limit(&self) -> usize {
+        (self.lock().links.len() * PER_WORKER_BATCH).clamp(MAX_FDS_PER_FRAME, MAX_BATCH)
     }
 
     /// A receiver that changes whenever a worker may have room again.
@@ -628,6 +644,41 @@ mod tests {
         assert_eq!(counts.iter().sum::<usize>(), 61);
         assert!(counts.iter().all(|c| *c == 20 || *c == 21), "{counts:?}");
         assert_eq!(l1.dispatched.load(Ordering::Relaxed) as usize, counts[0]);
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_is_one_frame_per_worker_whatever_the_pool_size() {
+        let d = Dispatcher::new(Balance::RoundRobin);
+        assert_eq!(d.batch_limit(), MAX_FDS_PER_FRAME);
+        let mut workers = Vec::new();
+        for id in 0..16 {
+            let (l, w) = link(id);
+            writable(&[&l]).await;
+            d.add(l);
+            workers.push(w);
+        }
+        assert_eq!(d.batch_limit(), 16 * PER_WORKER_BATCH);
+        let mut batch = sockets(d.batch_limit());
+        d.dispatch(0, &mut batch);
+        assert!(batch.is_empty());
+        for w in &mut workers {
+            let (msg, fds) =
+                tokio::time::timeout(Duration::from_secs(5), w.reader.recv::<ToWorker>())
+                    .await
+                    .expect("a frame in time")
+                    .expect("readable")
+                    .expect("not closed");
+            assert!(
+                matches!(msg, ToWorker::Connections { count, .. } if usize::from(count) == PER_WORKER_BATCH)
+            );
+            assert_eq!(fds.len(), PER_WORKER_BATCH);
+        }
+        for id in 16..40 {
+            let (l, w) = link(id);
+            d.add(l);
+            workers.push(w);
+        }
+        assert_eq!(d.batch_limit(), MAX_BATCH);
     }
 
     #[tokio::test]

@@ -437,7 +437,8 @@ pub(crate) async fn accept_loop(
             _ = paused.changed() => continue,
         };
         let mut backoff = false;
-        while batch.len() < MAX_FDS_PER_FRAME {
+        let limit = dispatcher.batch_limit();
+        while batch.len() < limit {
             match guard.try_io(|socket| socket.get_ref().accept()) {
                 Ok(Ok(accepted)) => batch.push(accepted),
                 Ok(Err(e)) if sys::is_transient_accept_error(&e) => continue,
