@@ -70,7 +70,8 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 pub const HEADER_LEN: usize = 4;
 
 /// Most descriptors one `Connections` frame may carry. The kernel allows 253
-/// (`SCM_MAX_FD`) per `sendmsg`; the master batches at most this many.
+/// (`SCM_MAX_FD`) per `sendmsg`; a worker's share of a batch larger than this goes
+/// in several frames.
 pub const MAX_FDS_PER_FRAME: usize = 64;
 
 /// The bincode configuration of every payload: little endian, fixed-width integers
