@@ -591,6 +591,77 @@ mod tests {
         assert_eq!(io.io.written, b"HTTP/1.1 200 OK\r\n\r\n");
     }
 
+    /// hyper-util's protocol detection still works through `ReadAhead`: an HTTP/2
+    /// client (prior knowledge) and an HTTP/1.1 keep-alive client, two requests each
+    /// on one connection.
+    #[tokio::test]
+    async fn both_protocols_are_served_through_the_read_ahead() {
+        use http_body_util::{BodyExt, Empty, Full};
+        let service = hyper::service::service_fn(|req: Request<IncomingBody>| async move {
+            let path = bytes::Bytes::from(req.uri().path().to_owned());
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(path)))
+        });
+        for h2 in [true, false] {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let served = tokio::spawn(async move {
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(ReadAhead::new(server)), service);
+                conn.await.is_ok()
+            });
+            let client = TokioIo::new(client);
+            let exchange = async {
+                let mut bodies = Vec::new();
+                if h2 {
+                    let (mut send, conn) =
+                        hyper::client::conn::http2::handshake(TokioExecutor::new(), client)
+                            .await
+                            .expect("HTTP/2 handshake");
+                    let driver = tokio::spawn(conn);
+                    for path in ["/one", "/two"] {
+                        let req = Request::get(format!("http://test{path}"))
+                            .body(Empty::<bytes::Bytes>::new())
+                            .expect("request");
+                        let resp = send.send_request(req).await.expect("HTTP/2 response");
+                        assert_eq!(resp.version(), Version::HTTP_2);
+                        bodies.push(resp.into_body().collect().await.expect("body").to_bytes());
+                    }
+                    drop(send);
+                    let _ = driver.await;
+                } else {
+                    let (mut send, conn) = hyper::client::conn::http1::handshake(client)
+                        .await
+                        .expect("HTTP/1 handshake");
+                    let driver = tokio::spawn(conn);
+                    for path in ["/one", "/two"] {
+                        let req = Request::get(path)
+                            .header(http::header::HOST, "test")
+                            .body(Empty::<bytes::Bytes>::new())
+                            .expect("request");
+                        let resp = send.send_request(req).await.expect("HTTP/1.1 response");
+                        assert_eq!(resp.version(), Version::HTTP_11);
+                        bodies.push(resp.into_body().collect().await.expect("body").to_bytes());
+                    }
+                    drop(send);
+                    let _ = driver.await;
+                }
+                bodies
+            };
+            // A read-ahead that lost bytes would leave both sides waiting.
+            let bodies = tokio::time::timeout(Duration::from_secs(10), exchange)
+                .await
+                .expect("both answers in time");
+            assert_eq!(bodies, ["/one", "/two"], "h2: {h2}");
+            assert!(
+                tokio::time::timeout(Duration::from_secs(5), served)
+                    .await
+                    .expect("the server ends with its client")
+                    .expect("server task"),
+                "h2: {h2}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_large_first_read_and_an_empty_connection_go_straight_through() {
         let mut io = ReadAhead::new(counted(b"hello"));
