@@ -266,13 +266,30 @@ pub async fn request_within(
         .map_err(|_| ControlError::Timeout(timeout))?
 }
 
+/// Connects to the control socket. A full listen backlog (the master is busy
+/// accepting other clients) is `EAGAIN` on a Unix socket, not a wait as on TCP: try
+/// again shortly, until the caller's timeout.
+async fn connect(path: &Path) -> Result<UnixStream, ControlError> {
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(source) => {
+                return Err(ControlError::Connect {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
 async fn request_inner(path: &Path, req: &Request) -> Result<Response, ControlError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| ControlError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
+    let stream = connect(path).await?;
     // A socket squatted by another user must not get our commands.
     let (_, uid) = crate::sys::peer_credentials(std::os::fd::AsFd::as_fd(&stream))?;
     if uid != 0 && uid != crate::sys::getuid() {
@@ -321,6 +338,82 @@ pub(crate) fn private_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A control socket whose backlog is full (the master busy with a flood of
+    /// clients) answers `connect` with `EAGAIN`: the request waits its turn instead of
+    /// failing.
+    #[tokio::test]
+    async fn a_request_waits_while_the_backlog_is_full() {
+        let dir = std::env::temp_dir().join(format!("rr-ctl-backlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("ctl.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::from_std(std::os::unix::net::UnixListener::from(
+            crate::sys::bind_private_unix(&path).expect("bind"),
+        ))
+        .expect("listener");
+        // Fill the backlog.
+        let mut fillers = Vec::new();
+        let mut full = false;
+        for _ in 0..1_000 {
+            match UnixStream::connect(&path).await {
+                Ok(s) => fillers.push(s),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    full = true;
+                    break;
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
+        assert!(full, "the backlog filled after {} clients", fillers.len());
+        let mut asking = std::pin::pin!(request_within(
+            &path,
+            &Request::Status,
+            Duration::from_secs(10)
+        ));
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(asking.as_mut().poll(cx))).await;
+        assert!(
+            first.is_pending(),
+            "waits while the backlog is full: {first:?}"
+        );
+        // The "master" takes the fillers (gone by now), then the request.
+        drop(fillers);
+        let serve = async {
+            loop {
+                let (stream, _) = listener.accept().await.expect("accept");
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                let mut reader = BufReader::new(read);
+                match tokio::time::timeout(Duration::from_millis(20), reader.read_line(&mut line))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => {
+                        assert_eq!(line.trim_end(), r#"{"cmd":"status"}"#);
+                        let ok = Response::Ok {
+                            message: "seen".into(),
+                        };
+                        let mut answer = serde_json::to_vec(&ok).expect("json");
+                        answer.push(b'\n');
+                        write.write_all(&answer).await.expect("answer");
+                        return;
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        let (served, answer) =
+            tokio::join!(tokio::time::timeout(Duration::from_secs(30), serve), asking);
+        served.expect("the request arrived");
+        let answer = answer.expect("answered");
+        assert_eq!(
+            answer,
+            Response::Ok {
+                message: "seen".into()
+            }
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn wire_format_is_stable() {
