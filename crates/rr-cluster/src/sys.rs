@@ -254,10 +254,18 @@ pub(crate) fn bind_private_unix(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(socket)
 }
 
-/// `TCP_NODELAY` on an accepted connection (a Node.js worker fed sockets through
-/// `server.emit('connection')` does not set it). Not an error on a Unix socket.
+/// `TCP_NODELAY` on a listening socket, which Linux copies to every connection
+/// accepted on it (a Node.js worker fed sockets through `server.emit('connection')`
+/// does not set it, nor does a Rust worker). Best effort: not an error on a Unix
+/// socket.
 pub(crate) fn set_nodelay(socket: BorrowedFd<'_>) {
     let _ = rustix::net::sockopt::set_tcp_nodelay(socket, true);
+}
+
+/// Whether `TCP_NODELAY` is on (false for a Unix socket).
+#[cfg(test)]
+pub(crate) fn tcp_nodelay(socket: BorrowedFd<'_>) -> bool {
+    rustix::net::sockopt::tcp_nodelay(socket).unwrap_or(false)
 }
 
 /// The process id and user id of the peer of a connected Unix socket.

@@ -874,7 +874,7 @@ impl Connection {
             Some(ListenerKind::Tcp) => {
                 let std = std::net::TcpStream::from(fd);
                 std.set_nonblocking(true).ok()?;
-                // TCP_NODELAY: set by `Connection::new`.
+                // TCP_NODELAY: inherited from the master's listener.
                 Socket::Tcp(TcpStream::from_std(std).ok()?)
             }
             Some(ListenerKind::Unix) => {
@@ -896,9 +896,6 @@ impl Connection {
         socket: Socket,
         counters: &Arc<Counters>,
     ) -> Connection {
-        if let Socket::Tcp(s) = &socket {
-            let _ = s.set_nodelay(true);
-        }
         counters.active.fetch_add(1, Ordering::SeqCst);
         Connection {
             listener,

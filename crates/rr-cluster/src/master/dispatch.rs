@@ -12,7 +12,7 @@
 //! per-worker scratch space lives in the dispatcher and only touched entries are reset.
 
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +23,6 @@ use super::link::WorkerLink;
 use crate::channel::TrySendError;
 use crate::node;
 use crate::protocol::{self, MAX_FDS_PER_FRAME, Protocol};
-use crate::sys;
 
 /// How long a worker whose send failed for a passing reason is left alone.
 const BUSY_RETRY: Duration = Duration::from_millis(10);
@@ -336,7 +335,7 @@ impl Dispatcher {
                     send_connections(link, listener, &fds[sent..sent + n]).map(|()| n)
                 }
                 Protocol::Node => {
-                    sys::set_nodelay(fds[sent].as_fd());
+                    // TCP_NODELAY: inherited from the listener (see `listen::bind_tcp`).
                     let line = self.node_line(listener);
                     link.writer
                         .try_send(&line, &[fds[sent].as_raw_fd()])

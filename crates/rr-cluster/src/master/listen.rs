@@ -242,6 +242,9 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<Listener> {
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    // Linux copies TCP_NODELAY from a listening socket to every connection accepted
+    // on it: set once here, no worker needs a system call per connection for it.
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     let listener = socket.listen(BACKLOG)?.into_std()?;
     let local = LocalAddr::Tcp(listener.local_addr()?);
@@ -332,6 +335,8 @@ pub(crate) fn listener_from_fd(fd: OwnedFd) -> io::Result<Listener> {
     let tcp = std::net::TcpListener::from(fd);
     if let Ok(addr) = tcp.local_addr() {
         tcp.set_nonblocking(true)?;
+        // As for the sockets bound here (see `bind_tcp`).
+        sys::set_nodelay(tcp.as_fd());
         return Ok(Listener {
             socket: sys::register_owned(Socket::Tcp(tcp))?,
             local: LocalAddr::Tcp(addr),
@@ -558,6 +563,10 @@ mod tests {
         let accepted = guard.get_inner().accept().expect("accept");
         assert!(accepted.fd.as_raw_fd() > 2);
         assert_eq!(accepted.peer, Some(std::net::IpAddr::from([127, 0, 0, 1])));
+        assert!(
+            sys::tcp_nodelay(accepted.fd.as_fd()),
+            "connections inherit TCP_NODELAY from the listener"
+        );
     }
 
     #[tokio::test]
