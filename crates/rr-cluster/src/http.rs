@@ -1,5 +1,6 @@
-//! A drain-correct HTTP server for workers: HTTP/1.1 and HTTP/2 over cleartext
-//! (hyper-util's `auto` connection), on the connections the master passes.
+//! A drain-correct HTTP server for workers: HTTP/1.1 and HTTP/2 over cleartext (told
+//! apart by the HTTP/2 preface, as hyper-util's `auto` does), on the connections the
+//! master passes.
 //!
 //! The point is the drain. A rolling reload must not lose a request, and with
 //! keep-alive that takes more than hyper's graceful shutdown (which closes idle
@@ -51,12 +52,11 @@ use http::header::{CONNECTION, HeaderValue};
 use http::{Request, Response, Version};
 use http_body::Body;
 use hyper::body::Incoming as IncomingBody;
+use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio_util::either::Either;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::worker::{Connection, Worker, WorkerError};
@@ -106,7 +106,8 @@ pub struct Server {
     worker: Worker,
     idle_grace: Duration,
     connect_info: Option<bool>,
-    builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 impl Server {
@@ -117,7 +118,8 @@ impl Server {
             worker,
             idle_grace: Duration::from_secs(2),
             connect_info: None,
-            builder: auto::Builder::new(TokioExecutor::new()),
+            http1: http1::Builder::new(),
+            http2: http2::Builder::new(TokioExecutor::new()),
         }
     }
 
@@ -137,9 +139,17 @@ impl Server {
         self
     }
 
-    /// hyper-util's connection builder, for HTTP/1 and HTTP/2 settings.
-    pub fn builder_mut(&mut self) -> &mut auto::Builder<TokioExecutor> {
-        &mut self.builder
+    /// hyper's HTTP/1 connection builder, for HTTP/1 settings (keep-alive, header
+    /// limits, a timer for header read timeouts). Connections are served with
+    /// upgrades (WebSocket) enabled.
+    pub fn http1_mut(&mut self) -> &mut http1::Builder {
+        &mut self.http1
+    }
+
+    /// hyper's HTTP/2 connection builder, for HTTP/2 settings (stream limits, window
+    /// sizes, keep-alive pings with a timer).
+    pub fn http2_mut(&mut self) -> &mut http2::Builder<TokioExecutor> {
+        &mut self.http2
     }
 
     /// Says `Ready`, serves `service` (a hyper service) on every connection, and
@@ -158,30 +168,31 @@ impl Server {
             worker,
             idle_grace,
             connect_info,
-            builder,
+            http1,
+            http2,
         } = self;
         let connect_info = connect_info.unwrap_or(false);
         let draining = worker.draining();
         let mut incoming = worker.ready().await?;
-        let builder = Arc::new(builder);
+        let builders = Arc::new((http1, http2));
         let tracker = TaskTracker::new();
-        let wakers = Arc::new(Wakers::default());
-        // One task hears of the drain and wakes every connection: connections do not
-        // each wait on the cancellation token (a lock per poll).
+        let drain = Arc::new(Drain::default());
+        // One task hears of the drain, raises the flag and wakes every connection:
+        // connections do not each wait on the cancellation token, nor ask it (a lock
+        // either way).
         let announcer = {
-            let (wakers, draining) = (Arc::clone(&wakers), draining.clone());
+            let (drain, draining) = (Arc::clone(&drain), draining.clone());
             tokio::spawn(async move {
                 draining.cancelled().await;
-                wakers.wake_all();
+                drain.start();
             })
         };
         while let Some(conn) = incoming.accept().await {
             tracker.spawn(connection(
                 conn,
                 service.clone(),
-                Arc::clone(&builder),
-                draining.clone(),
-                wakers.register(),
+                Arc::clone(&builders),
+                Arc::clone(&drain),
                 idle_grace,
                 connect_info,
             ));
@@ -220,9 +231,8 @@ impl Server {
 async fn connection<S, B>(
     conn: Connection,
     service: S,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    draining: CancellationToken,
-    wake: Arc<AtomicWaker>,
+    builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
+    drain: Arc<Drain>,
     idle_grace: Duration,
     connect_info: bool,
 ) where
@@ -233,63 +243,194 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let h2 = Arc::new(AtomicBool::new(false));
     let service = DrainAware {
         inner: service,
-        draining: draining.clone(),
+        drain: Arc::clone(&drain),
         peer: if connect_info { conn.peer_addr() } else { None },
-        h2: Arc::clone(&h2),
     };
-    let http = builder.serve_connection_with_upgrades(TokioIo::new(ReadAhead::new(conn)), service);
-    tokio::pin!(http);
-    let served = std::future::poll_fn(|cx| {
-        if http.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(true);
+    serve_io(conn, service, &builders, &drain, idle_grace).await;
+}
+
+/// Serves one connection (any byte stream) with the drain rules.
+async fn serve_io<I, S, B>(
+    io: I,
+    service: DrainAware<S>,
+    builders: &(http1::Builder, http2::Builder<TokioExecutor>),
+    drain: &Drain,
+    idle_grace: Duration,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let wake = drain.register();
+    let mut io = ReadAhead::new(io);
+    // Which protocol: the first bytes tell. A connection that says nothing before the
+    // drain gets the idle grace to do so, like an idle keep-alive connection.
+    let sniffed = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = io.poll_sniff(cx) {
+            return Poll::Ready(Some(r));
         }
         wake.register(cx.waker());
-        if draining.is_cancelled() {
-            return Poll::Ready(false);
+        if drain.is_draining() {
+            return Poll::Ready(None);
         }
         Poll::Pending
     })
     .await;
-    if served {
-        return;
+    let sniffed = match sniffed {
+        Some(r) => r,
+        None => {
+            match tokio::time::timeout(idle_grace, std::future::poll_fn(|cx| io.poll_sniff(cx)))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    let (h1, h2) = builders;
+    match sniffed {
+        // HTTP/2's connection is twice HTTP/1's in size, and rare here: boxed, so that
+        // it does not make every connection's task (moved on spawn) bigger.
+        Ok(Protocol::Http2) => {
+            let http = Box::pin(h2.serve_connection(TokioIo::new(io), service));
+            Drive::new(http, true, drain, &wake, idle_grace, |c| {
+                c.get_mut().as_mut().graceful_shutdown()
+            })
+            .await;
+        }
+        Ok(Protocol::Http1) => {
+            let http = h1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            Drive::new(http, false, drain, &wake, idle_grace, |c| {
+                c.graceful_shutdown()
+            })
+            .await;
+        }
+        Err(_) => {}
     }
-    if !h2.load(Ordering::Relaxed) {
-        // HTTP/1: requests still arriving are answered with `Connection: close`; a
-        // connection that stays idle through the grace is closed politely.
-        tokio::select! {
-            _ = http.as_mut() => return,
-            () = tokio::time::sleep(idle_grace) => {}
+}
+
+pin_project_lite::pin_project! {
+    /// A hyper connection run to its end, shut down by the drain rules once the worker
+    /// drains: HTTP/2 at once (GOAWAY; the streams in flight finish), HTTP/1 once it
+    /// stays idle through `idle_grace` (requests still arriving are answered with
+    /// `Connection: close` by [`DrainAware`]).
+    ///
+    /// A future of its own rather than an `async fn`: an `async fn` would keep the
+    /// connection twice in its state (the argument, then the pinned local), and every
+    /// connection's task is moved when spawned.
+    struct Drive<'a, C, F> {
+        #[pin]
+        http: C,
+        h2: bool,
+        drain: &'a Drain,
+        wake: &'a AtomicWaker,
+        idle_grace: Duration,
+        graceful_shutdown: Option<F>,
+        // Allocated only once draining (an idle HTTP/1 connection's grace).
+        grace: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<'a, C, F> Drive<'a, C, F>
+where
+    C: Future,
+    F: FnOnce(Pin<&mut C>),
+{
+    fn new(
+        http: C,
+        h2: bool,
+        drain: &'a Drain,
+        wake: &'a AtomicWaker,
+        idle_grace: Duration,
+        graceful_shutdown: F,
+    ) -> Self {
+        Drive {
+            http,
+            h2,
+            drain,
+            wake,
+            idle_grace,
+            graceful_shutdown: Some(graceful_shutdown),
+            grace: None,
         }
     }
-    // HTTP/2: GOAWAY now, the streams in flight finish; HTTP/1: close once idle.
-    http.as_mut().graceful_shutdown();
-    let _ = http.await;
 }
+
+impl<C, F> Future for Drive<'_, C, F>
+where
+    C: Future,
+    F: FnOnce(Pin<&mut C>),
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if this.http.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let Some(shutdown) = this.graceful_shutdown.take() else {
+            return Poll::Pending; // shut down already: the connection ends by itself
+        };
+        if this.grace.is_none() {
+            this.wake.register(cx.waker());
+            if !this.drain.is_draining() {
+                *this.graceful_shutdown = Some(shutdown);
+                return Poll::Pending;
+            }
+            if !*this.h2 {
+                *this.grace = Some(Box::pin(tokio::time::sleep(*this.idle_grace)));
+            }
+        }
+        if let Some(grace) = this.grace.as_mut()
+            && grace.as_mut().poll(cx).is_pending()
+        {
+            *this.graceful_shutdown = Some(shutdown);
+            return Poll::Pending;
+        }
+        shutdown(this.http.as_mut());
+        this.http.poll(cx).map(|_| ())
+    }
+}
+
+/// The protocol a connection speaks, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Bytes the first read of a connection asks the kernel for.
 const READ_AHEAD: usize = 4096;
 
-/// A connection whose first read takes up to [`READ_AHEAD`] bytes at once.
+/// A connection whose first bytes are read ahead, to tell the protocol, and then
+/// handed to hyper from memory.
 ///
-/// hyper-util's `auto` connection starts with a read of at most 24 bytes (to tell the
-/// HTTP/2 preface from HTTP/1), then hyper reads the rest of the request: two system
-/// calls where one does, on every connection. Here the first read fills a buffer and
-/// hands its bytes out from memory; once they are gone every read and write goes
-/// straight to the connection.
+/// hyper-util's `auto` connection reads at most 24 bytes first (the length of the
+/// HTTP/2 preface), then hyper reads the rest of the request: two system calls where
+/// one does, and two wrappers (`auto`'s and its `Rewind`) on every later read and
+/// poll. Here the first read takes up to [`READ_AHEAD`] bytes, the protocol is told
+/// from them, and hyper's HTTP/1 or HTTP/2 connection is served directly; once the
+/// buffered bytes are handed out, every read and write goes straight to the
+/// connection.
 #[derive(Debug)]
 struct ReadAhead<I> {
     io: I,
-    /// The read-ahead buffer, until it is used up (`None` afterwards, or before the
-    /// first read when that read is large enough on its own).
-    buf: Option<Box<[u8]>>,
-    /// Bytes of `buf` not handed out yet: `buf[start..end]`.
-    start: usize,
-    end: usize,
-    /// Whether the first read completed.
-    started: bool,
+    /// The bytes read ahead and not handed out yet (`None` once used up). Not zeroed
+    /// first: the buffer is allocated for every connection.
+    buf: Option<bytes::BytesMut>,
+    /// The connection said end of file while the protocol was told.
+    eof: bool,
 }
 
 impl<I> ReadAhead<I> {
@@ -297,9 +438,36 @@ impl<I> ReadAhead<I> {
         ReadAhead {
             io,
             buf: None,
-            start: 0,
-            end: 0,
-            started: false,
+            eof: false,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> ReadAhead<I> {
+    /// Reads until the bytes so far tell the HTTP/2 preface from anything else (which
+    /// is served as HTTP/1: hyper answers what is not HTTP). Usually one read. End of
+    /// file counts as HTTP/1, where hyper sees it and ends the connection.
+    fn poll_sniff(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<Protocol>> {
+        let buf = self
+            .buf
+            .get_or_insert_with(|| bytes::BytesMut::with_capacity(READ_AHEAD));
+        loop {
+            let n = buf.len().min(H2_PREFACE.len());
+            if buf[..n] != H2_PREFACE[..n] {
+                return Poll::Ready(Ok(Protocol::Http1));
+            }
+            if n == H2_PREFACE.len() {
+                return Poll::Ready(Ok(Protocol::Http2));
+            }
+            if self.eof {
+                return Poll::Ready(Ok(Protocol::Http1));
+            }
+            let got = std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                buf
+            ))?;
+            self.eof = got == 0;
         }
     }
 }
@@ -311,22 +479,11 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadAhead<I> {
         out: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if !this.started && out.remaining() < READ_AHEAD {
-            let buf = this
-                .buf
-                .get_or_insert_with(|| vec![0; READ_AHEAD].into_boxed_slice());
-            let mut ahead = tokio::io::ReadBuf::new(buf);
-            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut ahead))?;
-            this.started = true;
-            this.start = 0;
-            this.end = ahead.filled().len();
-        }
-        this.started = true;
-        if let Some(buf) = &this.buf {
-            let n = (this.end - this.start).min(out.remaining());
-            out.put_slice(&buf[this.start..this.start + n]);
-            this.start += n;
-            if this.start == this.end {
+        if let Some(buf) = &mut this.buf {
+            let n = buf.len().min(out.remaining());
+            out.put_slice(&buf[..n]);
+            bytes::Buf::advance(buf, n);
+            if buf.is_empty() {
                 this.buf = None;
             }
             return Poll::Ready(Ok(()));
@@ -365,17 +522,19 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadAhead<I> {
     }
 }
 
-/// The wakers of the open connections, woken all at once when the worker drains.
+/// The worker's drain as its connections see it: a flag, and the wakers of the open
+/// connections, woken all at once when it is raised.
 #[derive(Debug, Default)]
-struct Wakers {
-    list: std::sync::Mutex<Vec<std::sync::Weak<AtomicWaker>>>,
+struct Drain {
+    draining: AtomicBool,
+    wakers: std::sync::Mutex<Vec<std::sync::Weak<AtomicWaker>>>,
 }
 
-impl Wakers {
+impl Drain {
     /// A waker slot for a new connection (dropped with it).
     fn register(&self) -> Arc<AtomicWaker> {
         let waker = Arc::new(AtomicWaker::new());
-        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         if list.len() >= 64 && list.len().is_power_of_two() {
             list.retain(|w| w.strong_count() > 0);
         }
@@ -383,8 +542,16 @@ impl Wakers {
         waker
     }
 
-    fn wake_all(&self) {
-        let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+    /// Whether the worker drains. A connection registers its waker first, then asks:
+    /// it either sees the flag or is woken by [`Drain::start`].
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Raises the flag, then wakes every open connection.
+    fn start(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let list = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         for waker in list.iter().filter_map(std::sync::Weak::upgrade) {
             waker.wake();
         }
@@ -396,9 +563,8 @@ impl Wakers {
 #[derive(Debug, Clone)]
 struct DrainAware<S> {
     inner: S,
-    draining: CancellationToken,
+    drain: Arc<Drain>,
     peer: Option<SocketAddr>,
-    h2: Arc<AtomicBool>,
 }
 
 impl<S, B> Service<Request<IncomingBody>> for DrainAware<S>
@@ -411,9 +577,6 @@ where
 
     fn call(&self, mut req: Request<IncomingBody>) -> Self::Future {
         let h1 = req.version() < Version::HTTP_2;
-        if !h1 {
-            self.h2.store(true, Ordering::Relaxed);
-        }
         if let Some(peer) = self.peer {
             req.extensions_mut().insert(PeerAddr(peer));
             #[cfg(feature = "axum")]
@@ -423,7 +586,7 @@ where
         // Until the drain, the service's own future, untouched. A request that arrives
         // before the drain and ends after it keeps its keep-alive: the client's next
         // request, within the idle grace, is answered with `Connection: close`.
-        if !h1 || !self.draining.is_cancelled() {
+        if !h1 || !self.drain.is_draining() {
             return Either::Left(self.inner.call(req));
         }
         Either::Right(DrainAwareFuture {
@@ -558,8 +721,43 @@ mod tests {
         }
     }
 
+    /// A connection that hands out `data` at most `chunk` bytes per read.
+    fn chunked(data: &[u8], chunk: usize) -> Chunked {
+        Chunked {
+            inner: counted(data),
+            chunk,
+        }
+    }
+
+    struct Chunked {
+        inner: Counted,
+        chunk: usize,
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            out: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            let n = this.chunk.min(out.remaining());
+            let mut limited = ReadBuf::new(out.initialize_unfilled_to(n));
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
+            let got = limited.filled().len();
+            out.advance(got);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn sniff<I: AsyncRead + Unpin>(io: &mut ReadAhead<I>) -> Protocol {
+        std::future::poll_fn(|cx| io.poll_sniff(cx))
+            .await
+            .expect("sniff")
+    }
+
     #[tokio::test]
-    async fn a_short_first_read_costs_one_read_of_the_connection() {
+    async fn the_first_read_tells_the_protocol_and_is_handed_out_from_memory() {
         let request: Vec<u8> = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
             .iter()
             .copied()
@@ -567,13 +765,14 @@ mod tests {
             .take(5000)
             .collect();
         let mut io = ReadAhead::new(counted(&request));
-        // hyper-util's preface check, then hyper's own reads.
-        let mut preface = [0u8; 24];
-        assert_eq!(io.read(&mut preface).await.expect("read"), 24);
+        assert_eq!(sniff(&mut io).await, Protocol::Http1);
+        assert_eq!(io.io.reads, 1, "one read tells HTTP/1");
+        // hyper's reads: first from memory, then from the connection.
         let mut rest = vec![0u8; 8192];
         let n = io.read(&mut rest).await.expect("read");
-        assert_eq!(n, READ_AHEAD - 24, "what the first read took, from memory");
+        assert_eq!(n, READ_AHEAD, "what the first read took, from memory");
         assert_eq!(io.io.reads, 1);
+        assert!(io.buf.is_none(), "the buffer goes once used up");
         let m = io.read(&mut rest[n..]).await.expect("read");
         assert_eq!(
             m,
@@ -581,9 +780,7 @@ mod tests {
             "then straight from the connection"
         );
         assert_eq!(io.io.reads, 2);
-        let mut all = preface.to_vec();
-        all.extend_from_slice(&rest[..n + m]);
-        assert_eq!(all, request);
+        assert_eq!(&rest[..n + m], &request[..]);
         assert_eq!(io.read(&mut rest).await.expect("eof"), 0);
         io.write_all(b"HTTP/1.1 200 OK\r\n\r\n")
             .await
@@ -591,89 +788,239 @@ mod tests {
         assert_eq!(io.io.written, b"HTTP/1.1 200 OK\r\n\r\n");
     }
 
-    /// hyper-util's protocol detection still works through `ReadAhead`: an HTTP/2
-    /// client (prior knowledge) and an HTTP/1.1 keep-alive client, two requests each
-    /// on one connection.
     #[tokio::test]
-    async fn both_protocols_are_served_through_the_read_ahead() {
-        use http_body_util::{BodyExt, Empty, Full};
-        let service = hyper::service::service_fn(|req: Request<IncomingBody>| async move {
-            let path = bytes::Bytes::from(req.uri().path().to_owned());
-            Ok::<_, std::convert::Infallible>(Response::new(Full::new(path)))
-        });
-        for h2 in [true, false] {
-            let (client, server) = tokio::io::duplex(64 * 1024);
-            let served = tokio::spawn(async move {
-                let builder = auto::Builder::new(TokioExecutor::new());
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(ReadAhead::new(server)), service);
-                conn.await.is_ok()
-            });
-            let client = TokioIo::new(client);
-            let exchange = async {
-                let mut bodies = Vec::new();
-                if h2 {
-                    let (mut send, conn) =
-                        hyper::client::conn::http2::handshake(TokioExecutor::new(), client)
-                            .await
-                            .expect("HTTP/2 handshake");
-                    let driver = tokio::spawn(conn);
-                    for path in ["/one", "/two"] {
-                        let req = Request::get(format!("http://test{path}"))
-                            .body(Empty::<bytes::Bytes>::new())
-                            .expect("request");
-                        let resp = send.send_request(req).await.expect("HTTP/2 response");
-                        assert_eq!(resp.version(), Version::HTTP_2);
-                        bodies.push(resp.into_body().collect().await.expect("body").to_bytes());
-                    }
-                    drop(send);
-                    let _ = driver.await;
-                } else {
-                    let (mut send, conn) = hyper::client::conn::http1::handshake(client)
-                        .await
-                        .expect("HTTP/1 handshake");
-                    let driver = tokio::spawn(conn);
-                    for path in ["/one", "/two"] {
-                        let req = Request::get(path)
-                            .header(http::header::HOST, "test")
-                            .body(Empty::<bytes::Bytes>::new())
-                            .expect("request");
-                        let resp = send.send_request(req).await.expect("HTTP/1.1 response");
-                        assert_eq!(resp.version(), Version::HTTP_11);
-                        bodies.push(resp.into_body().collect().await.expect("body").to_bytes());
-                    }
-                    drop(send);
-                    let _ = driver.await;
-                }
-                bodies
-            };
-            // A read-ahead that lost bytes would leave both sides waiting.
-            let bodies = tokio::time::timeout(Duration::from_secs(10), exchange)
-                .await
-                .expect("both answers in time");
-            assert_eq!(bodies, ["/one", "/two"], "h2: {h2}");
-            assert!(
-                tokio::time::timeout(Duration::from_secs(5), served)
-                    .await
-                    .expect("the server ends with its client")
-                    .expect("server task"),
-                "h2: {h2}"
+    async fn the_http2_preface_is_told_however_it_arrives() {
+        let mut h2 = H2_PREFACE.to_vec();
+        h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // an empty SETTINGS frame
+        for chunk in [1, 5, 23, 24, 4096] {
+            let mut io = ReadAhead::new(chunked(&h2, chunk));
+            assert_eq!(sniff(&mut io).await, Protocol::Http2, "chunk {chunk}");
+            assert_eq!(
+                io.io.inner.reads,
+                H2_PREFACE.len().div_ceil(chunk),
+                "chunk {chunk}"
             );
+            let mut all = Vec::new();
+            io.read_to_end(&mut all).await.expect("read");
+            assert_eq!(all, h2, "nothing lost, chunk {chunk}");
+        }
+        // Not the preface: told at the first byte that differs, even one at a time.
+        let almost = b"PRI * HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut io = ReadAhead::new(chunked(almost, 1));
+        assert_eq!(sniff(&mut io).await, Protocol::Http1);
+        assert_eq!(io.io.inner.reads, 12, "`PRI * HTTP/` (11 bytes), then `1`");
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, almost);
+        // A short HTTP/1 request and an empty connection.
+        for data in [&b"GET / HTTP/1.0\r\n\r\n"[..], b"P", b""] {
+            let mut io = ReadAhead::new(counted(data));
+            assert_eq!(sniff(&mut io).await, Protocol::Http1);
+            let mut all = Vec::new();
+            io.read_to_end(&mut all).await.expect("read");
+            assert_eq!(all, data);
+            assert_eq!(io.read(&mut [0u8; 16]).await.expect("eof again"), 0);
         }
     }
 
-    #[tokio::test]
-    async fn a_large_first_read_and_an_empty_connection_go_straight_through() {
-        let mut io = ReadAhead::new(counted(b"hello"));
-        let mut buf = vec![0u8; READ_AHEAD];
-        assert_eq!(io.read(&mut buf).await.expect("read"), 5);
-        assert!(io.buf.is_none());
-        assert_eq!(&buf[..5], b"hello");
+    fn path_service() -> DrainAware<
+        impl Service<
+            Request<IncomingBody>,
+            Response = Response<http_body_util::Full<bytes::Bytes>>,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static,
+    > {
+        let inner = hyper::service::service_fn(|req: Request<IncomingBody>| async move {
+            let path = bytes::Bytes::from(req.uri().path().to_owned());
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(path)))
+        });
+        DrainAware {
+            inner,
+            drain: Arc::new(Drain::default()),
+            peer: None,
+        }
+    }
 
-        let mut io = ReadAhead::new(counted(b""));
-        let mut small = [0u8; 24];
-        assert_eq!(io.read(&mut small).await.expect("eof"), 0);
-        assert_eq!(io.read(&mut small).await.expect("eof again"), 0);
-        assert!(io.buf.is_none());
+    /// Serves `io` as the worker serves a connection; the task ends with it.
+    fn spawn_serve(
+        io: tokio::io::DuplexStream,
+        drain: &Arc<Drain>,
+        idle_grace: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut service = path_service();
+        service.drain = Arc::clone(drain);
+        let drain = Arc::clone(drain);
+        tokio::spawn(async move {
+            let builders = (
+                http1::Builder::new(),
+                http2::Builder::new(TokioExecutor::new()),
+            );
+            serve_io(io, service, &builders, &drain, idle_grace).await;
+        })
+    }
+
+    type H1Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+    type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+    async fn h1_client(io: tokio::io::DuplexStream) -> (H1Sender, tokio::task::JoinHandle<()>) {
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .expect("HTTP/1 handshake");
+        (
+            send,
+            tokio::spawn(async move {
+                let _ = conn.await;
+            }),
+        )
+    }
+
+    async fn h2_client(io: tokio::io::DuplexStream) -> (H2Sender, tokio::task::JoinHandle<()>) {
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .expect("HTTP/2 handshake");
+        (
+            send,
+            tokio::spawn(async move {
+                let _ = conn.await;
+            }),
+        )
+    }
+
+    fn get(path: &str) -> Request<http_body_util::Empty<bytes::Bytes>> {
+        Request::get(format!("http://test{path}"))
+            .header(http::header::HOST, "test")
+            .body(http_body_util::Empty::new())
+            .expect("request")
+    }
+
+    /// Sends `GET path`; the response's `Connection` header and body.
+    async fn h1_get(send: &mut H1Sender, path: &str) -> (Option<HeaderValue>, bytes::Bytes) {
+        use http_body_util::BodyExt;
+        let resp = send
+            .send_request(get(path))
+            .await
+            .expect("HTTP/1.1 response");
+        assert_eq!(resp.version(), Version::HTTP_11);
+        let close = resp.headers().get(CONNECTION).cloned();
+        (
+            close,
+            resp.into_body().collect().await.expect("body").to_bytes(),
+        )
+    }
+
+    async fn h2_get(send: &mut H2Sender, path: &str) -> bytes::Bytes {
+        use http_body_util::BodyExt;
+        let resp = send.send_request(get(path)).await.expect("HTTP/2 response");
+        assert_eq!(resp.version(), Version::HTTP_2);
+        resp.into_body().collect().await.expect("body").to_bytes()
+    }
+
+    /// Both protocols are served through the read-ahead: an HTTP/2 client (prior
+    /// knowledge) and an HTTP/1.1 keep-alive client, two requests each on one
+    /// connection. A read-ahead that lost bytes would leave both sides waiting: the
+    /// test fails within 10 s instead.
+    #[tokio::test]
+    async fn both_protocols_are_served_through_the_read_ahead() {
+        let drain = Arc::new(Drain::default());
+        let exchange = async {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve(server, &drain, Duration::from_secs(2));
+            let (mut send, driver) = h2_client(client).await;
+            assert_eq!(h2_get(&mut send, "/one").await, "/one");
+            assert_eq!(h2_get(&mut send, "/two").await, "/two");
+            drop(send);
+            let _ = driver.await;
+            served
+                .await
+                .expect("the HTTP/2 connection ends with its client");
+
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve(server, &drain, Duration::from_secs(2));
+            let (mut send, driver) = h1_client(client).await;
+            assert_eq!(h1_get(&mut send, "/one").await, (None, "/one".into()));
+            assert_eq!(h1_get(&mut send, "/two").await, (None, "/two".into()));
+            drop(send);
+            let _ = driver.await;
+            served
+                .await
+                .expect("the HTTP/1 connection ends with its client");
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("both protocols answered in time");
+    }
+
+    /// Once the worker drains: an HTTP/1 keep-alive connection's next request is
+    /// answered with `Connection: close`; an HTTP/2 connection gets GOAWAY; a
+    /// connection that has said nothing yet gets the idle grace to send its request,
+    /// and is closed at its end if it does not.
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_rules_hold_for_both_protocols_and_for_silent_connections() {
+        tokio::time::timeout(Duration::from_secs(60), drain_rules())
+            .await
+            .expect("every connection ended in time");
+    }
+
+    async fn drain_rules() {
+        let grace = Duration::from_secs(2);
+        let drain = Arc::new(Drain::default());
+
+        let (h1_io, server) = tokio::io::duplex(64 * 1024);
+        let h1_served = spawn_serve(server, &drain, grace);
+        let (mut h1, h1_driver) = h1_client(h1_io).await;
+        assert_eq!(h1_get(&mut h1, "/before").await, (None, "/before".into()));
+
+        let (h2_io, server) = tokio::io::duplex(64 * 1024);
+        let h2_served = spawn_serve(server, &drain, grace);
+        let (mut h2, h2_driver) = h2_client(h2_io).await;
+        assert_eq!(h2_get(&mut h2, "/before").await, "/before");
+
+        let (mut silent, server) = tokio::io::duplex(64 * 1024);
+        let silent_served = spawn_serve(server, &drain, grace);
+        let (late_io, server) = tokio::io::duplex(64 * 1024);
+        let late_served = spawn_serve(server, &drain, grace);
+        tokio::task::yield_now().await;
+
+        let started = tokio::time::Instant::now();
+        drain.start();
+
+        // HTTP/2: GOAWAY at once, so the connection ends.
+        h2_served
+            .await
+            .expect("HTTP/2 connection ends once draining");
+        let _ = h2_driver.await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "HTTP/2 goes away at once"
+        );
+
+        // HTTP/1: the request that arrives now is answered, with `Connection: close`.
+        let (close, body) = h1_get(&mut h1, "/during").await;
+        assert_eq!(close, Some(HeaderValue::from_static("close")));
+        assert_eq!(body, "/during");
+        h1_served
+            .await
+            .expect("HTTP/1 connection ends after its answer");
+        let _ = h1_driver.await;
+
+        // A connection whose request comes within the grace is served.
+        tokio::time::sleep(grace / 2).await;
+        let (mut late, late_driver) = h1_client(late_io).await;
+        let (close, body) = h1_get(&mut late, "/late").await;
+        assert_eq!(close, Some(HeaderValue::from_static("close")));
+        assert_eq!(body, "/late");
+        late_served.await.expect("the late connection ends");
+        let _ = late_driver.await;
+
+        // A connection that stays silent is closed at the end of the grace.
+        silent_served.await.expect("the silent connection ends");
+        assert_eq!(started.elapsed(), grace, "closed when the grace ran out");
+        let mut buf = [0u8; 16];
+        assert_eq!(silent.read(&mut buf).await.expect("end of file"), 0);
     }
 }
