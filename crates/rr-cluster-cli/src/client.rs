@@ -44,7 +44,9 @@ pub(crate) async fn simple(path: &Path, req: Request, timeout: Duration) -> Exit
 
 fn report(answer: Result<Response, control::ControlError>) -> ExitCode {
     match answer {
-        Ok(Response::Error { message }) => eprintln_safe(&format!("rr-cluster: error: {message}")),
+        Ok(Response::Error { message } | Response::Busy { message }) => {
+            eprintln_safe(&format!("rr-cluster: error: {message}"))
+        }
         Ok(other) => eprintln_safe(&format!("rr-cluster: error: unexpected answer: {other:?}")),
         Err(e) => eprintln_safe(&format!("rr-cluster: error: {e}")),
     }

@@ -230,7 +230,7 @@ fn draw(frame: &mut ratatui::Frame<'_>, view: &View, path: &Path) {
 async fn status(path: &Path) -> Result<Status, String> {
     match control::request(path, &Request::Status).await {
         Ok(Response::Status(s)) => Ok(s),
-        Ok(Response::Error { message }) => Err(message),
+        Ok(Response::Error { message } | Response::Busy { message }) => Err(message),
         Ok(other) => Err(format!("unexpected answer: {other:?}")),
         Err(e) => Err(e.to_string()),
     }
@@ -239,7 +239,9 @@ async fn status(path: &Path) -> Result<Status, String> {
 async fn act(path: &Path, req: Request) -> String {
     match control::request(path, &req).await {
         Ok(Response::Ok { message }) => message,
-        Ok(Response::Error { message }) => format!("refused: {message}"),
+        Ok(Response::Error { message } | Response::Busy { message }) => {
+            format!("refused: {message}")
+        }
         Ok(other) => format!("unexpected answer: {other:?}"),
         Err(e) => e.to_string(),
     }

@@ -12,6 +12,11 @@
 //! -> {"cmd":"scale","workers":4}
 //! <- {"result":"ok","message":"scaling from 2 to 4 workers"}
 //! ```
+//!
+//! A master already serving [`MAX_CLIENTS`] connections answers a new one with
+//! `{"result":"busy","message":"..."}` and closes it, before reading any request: the
+//! client tries again. [`request`] does, within its timeout, as it does while the
+//! socket's listen backlog is full.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,7 +29,7 @@ use tokio::net::UnixStream;
 pub const MAX_LINE: usize = 16 * 1024 * 1024;
 /// The longest request line a master accepts, in bytes.
 pub const MAX_REQUEST: usize = 4096;
-/// Control connections a master serves at once; more are refused with an error line.
+/// Control connections a master serves at once; more are answered [`Response::Busy`].
 pub const MAX_CLIENTS: usize = 64;
 /// A control connection with no request for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,6 +86,12 @@ pub enum Response {
     /// The command was refused.
     Error {
         /// Why.
+        message: String,
+    },
+    /// The master serves too many control connections to take this one: try again.
+    /// It read no request.
+    Busy {
+        /// What the master said.
         message: String,
     },
 }
@@ -255,41 +266,46 @@ pub async fn request(path: &Path, req: &Request) -> Result<Response, ControlErro
 }
 
 /// Sends one request and waits at most `timeout` for the answer (a `reload` or `stop`
-/// that waits for completion takes as long as the pool does).
+/// that waits for completion takes as long as the pool does). A master too busy to
+/// take the connection (a full listen backlog, or [`Response::Busy`]) is asked again,
+/// shortly, until `timeout`; then its last `Busy` answer is returned.
 pub async fn request_within(
     path: &Path,
     req: &Request,
     timeout: Duration,
 ) -> Result<Response, ControlError> {
-    tokio::time::timeout(timeout, request_inner(path, req))
-        .await
-        .map_err(|_| ControlError::Timeout(timeout))?
-}
-
-/// Connects to the control socket. A full listen backlog (the master is busy
-/// accepting other clients) is `EAGAIN` on a Unix socket, not a wait as on TCP: try
-/// again shortly, until the caller's timeout.
-async fn connect(path: &Path) -> Result<UnixStream, ControlError> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     loop {
-        match UnixStream::connect(path).await {
-            Ok(stream) => return Ok(stream),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(100));
-            }
-            Err(source) => {
-                return Err(ControlError::Connect {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
+        let attempt = tokio::time::timeout_at(deadline, request_inner(path, req))
+            .await
+            .map_err(|_| ControlError::Timeout(timeout))?;
+        match &attempt {
+            // A Unix socket whose listen backlog is full refuses `connect` with
+            // EAGAIN (TCP would wait): nothing was sent.
+            Err(ControlError::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::WouldBlock => {}
+            Ok(Response::Busy { .. }) => {}
+            _ => return attempt,
         }
+        if tokio::time::Instant::now() + pause >= deadline {
+            return match attempt {
+                Err(ControlError::Connect { .. }) => Err(ControlError::Timeout(timeout)),
+                other => other,
+            };
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
 async fn request_inner(path: &Path, req: &Request) -> Result<Response, ControlError> {
-    let stream = connect(path).await?;
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
     // A socket squatted by another user must not get our commands.
     let (_, uid) = crate::sys::peer_credentials(std::os::fd::AsFd::as_fd(&stream))?;
     if uid != 0 && uid != crate::sys::getuid() {
@@ -338,6 +354,7 @@ pub(crate) fn private_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     /// A control socket whose backlog is full (the master busy with a flood of
     /// clients) answers `connect` with `EAGAIN`: the request waits its turn instead of
@@ -415,11 +432,93 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A fake master at a fresh path: answers the first `busy` connections with
+    /// `Busy` (reading nothing, as the master does), then answers requests `Ok`.
+    /// Returns the path and the number of connections it took.
+    fn busy_master(
+        name: &str,
+        busy: usize,
+    ) -> (
+        PathBuf,
+        tokio::task::JoinHandle<()>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("rr-ctl-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("ctl.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&taken);
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (read, mut write) = stream.into_split();
+                let answer = if n < busy {
+                    Response::Busy {
+                        message: "too many control connections; try again".into(),
+                    }
+                } else {
+                    let mut line = String::new();
+                    let _ = BufReader::new(read).read_line(&mut line).await;
+                    Response::Ok {
+                        message: format!("got {}", line.trim_end()),
+                    }
+                };
+                let mut bytes = serde_json::to_vec(&answer).expect("json");
+                bytes.push(b'\n');
+                let _ = write.write_all(&bytes).await;
+            }
+        });
+        (path, server, taken)
+    }
+
+    #[tokio::test]
+    async fn a_busy_master_is_asked_again() {
+        let (path, server, taken) = busy_master("busy-twice", 2);
+        let answer = request_within(&path, &Request::Status, Duration::from_secs(10)).await;
+        assert_eq!(
+            answer.expect("answered"),
+            Response::Ok {
+                message: r#"got {"cmd":"status"}"#.into()
+            }
+        );
+        assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), 3);
+        server.abort();
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    #[tokio::test]
+    async fn a_master_busy_throughout_gives_its_busy_answer_at_the_timeout() {
+        let (path, server, taken) = busy_master("busy-always", usize::MAX);
+        let answer = request_within(&path, &Request::Status, Duration::from_millis(300)).await;
+        assert!(
+            matches!(answer, Ok(Response::Busy { .. })),
+            "the last answer: {answer:?}"
+        );
+        assert!(
+            taken.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+            "asked again"
+        );
+        server.abort();
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
     #[test]
     fn wire_format_is_stable() {
         assert_eq!(
             serde_json::to_string(&Request::Status).expect("json"),
             r#"{"cmd":"status"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::Busy {
+                message: "try again".into()
+            })
+            .expect("json"),
+            r#"{"result":"busy","message":"try again"}"#
         );
         assert_eq!(
             serde_json::to_string(&Request::Scale {

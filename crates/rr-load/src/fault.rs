@@ -177,7 +177,9 @@ async fn reload(control_path: &Path) -> Result<Done, String> {
             pid: None,
             message: Some(message),
         }),
-        Ok(Response::Error { message }) => Err(format!("the master refused: {message}")),
+        Ok(Response::Error { message } | Response::Busy { message }) => {
+            Err(format!("the master refused: {message}"))
+        }
         Ok(other) => Err(format!("unexpected answer: {other:?}")),
         Err(e) => Err(e.to_string()),
     }
@@ -187,7 +189,9 @@ async fn reload(control_path: &Path) -> Result<Done, String> {
 pub(crate) async fn status(control_path: &Path) -> Result<Status, String> {
     match control::request(control_path, &Request::Status).await {
         Ok(Response::Status(status)) => Ok(status),
-        Ok(Response::Error { message }) => Err(format!("the master refused: {message}")),
+        Ok(Response::Error { message } | Response::Busy { message }) => {
+            Err(format!("the master refused: {message}"))
+        }
         Ok(other) => Err(format!("unexpected answer: {other:?}")),
         Err(e) => Err(e.to_string()),
     }

@@ -85,11 +85,23 @@ pub(crate) async fn serve(
             .map(|(_, uid)| uid == me || uid == 0)
             .unwrap_or(false);
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            refuse(stream, "too many control connections; try again").await;
+            refuse(
+                stream,
+                Response::Busy {
+                    message: "too many control connections; try again".into(),
+                },
+            )
+            .await;
             continue;
         };
         if !allowed {
-            refuse(stream, "permission denied: not the master's user").await;
+            refuse(
+                stream,
+                Response::Error {
+                    message: "permission denied: not the master's user".into(),
+                },
+            )
+            .await;
             continue;
         }
         let commands = commands.clone();
@@ -106,10 +118,7 @@ pub(crate) async fn serve(
 }
 
 /// One error line, then close; bounded so that a stuck client cannot hold us.
-async fn refuse(mut stream: UnixStream, message: &str) {
-    let resp = Response::Error {
-        message: message.to_owned(),
-    };
+async fn refuse(mut stream: UnixStream, resp: Response) {
     if let Ok(mut bytes) = serde_json::to_vec(&resp) {
         bytes.push(b'\n');
         let _ = tokio::time::timeout(Duration::from_millis(100), stream.write_all(&bytes)).await;
