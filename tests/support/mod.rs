@@ -209,6 +209,11 @@ pub async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T
 /// Sends `command` and a newline on a new connection to `addr`; reads the answer
 /// until the worker closes (bounded by [`WAIT`]).
 pub async fn ask(addr: SocketAddr, command: &str) -> String {
+    try_ask(addr, command).await.expect("exchange")
+}
+
+/// [`ask`], with a failed exchange (a reset connection, say) as an error.
+pub async fn try_ask(addr: SocketAddr, command: &str) -> std::io::Result<String> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         stream.write_all(format!("{command}\n").as_bytes()).await?;
@@ -219,7 +224,6 @@ pub async fn ask(addr: SocketAddr, command: &str) -> String {
     tokio::time::timeout(WAIT, exchange)
         .await
         .expect("answer in time")
-        .expect("exchange")
 }
 
 /// SIGKILL, ignoring a process that is already gone.
