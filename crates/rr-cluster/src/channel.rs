@@ -6,6 +6,12 @@
 //! flushed before any later frame, so frames never interleave. Sends never block:
 //! [`ChannelWriter::try_send`] reports a full channel instead.
 //!
+//! The reactor watches the socket for reading only. A registration for writability
+//! would wake the process every time the peer reads (Linux signals write space to the
+//! writer on each read), which for the master is once per frame it sends. Sends are
+//! made directly; only a sender that met a full socket waits for writability, through
+//! a short-lived registration of a duplicate descriptor ([`ChannelWriter::writable`]).
+//!
 //! Receiving: on Linux a `recvmsg` on a stream socket never reads past a segment that
 //! carried descriptors, and descriptors arrive no later than the first byte of the frame
 //! they travel with. The reader keeps a FIFO of received descriptors; each frame claims
@@ -23,13 +29,14 @@
 //! JSON: [`ChannelReader::recv_line`].
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sendfd::SendWithFd;
 use tokio::io::Interest;
-use tokio::net::UnixStream;
+use tokio::io::unix::AsyncFd;
 
 use crate::protocol::{self, HEADER_LEN, MAX_FRAME_LEN, Message, ProtocolError};
 use crate::sys;
@@ -38,6 +45,9 @@ use crate::sys;
 pub(crate) const MAX_PENDING_FDS: usize = 4 * sys::SCM_MAX_FD;
 
 const INITIAL_BUFFER: usize = 8 * 1024;
+
+/// How long [`ChannelWriter::writable`] waits when it cannot watch the socket.
+const NO_WATCH_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Errors of a channel.
 #[derive(Debug, thiserror::Error)]
@@ -115,9 +125,13 @@ impl TrySendError {
     }
 }
 
+/// A channel's socket, non-blocking and registered with the reactor for reading only.
+#[derive(Debug)]
+pub struct ChannelStream(AsyncFd<UnixStream>);
+
 /// Splits a connected stream into its receiving and sending halves.
-pub fn split(stream: UnixStream) -> (ChannelReader, Arc<ChannelWriter>) {
-    let stream = Arc::new(stream);
+pub fn split(stream: ChannelStream) -> (ChannelReader, Arc<ChannelWriter>) {
+    let stream = Arc::new(stream.0);
     (
         ChannelReader {
             stream: Arc::clone(&stream),
@@ -130,16 +144,17 @@ pub fn split(stream: UnixStream) -> (ChannelReader, Arc<ChannelWriter>) {
     )
 }
 
-/// Wraps a connected std stream (made non-blocking) for tokio.
-pub fn from_std(stream: std::os::unix::net::UnixStream) -> io::Result<UnixStream> {
+/// Makes a connected stream non-blocking and registers it with the current runtime's
+/// reactor, for reading.
+pub fn from_std(stream: UnixStream) -> io::Result<ChannelStream> {
     stream.set_nonblocking(true)?;
-    UnixStream::from_std(stream)
+    sys::register_owned_for(stream, Interest::READABLE).map(ChannelStream)
 }
 
 /// The receiving half: frames with the descriptors they claim.
 #[derive(Debug)]
 pub struct ChannelReader {
-    stream: Arc<UnixStream>,
+    stream: Arc<AsyncFd<UnixStream>>,
     decoder: FrameDecoder,
 }
 
@@ -186,15 +201,29 @@ impl ChannelReader {
         let stream = &self.stream;
         let (spare, fds) = self.decoder.read_target();
         let received = loop {
-            stream.readable().await?;
-            match stream.try_io(Interest::READABLE, || {
-                sys::recv_with_fds(stream.as_fd(), &mut spare[..], fds)
-            }) {
-                Ok(received) => break received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if is_disconnect(&e) => return Err(ChannelError::Closed),
-                Err(e) => return Err(e.into()),
+            let mut guard = stream.readable().await?;
+            let fds_before = fds.len();
+            match guard.try_io(|socket| sys::recv_with_fds(socket.get_ref().as_fd(), spare, fds)) {
+                Ok(Ok(received)) => {
+                    // A read stops short of the buffer's end only when the socket is
+                    // empty or at a segment that carried descriptors (even descriptors
+                    // the kernel then dropped: `truncated`). Short and without any:
+                    // empty, so wait for the reactor instead of making a `recvmsg`
+                    // sure to fail with EAGAIN. (A segment that comes meanwhile is
+                    // reported by the reactor's next turn.)
+                    if received.bytes > 0
+                        && received.bytes < spare.len()
+                        && fds.len() == fds_before
+                        && !received.truncated
+                    {
+                        guard.clear_ready();
+                    }
+                    break received;
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) if is_disconnect(&e) => return Err(ChannelError::Closed),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_would_block) => continue,
             }
         };
         self.decoder.filled(received)?;
@@ -229,7 +258,7 @@ impl ChannelReader {
 /// The sending half, shared by everyone who writes to one peer.
 #[derive(Debug)]
 pub struct ChannelWriter {
-    stream: Arc<UnixStream>,
+    stream: Arc<AsyncFd<UnixStream>>,
     pending: Mutex<Pending>,
 }
 
@@ -257,10 +286,11 @@ impl ChannelWriter {
             }
         }
         let written = loop {
+            let socket = self.stream.get_ref();
             let result = if fds.is_empty() {
-                self.stream.try_write(frame)
+                (&*socket).write(frame)
             } else {
-                self.stream.send_with_fd(frame, fds)
+                socket.send_with_fd(frame, fds)
             };
             match result {
                 Ok(n) => break n,
@@ -285,7 +315,7 @@ impl ChannelWriter {
         loop {
             match self.try_send(frame, fds) {
                 Ok(()) => return Ok(()),
-                Err(TrySendError::Full) => self.stream.writable().await?,
+                Err(TrySendError::Full) => self.writable().await?,
                 Err(TrySendError::Busy(_)) => {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
@@ -300,27 +330,45 @@ impl ChannelWriter {
         self.send(&frame, &[]).await
     }
 
-    /// Completes when the socket may accept more bytes.
+    /// Completes when the socket may accept more bytes (or has failed: the next send
+    /// says how). Registers a duplicate of the socket for writability while it waits,
+    /// so that nothing is woken by write space while nobody waits for it.
+    ///
+    /// When that watch cannot be set up (no descriptor left: `EMFILE`), it waits
+    /// [`NO_WATCH_RETRY`] instead, so that a caller that retries its send in a loop
+    /// does not spin.
     pub async fn writable(&self) -> io::Result<()> {
-        self.stream.writable().await
+        let watch = self
+            .stream
+            .get_ref()
+            .try_clone()
+            .and_then(|dup| sys::register_owned_for(dup, Interest::WRITABLE));
+        match watch {
+            Ok(watch) => watch.writable().await.map(drop),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot watch a full channel; retrying shortly");
+                tokio::time::sleep(NO_WATCH_RETRY).await;
+                Ok(())
+            }
+        }
     }
 
     /// Shuts the socket down both ways: the peer sees the end of the stream even while
     /// other handles to this writer live on (or a descendant of the peer holds its end),
     /// and this side's reader ends.
     pub fn shutdown(&self) {
-        let _ = sys::shutdown(self.stream.as_fd());
+        let _ = sys::shutdown(self.stream.get_ref().as_fd());
     }
 
     /// Half-closes the socket: the peer reads end-of-file after what was sent.
     pub(crate) fn shutdown_write(&self) {
-        let _ = sys::shutdown_write(self.stream.as_fd());
+        let _ = sys::shutdown_write(self.stream.get_ref().as_fd());
     }
 
     /// The socket, for a last-gasp blocking write (the worker's panic hook) made
     /// under [`ChannelWriter::with_exclusive`].
     pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.stream.as_fd()
+        self.stream.get_ref().as_fd()
     }
 
     /// Runs `f` with the pending state locked, so that a blocking writer (the panic
@@ -342,7 +390,7 @@ impl ChannelWriter {
     /// Writes as much of the pending tail as the socket takes. `Ok(true)` when done.
     fn flush_locked(&self, pending: &mut Pending) -> io::Result<bool> {
         while !pending.bytes.is_empty() {
-            match self.stream.try_write(&pending.bytes) {
+            match self.stream.get_ref().write(&pending.bytes) {
                 Ok(n) => {
                     pending.bytes.drain(..n);
                 }
@@ -356,7 +404,7 @@ impl ChannelWriter {
 
     async fn flush_in_background(self: Arc<Self>) {
         loop {
-            if self.stream.writable().await.is_err() {
+            if self.writable().await.is_err() {
                 break;
             }
             let mut pending = self.lock();
@@ -535,6 +583,7 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use crate::protocol::{ToMaster, ToWorker, frame};
+    use std::io::Read;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream as StdUnixStream;
 
@@ -616,9 +665,7 @@ mod tests {
     #[tokio::test]
     async fn partial_writes_keep_frames_whole() {
         let (raw_a, mut reader, writer, _rb) = pair();
-        // Fill the socket until it refuses, with frames of varied sizes. (A fresh
-        // registration is not writable until the reactor has said so.)
-        writer.writable().await.expect("writable");
+        // Fill the socket until it refuses, with frames of varied sizes.
         let mut sent = Vec::new();
         for i in 0..10_000u32 {
             let msg = ToWorker::User(vec![(i % 251) as u8; (i as usize * 37) % 5000]);
@@ -817,5 +864,97 @@ mod tests {
         let _ = raw_a;
         let err = writer.send_msg(&ToWorker::Ping).await.expect_err("closed");
         assert!(matches!(err, ChannelError::Closed), "{err}");
+    }
+
+    /// The readiness masks of every epoll watch this process holds on the socket with
+    /// this inode (/proc/self/fdinfo of an epoll descriptor lists each watch as
+    /// `tfd: N events: MASK ...`).
+    fn epoll_watches(inode: u64) -> Vec<u32> {
+        let mut masks = Vec::new();
+        for entry in std::fs::read_dir("/proc/self/fdinfo")
+            .expect("fdinfo")
+            .flatten()
+        {
+            let Ok(info) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            for line in info.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let ["tfd:", fd, "events:", mask, ..] = words[..] {
+                    let fd: RawFd = fd.parse().expect("tfd");
+                    if sys::socket_inode_of(fd) == Some(inode) {
+                        masks.push(u32::from_str_radix(mask, 16).expect("mask"));
+                    }
+                }
+            }
+        }
+        masks
+    }
+
+    #[tokio::test]
+    async fn only_a_sender_that_waits_watches_for_write_space() {
+        const EPOLLOUT: u32 = 0x4;
+        let (raw_a, _reader, writer, raw_b) = pair();
+        let inode = sys::socket_inode_of(writer.as_fd().as_raw_fd()).expect("socket");
+        // Linux signals write space on every read by the peer: a watch for it would
+        // wake the master once per frame its worker reads.
+        // (tokio's reactor holds its epoll under two descriptors: a watch is listed
+        // once per descriptor.)
+        let for_write_space = || epoll_watches(inode).iter().any(|m| m & EPOLLOUT != 0);
+        assert!(
+            !epoll_watches(inode).is_empty(),
+            "the channel is in the reactor"
+        );
+        assert!(
+            !for_write_space(),
+            "for reading only: {:x?}",
+            epoll_watches(inode)
+        );
+
+        let frame = frame(&ToWorker::User(vec![7; 1000])).expect("encode");
+        let mut filled = false;
+        for _ in 0..100_000 {
+            match writer.try_send(&frame, &[]) {
+                Ok(()) => {}
+                Err(TrySendError::Full) => {
+                    filled = true;
+                    break;
+                }
+                Err(TrySendError::Closed(e) | TrySendError::Busy(e)) => panic!("failed: {e}"),
+            }
+        }
+        assert!(filled, "the socket never filled");
+        let w = Arc::clone(&writer);
+        let waiting = tokio::spawn(async move { w.writable().await });
+        let mut watched = false;
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+            if for_write_space() {
+                watched = true;
+                break;
+            }
+        }
+        assert!(watched, "a waiting sender watches for write space");
+        assert!(!waiting.is_finished(), "a full socket is not writable");
+
+        // The peer reads everything: the sender is told, and stops watching.
+        let mut sink = vec![0u8; 64 * 1024];
+        loop {
+            match (&raw_b).read(&mut sink) {
+                Ok(n) if n > 0 => {}
+                Ok(_) => panic!("end of stream"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("writable within 10 s")
+            .expect("join")
+            .expect("writable");
+        assert!(!epoll_watches(inode).is_empty(), "still in the reactor");
+        assert!(!for_write_space(), "no longer watched for write space");
+        writer.try_send(&frame, &[]).expect("room again");
+        drop(raw_a);
     }
 }

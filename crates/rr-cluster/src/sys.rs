@@ -182,6 +182,22 @@ pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// Whether a connection waits on a listening socket (`poll` with a zero timeout). An
+/// `accept` that fails with `EAGAIN` costs far more: Linux allocates a whole socket,
+/// file and inode for it first and frees them again. `true` when `poll` fails, so that
+/// the caller tries `accept` and learns the truth there.
+pub(crate) fn connection_waiting(listener: BorrowedFd<'_>) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        &listener,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&zero)).map_or(true, |ready| ready > 0)
+}
+
 /// `accept` failed for this one connection only (it was reset before we took it).
 pub(crate) fn is_transient_accept_error(e: &io::Error) -> bool {
     matches!(
@@ -289,19 +305,34 @@ pub(crate) fn nofile_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Nofile).current
 }
 
-/// Registers a socket object with tokio's reactor.
+/// Registers a socket object with tokio's reactor, for reading and writing.
+pub(crate) fn register_owned<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>>
+where
+    OwnedFd: From<T>,
+{
+    register_owned_for(
+        inner,
+        tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+    )
+}
+
+/// Registers a socket object with tokio's reactor for the readiness in `interest` only.
 ///
 /// `OwnedFd: From<T>` means `T` owns its descriptor outright (std sockets, and enums
 /// of them); such a `T` keeps it open until dropped and always reports the same
-/// number, which is what `AsyncFd::register` requires.
-pub(crate) fn register_owned<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>>
+/// number, which is what `AsyncFd::register_with_interest` requires.
+pub(crate) fn register_owned_for<T: AsRawFd>(
+    inner: T,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<T>>
 where
     OwnedFd: From<T>,
 {
     // SAFETY: per the bound above, `inner` owns an open descriptor, keeps it open and
     // unchanged for as long as the AsyncFd holds it (until drop or into_inner), and
     // `as_raw_fd` returns that same number every time.
-    unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(io::Error::from)
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, interest) }
+        .map_err(io::Error::from)
 }
 
 /// SIGTTIN, SIGTTOU: gunicorn's "one worker more / fewer".
@@ -369,6 +400,19 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_waiting_connection_is_seen_without_accepting_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert!(!connection_waiting(listener.as_fd()), "nothing yet");
+        // On loopback `connect` returns once the connection is in the accept queue.
+        let _client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        assert!(connection_waiting(listener.as_fd()), "one waits");
+        assert!(connection_waiting(listener.as_fd()), "and is still there");
+        let _accepted = listener.accept().expect("accept");
+        assert!(!connection_waiting(listener.as_fd()), "taken");
+    }
 
     #[test]
     fn received_fds_are_cloexec_and_counted() {

@@ -445,7 +445,17 @@ pub(crate) async fn accept_loop(
         let limit = dispatcher.batch_limit();
         while batch.len() < limit {
             match guard.try_io(|socket| socket.get_ref().accept()) {
-                Ok(Ok(accepted)) => batch.push(accepted),
+                Ok(Ok(accepted)) => {
+                    batch.push(accepted);
+                    // Below saturation the backlog is usually empty now: ask `poll`
+                    // rather than an `accept` doomed to `EAGAIN`. Clearing the
+                    // readiness loses nothing: a connection that came meanwhile is
+                    // reported by the reactor's next turn.
+                    if batch.len() < limit && !sys::connection_waiting(guard.get_inner().as_fd()) {
+                        guard.clear_ready();
+                        break;
+                    }
+                }
                 Ok(Err(e)) if sys::is_transient_accept_error(&e) => continue,
                 Ok(Err(e)) => {
                     stats.accept_errors.fetch_add(1, Ordering::Relaxed);
