@@ -198,6 +198,21 @@ pub(crate) fn connection_waiting(listener: BorrowedFd<'_>) -> bool {
     rustix::event::poll(&mut fds, Some(&zero)).map_or(true, |ready| ready > 0)
 }
 
+/// `accept4` with the new socket non-blocking and close-on-exec: one system call.
+pub(crate) fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use rustix::net::SocketFlags;
+    Ok(rustix::net::accept_with(
+        listener,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+    )?)
+}
+
+/// Makes a descriptor non-blocking (`FIONBIO`), and hands it back.
+pub(crate) fn set_nonblocking(fd: OwnedFd) -> io::Result<OwnedFd> {
+    rustix::io::ioctl_fionbio(&fd, true)?;
+    Ok(fd)
+}
+
 /// `accept` failed for this one connection only (it was reset before we took it).
 pub(crate) fn is_transient_accept_error(e: &io::Error) -> bool {
     matches!(

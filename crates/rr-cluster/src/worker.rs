@@ -705,72 +705,83 @@ async fn read_loop(
 
 /// Shared balancing: accept connections from the master's listening socket ourselves,
 /// until the worker drains (then the listener is closed first).
+///
+/// Every worker that shares the listener is woken for each connection and only one
+/// gets it, so `poll` (zero timeout) is asked before each `accept`: an `accept` that
+/// fails with `EAGAIN` costs Linux a socket's allocation and release.
 fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
-    let kind = inner.listeners.get(usize::from(listener)).map(|l| l.kind);
+    let Some(kind) = inner.listeners.get(usize::from(listener)).map(|l| l.kind) else {
+        tracing::warn!(listener, "listening socket for an unknown listener; closed");
+        return;
+    };
     let Some(tx) = lock(&inner.incoming_tx).clone() else {
         return;
+    };
+    let socket = match sys::set_nonblocking(fd)
+        .and_then(|fd| sys::register_owned_for(fd, tokio::io::Interest::READABLE))
+    {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::error!(listener, error = %e, "cannot accept on the shared listener");
+            return;
+        }
     };
     let draining = inner.draining.clone();
     let counters = Arc::clone(&inner.counters);
     let listeners = Arc::clone(&inner.listeners);
-    match kind {
-        Some(ListenerKind::Tcp) => {
-            let std = std::net::TcpListener::from(fd);
-            let Ok(socket) = std
-                .set_nonblocking(true)
-                .and_then(|()| tokio::net::TcpListener::from_std(std))
-            else {
-                return;
-            };
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = draining.cancelled() => return,
-                        accepted = socket.accept() => match accepted {
-                            Ok((stream, _)) => {
-                                let conn = Connection::new(listener, &listeners, Socket::Tcp(stream), &counters);
-                                if tx.send(conn).await.is_err() { return; }
-                            }
-                            Err(e) => accept_failed(&e).await,
-                        },
+    tokio::spawn(async move {
+        loop {
+            let mut guard = tokio::select! {
+                biased;
+                () = draining.cancelled() => return,
+                ready = socket.readable() => match ready {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        tracing::error!(listener, error = %e, "shared listener failed");
+                        return;
                     }
-                }
-            });
-        }
-        Some(ListenerKind::Unix) => {
-            let std = std::os::unix::net::UnixListener::from(fd);
-            let Ok(socket) = std
-                .set_nonblocking(true)
-                .and_then(|()| tokio::net::UnixListener::from_std(std))
-            else {
-                return;
+                },
             };
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = draining.cancelled() => return,
-                        accepted = socket.accept() => match accepted {
-                            Ok((stream, _)) => {
-                                let conn = Connection::new(listener, &listeners, Socket::Unix(stream), &counters);
-                                if tx.send(conn).await.is_err() { return; }
-                            }
-                            Err(e) => accept_failed(&e).await,
-                        },
-                    }
+            loop {
+                if !sys::connection_waiting(guard.get_inner().as_fd()) {
+                    // Another worker took it. A connection that comes meanwhile is
+                    // reported by the reactor's next turn.
+                    guard.clear_ready();
+                    break;
                 }
-            });
+                match guard.try_io(|l| sys::accept_nonblocking(l.get_ref().as_fd())) {
+                    Ok(Ok(fd)) => {
+                        let Some(conn) =
+                            Connection::adopt(listener, &listeners, kind, fd, &counters)
+                        else {
+                            continue;
+                        };
+                        if tx.send(conn).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Err(e)) if sys::is_transient_accept_error(&e) => {}
+                    Ok(Err(e)) => {
+                        accept_failed(&e).await;
+                        break;
+                    }
+                    Err(_would_block) => break,
+                }
+            }
         }
-        None => tracing::warn!(listener, "listening socket for an unknown listener; closed"),
-    }
+    });
 }
 
+/// After a failed `accept` (not a connection reset before it was taken): a pause, so
+/// that a listener in a lasting error state (no descriptors left, or shut down) is not
+/// asked again in a busy loop.
 async fn accept_failed(e: &io::Error) {
     if sys::is_resource_exhaustion(e) {
         tracing::warn!(error = %e, "accept failed; backing off");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    } else {
+        tracing::error!(error = %e, "accept failed; backing off");
     }
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
@@ -864,27 +875,36 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection the master sent (its descriptor may be blocking).
     fn from_fd(
         listener: u16,
         listeners: &Arc<[ListenerInfo]>,
         fd: OwnedFd,
         counters: &Arc<Counters>,
     ) -> Option<Connection> {
-        let socket = match listeners.get(usize::from(listener)).map(|l| l.kind) {
-            Some(ListenerKind::Tcp) => {
-                let std = std::net::TcpStream::from(fd);
-                std.set_nonblocking(true).ok()?;
-                // TCP_NODELAY: inherited from the master's listener.
-                Socket::Tcp(TcpStream::from_std(std).ok()?)
+        let Some(kind) = listeners.get(usize::from(listener)).map(|l| l.kind) else {
+            tracing::warn!(listener, "connection for an unknown listener; closed");
+            return None;
+        };
+        let fd = sys::set_nonblocking(fd).ok()?;
+        Connection::adopt(listener, listeners, kind, fd, counters)
+    }
+
+    /// A connection whose descriptor is already non-blocking.
+    fn adopt(
+        listener: u16,
+        listeners: &Arc<[ListenerInfo]>,
+        kind: ListenerKind,
+        fd: OwnedFd,
+        counters: &Arc<Counters>,
+    ) -> Option<Connection> {
+        // TCP_NODELAY: inherited from the master's listener.
+        let socket = match kind {
+            ListenerKind::Tcp => {
+                Socket::Tcp(TcpStream::from_std(std::net::TcpStream::from(fd)).ok()?)
             }
-            Some(ListenerKind::Unix) => {
-                let std = std::os::unix::net::UnixStream::from(fd);
-                std.set_nonblocking(true).ok()?;
-                Socket::Unix(UnixStream::from_std(std).ok()?)
-            }
-            None => {
-                tracing::warn!(listener, "connection for an unknown listener; closed");
-                return None;
+            ListenerKind::Unix => {
+                Socket::Unix(UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)).ok()?)
             }
         };
         Some(Connection::new(listener, listeners, socket, counters))
