@@ -182,6 +182,11 @@ pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// Accepts per wake-up preceded by [`connection_waiting`]; past them the backlog is
+/// taken to be flooded and emptied without asking (at saturation: a few `poll`s per
+/// batch, not one per connection).
+pub(crate) const POLLED_ACCEPTS: usize = 8;
+
 /// Whether a connection waits on a listening socket (`poll` with a zero timeout). An
 /// `accept` that fails with `EAGAIN` costs far more: Linux allocates a whole socket,
 /// file and inode for it first and frees them again. `true` when `poll` fails, so that

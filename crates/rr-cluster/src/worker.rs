@@ -707,8 +707,9 @@ async fn read_loop(
 /// until the worker drains (then the listener is closed first).
 ///
 /// Every worker that shares the listener is woken for each connection and only one
-/// gets it, so `poll` (zero timeout) is asked before each `accept`: an `accept` that
-/// fails with `EAGAIN` costs Linux a socket's allocation and release.
+/// gets it, so `poll` (zero timeout) is asked before each `accept` (the first
+/// [`sys::POLLED_ACCEPTS`] of a wake-up; then it is a flood): an `accept` that fails
+/// with `EAGAIN` costs Linux a socket's allocation and release.
 fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
     let Some(kind) = inner.listeners.get(usize::from(listener)).map(|l| l.kind) else {
         tracing::warn!(listener, "listening socket for an unknown listener; closed");
@@ -742,15 +743,19 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
                     }
                 },
             };
+            let mut accepted = 0;
             loop {
-                if !sys::connection_waiting(guard.get_inner().as_fd()) {
-                    // Another worker took it. A connection that comes meanwhile is
-                    // reported by the reactor's next turn.
+                if accepted < sys::POLLED_ACCEPTS
+                    && !sys::connection_waiting(guard.get_inner().as_fd())
+                {
+                    // Another worker took it, or the backlog is empty. A connection
+                    // that comes meanwhile is reported by the reactor's next turn.
                     guard.clear_ready();
                     break;
                 }
                 match guard.try_io(|l| sys::accept_nonblocking(l.get_ref().as_fd())) {
                     Ok(Ok(fd)) => {
+                        accepted += 1;
                         let Some(conn) =
                             Connection::adopt(listener, &listeners, kind, fd, &counters)
                         else {

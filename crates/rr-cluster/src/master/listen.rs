@@ -443,15 +443,21 @@ pub(crate) async fn accept_loop(
         };
         let mut backoff = false;
         let limit = dispatcher.batch_limit();
+        let mut taken = 0;
         while batch.len() < limit {
             match guard.try_io(|socket| socket.get_ref().accept()) {
                 Ok(Ok(accepted)) => {
                     batch.push(accepted);
-                    // Below saturation the backlog is usually empty now: ask `poll`
-                    // rather than an `accept` doomed to `EAGAIN`. Clearing the
+                    taken += 1;
+                    // Below saturation the backlog is usually empty after a few: ask
+                    // `poll` rather than an `accept` doomed to `EAGAIN`. Clearing the
                     // readiness loses nothing: a connection that came meanwhile is
-                    // reported by the reactor's next turn.
-                    if batch.len() < limit && !sys::connection_waiting(guard.get_inner().as_fd()) {
+                    // reported by the reactor's next turn. After `POLLED_ACCEPTS` this
+                    // is a flood: accept on without asking.
+                    if taken < sys::POLLED_ACCEPTS
+                        && batch.len() < limit
+                        && !sys::connection_waiting(guard.get_inner().as_fd())
+                    {
                         guard.clear_ready();
                         break;
                     }
