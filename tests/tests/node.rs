@@ -149,6 +149,26 @@ async fn an_uncaught_exception_is_a_suicide_replaced_before_the_old_worker_exits
     let mut cluster = start_cluster(pool(&app(), 1)).await;
     let s = cluster.wait_ready(1).await;
     let old = s.workers[0].clone();
+    // A request in flight when the worker crashes: its drain waits for it, so the old
+    // worker outlives the replacement's spawn (with nothing open it exits within
+    // milliseconds, which can beat a fork and exec on a loaded machine).
+    let slow = tokio::spawn(get(cluster.addr, "/slow?ms=1500"));
+    let mut in_flight = false;
+    for _ in 0..200 {
+        let (_, _, state) = get(cluster.addr, "/state").await.expect("state");
+        let active: u32 = state
+            .split("\"active\":")
+            .nth(1)
+            .and_then(|rest| rest.trim_end_matches(['}', '\n']).parse().ok())
+            .unwrap_or(0);
+        // The slow connection and this one.
+        if active >= 2 {
+            in_flight = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(in_flight, "the slow request never reached the worker");
     let (status, _, body) = get(cluster.addr, "/throw").await.expect("answer");
     assert_eq!((status, body.as_str()), (200, "bye\n"));
     let mut order = Vec::new();
@@ -165,6 +185,12 @@ async fn an_uncaught_exception_is_a_suicide_replaced_before_the_old_worker_exits
         );
     }
     assert_eq!(order, ["suicide", "replacement spawned", "old exited"]);
+    let (status, _, body) = slow.await.expect("join").expect("slow answer");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "slow done\n"),
+        "the request in flight is served through the crash's drain"
+    );
     let s = cluster.wait_ready(1).await;
     assert_ne!(s.workers[0].pid, old.pid);
     assert_eq!(cluster.stop().await, 0);
