@@ -45,6 +45,10 @@ LABELS = {
     "node-rr": "Node cluster rr",
     "node-none": "Node cluster none",
 }
+# The order systems run in within a rep (reversed every other rep): each system next to
+# the peer its ratio is taken against, so that the two runs of a pair are seconds apart
+# and a slow minute on a shared machine weighs on both.
+RUN_ORDER = ["rr-lc", "rr", "ref-fdpass", "ref-reuseport", "rr-shared", "node-none", "rr-node", "node-rr"]
 # (system, peer) pairs whose per-rep ratio is reported.
 RATIOS = [
     ("rr", "ref-fdpass"),
@@ -258,12 +262,13 @@ def main():
                 break
     print(f"{time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()} cores ({cpu}), "
           f"{WORKERS} workers each; load: {LOAD} -c{CONNECTIONS}, {DURATION} per run after {WARMUP} "
-          f"of warm-up; {REPS} reps, systems interleaved in each rep.")
+          f"of warm-up; {REPS} reps, systems interleaved in each rep, each next to its peer.")
     with tempfile.TemporaryDirectory() as work:
         for mode in MODES:
             results = {s: [] for s in systems}
             for rep in range(REPS):
-                order = systems if rep % 2 == 0 else list(reversed(systems))
+                runs = sorted(systems, key=RUN_ORDER.index)
+                order = runs if rep % 2 == 0 else list(reversed(runs))
                 for s in order:
                     results[s].append(run_one(s, mode, work))
                     print(f"  {mode} rep {rep + 1} {s}: {results[s][-1]['rps']:.0f} req/s", file=sys.stderr)
