@@ -249,6 +249,10 @@ def fmt(x, spec):
 
 def main():
     systems = [s for s in os.environ.get("SYSTEMS", " ".join(ALL_SYSTEMS)).split()]
+    unknown = [s for s in systems if s not in ALL_SYSTEMS]
+    if unknown:
+        print(f"compare: unknown system {', '.join(unknown)} (known: {' '.join(ALL_SYSTEMS)})", file=sys.stderr)
+        sys.exit(2)
     if not have_node():
         dropped = [s for s in systems if "node" in s]
         systems = [s for s in systems if "node" not in s]
