@@ -2,12 +2,15 @@
 //! accept loop that feeds [`Dispatcher`].
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -374,6 +377,12 @@ pub(crate) async fn accept_loop(
     let mut wake = dispatcher.subscribe();
     let mut batch: Vec<Accepted> = Vec::with_capacity(MAX_FDS_PER_FRAME);
     let stats = &dispatcher.stats;
+    // Stop or a pause change, waited on by one future that lives across wake-ups: the
+    // loop waits on it with every connection below saturation, and a future made anew
+    // each time would register a waiter with the token and the watch (a lock each)
+    // and remove it again, per connection. Made again after it fires; the loop's top
+    // then looks at both.
+    let mut control: Option<ControlChanged> = None;
     loop {
         // Checked here, not only in the selects below: those poll the listener first,
         // which under constant load is always ready.
@@ -390,6 +399,7 @@ pub(crate) async fn accept_loop(
             // Queued sockets have nowhere to go: close them (the clients see a reset).
             stats.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             batch.clear();
+            control = None;
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = paused.wait_for(|p| !*p) => {}
@@ -419,27 +429,36 @@ pub(crate) async fn accept_loop(
             stats.queued.fetch_sub(before - after, Ordering::Relaxed);
             if !batch.is_empty() {
                 // The kernel backlog holds new connections meanwhile.
+                let changed = control.get_or_insert_with(|| control_changed(&stop, &paused));
                 tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = paused.changed() => {}
+                    () = changed => control = None,
                     changed = wake.changed() => if changed.is_err() { break },
                 }
                 continue;
             }
         }
-        // The listener first: when it is ready (the common case under load) the other
-        // futures are never polled, so no waiter is registered for them.
-        let mut guard = tokio::select! {
-            biased;
-            ready = listener.socket.readable() => match ready {
-                Ok(guard) => guard,
-                Err(e) => {
-                    tracing::error!(listener = %listener.local, error = %e, "listener failed");
-                    break;
-                }
-            },
-            _ = stop.cancelled() => break,
-            _ = paused.changed() => continue,
+        // The listener first: when it is ready (the common case under load) the control
+        // future is not polled. `poll_read_ready` keeps the task's waker in the
+        // registration's own slot, where `readable()` would queue a waiter per wait.
+        let changed = control.get_or_insert_with(|| control_changed(&stop, &paused));
+        let socket = &listener.socket;
+        let ready = std::future::poll_fn(|cx| {
+            if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
+                return Poll::Ready(Some(ready));
+            }
+            changed.as_mut().poll(cx).map(|()| None)
+        })
+        .await;
+        let mut guard = match ready {
+            Some(Ok(guard)) => guard,
+            Some(Err(e)) => {
+                tracing::error!(listener = %listener.local, error = %e, "listener failed");
+                break;
+            }
+            None => {
+                control = None;
+                continue;
+            }
         };
         let mut backoff = false;
         let limit = dispatcher.batch_limit();
@@ -494,6 +513,27 @@ pub(crate) async fn accept_loop(
         dispatcher.dispatch(index, &mut batch);
         stats.queued.fetch_sub(before, Ordering::Relaxed);
     }
+}
+
+/// Resolves once `stop` is cancelled or `paused` changes.
+type ControlChanged = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn control_changed(stop: &CancellationToken, paused: &watch::Receiver<bool>) -> ControlChanged {
+    let stop = stop.clone();
+    // A clone starts from the version `paused` has seen: a change made since the loop
+    // last looked resolves it at once.
+    let mut paused = paused.clone();
+    Box::pin(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            changed = paused.changed() => {
+                if changed.is_err() {
+                    // Nobody pauses any more: only the stop is left to wait for.
+                    stop.cancelled().await;
+                }
+            }
+        }
+    })
 }
 
 #[cfg(test)]
