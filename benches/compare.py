@@ -26,7 +26,8 @@ RRLOAD = os.path.join(REL, "rr-load")
 NODE_BENCH = os.environ.get("NODE_BENCH", os.path.join(ROOT, "..", "shared", "bench", "node-cluster.js"))
 
 REPS = int(os.environ.get("REPS", "5"))
-DURATION = os.environ.get("DURATION", "5s")
+DURATION = os.environ.get("DURATION", "5s")  # per system and rep, in turns of SLICE
+SLICE = os.environ.get("SLICE", "1s")
 WARMUP = os.environ.get("WARMUP", "1s")
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "64"))
 WORKERS = int(os.environ.get("WORKERS", "2"))
@@ -45,10 +46,10 @@ LABELS = {
     "node-rr": "Node cluster rr",
     "node-none": "Node cluster none",
 }
-# The order systems run in within a rep (reversed every other rep): each system next to
-# the peer its ratio is taken against, so that the two runs of a pair are seconds apart
-# and a slow minute on a shared machine weighs on both.
-RUN_ORDER = ["rr-lc", "rr", "ref-fdpass", "ref-reuseport", "rr-shared", "node-none", "rr-node", "node-rr"]
+# The systems that run side by side in a rep, taking the load in turns: each system
+# with the peer its ratio is taken against, so that the two figures of a pair come from
+# the same seconds of a shared machine.
+GROUPS = [["rr-lc", "rr", "ref-fdpass"], ["ref-reuseport", "rr-shared"], ["node-none", "rr-node", "node-rr"]]
 # (system, peer) pairs whose per-rep ratio is reported.
 RATIOS = [
     ("rr", "ref-fdpass"),
@@ -213,29 +214,79 @@ def node_share(stderr_path):
     return 100.0 * max(reqs) / sum(reqs) if reqs and sum(reqs) else None
 
 
-def run_one(system, mode, work):
-    port = free_port()
-    cmd, env = command(system, port, work)
-    err_path = os.path.join(work, "server.err")
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
-    try:
-        wait_serving(port, system, work)
+class Server:
+    """One system, started on a port of its own and kept running through a rep."""
+
+    def __init__(self, system, work):
+        self.system = system
+        self.work = os.path.join(work, system)
+        os.makedirs(self.work, exist_ok=True)
+        self.port = free_port()
+        cmd, env = command(system, self.port, self.work)
+        self.err_path = os.path.join(self.work, "server.err")
+        with open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        self.slices = []
+        self.cpu_master = self.cpu_tree = 0.0
+
+    def ready(self, mode):
+        wait_serving(self.port, self.system, self.work)
         if WARMUP not in ("0", "0s"):
-            load(port, mode, work, WARMUP)
-        # CPU of the server's process tree, sampled around the measured load only.
-        pids = tree(proc.pid)
-        before = {p: cpu_s(p) for p in pids}
-        r = load(port, mode, work, DURATION)
-        after = {p: cpu_s(p) for p in pids}
+            load(self.port, mode, self.work, WARMUP)
+        self.pids = tree(self.proc.pid)
+
+    def slice(self, mode):
+        """One turn of the load, with the CPU of the server's process tree around it."""
+        before = {p: cpu_s(p) for p in self.pids}
+        r = load(self.port, mode, self.work, SLICE)
+        after = {p: cpu_s(p) for p in self.pids}
+        self.cpu_master += after[self.proc.pid] - before[self.proc.pid]
+        self.cpu_tree += sum(after[p] - before[p] for p in self.pids)
+        self.slices.append(r)
+
+    def result(self):
+        """The rep's figures, over all of its turns."""
+        n = sum(r["n"] for r in self.slices)
+        secs = sum(r["n"] / r["rps"] if r["rps"] else 0.0 for r in self.slices)
+        share = median([r["share"] for r in self.slices])
+        if share is None and self.system.startswith("node-"):
+            share = node_share(self.err_path)
+        return dict(rps=n / secs if secs else 0.0, n=n,
+                    p50=median([r["p50"] for r in self.slices]),
+                    p99=median([r["p99"] for r in self.slices]),
+                    errors=sum(r["errors"] for r in self.slices), share=share,
+                    master_us=self.cpu_master * 1e6 / max(n, 1),
+                    tree_us=self.cpu_tree * 1e6 / max(n, 1))
+
+
+def run_group(group, mode, work, turns):
+    """Starts every system of a group, then gives them the load in turns (A B C, C B A,
+    A B C, ...), so that a slow second on a shared machine weighs on all of them alike;
+    stops them and returns each one's figures."""
+    servers = []
+    try:
+        for s in group:
+            servers.append(Server(s, work))
+        # After all have started: stopping the ones started (finally) also works when a
+        # later start fails.
+        for srv in servers:
+            srv.ready(mode)
+        for turn in range(turns):
+            for srv in servers if turn % 2 == 0 else reversed(servers):
+                srv.slice(mode)
     finally:
-        stop(proc)
-    n = max(r["n"], 1)
-    r["master_us"] = (after[proc.pid] - before[proc.pid]) * 1e6 / n
-    r["tree_us"] = sum(after[p] - before[p] for p in pids) * 1e6 / n
-    if r["share"] is None and system.startswith("node-"):
-        r["share"] = node_share(err_path)
-    return r
+        # Node's workers write their request counts (busiest share) as they stop.
+        for srv in servers:
+            stop(srv.proc)
+    return {srv.system: srv.result() for srv in servers}
+
+
+def seconds(d):
+    """Whole seconds of a duration like `5s` (wrk takes whole seconds)."""
+    if not (d.endswith("s") and d[:-1].isdigit() and int(d[:-1]) > 0):
+        print(f"compare: durations are whole seconds, like 5s (got {d})", file=sys.stderr)
+        sys.exit(2)
+    return int(d[:-1])
 
 
 def median(xs):
@@ -264,18 +315,25 @@ def main():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    total, slice_s = seconds(DURATION), seconds(SLICE)
+    if total % slice_s:
+        print(f"compare: DURATION ({DURATION}) is not a multiple of SLICE ({SLICE})", file=sys.stderr)
+        sys.exit(2)
+    turns = total // slice_s
     print(f"{time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()} cores ({cpu}), "
-          f"{WORKERS} workers each; load: {LOAD} -c{CONNECTIONS}, {DURATION} per run after {WARMUP} "
-          f"of warm-up; {REPS} reps, systems interleaved in each rep, each next to its peer.")
+          f"{WORKERS} workers each; load: {LOAD} -c{CONNECTIONS}, {DURATION} per system and rep "
+          f"({turns} turns of {SLICE}, after {WARMUP} of warm-up); {REPS} reps; each system runs "
+          f"next to its peer, the two taking the load in turns.")
+    groups = [[s for s in g if s in systems] for g in GROUPS]
+    groups = [g for g in groups if g]
     with tempfile.TemporaryDirectory() as work:
         for mode in MODES:
             results = {s: [] for s in systems}
             for rep in range(REPS):
-                runs = sorted(systems, key=RUN_ORDER.index)
-                order = runs if rep % 2 == 0 else list(reversed(runs))
-                for s in order:
-                    results[s].append(run_one(s, mode, work))
-                    print(f"  {mode} rep {rep + 1} {s}: {results[s][-1]['rps']:.0f} req/s", file=sys.stderr)
+                for group in groups if rep % 2 == 0 else list(reversed(groups)):
+                    for s, r in run_group(group, mode, work, turns).items():
+                        results[s].append(r)
+                        print(f"  {mode} rep {rep + 1} {s}: {r['rps']:.0f} req/s", file=sys.stderr)
             report(mode, systems, results)
 
 
