@@ -429,9 +429,9 @@ pub(crate) async fn accept_loop(
             stats.queued.fetch_sub(before - after, Ordering::Relaxed);
             if !batch.is_empty() {
                 // The kernel backlog holds new connections meanwhile.
-                let changed = control.get_or_insert_with(|| control_changed(&stop, &paused));
+                let control_fut = control.get_or_insert_with(|| control_changed(&stop, &paused));
                 tokio::select! {
-                    () = changed => control = None,
+                    () = control_fut => control = None,
                     changed = wake.changed() => if changed.is_err() { break },
                 }
                 continue;
@@ -440,13 +440,13 @@ pub(crate) async fn accept_loop(
         // The listener first: when it is ready (the common case under load) the control
         // future is not polled. `poll_read_ready` keeps the task's waker in the
         // registration's own slot, where `readable()` would queue a waiter per wait.
-        let changed = control.get_or_insert_with(|| control_changed(&stop, &paused));
+        let control_fut = control.get_or_insert_with(|| control_changed(&stop, &paused));
         let socket = &listener.socket;
         let ready = std::future::poll_fn(|cx| {
             if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
                 return Poll::Ready(Some(ready));
             }
-            changed.as_mut().poll(cx).map(|()| None)
+            control_fut.as_mut().poll(cx).map(|()| None)
         })
         .await;
         let mut guard = match ready {
