@@ -323,7 +323,7 @@ def main():
     print(f"{time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()} cores ({cpu}), "
           f"{WORKERS} workers each; load: {LOAD} -c{CONNECTIONS}, {DURATION} per system and rep "
           f"({turns} turns of {SLICE}, after {WARMUP} of warm-up); {REPS} reps; each system runs "
-          f"next to its peer, the two taking the load in turns.")
+          f"side by side with its peers, taking the load in turns.")
     groups = [[s for s in g if s in systems] for g in GROUPS]
     groups = [g for g in groups if g]
     with tempfile.TemporaryDirectory() as work:
