@@ -172,31 +172,43 @@ impl Server {
             http2,
         } = self;
         let connect_info = connect_info.unwrap_or(false);
-        let draining = worker.draining();
-        let mut incoming = worker.ready().await?;
         let builders = Arc::new((http1, http2));
         let tracker = TaskTracker::new();
         let drain = Arc::new(Drain::default());
+        // Each connection's task is spawned by the task that reads the master's
+        // channel, as the connection comes off it: no queue and no task hop between.
+        {
+            let (tracker, builders, drain) =
+                (tracker.clone(), Arc::clone(&builders), Arc::clone(&drain));
+            let runtime = tokio::runtime::Handle::current();
+            worker
+                .ready_with(move |conn| {
+                    tracker.spawn_on(
+                        connection(
+                            conn,
+                            service.clone(),
+                            Arc::clone(&builders),
+                            Arc::clone(&drain),
+                            idle_grace,
+                            connect_info,
+                        ),
+                        &runtime,
+                    );
+                })
+                .await?;
+        }
         // One task hears of the drain, raises the flag and wakes every connection:
         // connections do not each wait on the cancellation token, nor ask it (a lock
         // either way).
         let announcer = {
-            let (drain, draining) = (Arc::clone(&drain), draining.clone());
+            let (drain, draining) = (Arc::clone(&drain), worker.draining());
             tokio::spawn(async move {
                 draining.cancelled().await;
                 drain.start();
             })
         };
-        while let Some(conn) = incoming.accept().await {
-            tracker.spawn(connection(
-                conn,
-                service.clone(),
-                Arc::clone(&builders),
-                Arc::clone(&drain),
-                idle_grace,
-                connect_info,
-            ));
-        }
+        // The worker drains, and the last connection the master sent is spawned.
+        worker.shutdown_signal().await;
         drop(announcer);
         tracker.close();
         tokio::select! {
@@ -412,6 +424,37 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Bytes the first read of a connection asks the kernel for.
 const READ_AHEAD: usize = 4096;
+/// Used-up read-ahead buffers a thread keeps for its next connections, at most.
+const SPARE_READ_AHEAD: usize = 16;
+
+thread_local! {
+    /// Read-ahead buffers handed back by connections that used theirs up. A fresh
+    /// buffer per connection costs more than the read itself: glibc's `malloc`
+    /// consolidates its fast bins for every request this large, and `free` merges it.
+    static SPARE: std::cell::RefCell<Vec<bytes::BytesMut>> = const {
+        std::cell::RefCell::new(Vec::new())
+    };
+}
+
+/// A read-ahead buffer: a spare one, or a new one.
+fn take_read_ahead() -> bytes::BytesMut {
+    SPARE
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| bytes::BytesMut::with_capacity(READ_AHEAD))
+}
+
+/// Keeps a used-up read-ahead buffer for the next connection, if its whole storage
+/// can be had again without allocating.
+fn give_back_read_ahead(mut buf: bytes::BytesMut) {
+    buf.clear();
+    if buf.try_reclaim(READ_AHEAD) {
+        SPARE.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_READ_AHEAD {
+                spare.push(buf);
+            }
+        });
+    }
+}
 
 /// A connection whose first bytes are read ahead, to tell the protocol, and then
 /// handed to hyper from memory.
@@ -426,8 +469,8 @@ const READ_AHEAD: usize = 4096;
 #[derive(Debug)]
 struct ReadAhead<I> {
     io: I,
-    /// The bytes read ahead and not handed out yet (`None` once used up). Not zeroed
-    /// first: the buffer is allocated for every connection.
+    /// The bytes read ahead and not handed out yet (`None` once used up, when the
+    /// buffer goes back to the thread's spares). Not zeroed first.
     buf: Option<bytes::BytesMut>,
     /// The connection said end of file while the protocol was told.
     eof: bool,
@@ -448,9 +491,7 @@ impl<I: tokio::io::AsyncRead + Unpin> ReadAhead<I> {
     /// is served as HTTP/1: hyper answers what is not HTTP). Usually one read. End of
     /// file counts as HTTP/1, where hyper sees it and ends the connection.
     fn poll_sniff(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<Protocol>> {
-        let buf = self
-            .buf
-            .get_or_insert_with(|| bytes::BytesMut::with_capacity(READ_AHEAD));
+        let buf = self.buf.get_or_insert_with(take_read_ahead);
         loop {
             let n = buf.len().min(H2_PREFACE.len());
             if buf[..n] != H2_PREFACE[..n] {
@@ -483,8 +524,10 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadAhead<I> {
             let n = buf.len().min(out.remaining());
             out.put_slice(&buf[..n]);
             bytes::Buf::advance(buf, n);
-            if buf.is_empty() {
-                this.buf = None;
+            if buf.is_empty()
+                && let Some(buf) = this.buf.take()
+            {
+                give_back_read_ahead(buf);
             }
             return Poll::Ready(Ok(()));
         }
@@ -786,6 +829,53 @@ mod tests {
             .await
             .expect("write");
         assert_eq!(io.io.written, b"HTTP/1.1 200 OK\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_used_up_read_ahead_buffer_serves_the_next_connection() {
+        SPARE.with_borrow_mut(Vec::clear);
+        let spares = || SPARE.with_borrow(Vec::len);
+        let mut first = ReadAhead::new(counted(b"GET /first HTTP/1.1\r\n\r\n"));
+        assert_eq!(sniff(&mut first).await, Protocol::Http1);
+        let storage = first.buf.as_ref().expect("read ahead").as_ptr();
+        let mut out = [0u8; 64];
+        assert_eq!(first.read(&mut out[..4]).await.expect("read"), 4);
+        assert_eq!(spares(), 0, "partly handed out: still the connection's");
+        let n = first.read(&mut out[4..]).await.expect("read");
+        assert_eq!(&out[..4 + n], b"GET /first HTTP/1.1\r\n\r\n");
+        assert_eq!(spares(), 1, "used up: kept for the next connection");
+
+        let mut second = ReadAhead::new(counted(b"GET /2 HTTP/1.1\r\n\r\n"));
+        assert_eq!(sniff(&mut second).await, Protocol::Http1);
+        assert_eq!(spares(), 0);
+        assert_eq!(
+            second.buf.as_ref().expect("read ahead").as_ptr(),
+            storage,
+            "the same storage, from its start"
+        );
+        let mut all = Vec::new();
+        second.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, b"GET /2 HTTP/1.1\r\n\r\n", "nothing of the first left");
+        assert_eq!(spares(), 1, "and back again");
+
+        // A connection that ends before its bytes are handed out takes its buffer
+        // along; a thread keeps at most `SPARE_READ_AHEAD`.
+        let mut unread = ReadAhead::new(counted(b"GET / HTTP/1.1\r\n\r\n"));
+        assert_eq!(sniff(&mut unread).await, Protocol::Http1);
+        drop(unread);
+        assert_eq!(spares(), 0);
+        for _ in 0..SPARE_READ_AHEAD + 4 {
+            give_back_read_ahead(bytes::BytesMut::with_capacity(READ_AHEAD));
+        }
+        assert_eq!(spares(), SPARE_READ_AHEAD);
+        // One that cannot have its whole storage again (shared) is not kept.
+        SPARE.with_borrow_mut(Vec::clear);
+        let mut shared = bytes::BytesMut::with_capacity(READ_AHEAD);
+        shared.extend_from_slice(b"abcd");
+        let head = shared.split_to(2).freeze();
+        give_back_read_ahead(shared);
+        assert_eq!(spares(), 0);
+        drop(head);
     }
 
     #[tokio::test]

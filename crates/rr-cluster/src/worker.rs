@@ -223,6 +223,7 @@ impl WorkerBuilder {
             u32::try_from(limit.saturating_sub(FD_RESERVE).max(16)).unwrap_or(u32::MAX)
         });
         let (incoming_tx, incoming_rx) = mpsc::channel(self.incoming_queue);
+        let incoming_tx = Sink::Queue(incoming_tx);
         let (messages_tx, messages_rx) = mpsc::channel(self.message_queue);
         let listeners: Arc<[ListenerInfo]> = hello.listeners.clone().into();
         let inner = Arc::new(Inner {
@@ -309,9 +310,9 @@ struct Inner {
     /// Receiving ends handed out once each.
     incoming: Mutex<Option<mpsc::Receiver<Connection>>>,
     messages: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
-    /// The one sender of connections from the channel; dropped (on `Drain` or when the
-    /// master is gone) to end `Incoming` once the queued connections are taken.
-    incoming_tx: Mutex<Option<mpsc::Sender<Connection>>>,
+    /// Where connections go; dropped (on `Drain` or when the master is gone) to end
+    /// `Incoming` once the queued connections are taken.
+    incoming_tx: Mutex<Option<Sink>>,
     /// Cancelled once `Incoming` has handed out its last connection.
     incoming_done: CancellationToken,
     dropped_messages: AtomicU64,
@@ -339,6 +340,50 @@ impl Counters {
             }
             idle.await;
         }
+    }
+}
+
+/// Where the connections from the master go.
+#[derive(Clone)]
+enum Sink {
+    /// To [`Incoming`], where the application takes them.
+    Queue(mpsc::Sender<Connection>),
+    /// Straight to a handler ([`Worker::ready_with`]).
+    Direct(Arc<DirectSink>),
+}
+
+impl Sink {
+    /// Hands `conn` on; `false` when nobody takes connections any more (the
+    /// application dropped [`Incoming`]), and `conn` is closed.
+    async fn deliver(&self, conn: Connection) -> bool {
+        match self {
+            Sink::Queue(tx) => tx.send(conn).await.is_ok(),
+            Sink::Direct(direct) => {
+                (direct.handler)(conn);
+                true
+            }
+        }
+    }
+}
+
+struct DirectSink {
+    handler: Box<dyn Fn(Connection) + Send + Sync>,
+    /// Cancelled once the last holder lets go: the handler has had every connection.
+    done: CancellationToken,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Sink::Queue(_) => "Sink::Queue",
+            Sink::Direct(_) => "Sink::Direct",
+        })
+    }
+}
+
+impl Drop for DirectSink {
+    fn drop(&mut self) {
+        self.done.cancel();
     }
 }
 
@@ -405,6 +450,47 @@ impl Worker {
         let rx = lock(&self.inner.incoming)
             .take()
             .ok_or(WorkerError::AlreadyReady)?;
+        self.say_ready().await?;
+        Ok(Incoming {
+            rx,
+            done: self.inner.incoming_done.clone(),
+        })
+    }
+
+    /// [`Worker::ready`] for the library's own servers: each connection goes to
+    /// `handler` as it comes off the channel, called by the task that reads the
+    /// channel (no queue and no task hop). [`Worker::shutdown_signal`] completes once
+    /// the worker drains and the handler has had the last connection.
+    pub(crate) async fn ready_with(
+        &self,
+        handler: impl Fn(Connection) + Send + Sync + 'static,
+    ) -> Result<(), WorkerError> {
+        let mut rx = lock(&self.inner.incoming)
+            .take()
+            .ok_or(WorkerError::AlreadyReady)?;
+        let direct = Arc::new(DirectSink {
+            handler: Box::new(handler),
+            done: self.inner.incoming_done.clone(),
+        });
+        {
+            let mut sink = lock(&self.inner.incoming_tx);
+            // Already draining: nothing more comes (dropping `direct` says so).
+            if sink.is_some() {
+                *sink = Some(Sink::Direct(Arc::clone(&direct)));
+            }
+        }
+        // The master sends connections only after `Ready`: the queue is empty. Were it
+        // not, nothing would be lost.
+        while let Ok(conn) = rx.try_recv() {
+            (direct.handler)(conn);
+        }
+        drop(rx);
+        drop(direct);
+        self.say_ready().await
+    }
+
+    /// Tells the master this worker takes connections and starts the heartbeat.
+    async fn say_ready(&self) -> Result<(), WorkerError> {
         let ready = ToMaster::Ready {
             pid: sys::getpid(),
             version: self.inner.version,
@@ -424,10 +510,7 @@ impl Worker {
         }
         let interval = Duration::from_millis(u64::from(self.inner.hello.heartbeat_ms.max(10)));
         tokio::spawn(heartbeat_loop(Arc::downgrade(&self.inner), interval));
-        Ok(Incoming {
-            rx,
-            done: self.inner.incoming_done.clone(),
-        })
+        Ok(())
     }
 
     /// Completes once the worker drains and [`Incoming`] has handed out the last
@@ -646,7 +729,7 @@ async fn read_loop(
                         continue;
                     };
                     if let Some(tx) = &tx {
-                        let _ = tx.send(conn).await;
+                        tx.deliver(conn).await;
                     }
                 }
                 drop(tx);
@@ -761,7 +844,7 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
                         else {
                             continue;
                         };
-                        if tx.send(conn).await.is_err() {
+                        if !tx.deliver(conn).await {
                             return;
                         }
                     }
