@@ -17,7 +17,7 @@ from typing import Deque, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
     "PROTOCOL_VERSION", "HANDSHAKE_VERSION", "MAX_FRAME_LEN", "MAX_FDS_PER_FRAME",
-    "MAX_PENDING_FDS", "SCM_MAX_FD", "ACK_EVERY", "MAX_USER_DATA", "ProtocolError",
+    "MAX_PENDING_FDS", "SCM_MAX_FD", "ACK_EVERY", "WINDOW", "ack_after", "MAX_USER_DATA", "ProtocolError",
     "VersionMismatch", "ListenerInfo", "Hello", "Connections", "Drain", "Ping", "User",
     "Listener", "Ready", "Heartbeat", "Suicide", "Pong", "Ack", "frame", "peek_len",
     "encode_to_master", "decode_to_master", "encode_to_worker", "decode_to_worker",
@@ -36,10 +36,22 @@ MAX_FDS_PER_FRAME = 64
 MAX_PENDING_FDS = 1012
 #: The kernel's limit of descriptors in one `SCM_RIGHTS` message.
 SCM_MAX_FD = 253
-#: A version-2 worker sends an `Ack` once this many descriptors arrived since its last.
-ACK_EVERY = 16
+#: A version-2 worker sends an `Ack` at the latest once this many descriptors arrived
+#: since its last (after fewer when its window is small: `ack_after`).
+ACK_EVERY = 64
+#: The most descriptors the master keeps in flight to a version-2 worker.
+WINDOW = 512
 #: The most bytes a `User` message can carry (the frame limit less tag and length).
 MAX_USER_DATA = MAX_FRAME_LEN - 12
+
+
+
+def ack_after(capacity: int) -> int:
+    """Descriptors received since the last `Ack` after which the next is due, given the
+    capacity that `Ack` announced: a quarter of the window (`min(WINDOW, capacity)`),
+    at least 1 and at most `ACK_EVERY`."""
+    return max(1, min(ACK_EVERY, min(WINDOW, capacity) // 4))
+
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")

@@ -193,6 +193,7 @@ class Worker:
         self.dropped_messages = 0
         self._active = 0  # connections held (queued ones included)
         self._acked = 0
+        self._ack_after = ACK_EVERY
         self._ready = False
         self._closed_incoming = False
         #: Set when the drain begins (master's Drain, end of file, or a Suicide left
@@ -481,7 +482,9 @@ class Worker:
         with self._lock:
             received = self._decoder.received
             self._acked = max(self._acked, received)
-            ack = Ack(received, self._decoder.lost, self.capacity)
+            capacity = self.capacity
+            self._ack_after = protocol.ack_after(capacity)
+            ack = Ack(received, self._decoder.lost, capacity)
         return self._send(ack)
 
     # --- channel: reading ------------------------------------------------------------
@@ -580,7 +583,7 @@ class Worker:
                 log(f"descriptor table full: the kernel dropped {lost} connection(s) on "
                     f"their way to this worker ({self.lost} in all); raise RLIMIT_NOFILE")
             self._deliver(msg.listener, fds)
-            if self.version >= 2 and self._decoder.received - self._acked >= ACK_EVERY:
+            if self.version >= 2 and self._decoder.received - self._acked >= self._ack_after:
                 self._send_ack()
         elif isinstance(msg, Ping):
             if self.version >= 2:

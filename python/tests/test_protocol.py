@@ -66,6 +66,16 @@ def test_encode_every_to_master_example(name):
     assert p.decode_to_master(data[4:]) == TO_MASTER[name]
 
 
+def test_an_ack_is_due_after_a_quarter_of_the_window_within_bounds():
+    assert (p.ACK_EVERY, p.WINDOW) == (64, 512)
+    assert p.ack_after(2**32 - 1) == 64
+    assert p.ack_after(960) == 64
+    assert p.ack_after(200) == 50
+    assert p.ack_after(16) == 4
+    assert p.ack_after(7) == 1
+    assert p.ack_after(0) == 1
+
+
 def test_hello_version_is_read_first():
     assert p.decode_hello(dumps()["ToWorker::Hello"][4:]) == HELLO
     # A later handshake may change everything after the version: refused on the version.

@@ -65,7 +65,7 @@ const LEAK_PARALLEL: usize = 8;
 const LEAK_TOLERANCE: usize = 4;
 const RELOADS: usize = 3;
 /// Most descriptors in flight to a version-2 worker (before its capacity says less).
-const BINARY_WINDOW: u64 = 512;
+const BINARY_WINDOW: u64 = protocol::WINDOW;
 /// Most handles in flight to a Node.js worker without an ACK.
 const NODE_WINDOW: u64 = 128;
 

@@ -185,9 +185,9 @@ pub enum ToMaster {
     Pong,
     /// An application message (Node's `process.send`).
     User(Vec<u8>),
-    /// Version 2: the worker's progress and room, sent after every
-    /// [`ACK_EVERY`] descriptors it takes off the channel, with every heartbeat, and
-    /// before every [`ToMaster::Pong`].
+    /// Version 2: the worker's progress and room, sent right after `Ready`, once
+    /// [`ack_after`] descriptors came off the channel since the last one, with every
+    /// heartbeat, and before every [`ToMaster::Pong`].
     Ack {
         /// Descriptors taken off the channel since the worker started (counting the
         /// ones the kernel dropped, `lost`): the master's count of descriptors in
@@ -203,9 +203,33 @@ pub enum ToMaster {
     },
 }
 
-/// A version-2 worker sends an [`ToMaster::Ack`] at least after this many received
-/// descriptors (and with every heartbeat).
-pub const ACK_EVERY: u64 = 16;
+/// A version-2 worker sends an [`ToMaster::Ack`] at the latest after this many
+/// received descriptors (after fewer when its window is small: [`ack_after`]).
+pub const ACK_EVERY: u64 = 64;
+
+/// Descriptors the master keeps in flight to a version-2 worker (sent, not yet
+/// acknowledged), at most; fewer when the worker's last `Ack.capacity` is lower.
+pub const WINDOW: u64 = 512;
+
+/// After how many descriptors received since its last [`ToMaster::Ack`] a version-2
+/// worker sends the next, given the `capacity` that `Ack` announced: a quarter of its
+/// window (`min(WINDOW, capacity)`), at least 1 and at most [`ACK_EVERY`]. The master
+/// is then never short of more than a quarter of the window.
+pub const fn ack_after(capacity: u32) -> u64 {
+    let window = if (capacity as u64) < WINDOW {
+        capacity as u64
+    } else {
+        WINDOW
+    };
+    let quarter = window / 4;
+    if quarter < 1 {
+        1
+    } else if quarter > ACK_EVERY {
+        ACK_EVERY
+    } else {
+        quarter
+    }
+}
 
 /// A message type that may travel on the channel.
 ///
@@ -491,6 +515,25 @@ mod tests {
     fn every_message_round_trips() {
         all_to_worker().into_iter().for_each(roundtrip);
         all_to_master().into_iter().for_each(roundtrip);
+    }
+
+    #[test]
+    fn an_ack_is_due_after_a_quarter_of_the_window_within_bounds() {
+        assert_eq!(ack_after(u32::MAX), ACK_EVERY);
+        assert_eq!(
+            ack_after(960),
+            64,
+            "the default capacity: RLIMIT_NOFILE 1024 less 64"
+        );
+        assert_eq!(ack_after(256), 64);
+        assert_eq!(ack_after(200), 50);
+        assert_eq!(ack_after(16), 4);
+        assert_eq!(ack_after(7), 1);
+        assert_eq!(
+            ack_after(0),
+            1,
+            "a full worker acknowledges every descriptor"
+        );
     }
 
     #[test]

@@ -318,7 +318,7 @@ struct Inner {
     dropped_messages: AtomicU64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     active: AtomicU32,
     /// Descriptors taken off the channel (including `lost`): `Heartbeat.served` and
@@ -327,7 +327,23 @@ struct Counters {
     lost: AtomicU64,
     /// `received` at the last `Ack`.
     acked: AtomicU64,
+    /// Received descriptors after which the next `Ack` is due (`protocol::ack_after`
+    /// of the last `Ack`'s capacity).
+    ack_after: AtomicU64,
     idle: Notify,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            active: AtomicU32::new(0),
+            received: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            ack_after: AtomicU64::new(ACK_EVERY),
+            idle: Notify::new(),
+        }
+    }
 }
 
 impl Counters {
@@ -656,11 +672,15 @@ impl Inner {
     async fn send_ack(&self) -> Result<(), ChannelError> {
         let received = self.counters.received.load(Ordering::Relaxed);
         self.counters.acked.fetch_max(received, Ordering::Relaxed);
+        let capacity = self.capacity();
+        self.counters
+            .ack_after
+            .store(protocol::ack_after(capacity), Ordering::Relaxed);
         self.writer
             .send_msg(&ToMaster::Ack {
                 received,
                 lost: self.counters.lost.load(Ordering::Relaxed),
-                capacity: self.capacity(),
+                capacity,
             })
             .await
     }
@@ -735,7 +755,10 @@ async fn read_loop(
                 drop(tx);
                 let unacked = counters.received.load(Ordering::Relaxed)
                     - counters.acked.load(Ordering::Relaxed);
-                if this.version >= 2 && unacked >= ACK_EVERY && this.send_ack().await.is_err() {
+                if this.version >= 2
+                    && unacked >= counters.ack_after.load(Ordering::Relaxed)
+                    && this.send_ack().await.is_err()
+                {
                     continue;
                 }
             }

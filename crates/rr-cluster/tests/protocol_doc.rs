@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use rr_cluster::protocol::{
     ACK_EVERY, HEADER_LEN, HELLO_VERSION, Hello, ListenerInfo, ListenerKind, MAX_FDS_PER_FRAME,
     MAX_FRAME_LEN, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, ProtocolError, ToMaster,
-    ToWorker, decode_hello, decode_payload, frame, peek_len,
+    ToWorker, WINDOW, decode_hello, decode_payload, frame, peek_len,
 };
 
 /// Where the note of each dump line starts.
@@ -410,7 +410,8 @@ fn documented_constants_hold() {
     assert_eq!(PROTOCOL_VERSION, 2);
     assert_eq!(MIN_PROTOCOL_VERSION, 1);
     assert_eq!(HELLO_VERSION, 1);
-    assert_eq!(ACK_EVERY, 16);
+    assert_eq!(ACK_EVERY, 64);
+    assert_eq!(WINDOW, 512);
     assert_eq!(HEADER_LEN, 4);
     assert_eq!(MAX_FRAME_LEN, 65_536);
     assert_eq!(MAX_FDS_PER_FRAME, 64);

@@ -32,7 +32,7 @@ use crate::protocol::{
 
 /// Descriptors in flight to a version-2 worker before its first `Ack` (and at most,
 /// whatever its capacity).
-pub(crate) const WINDOW: u64 = 512;
+pub(crate) const WINDOW: u64 = protocol::WINDOW;
 /// Un-ACKed handles in flight to a Node.js worker, at most.
 pub(crate) const NODE_WINDOW: u64 = 128;
 /// More heartbeats (or pongs) than this per heartbeat interval is a flood.
