@@ -2,17 +2,16 @@
 //! accept loop that feeds [`Dispatcher`].
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -377,12 +376,16 @@ pub(crate) async fn accept_loop(
     let mut wake = dispatcher.subscribe();
     let mut batch: Vec<Accepted> = Vec::with_capacity(MAX_FDS_PER_FRAME);
     let stats = &dispatcher.stats;
-    // Stop or a pause change, waited on by one future that lives across wake-ups: the
-    // loop waits on it with every connection below saturation, and a future made anew
-    // each time would register a waiter with the token and the watch (a lock each)
-    // and remove it again, per connection. Made again after it fires; the loop's top
-    // then looks at both.
-    let mut control: Option<ControlChanged> = None;
+    // Stop and pause changes are heard by a task of their own, which raises a flag and
+    // wakes this loop; the loop's top then looks at both. Below saturation the loop
+    // waits with every connection, and the token's and the watch's futures, polled
+    // there, would take a lock each per connection.
+    let control = Arc::new(ControlSignal::default());
+    let forwarder = tokio::spawn(forward_control(
+        stop.clone(),
+        paused.clone(),
+        Arc::clone(&control),
+    ));
     loop {
         // Checked here, not only in the selects below: those poll the listener first,
         // which under constant load is always ready.
@@ -399,7 +402,6 @@ pub(crate) async fn accept_loop(
             // Queued sockets have nowhere to go: close them (the clients see a reset).
             stats.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             batch.clear();
-            control = None;
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = paused.wait_for(|p| !*p) => {}
@@ -429,24 +431,21 @@ pub(crate) async fn accept_loop(
             stats.queued.fetch_sub(before - after, Ordering::Relaxed);
             if !batch.is_empty() {
                 // The kernel backlog holds new connections meanwhile.
-                let control_fut = control.get_or_insert_with(|| control_changed(&stop, &paused));
                 tokio::select! {
-                    () = control_fut => control = None,
+                    () = std::future::poll_fn(|cx| control.poll_raised(cx)) => {}
                     changed = wake.changed() => if changed.is_err() { break },
                 }
                 continue;
             }
         }
-        // The listener first: when it is ready (the common case under load) the control
-        // future is not polled. `poll_read_ready` keeps the task's waker in the
+        // The listener first. `poll_read_ready` keeps the task's waker in the
         // registration's own slot, where `readable()` would queue a waiter per wait.
-        let control_fut = control.get_or_insert_with(|| control_changed(&stop, &paused));
         let socket = &listener.socket;
         let ready = std::future::poll_fn(|cx| {
             if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
                 return Poll::Ready(Some(ready));
             }
-            control_fut.as_mut().poll(cx).map(|()| None)
+            control.poll_raised(cx).map(|()| None)
         })
         .await;
         let mut guard = match ready {
@@ -455,10 +454,7 @@ pub(crate) async fn accept_loop(
                 tracing::error!(listener = %listener.local, error = %e, "listener failed");
                 break;
             }
-            None => {
-                control = None;
-                continue;
-            }
+            None => continue,
         };
         let mut backoff = false;
         let limit = dispatcher.batch_limit();
@@ -507,6 +503,7 @@ pub(crate) async fn accept_loop(
             }
         }
     }
+    forwarder.abort();
     // Stopping: one last chance for accepted sockets, then they close.
     if !batch.is_empty() {
         let before = batch.len();
@@ -515,25 +512,55 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Resolves once `stop` is cancelled or `paused` changes.
-type ControlChanged = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A flag raised, with a wake-up, when the accept loop must look at its stop token
+/// and pause state.
+#[derive(Debug, Default)]
+struct ControlSignal {
+    raised: AtomicBool,
+    waker: AtomicWaker,
+}
 
-fn control_changed(stop: &CancellationToken, paused: &watch::Receiver<bool>) -> ControlChanged {
-    let stop = stop.clone();
-    // A clone starts from the version `paused` has seen: a change made since the loop
-    // last looked resolves it at once.
-    let mut paused = paused.clone();
-    Box::pin(async move {
-        tokio::select! {
-            () = stop.cancelled() => {}
+impl ControlSignal {
+    fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// `Ready` once raised since the last `Ready` (and lowers it).
+    fn poll_raised(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        // Registered first, then looked at: a raise in between is not missed.
+        self.waker.register(cx.waker());
+        if self.raised.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Raises `control` whenever `stop` is cancelled or `paused` changes; ends after the
+/// stop.
+async fn forward_control(
+    stop: CancellationToken,
+    mut paused: watch::Receiver<bool>,
+    control: Arc<ControlSignal>,
+) {
+    loop {
+        let stopped = tokio::select! {
+            () = stop.cancelled() => true,
             changed = paused.changed() => {
                 if changed.is_err() {
-                    // Nobody pauses any more: only the stop is left to wait for.
+                    // Nobody pauses any more: only the stop is left to hear of.
                     stop.cancelled().await;
                 }
+                changed.is_err()
             }
+        };
+        control.raise();
+        if stopped {
+            return;
         }
-    })
+    }
 }
 
 #[cfg(test)]
@@ -607,6 +634,38 @@ mod tests {
         );
         let copy = shared.try_clone_fd().expect("a copy for a worker");
         assert_ne!(copy.as_raw_fd(), raw);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_accept_loop_hears_of_every_pause_change_and_of_the_stop() {
+        let stop = CancellationToken::new();
+        let (paused_tx, paused) = watch::channel(false);
+        let control = Arc::new(ControlSignal::default());
+        let forwarder = tokio::spawn(forward_control(stop.clone(), paused, Arc::clone(&control)));
+        let raised = || std::future::poll_fn(|cx| control.poll_raised(cx));
+        let quiet = tokio::time::timeout(Duration::from_secs(60), raised()).await;
+        assert!(quiet.is_err(), "nothing changed: not raised");
+        paused_tx.send(true).expect("send");
+        tokio::time::timeout(Duration::from_secs(1), raised())
+            .await
+            .expect("a pause raises it");
+        // Raised once per change: lowered when seen.
+        let again = tokio::time::timeout(Duration::from_secs(60), raised()).await;
+        assert!(again.is_err(), "seen once");
+        paused_tx.send(false).expect("send");
+        tokio::time::timeout(Duration::from_secs(1), raised())
+            .await
+            .expect("a resume raises it");
+        // With nobody left to pause, the stop is still heard, and the task ends.
+        drop(paused_tx);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(1), raised())
+            .await
+            .expect("the stop raises it");
+        tokio::time::timeout(Duration::from_secs(1), forwarder)
+            .await
+            .expect("the forwarder ends after the stop")
+            .expect("no panic");
     }
 
     #[tokio::test]
