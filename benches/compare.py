@@ -60,6 +60,17 @@ RATIOS = [
     ("rr-node", "node-none"),
 ]
 
+# RR_BASE: another rr-cluster binary (a build of other code, say the commit before a
+# change) runs as `rr-base`, round-robin, next to `rr` and the fd-passing reference:
+# a code change measured in the same seconds of the machine.
+RR_BASE = os.environ.get("RR_BASE")
+if RR_BASE:
+    ALL_SYSTEMS.insert(1, "rr-base")
+    LABELS["rr-base"] = "rr-cluster round-robin, RR_BASE build"
+    GROUPS[0].append("rr-base")
+    RATIOS.insert(0, ("rr", "rr-base"))
+    RATIOS.insert(1, ("rr-base", "ref-fdpass"))
+
 
 def have_node():
     return subprocess.run(["node", "--version"], capture_output=True).returncode == 0 and os.path.exists(NODE_BENCH)
@@ -78,6 +89,8 @@ def command(system, port, work):
     env = dict(os.environ)
     if system == "rr":
         return rr + ["--balance", "round-robin"], env
+    if system == "rr-base":
+        return [RR_BASE] + rr[1:] + ["--balance", "round-robin"], env
     if system == "rr-lc":
         return rr + ["--balance", "least-connections"], env
     if system == "rr-shared":
@@ -299,6 +312,9 @@ def fmt(x, spec):
 
 
 def main():
+    if RR_BASE and not (os.path.isfile(RR_BASE) and os.access(RR_BASE, os.X_OK)):
+        print(f"compare: RR_BASE={RR_BASE} is not an executable file", file=sys.stderr)
+        sys.exit(2)
     systems = [s for s in os.environ.get("SYSTEMS", " ".join(ALL_SYSTEMS)).split()]
     unknown = [s for s in systems if s not in ALL_SYSTEMS]
     if unknown:

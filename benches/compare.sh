@@ -9,6 +9,8 @@
 #   benches/compare.sh                          # 5 reps, 5 s per system, keep-alive and close
 #   REPS=7 DURATION=10s SLICE=2s WORKERS=2 SYSTEMS="rr ref-fdpass" MODES=close benches/compare.sh
 #   LOAD=wrk benches/compare.sh                 # wrk instead of rr-load (no busiest share)
+#   RR_BASE=/tmp/rr-cluster.before SYSTEMS="rr rr-base ref-fdpass" MODES=close benches/compare.sh
+#                                               # a code change: another build as rr-base, in turns
 #
 # In a rep, each system runs side by side with the peers its ratios are taken against
 # (rr-lc, rr, ref-fdpass; ref-reuseport, rr-shared; node-none, rr-node, node-rr), all

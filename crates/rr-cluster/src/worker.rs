@@ -313,7 +313,8 @@ struct Inner {
     /// Where connections go; dropped (on `Drain` or when the master is gone) to end
     /// `Incoming` once the queued connections are taken.
     incoming_tx: Mutex<Option<Sink>>,
-    /// Cancelled once `Incoming` has handed out its last connection.
+    /// Cancelled once `Incoming` has handed out its last connection (or the handler of
+    /// [`Worker::ready_with`] has had it).
     incoming_done: CancellationToken,
     dropped_messages: AtomicU64,
 }
