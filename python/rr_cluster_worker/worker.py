@@ -194,6 +194,7 @@ class Worker:
         self._active = 0  # connections held (queued ones included)
         self._acked = 0
         self._ack_after = ACK_EVERY
+        self._ack_lock = threading.Lock()
         self._ready = False
         self._closed_incoming = False
         #: Set when the drain begins (master's Drain, end of file, or a Suicide left
@@ -479,13 +480,16 @@ class Worker:
             self._send_lock.release()
 
     def _send_ack(self):
-        with self._lock:
-            received = self._decoder.received
-            self._acked = max(self._acked, received)
-            capacity = self.capacity
-            self._ack_after = protocol.ack_after(capacity)
-            ack = Ack(received, self._decoder.lost, capacity)
-        return self._send(ack)
+        # One at a time (the reader and the heartbeat thread both send them): the
+        # threshold kept is the one of the Ack the master gets last.
+        with self._ack_lock:
+            with self._lock:
+                received = self._decoder.received
+                self._acked = max(self._acked, received)
+                capacity = self.capacity
+                self._ack_after = protocol.ack_after(capacity)
+                ack = Ack(received, self._decoder.lost, capacity)
+            return self._send(ack)
 
     # --- channel: reading ------------------------------------------------------------
 

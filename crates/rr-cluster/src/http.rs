@@ -175,9 +175,10 @@ impl Server {
         let builders = Arc::new((http1, http2));
         let tracker = TaskTracker::new();
         let drain = Arc::new(Drain::default());
-        // Each connection's task is spawned by the task that reads the master's
-        // channel, as the connection comes off it: no queue and no task hop between.
-        {
+        // Each connection's task is spawned by the task that takes the connection (off
+        // the master's channel, or the shared listener): no queue and no task hop
+        // between. If this future is dropped, so is `_direct`, and with it the handler.
+        let _direct = {
             let (tracker, builders, drain) =
                 (tracker.clone(), Arc::clone(&builders), Arc::clone(&drain));
             let runtime = tokio::runtime::Handle::current();
@@ -195,8 +196,8 @@ impl Server {
                         &runtime,
                     );
                 })
-                .await?;
-        }
+                .await?
+        };
         // One task hears of the drain, raises the flag and wakes every connection:
         // connections do not each wait on the cancellation token, nor ask it (a lock
         // either way).
@@ -524,10 +525,10 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadAhead<I> {
             let n = buf.len().min(out.remaining());
             out.put_slice(&buf[..n]);
             bytes::Buf::advance(buf, n);
-            if buf.is_empty()
-                && let Some(buf) = this.buf.take()
-            {
-                give_back_read_ahead(buf);
+            if buf.is_empty() {
+                if let Some(buf) = this.buf.take() {
+                    give_back_read_ahead(buf);
+                }
             }
             return Poll::Ready(Ok(()));
         }

@@ -213,8 +213,10 @@ pub const WINDOW: u64 = 512;
 
 /// After how many descriptors received since its last [`ToMaster::Ack`] a version-2
 /// worker sends the next, given the `capacity` that `Ack` announced: a quarter of its
-/// window (`min(WINDOW, capacity)`), at least 1 and at most [`ACK_EVERY`]. The master
-/// is then never short of more than a quarter of the window.
+/// window (`min(WINDOW, capacity)`), at least 1 and at most [`ACK_EVERY`]: the worker
+/// acknowledges before the master runs out of the window that `Ack` opened. (After an
+/// `Ack` with capacity 0 the window stays shut until the next `Ack`, which the
+/// heartbeat brings.)
 pub const fn ack_after(capacity: u32) -> u64 {
     let window = if (capacity as u64) < WINDOW {
         capacity as u64

@@ -144,7 +144,8 @@ impl Default for WorkerBuilder {
 impl WorkerBuilder {
     /// Connections received but not yet taken by [`Incoming::accept`], at most
     /// (default 256). Beyond this the worker stops reading its channel and the master
-    /// sends its connections elsewhere.
+    /// sends its connections elsewhere. [`crate::http::serve`] has no queue: it spawns
+    /// each connection's task as the connection arrives.
     pub fn incoming_queue(mut self, n: usize) -> Self {
         self.incoming_queue = n.max(1);
         self
@@ -242,6 +243,7 @@ impl WorkerBuilder {
             incoming_tx: Mutex::new(Some(incoming_tx)),
             incoming_done: CancellationToken::new(),
             dropped_messages: AtomicU64::new(0),
+            ack_lock: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(read_loop(Arc::downgrade(&inner), reader, messages_tx));
         Ok(Worker { inner })
@@ -317,6 +319,8 @@ struct Inner {
     /// [`Worker::ready_with`] has had it).
     incoming_done: CancellationToken,
     dropped_messages: AtomicU64,
+    /// Held while an `Ack` is made and sent.
+    ack_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -366,6 +370,7 @@ enum Sink {
     /// To [`Incoming`], where the application takes them.
     Queue(mpsc::Sender<Connection>),
     /// Straight to a handler ([`Worker::ready_with`]).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     Direct(Arc<DirectSink>),
 }
 
@@ -377,6 +382,10 @@ impl Sink {
             Sink::Queue(tx) => tx.send(conn).await.is_ok(),
             Sink::Direct(direct) => {
                 (direct.handler)(conn);
+                // The queue's send counted against the task's budget; so does this,
+                // so that a flood of connections lets the spawned ones (and the
+                // drain) run.
+                tokio::task::coop::consume_budget().await;
                 true
             }
         }
@@ -387,6 +396,29 @@ struct DirectSink {
     handler: Box<dyn Fn(Connection) + Send + Sync>,
     /// Cancelled once the last holder lets go: the handler has had every connection.
     done: CancellationToken,
+}
+
+/// Takes the handler of [`Worker::ready_with`] out when dropped (if it is still in).
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
+pub(crate) struct DirectGuard {
+    inner: Arc<Inner>,
+    sink: std::sync::Weak<DirectSink>,
+}
+
+impl Drop for DirectGuard {
+    fn drop(&mut self) {
+        let sink = {
+            let mut slot = lock(&self.inner.incoming_tx);
+            match &*slot {
+                Some(Sink::Direct(d)) if std::ptr::eq(Arc::as_ptr(d), self.sink.as_ptr()) => {
+                    slot.take()
+                }
+                _ => None,
+            }
+        };
+        // Outside the lock: this drops the application's handler.
+        drop(sink);
+    }
 }
 
 impl std::fmt::Debug for Sink {
@@ -475,13 +507,16 @@ impl Worker {
     }
 
     /// [`Worker::ready`] for the library's own servers: each connection goes to
-    /// `handler` as it comes off the channel, called by the task that reads the
-    /// channel (no queue and no task hop). [`Worker::shutdown_signal`] completes once
-    /// the worker drains and the handler has had the last connection.
+    /// `handler` as it comes off the channel (or the shared listener), called by the
+    /// task that takes it (no queue and no task hop). [`Worker::shutdown_signal`]
+    /// completes once the worker drains and the handler has had the last connection.
+    /// Dropping the returned guard takes the handler out again: later connections are
+    /// closed, as when an application drops [`Incoming`].
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) async fn ready_with(
         &self,
         handler: impl Fn(Connection) + Send + Sync + 'static,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<DirectGuard, WorkerError> {
         let mut rx = lock(&self.inner.incoming)
             .take()
             .ok_or(WorkerError::AlreadyReady)?;
@@ -496,14 +531,19 @@ impl Worker {
                 *sink = Some(Sink::Direct(Arc::clone(&direct)));
             }
         }
-        // The master sends connections only after `Ready`: the queue is empty. Were it
-        // not, nothing would be lost.
+        let guard = DirectGuard {
+            inner: Arc::clone(&self.inner),
+            sink: Arc::downgrade(&direct),
+        };
+        // The master sends connections (and a shared listener) only after `Ready`: the
+        // queue is empty, and no task holds its sender.
         while let Ok(conn) = rx.try_recv() {
             (direct.handler)(conn);
         }
         drop(rx);
         drop(direct);
-        self.say_ready().await
+        self.say_ready().await?;
+        Ok(guard)
     }
 
     /// Tells the master this worker takes connections and starts the heartbeat.
@@ -531,8 +571,9 @@ impl Worker {
     }
 
     /// Completes once the worker drains and [`Incoming`] has handed out the last
-    /// connection the master sent: a graceful-shutdown signal that loses no queued
-    /// connection (for `axum::serve(..).with_graceful_shutdown(..)`, say).
+    /// connection the master sent (with [`crate::http::serve`]: once it has spawned
+    /// the last one): a graceful-shutdown signal that loses no queued connection (for
+    /// `axum::serve(..).with_graceful_shutdown(..)`, say).
     pub async fn shutdown_signal(&self) {
         self.inner.incoming_done.cancelled().await;
     }
@@ -661,7 +702,9 @@ impl Inner {
             });
         }
         // Dropping the reader's sender ends `Incoming` once queued connections are taken.
-        lock(&self.incoming_tx).take();
+        // Dropped outside the lock: a direct sink drops the application's handler.
+        let sink = lock(&self.incoming_tx).take();
+        drop(sink);
     }
 
     /// How many more connections this worker can take.
@@ -671,6 +714,9 @@ impl Inner {
     }
 
     async fn send_ack(&self) -> Result<(), ChannelError> {
+        // One at a time (the reader and the heartbeat both send them): the threshold
+        // kept is the one of the `Ack` the master gets last.
+        let _one = self.ack_lock.lock().await;
         let received = self.counters.received.load(Ordering::Relaxed);
         self.counters.acked.fetch_max(received, Ordering::Relaxed);
         let capacity = self.capacity();
