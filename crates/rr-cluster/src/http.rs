@@ -914,6 +914,105 @@ mod tests {
         }
     }
 
+    /// A master's end of a channel, after the `Hello` (protocol version 1: the
+    /// environment offers none here), and the worker on the other end.
+    async fn fake_master() -> (
+        crate::channel::ChannelReader,
+        Arc<crate::channel::ChannelWriter>,
+        Worker,
+    ) {
+        use crate::protocol::{HELLO_VERSION, Hello, ListenerInfo, ListenerKind, ToWorker};
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let (reader, writer) =
+            crate::channel::split(crate::channel::from_std(ours).expect("channel"));
+        let hello = ToWorker::Hello(Hello {
+            version: HELLO_VERSION,
+            worker_id: 0,
+            generation: 0,
+            heartbeat_ms: 60_000,
+            listeners: vec![ListenerInfo {
+                kind: ListenerKind::Tcp,
+                address: "127.0.0.1:0".into(),
+            }],
+        });
+        writer.send_msg(&hello).await.expect("hello");
+        let worker = Worker::builder()
+            .from_fd(std::os::fd::OwnedFd::from(theirs))
+            .await
+            .expect("worker");
+        (reader, writer, worker)
+    }
+
+    /// Hands the worker one TCP connection; the client's end comes back.
+    async fn hand_connection(writer: &Arc<crate::channel::ChannelWriter>) -> std::net::TcpStream {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let frame = crate::protocol::frame(&crate::protocol::ToWorker::Connections {
+            listener: 0,
+            count: 1,
+        })
+        .expect("frame");
+        writer
+            .send(&frame, &[server.as_raw_fd()])
+            .await
+            .expect("send");
+        client
+    }
+
+    /// What the client gets for one request (until the server closes, 10 s at most).
+    async fn answer(client: std::net::TcpStream) -> Vec<u8> {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut client = client;
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let _ = client.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut got = Vec::new();
+            let _ = client.read_to_end(&mut got);
+            got
+        })
+        .await
+        .expect("client")
+    }
+
+    #[tokio::test]
+    async fn a_dropped_server_takes_its_handler_out_of_the_worker() {
+        use crate::protocol::ToMaster;
+        let (mut reader, writer, worker) = fake_master().await;
+        // The application keeps its `Worker` (for messages, say): the worker lives on.
+        let kept = worker.clone();
+        let serving = tokio::spawn(Server::new(worker).serve(path_service()));
+        let ready = tokio::time::timeout(Duration::from_secs(10), reader.recv::<ToMaster>())
+            .await
+            .expect("in time")
+            .expect("read")
+            .expect("a frame");
+        assert!(matches!(ready.0, ToMaster::Ready { .. }), "{:?}", ready.0);
+        // Served while the server runs.
+        let got = answer(hand_connection(&writer).await).await;
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(got.ends_with(b"/x"));
+        // The application drops the server (a select! against ctrl-c, say): later
+        // connections are closed, not spawned onto a tracker nobody waits on.
+        serving.abort();
+        assert!(serving.await.expect_err("aborted").is_cancelled());
+        let got = answer(hand_connection(&writer).await).await;
+        assert!(
+            got.is_empty(),
+            "closed unanswered: {}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(!kept.draining().is_cancelled(), "not a drain");
+    }
+
     fn path_service() -> DrainAware<
         impl Service<
             Request<IncomingBody>,
