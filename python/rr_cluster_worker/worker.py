@@ -195,6 +195,11 @@ class Worker:
         self._acked = 0
         self._ack_after = ACK_EVERY
         self._ack_lock = threading.Lock()
+        # The last Ack announced a capacity of 0 (the master sends nothing until the next
+        # Ack); the next connection to close asks the heartbeat thread for one.
+        self._window_shut = False
+        self._beat_wake = threading.Condition(threading.Lock())
+        self._ack_wanted = False
         self._ready = False
         self._closed_incoming = False
         #: Set when the drain begins (master's Drain, end of file, or a Suicide left
@@ -488,6 +493,7 @@ class Worker:
                 self._acked = max(self._acked, received)
                 capacity = self.capacity
                 self._ack_after = protocol.ack_after(capacity)
+                self._window_shut = capacity == 0
                 ack = Ack(received, self._decoder.lost, capacity)
             return self._send(ack)
 
@@ -639,6 +645,12 @@ class Worker:
             self._active -= 1
             if self._active <= 0:
                 self._cond.notify_all()
+            reopen = self._window_shut
+        if reopen:
+            # Room again: tell the master now, not at the next heartbeat.
+            with self._beat_wake:
+                self._ack_wanted = True
+                self._beat_wake.notify()
 
     # --- shared balancing ------------------------------------------------------------
 
@@ -788,6 +800,8 @@ class Worker:
     # --- heartbeats, messages, errors ------------------------------------------------
 
     def _heartbeat_loop(self):
+        # A Heartbeat and an Ack every interval; between them, an Ack alone when a
+        # connection closed while the last Ack announced no capacity.
         interval = self.heartbeat_interval
         next_beat = time.monotonic()
         while True:
@@ -799,8 +813,16 @@ class Worker:
             now = time.monotonic()
             if next_beat < now:  # we were held up: do not burst to catch up
                 next_beat = now + interval
-            if self._heartbeat_stop.wait(next_beat - now):
-                return
+            while now < next_beat:
+                with self._beat_wake:
+                    if not self._ack_wanted:
+                        self._beat_wake.wait(next_beat - now)
+                    wanted, self._ack_wanted = self._ack_wanted, False
+                if self._heartbeat_stop.is_set():
+                    return
+                if wanted and self._window_shut and self.version >= 2 and not self._send_ack():
+                    return
+                now = time.monotonic()
 
     def _message_loop(self):
         while True:

@@ -324,6 +324,31 @@ def test_descriptor_table_full_is_not_an_error(listener):
         fm.expect(p.Pong)
 
 
+def test_a_full_worker_acks_as_soon_as_a_connection_closes(listener):
+    """Capacity 1 and heartbeats a minute apart: once the one connection it may hold
+    closes, the worker reopens its window with an Ack at once, not at its heartbeat."""
+    with FakeMaster([WSGI], heartbeat_ms=60_000,
+                    extra_env={"TEST_MAX_CONNECTIONS": "1"}) as fm:
+        start_ready(fm)
+        client, resp = get(fm, listener, "/", keep_alive=True)
+        assert resp.status == 200
+        ack = fm.expect(p.Ack, skip=(p.Heartbeat,))
+        for _ in range(100):  # (a heartbeat's Ack may count it before it is held)
+            if ack.received >= 1 and ack.capacity == 0:
+                break
+            ack = fm.expect(p.Ack, skip=(p.Heartbeat,))
+        assert ack.capacity == 0, ack  # full: the master must send nothing more
+        client.close()
+        # (An Ack sent before the close may still be on its way: it says 0 again.)
+        deadline = time.monotonic() + 10
+        for _ in range(100):
+            if ack.capacity > 0:
+                break
+            ack = fm.expect(p.Ack, timeout=max(0.01, deadline - time.monotonic()),
+                            skip=(p.Heartbeat,))
+        assert ack.capacity == 1 and ack.received == 1, ack
+
+
 def test_shared_mode_listener_accepts_until_the_drain(listener):
     with FakeMaster([WSGI, "0.5"]) as fm:
         start_ready(fm)

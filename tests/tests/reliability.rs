@@ -249,6 +249,51 @@ async fn a_version_2_worker_is_never_sent_more_than_it_can_hold() {
     assert_eq!(cluster.stop().await, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_worker_takes_the_next_connection_when_one_closes_not_at_its_heartbeat() {
+    // Capacity 1, and heartbeats a minute apart: only the `Ack` that a closing
+    // connection asks for can reopen the window within the test.
+    let b = builder(WORKER.as_ref(), &["--max-connections", "1"], 1)
+        .heartbeat_interval(Duration::from_secs(60))
+        .heartbeat_timeout(None);
+    let cluster = start_cluster(b).await;
+    cluster.wait_ready(1).await;
+    let addr = cluster.addr;
+    let mut first = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    first.write_all(b"hold\n").await.expect("write");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, first.read(&mut buf))
+        .await
+        .expect("the first connection is answered")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"held"), "{:?}", &buf[..n]);
+    // The worker is full: the second connection waits in the master.
+    let mut second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    second.write_all(b"id\n").await.expect("write");
+    let deadline = Instant::now() + WAIT;
+    let mut held_back = false;
+    for _ in 0..20_000 {
+        let s = cluster.handle.status().await.expect("status");
+        held_back = s.queued == 1;
+        if held_back || Instant::now() > deadline {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        held_back,
+        "the second connection was not held back in the master"
+    );
+    // The first one ends; the second is answered long before the next heartbeat.
+    first.write_all(b"done\n").await.expect("write");
+    let n = tokio::time::timeout(WAIT, second.read(&mut buf))
+        .await
+        .expect("the second connection is answered once the first closed")
+        .expect("read");
+    assert!(n > 0, "the second connection was closed unanswered");
+    assert_eq!(cluster.stop().await, 0);
+}
+
 /// Item 13: a second `Worker::from_env()` closed the first Worker's live descriptor,
 /// and `is_worker()` was true in a worker's own child processes. The test worker
 /// checks both before Ready (`--self-checks`: a child asks `is_worker()`, a second

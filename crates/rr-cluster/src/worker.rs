@@ -175,7 +175,8 @@ impl WorkerBuilder {
 
     /// The most connections this worker holds at once; the master never sends more
     /// (default: the descriptor limit `RLIMIT_NOFILE` less 64 for the worker's own
-    /// files).
+    /// files). Once it is full, the first connection to close tells the master that
+    /// it has room again (an `Ack`), without waiting for the next heartbeat.
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = Some(n.max(1));
         self
@@ -335,6 +336,12 @@ struct Counters {
     /// Received descriptors after which the next `Ack` is due (`protocol::ack_after`
     /// of the last `Ack`'s capacity).
     ack_after: AtomicU64,
+    /// The last `Ack` announced a capacity of 0 (or one is being made): the master
+    /// sends nothing more until another `Ack`, which the next connection to close asks
+    /// for (`reopen`).
+    window_shut: AtomicBool,
+    /// A connection closed while the window was shut: an `Ack` is due now.
+    reopen: Notify,
     idle: Notify,
 }
 
@@ -346,6 +353,8 @@ impl Default for Counters {
             lost: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             ack_after: AtomicU64::new(ACK_EVERY),
+            window_shut: AtomicBool::new(false),
+            reopen: Notify::new(),
             idle: Notify::new(),
         }
     }
@@ -710,7 +719,7 @@ impl Inner {
     /// How many more connections this worker can take.
     fn capacity(&self) -> u32 {
         self.max_connections
-            .saturating_sub(self.counters.active.load(Ordering::Relaxed))
+            .saturating_sub(self.counters.active.load(Ordering::SeqCst))
     }
 
     async fn send_ack(&self) -> Result<(), ChannelError> {
@@ -719,7 +728,14 @@ impl Inner {
         let _one = self.ack_lock.lock().await;
         let received = self.counters.received.load(Ordering::Relaxed);
         self.counters.acked.fetch_max(received, Ordering::Relaxed);
+        // Raised before the capacity is read, lowered after if there is room: a
+        // connection that closes in between either is counted in the capacity or sees
+        // the flag and asks for another `Ack` (every access is `SeqCst`).
+        self.counters.window_shut.store(true, Ordering::SeqCst);
         let capacity = self.capacity();
+        if capacity > 0 {
+            self.counters.window_shut.store(false, Ordering::SeqCst);
+        }
         self.counters
             .ack_after
             .store(protocol::ack_after(capacity), Ordering::Relaxed);
@@ -942,18 +958,31 @@ async fn accept_failed(e: &io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// Sends a `Heartbeat` (and an `Ack`) every `every`, and an `Ack` alone as soon as a
+/// connection closes while the last `Ack` announced no capacity.
 async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
+    // Holding the counters does not keep the worker alive.
+    let Some(counters) = inner.upgrade().map(|this| Arc::clone(&this.counters)) else {
+        return;
+    };
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
-        let Some(this) = inner.upgrade() else { return };
-        let beat = ToMaster::Heartbeat {
-            active: this.counters.active.load(Ordering::Relaxed),
-            served: this.counters.received.load(Ordering::Relaxed),
+        let beat = tokio::select! {
+            _ = ticker.tick() => true,
+            () = counters.reopen.notified() => false,
         };
-        if this.writer.send_msg(&beat).await.is_err() {
-            return;
+        let Some(this) = inner.upgrade() else { return };
+        if beat {
+            let beat = ToMaster::Heartbeat {
+                active: counters.active.load(Ordering::Relaxed),
+                served: counters.received.load(Ordering::Relaxed),
+            };
+            if this.writer.send_msg(&beat).await.is_err() {
+                return;
+            }
+        } else if !counters.window_shut.load(Ordering::Relaxed) {
+            continue; // an `Ack` since reopened the window
         }
         if this.version >= 2 && this.send_ack().await.is_err() {
             return;
@@ -1018,6 +1047,11 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         if self.counters.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.counters.idle.notify_waiters();
+        }
+        // The worker said it was full: tell the master at once that it has room again,
+        // rather than at the next heartbeat (up to a second of refused work).
+        if self.counters.window_shut.load(Ordering::SeqCst) {
+            self.counters.reopen.notify_one();
         }
     }
 }

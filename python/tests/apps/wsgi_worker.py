@@ -52,7 +52,9 @@ def app(environ, start_response):
 
 def main():
     grace = float(sys.argv[1]) if len(sys.argv) > 1 else 2.0
-    worker = start_worker(message_queue=int(os.environ.get("TEST_MESSAGE_QUEUE", "1024")))
+    max_connections = os.environ.get("TEST_MAX_CONNECTIONS")
+    worker = start_worker(message_queue=int(os.environ.get("TEST_MESSAGE_QUEUE", "1024")),
+                          max_connections=int(max_connections) if max_connections else None)
     if not os.environ.get("TEST_NO_ECHO"):
         worker.on_message(worker.send)  # echo the master's messages
     serve_wsgi(app, worker=worker, threads=8, idle_grace=grace)
