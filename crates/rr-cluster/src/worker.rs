@@ -968,12 +968,12 @@ async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let beat = tokio::select! {
+        let tick = tokio::select! {
             _ = ticker.tick() => true,
             () = counters.reopen.notified() => false,
         };
         let Some(this) = inner.upgrade() else { return };
-        if beat {
+        if tick {
             let beat = ToMaster::Heartbeat {
                 active: counters.active.load(Ordering::Relaxed),
                 served: counters.received.load(Ordering::Relaxed),
