@@ -151,3 +151,65 @@ async fn shared_mode_scales_restarts_and_stops_gracefully() {
         .expect("answered");
     assert!(answer.starts_with("done "), "{answer:?}");
 }
+
+/// Connections waiting in the kernel's accept queue of the listening socket on
+/// 127.0.0.1:`port` (`/proc/net/tcp` shows a listener's accept backlog as its
+/// `rx_queue`).
+fn accept_backlog(port: u16) -> Option<u32> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&local.as_str()) || fields.get(3) != Some(&"0A") {
+            return None;
+        }
+        let (_, rx) = fields.get(4)?.split_once(':')?;
+        u32::from_str_radix(rx, 16).ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_shared_worker_leaves_connections_in_the_backlog_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Capacity 1: the worker holds one connection and accepts the next only when it
+    // closes. (Without the limit, a flood takes the descriptors a worker keeps for its
+    // own files.)
+    let b = builder(WORKER.as_ref(), &["--max-connections", "1"], 1).balance(Balance::Shared);
+    let cluster = start_cluster(b).await;
+    cluster.wait_ready(1).await;
+    let addr = cluster.addr;
+    let mut first = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    first.write_all(b"hold\n").await.expect("write");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, first.read(&mut buf))
+        .await
+        .expect("the first connection is answered")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"held"), "{:?}", &buf[..n]);
+    let mut second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    second.write_all(b"id\n").await.expect("write");
+    // The worker is full: the second connection stays in the kernel's backlog.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut backlog = None;
+    for _ in 0..2_000 {
+        backlog = accept_backlog(addr.port());
+        if backlog == Some(1) || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        backlog,
+        Some(1),
+        "the full worker accepted the second connection"
+    );
+    // The first one ends; the worker accepts and answers the second.
+    first.write_all(b"done\n").await.expect("write");
+    let n = tokio::time::timeout(WAIT, second.read(&mut buf))
+        .await
+        .expect("the second connection is answered once the first closed")
+        .expect("read");
+    assert!(n > 0, "the second connection was closed unanswered");
+    assert_eq!(accept_backlog(addr.port()), Some(0));
+    assert_eq!(cluster.stop().await, 0);
+}

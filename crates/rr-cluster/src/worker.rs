@@ -173,7 +173,8 @@ impl WorkerBuilder {
         self
     }
 
-    /// The most connections this worker holds at once; the master never sends more
+    /// The most connections this worker holds at once; the master never sends more,
+    /// and with shared balancing the worker stops accepting while it holds that many
     /// (default: the descriptor limit `RLIMIT_NOFILE` less 64 for the worker's own
     /// files). Once it is full, the first connection to close tells the master that
     /// it has room again (an `Ack`), without waiting for the next heartbeat.
@@ -342,6 +343,10 @@ struct Counters {
     window_shut: AtomicBool,
     /// A connection closed while the window was shut: an `Ack` is due now.
     reopen: Notify,
+    /// Accept tasks (shared balancing) waiting for the worker to have room, and their
+    /// wake-up when a connection closes.
+    room_waiters: AtomicU32,
+    room: Notify,
     idle: Notify,
 }
 
@@ -355,6 +360,8 @@ impl Default for Counters {
             ack_after: AtomicU64::new(ACK_EVERY),
             window_shut: AtomicBool::new(false),
             reopen: Notify::new(),
+            room_waiters: AtomicU32::new(0),
+            room: Notify::new(),
             idle: Notify::new(),
         }
     }
@@ -899,8 +906,14 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
     let draining = inner.draining.clone();
     let counters = Arc::clone(&inner.counters);
     let listeners = Arc::clone(&inner.listeners);
+    let max_connections = inner.max_connections;
     tokio::spawn(async move {
         loop {
+            // A full worker leaves connections in the backlog, for another worker or
+            // for later: the descriptors it keeps for its own files stay free.
+            if !room_for_one_more(&counters, max_connections, &draining).await {
+                return;
+            }
             let mut guard = tokio::select! {
                 biased;
                 () = draining.cancelled() => return,
@@ -914,6 +927,9 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
             };
             let mut accepted = 0;
             loop {
+                if counters.active.load(Ordering::SeqCst) >= max_connections {
+                    break; // readiness kept: accepting goes on once there is room
+                }
                 if accepted < sys::POLLED_ACCEPTS
                     && !sys::connection_waiting(guard.get_inner().as_fd())
                 {
@@ -944,6 +960,38 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
             }
         }
     });
+}
+
+/// Completes once the worker holds fewer than `max` connections (at once if it does);
+/// `false` if it drains first.
+async fn room_for_one_more(counters: &Counters, max: u32, draining: &CancellationToken) -> bool {
+    /// Counts a waiter in `room_waiters` while it lives.
+    struct Waiting<'a>(&'a AtomicU32);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    // Bounded only by the worker's life: each turn waits for a connection to close.
+    loop {
+        if counters.active.load(Ordering::SeqCst) < max {
+            return true;
+        }
+        let closed = counters.room.notified();
+        tokio::pin!(closed);
+        closed.as_mut().enable();
+        // Counted, then looked at again: a connection that closes in between either
+        // shows in `active` or sees the waiter and wakes it (every access is `SeqCst`).
+        counters.room_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&counters.room_waiters);
+        if counters.active.load(Ordering::SeqCst) < max {
+            return true;
+        }
+        tokio::select! {
+            () = draining.cancelled() => return false,
+            () = &mut closed => {}
+        }
+    }
 }
 
 /// After a failed `accept` (not a connection reset before it was taken): a pause, so
@@ -1052,6 +1100,9 @@ impl Drop for ActiveGuard {
         // rather than at the next heartbeat (up to a second of refused work).
         if self.counters.window_shut.load(Ordering::SeqCst) {
             self.counters.reopen.notify_one();
+        }
+        if self.counters.room_waiters.load(Ordering::SeqCst) > 0 {
+            self.counters.room.notify_waiters();
         }
     }
 }
