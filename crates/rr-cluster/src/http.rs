@@ -571,19 +571,69 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadAhead<I> {
 #[derive(Debug, Default)]
 struct Drain {
     draining: AtomicBool,
-    wakers: std::sync::Mutex<Vec<std::sync::Weak<AtomicWaker>>>,
+    wakers: std::sync::Mutex<Slots>,
+}
+
+/// The open connections' wakers, each in a slot a connection holds while it lives.
+/// A closing connection frees its slot, and its waker's memory with it: freed in
+/// bulk later, the wakers would empty `malloc`'s per-thread cache for their size and
+/// fill its fast bins, which the next large allocation then consolidates.
+#[derive(Debug, Default)]
+struct Slots {
+    wakers: Vec<Option<Arc<AtomicWaker>>>,
+    free: Vec<usize>,
+}
+
+/// A connection's waker slot in the [`Drain`]; freed on drop.
+struct Registration<'a> {
+    drain: &'a Drain,
+    slot: usize,
+    waker: Arc<AtomicWaker>,
+}
+
+impl std::ops::Deref for Registration<'_> {
+    type Target = AtomicWaker;
+
+    fn deref(&self) -> &AtomicWaker {
+        &self.waker
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut slots = self.drain.slots();
+        if let Some(entry) = slots.wakers.get_mut(self.slot) {
+            *entry = None;
+            slots.free.push(self.slot);
+        }
+    }
 }
 
 impl Drain {
-    /// A waker slot for a new connection (dropped with it).
-    fn register(&self) -> Arc<AtomicWaker> {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.wakers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A waker slot for a new connection, freed when the registration is dropped.
+    fn register(&self) -> Registration<'_> {
         let waker = Arc::new(AtomicWaker::new());
-        let mut list = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
-        if list.len() >= 64 && list.len().is_power_of_two() {
-            list.retain(|w| w.strong_count() > 0);
+        let mut slots = self.slots();
+        let stored = Some(Arc::clone(&waker));
+        let slot = match slots.free.pop() {
+            Some(slot) => {
+                slots.wakers[slot] = stored;
+                slot
+            }
+            None => {
+                slots.wakers.push(stored);
+                slots.wakers.len() - 1
+            }
+        };
+        Registration {
+            drain: self,
+            slot,
+            waker,
         }
-        list.push(Arc::downgrade(&waker));
-        waker
     }
 
     /// Whether the worker drains. A connection registers its waker first, then asks:
@@ -595,8 +645,8 @@ impl Drain {
     /// Raises the flag, then wakes every open connection.
     fn start(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        let list = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
-        for waker in list.iter().filter_map(std::sync::Weak::upgrade) {
+        let slots = self.slots();
+        for waker in slots.wakers.iter().flatten() {
             waker.wake();
         }
     }
@@ -830,6 +880,25 @@ mod tests {
             .await
             .expect("write");
         assert_eq!(io.io.written, b"HTTP/1.1 200 OK\r\n\r\n");
+    }
+
+    #[test]
+    fn a_closed_connection_gives_back_its_waker_slot_at_once() {
+        let drain = Drain::default();
+        let first = drain.register();
+        // Connections come and go one at a time: one slot serves them all, and each
+        // waker is freed as its connection ends, not in a later sweep.
+        for _ in 0..1000 {
+            let next = drain.register();
+            let waker = Arc::downgrade(&next.waker);
+            drop(next);
+            assert_eq!(waker.strong_count(), 0);
+        }
+        assert_eq!(drain.slots().wakers.len(), 2);
+        drop(first);
+        let slots = drain.slots();
+        assert_eq!(slots.wakers.iter().flatten().count(), 0);
+        assert_eq!(slots.free.len(), 2);
     }
 
     #[tokio::test]
