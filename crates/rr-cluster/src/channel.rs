@@ -201,7 +201,10 @@ impl ChannelReader {
         let stream = &self.stream;
         let (spare, fds) = self.decoder.read_target();
         let received = loop {
-            let mut guard = stream.readable().await?;
+            // `poll_read_ready` keeps the task's waker in the registration's own slot
+            // (this half is the channel's only reader), where `readable()` would queue
+            // a waiter, under a lock, per wait.
+            let mut guard = std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
             let fds_before = fds.len();
             match guard.try_io(|socket| sys::recv_with_fds(socket.get_ref().as_fd(), spare, fds)) {
                 Ok(Ok(received)) => {
