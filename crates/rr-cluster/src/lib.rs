@@ -33,6 +33,7 @@ pub mod master;
 pub mod node;
 pub mod protocol;
 mod sys;
+mod wake;
 pub mod worker;
 
 pub use channel::ChannelError;

@@ -48,6 +48,7 @@ use crate::protocol::{
     ProtocolError, ToMaster, ToWorker,
 };
 use crate::sys;
+use crate::wake::WakeFlag;
 
 /// Environment variable naming the channel descriptor.
 pub const ENV_CHANNEL_FD: &str = "RR_CLUSTER_CHANNEL_FD";
@@ -907,23 +908,44 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
     let counters = Arc::clone(&inner.counters);
     let listeners = Arc::clone(&inner.listeners);
     let max_connections = inner.max_connections;
+    // The drain is heard through a flag (its own task waits on the token): the
+    // token's future, polled with every wait, would take a lock each time.
+    let drained = Arc::new(WakeFlag::default());
+    let announcer = {
+        let (draining, drained) = (draining.clone(), Arc::clone(&drained));
+        tokio::spawn(async move {
+            draining.cancelled().await;
+            drained.raise();
+        })
+    };
     tokio::spawn(async move {
+        // The announcer ends with the drain; if this task ends first, so does it.
+        let _announcer = tokio_util::task::AbortOnDropHandle::new(announcer);
         loop {
             // A full worker leaves connections in the backlog, for another worker or
             // for later: the descriptors it keeps for its own files stay free.
-            if !room_for_one_more(&counters, max_connections, &draining).await {
+            if draining.is_cancelled()
+                || !room_for_one_more(&counters, max_connections, &draining).await
+            {
                 return;
             }
-            let mut guard = tokio::select! {
-                biased;
-                () = draining.cancelled() => return,
-                ready = socket.readable() => match ready {
-                    Ok(guard) => guard,
-                    Err(e) => {
-                        tracing::error!(listener, error = %e, "shared listener failed");
-                        return;
-                    }
-                },
+            // The drain first: once it is heard, no connection is taken.
+            // `poll_read_ready` keeps the task's waker in the registration's own slot,
+            // where `readable()` would queue a waiter per wait.
+            let ready = std::future::poll_fn(|cx| {
+                if drained.poll_raised(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                socket.poll_read_ready(cx).map(Some)
+            })
+            .await;
+            let mut guard = match ready {
+                None => return,
+                Some(Ok(guard)) => guard,
+                Some(Err(e)) => {
+                    tracing::error!(listener, error = %e, "shared listener failed");
+                    return;
+                }
             };
             let mut accepted = 0;
             loop {

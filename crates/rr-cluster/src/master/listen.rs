@@ -7,11 +7,10 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::dispatch::{Accepted, Dispatcher};
 use crate::protocol::{ListenerInfo, ListenerKind, MAX_FDS_PER_FRAME};
 use crate::sys;
+use crate::wake::WakeFlag;
 
 /// Kernel backlog of each listening socket (the kernel caps it at `somaxconn`).
 const BACKLOG: u32 = 4096;
@@ -380,7 +380,7 @@ pub(crate) async fn accept_loop(
     // wakes this loop; the loop's top then looks at both. Below saturation the loop
     // waits with every connection, and the token's and the watch's futures, polled
     // there, would take a lock each per connection.
-    let control = Arc::new(ControlSignal::default());
+    let control = Arc::new(WakeFlag::default());
     let forwarder = tokio::spawn(forward_control(
         stop.clone(),
         paused.clone(),
@@ -512,38 +512,12 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// A flag raised, with a wake-up, when the accept loop must look at its stop token
-/// and pause state.
-#[derive(Debug, Default)]
-struct ControlSignal {
-    raised: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl ControlSignal {
-    fn raise(&self) {
-        self.raised.store(true, Ordering::Release);
-        self.waker.wake();
-    }
-
-    /// `Ready` once raised since the last `Ready` (and lowers it).
-    fn poll_raised(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        // Registered first, then looked at: a raise in between is not missed.
-        self.waker.register(cx.waker());
-        if self.raised.swap(false, Ordering::AcqRel) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
-}
-
 /// Raises `control` whenever `stop` is cancelled or `paused` changes; ends after the
 /// stop.
 async fn forward_control(
     stop: CancellationToken,
     mut paused: watch::Receiver<bool>,
-    control: Arc<ControlSignal>,
+    control: Arc<WakeFlag>,
 ) {
     loop {
         let stopped = tokio::select! {
@@ -640,7 +614,7 @@ mod tests {
     async fn the_accept_loop_hears_of_every_pause_change_and_of_the_stop() {
         let stop = CancellationToken::new();
         let (paused_tx, paused) = watch::channel(false);
-        let control = Arc::new(ControlSignal::default());
+        let control = Arc::new(WakeFlag::default());
         let forwarder = tokio::spawn(forward_control(stop.clone(), paused, Arc::clone(&control)));
         let raised = || std::future::poll_fn(|cx| control.poll_raised(cx));
         let quiet = tokio::time::timeout(Duration::from_secs(60), raised()).await;
