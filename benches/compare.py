@@ -61,15 +61,21 @@ RATIOS = [
 ]
 
 # RR_BASE: another rr-cluster binary (a build of other code, say the commit before a
-# change) runs as `rr-base`, round-robin, next to `rr` and the fd-passing reference:
-# a code change measured in the same seconds of the machine.
+# change) runs as `rr-base`, round-robin, next to `rr` and the fd-passing reference,
+# and as `rr-shared-base` next to `rr-shared` and the SO_REUSEPORT reference: a code
+# change measured in the same seconds of the machine.
 RR_BASE = os.environ.get("RR_BASE")
 if RR_BASE:
     ALL_SYSTEMS.insert(1, "rr-base")
+    ALL_SYSTEMS.insert(ALL_SYSTEMS.index("rr-shared") + 1, "rr-shared-base")
     LABELS["rr-base"] = "rr-cluster round-robin, RR_BASE build"
+    LABELS["rr-shared-base"] = "rr-cluster shared, RR_BASE build"
     GROUPS[0].append("rr-base")
+    GROUPS[1].append("rr-shared-base")
     RATIOS.insert(0, ("rr", "rr-base"))
     RATIOS.insert(1, ("rr-base", "ref-fdpass"))
+    RATIOS.insert(2, ("rr-shared", "rr-shared-base"))
+    RATIOS.insert(3, ("rr-shared-base", "ref-reuseport"))
 
 
 def have_node():
@@ -91,6 +97,8 @@ def command(system, port, work):
         return rr + ["--balance", "round-robin"], env
     if system == "rr-base":
         return [RR_BASE] + rr[1:] + ["--balance", "round-robin"], env
+    if system == "rr-shared-base":
+        return [RR_BASE] + rr[1:] + ["--balance", "shared"], env
     if system == "rr-lc":
         return rr + ["--balance", "least-connections"], env
     if system == "rr-shared":

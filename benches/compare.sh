@@ -11,6 +11,8 @@
 #   LOAD=wrk benches/compare.sh                 # wrk instead of rr-load (no busiest share)
 #   RR_BASE=/tmp/rr-cluster.before SYSTEMS="rr rr-base ref-fdpass" MODES=close benches/compare.sh
 #                                               # a code change: another build as rr-base, in turns
+#   RR_BASE=/tmp/rr-cluster.before SYSTEMS="rr-shared rr-shared-base ref-reuseport" benches/compare.sh
+#                                               # the same for shared balancing
 #
 # In a rep, each system runs side by side with the peers its ratios are taken against
 # (rr-lc, rr, ref-fdpass; ref-reuseport, rr-shared; node-none, rr-node, node-rr), all
