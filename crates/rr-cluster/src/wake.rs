@@ -21,6 +21,11 @@ impl WakeFlag {
         self.waker.wake();
     }
 
+    /// Whether raised and not yet taken by [`WakeFlag::poll_raised`].
+    pub(crate) fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
     /// `Ready` once raised since the last `Ready` (and lowers it).
     pub(crate) fn poll_raised(&self, cx: &mut Context<'_>) -> Poll<()> {
         // Registered first, then looked at: a raise in between is not missed.

@@ -924,9 +924,7 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
         loop {
             // A full worker leaves connections in the backlog, for another worker or
             // for later: the descriptors it keeps for its own files stay free.
-            if draining.is_cancelled()
-                || !room_for_one_more(&counters, max_connections, &draining).await
-            {
+            if !room_for_one_more(&counters, max_connections, &draining).await {
                 return;
             }
             // The drain first: once it is heard, no connection is taken.
@@ -947,8 +945,17 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
                     return;
                 }
             };
+            // The token decides: its announcer may not have run yet (on a multi-thread
+            // runtime, the listener can be ready first).
+            if draining.is_cancelled() {
+                return;
+            }
             let mut accepted = 0;
             loop {
+                // A flood, or a hand-over that waited: the drain may have come since.
+                if drained.is_raised() {
+                    return;
+                }
                 if counters.active.load(Ordering::SeqCst) >= max_connections {
                     break; // readiness kept: accepting goes on once there is room
                 }
