@@ -425,36 +425,14 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Bytes the first read of a connection asks the kernel for.
 const READ_AHEAD: usize = 4096;
-/// Used-up read-ahead buffers a thread keeps for its next connections, at most.
-const SPARE_READ_AHEAD: usize = 16;
 
 thread_local! {
-    /// Read-ahead buffers handed back by connections that used theirs up. A fresh
-    /// buffer per connection costs more than the read itself: glibc's `malloc`
-    /// consolidates its fast bins for every request this large, and `free` merges it.
-    static SPARE: std::cell::RefCell<Vec<bytes::BytesMut>> = const {
-        std::cell::RefCell::new(Vec::new())
-    };
-}
-
-/// A read-ahead buffer: a spare one, or a new one.
-fn take_read_ahead() -> bytes::BytesMut {
-    SPARE
-        .with_borrow_mut(Vec::pop)
-        .unwrap_or_else(|| bytes::BytesMut::with_capacity(READ_AHEAD))
-}
-
-/// Keeps a used-up read-ahead buffer for the next connection, if its whole storage
-/// can be had again without allocating.
-fn give_back_read_ahead(mut buf: bytes::BytesMut) {
-    buf.clear();
-    if buf.try_reclaim(READ_AHEAD) {
-        SPARE.with_borrow_mut(|spare| {
-            if spare.len() < SPARE_READ_AHEAD {
-                spare.push(buf);
-            }
-        });
-    }
+    /// Where the first reads of this thread's connections land: one buffer per thread,
+    /// lent for the read only. A connection waiting for its first bytes holds no
+    /// buffer, and the bytes it read are kept in an allocation of their own size.
+    /// Small allocations come from `malloc`'s per-thread cache; one of
+    /// [`READ_AHEAD`] bytes per connection would make glibc consolidate its fast bins.
+    static SCRATCH: std::cell::Cell<Option<Box<[u8]>>> = const { std::cell::Cell::new(None) };
 }
 
 /// A connection whose first bytes are read ahead, to tell the protocol, and then
@@ -470,9 +448,10 @@ fn give_back_read_ahead(mut buf: bytes::BytesMut) {
 #[derive(Debug)]
 struct ReadAhead<I> {
     io: I,
-    /// The bytes read ahead and not handed out yet (`None` once used up, when the
-    /// buffer goes back to the thread's spares). Not zeroed first.
-    buf: Option<bytes::BytesMut>,
+    /// The bytes read ahead (empty, with no storage, once handed out).
+    buf: Vec<u8>,
+    /// How many of them hyper has had.
+    handed: usize,
     /// The connection said end of file while the protocol was told.
     eof: bool,
 }
@@ -481,7 +460,8 @@ impl<I> ReadAhead<I> {
     fn new(io: I) -> ReadAhead<I> {
         ReadAhead {
             io,
-            buf: None,
+            buf: Vec::new(),
+            handed: 0,
             eof: false,
         }
     }
@@ -492,10 +472,9 @@ impl<I: tokio::io::AsyncRead + Unpin> ReadAhead<I> {
     /// is served as HTTP/1: hyper answers what is not HTTP). Usually one read. End of
     /// file counts as HTTP/1, where hyper sees it and ends the connection.
     fn poll_sniff(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<Protocol>> {
-        let buf = self.buf.get_or_insert_with(take_read_ahead);
         loop {
-            let n = buf.len().min(H2_PREFACE.len());
-            if buf[..n] != H2_PREFACE[..n] {
+            let n = self.buf.len().min(H2_PREFACE.len());
+            if self.buf[..n] != H2_PREFACE[..n] {
                 return Poll::Ready(Ok(Protocol::Http1));
             }
             if n == H2_PREFACE.len() {
@@ -504,12 +483,19 @@ impl<I: tokio::io::AsyncRead + Unpin> ReadAhead<I> {
             if self.eof {
                 return Poll::Ready(Ok(Protocol::Http1));
             }
-            let got = std::task::ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut self.io),
-                cx,
-                buf
-            ))?;
-            self.eof = got == 0;
+            // Taken out of the thread's slot for the read, so that a nested use (an
+            // `I` that is itself a `ReadAhead`) gets a buffer of its own.
+            let mut scratch = SCRATCH
+                .take()
+                .unwrap_or_else(|| vec![0; READ_AHEAD].into_boxed_slice());
+            let mut read = tokio::io::ReadBuf::new(&mut scratch);
+            let polled = Pin::new(&mut self.io).poll_read(cx, &mut read);
+            if let Poll::Ready(Ok(())) = polled {
+                self.buf.extend_from_slice(read.filled());
+                self.eof = read.filled().is_empty();
+            }
+            SCRATCH.set(Some(scratch));
+            std::task::ready!(polled)?;
         }
     }
 }
@@ -521,14 +507,14 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadAhead<I> {
         out: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if let Some(buf) = &mut this.buf {
-            let n = buf.len().min(out.remaining());
-            out.put_slice(&buf[..n]);
-            bytes::Buf::advance(buf, n);
-            if buf.is_empty() {
-                if let Some(buf) = this.buf.take() {
-                    give_back_read_ahead(buf);
-                }
+        if this.handed < this.buf.len() {
+            let rest = &this.buf[this.handed..];
+            let n = rest.len().min(out.remaining());
+            out.put_slice(&rest[..n]);
+            this.handed += n;
+            if this.handed == this.buf.len() {
+                this.buf = Vec::new();
+                this.handed = 0;
             }
             return Poll::Ready(Ok(()));
         }
@@ -575,12 +561,14 @@ struct Drain {
 }
 
 /// The open connections' wakers, each in a slot a connection holds while it lives.
-/// A closing connection frees its slot, and its waker's memory with it: freed in
-/// bulk later, the wakers would empty `malloc`'s per-thread cache for their size and
-/// fill its fast bins, which the next large allocation then consolidates.
+/// A closing connection empties its waker (and so lets go of its task) and frees its
+/// slot; the slot's `Arc` stays for the next connection. Allocated and freed with
+/// every connection, the wakers would cost `malloc` and `free` a call each; freed in
+/// bulk, they would empty `malloc`'s per-thread cache for their size and fill its
+/// fast bins, which the next large allocation then consolidates.
 #[derive(Debug, Default)]
 struct Slots {
-    wakers: Vec<Option<Arc<AtomicWaker>>>,
+    wakers: Vec<Arc<AtomicWaker>>,
     free: Vec<usize>,
 }
 
@@ -601,11 +589,8 @@ impl std::ops::Deref for Registration<'_> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        let mut slots = self.drain.slots();
-        if let Some(entry) = slots.wakers.get_mut(self.slot) {
-            *entry = None;
-            slots.free.push(self.slot);
-        }
+        drop(self.waker.take());
+        self.drain.slots().free.push(self.slot);
     }
 }
 
@@ -616,19 +601,16 @@ impl Drain {
 
     /// A waker slot for a new connection, freed when the registration is dropped.
     fn register(&self) -> Registration<'_> {
-        let waker = Arc::new(AtomicWaker::new());
         let mut slots = self.slots();
-        let stored = Some(Arc::clone(&waker));
-        let slot = match slots.free.pop() {
-            Some(slot) => {
-                slots.wakers[slot] = stored;
-                slot
-            }
+        let (slot, waker) = match slots.free.pop() {
+            Some(slot) => (slot, Arc::clone(&slots.wakers[slot])),
             None => {
-                slots.wakers.push(stored);
-                slots.wakers.len() - 1
+                let waker = Arc::new(AtomicWaker::new());
+                slots.wakers.push(Arc::clone(&waker));
+                (slots.wakers.len() - 1, waker)
             }
         };
+        drop(slots);
         Registration {
             drain: self,
             slot,
@@ -646,7 +628,7 @@ impl Drain {
     fn start(&self) {
         self.draining.store(true, Ordering::SeqCst);
         let slots = self.slots();
-        for waker in slots.wakers.iter().flatten() {
+        for waker in &slots.wakers {
             waker.wake();
         }
     }
@@ -866,7 +848,7 @@ mod tests {
         let n = io.read(&mut rest).await.expect("read");
         assert_eq!(n, READ_AHEAD, "what the first read took, from memory");
         assert_eq!(io.io.reads, 1);
-        assert!(io.buf.is_none(), "the buffer goes once used up");
+        assert_eq!(io.buf.capacity(), 0, "the buffer goes once used up");
         let m = io.read(&mut rest[n..]).await.expect("read");
         assert_eq!(
             m,
@@ -884,68 +866,98 @@ mod tests {
 
     #[test]
     fn a_closed_connection_gives_back_its_waker_slot_at_once() {
+        struct Task;
+        impl std::task::Wake for Task {
+            fn wake(self: Arc<Self>) {}
+        }
         let drain = Drain::default();
         let first = drain.register();
-        // Connections come and go one at a time: one slot serves them all, and each
-        // waker is freed as its connection ends, not in a later sweep.
+        // Connections come and go one at a time: one slot, and one allocation, serves
+        // them all, and each lets go of its task's waker as it ends.
+        let storage = {
+            let second = drain.register();
+            Arc::as_ptr(&second.waker)
+        };
         for _ in 0..1000 {
             let next = drain.register();
-            let waker = Arc::downgrade(&next.waker);
+            assert_eq!(Arc::as_ptr(&next.waker), storage);
+            let task = Arc::new(Task);
+            next.register(&std::task::Waker::from(Arc::clone(&task)));
+            assert_eq!(Arc::strong_count(&task), 2, "the connection's waker");
             drop(next);
-            assert_eq!(waker.strong_count(), 0);
+            assert_eq!(Arc::strong_count(&task), 1, "let go of with the connection");
         }
         assert_eq!(drain.slots().wakers.len(), 2);
         drop(first);
-        let slots = drain.slots();
-        assert_eq!(slots.wakers.iter().flatten().count(), 0);
-        assert_eq!(slots.free.len(), 2);
+        assert_eq!(drain.slots().free.len(), 2);
+        // The drain wakes what registers in a reused slot.
+        let again = drain.register();
+        let task = Arc::new(Task);
+        again.register(&std::task::Waker::from(Arc::clone(&task)));
+        drain.start();
+        assert_eq!(
+            Arc::strong_count(&task),
+            1,
+            "woken (a waker is used up by waking)"
+        );
+    }
+
+    /// A connection whose first read finds nothing yet.
+    struct Later {
+        inner: Counted,
+        waited: bool,
+    }
+
+    impl AsyncRead for Later {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            out: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            if !this.waited {
+                this.waited = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Pin::new(&mut this.inner).poll_read(cx, out)
+        }
     }
 
     #[tokio::test]
-    async fn a_used_up_read_ahead_buffer_serves_the_next_connection() {
-        SPARE.with_borrow_mut(Vec::clear);
-        let spares = || SPARE.with_borrow(Vec::len);
-        let mut first = ReadAhead::new(counted(b"GET /first HTTP/1.1\r\n\r\n"));
-        assert_eq!(sniff(&mut first).await, Protocol::Http1);
-        let storage = first.buf.as_ref().expect("read ahead").as_ptr();
-        let mut out = [0u8; 64];
-        assert_eq!(first.read(&mut out[..4]).await.expect("read"), 4);
-        assert_eq!(spares(), 0, "partly handed out: still the connection's");
-        let n = first.read(&mut out[4..]).await.expect("read");
-        assert_eq!(&out[..4 + n], b"GET /first HTTP/1.1\r\n\r\n");
-        assert_eq!(spares(), 1, "used up: kept for the next connection");
-
-        let mut second = ReadAhead::new(counted(b"GET /2 HTTP/1.1\r\n\r\n"));
-        assert_eq!(sniff(&mut second).await, Protocol::Http1);
-        assert_eq!(spares(), 0);
+    async fn a_connection_holds_only_the_bytes_it_read_ahead() {
+        let request = b"GET /first HTTP/1.1\r\n\r\n";
+        let mut io = ReadAhead::new(Later {
+            inner: counted(request),
+            waited: false,
+        });
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(io.poll_sniff(&mut cx).is_pending());
         assert_eq!(
-            second.buf.as_ref().expect("read ahead").as_ptr(),
-            storage,
-            "the same storage, from its start"
+            io.buf.capacity(),
+            0,
+            "waiting for its first bytes: no buffer"
         );
-        let mut all = Vec::new();
-        second.read_to_end(&mut all).await.expect("read");
-        assert_eq!(all, b"GET /2 HTTP/1.1\r\n\r\n", "nothing of the first left");
-        assert_eq!(spares(), 1, "and back again");
+        let scratch = SCRATCH
+            .take()
+            .expect("the thread's buffer is back in its slot");
+        assert_eq!(scratch.len(), READ_AHEAD);
+        SCRATCH.set(Some(scratch));
 
-        // A connection that ends before its bytes are handed out takes its buffer
-        // along; a thread keeps at most `SPARE_READ_AHEAD`.
-        let mut unread = ReadAhead::new(counted(b"GET / HTTP/1.1\r\n\r\n"));
-        assert_eq!(sniff(&mut unread).await, Protocol::Http1);
-        drop(unread);
-        assert_eq!(spares(), 0);
-        for _ in 0..SPARE_READ_AHEAD + 4 {
-            give_back_read_ahead(bytes::BytesMut::with_capacity(READ_AHEAD));
-        }
-        assert_eq!(spares(), SPARE_READ_AHEAD);
-        // One that cannot have its whole storage again (shared) is not kept.
-        SPARE.with_borrow_mut(Vec::clear);
-        let mut shared = bytes::BytesMut::with_capacity(READ_AHEAD);
-        shared.extend_from_slice(b"abcd");
-        let head = shared.split_to(2).freeze();
-        give_back_read_ahead(shared);
-        assert_eq!(spares(), 0);
-        drop(head);
+        assert_eq!(sniff(&mut io).await, Protocol::Http1);
+        assert_eq!(io.buf, request, "what the read took");
+        assert!(
+            io.buf.capacity() < READ_AHEAD,
+            "kept in an allocation of its size"
+        );
+        let mut out = [0u8; 64];
+        assert_eq!(io.read(&mut out[..4]).await.expect("read"), 4);
+        assert_eq!(io.buf.len(), request.len(), "partly handed out: kept");
+        let n = io.read(&mut out[4..]).await.expect("read");
+        assert_eq!(&out[..4 + n], request);
+        assert_eq!(io.buf.capacity(), 0, "handed out: freed");
+        assert_eq!(io.read(&mut out).await.expect("eof"), 0);
+        assert_eq!(io.io.inner.reads, 2, "one read ahead, then the end of file");
     }
 
     #[tokio::test]
