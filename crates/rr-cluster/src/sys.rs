@@ -251,6 +251,38 @@ pub(crate) fn send_failure(e: &io::Error) -> SendFailure {
     }
 }
 
+/// `recv` into the unfilled part of `buf`, without asking tokio's reactor first: for a
+/// socket the reactor has not reported on yet. `WouldBlock` if nothing has come.
+pub(crate) fn recv_now(socket: BorrowedFd<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> io::Result<()> {
+    // SAFETY: `recv` writes bytes into the slice and never de-initializes any.
+    let unfilled = unsafe { buf.unfilled_mut() };
+    let ((received, _), _) = rustix::net::recv(socket, unfilled, RecvFlags::empty())?;
+    let n = received.len();
+    // SAFETY: `recv` initialized the first `n` bytes of the unfilled part.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(())
+}
+
+/// `send` (without `SIGPIPE`), without asking tokio's reactor first.
+pub(crate) fn send_now(socket: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    Ok(rustix::net::send(socket, data, SendFlags::NOSIGNAL)?)
+}
+
+/// `writev`, without asking tokio's reactor first.
+pub(crate) fn writev_now(socket: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    Ok(rustix::io::writev(socket, bufs)?)
+}
+
+/// The error says only that the socket was not ready (or the call was interrupted):
+/// wait for the reactor and try again.
+pub(crate) fn is_not_ready(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
 /// `shutdown(SHUT_RDWR)`: ends both directions of a socket for every holder.
 pub(crate) fn shutdown(socket: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::net::shutdown(socket, rustix::net::Shutdown::Both)?)

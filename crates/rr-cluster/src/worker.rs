@@ -1144,6 +1144,13 @@ pub struct Connection {
     listeners: Arc<[ListenerInfo]>,
     socket: Socket,
     guard: ActiveGuard,
+    /// The first read, and the first write, go to the socket straight away: tokio
+    /// knows nothing of a socket it did not accept until its reactor reports on it.
+    /// Waiting for that report would cost every connection a turn of the reactor and
+    /// a second poll of its task, though the client's first bytes are usually there
+    /// and the socket is writable (tokio assumes as much for the sockets it accepts).
+    untried_read: bool,
+    untried_write: bool,
 }
 
 impl Connection {
@@ -1196,6 +1203,8 @@ impl Connection {
             guard: ActiveGuard {
                 counters: Arc::clone(counters),
             },
+            untried_read: true,
+            untried_write: true,
         }
     }
 
@@ -1260,7 +1269,14 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().socket {
+        let this = self.get_mut();
+        if std::mem::take(&mut this.untried_read) {
+            match sys::recv_now(this.as_fd(), buf) {
+                Err(e) if sys::is_not_ready(&e) => {}
+                done => return Poll::Ready(done),
+            }
+        }
+        match &mut this.socket {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -1274,7 +1290,14 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().socket {
+        let this = self.get_mut();
+        if std::mem::take(&mut this.untried_write) {
+            match sys::send_now(this.as_fd(), buf) {
+                Err(e) if sys::is_not_ready(&e) => {}
+                done => return Poll::Ready(done),
+            }
+        }
+        match &mut this.socket {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -1286,7 +1309,14 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().socket {
+        let this = self.get_mut();
+        if std::mem::take(&mut this.untried_write) {
+            match sys::writev_now(this.as_fd(), bufs) {
+                Err(e) if sys::is_not_ready(&e) => {}
+                done => return Poll::Ready(done),
+            }
+        }
+        match &mut this.socket {
             Socket::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Socket::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
@@ -1314,5 +1344,81 @@ impl AsyncWrite for Connection {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection as the worker adopts one (a Unix socket's, for the test), and the
+    /// client's end.
+    fn adopted(kind: ListenerKind) -> (Connection, std::os::unix::net::UnixStream) {
+        let (ours, client) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let listeners: Arc<[ListenerInfo]> = Arc::from(vec![ListenerInfo {
+            kind,
+            address: "test".into(),
+        }]);
+        let counters = Arc::new(Counters::default());
+        let conn =
+            Connection::from_fd(0, &listeners, OwnedFd::from(ours), &counters).expect("adopted");
+        (conn, client)
+    }
+
+    #[tokio::test]
+    async fn the_first_read_and_write_do_not_wait_for_the_reactor() {
+        use std::io::{Read, Write};
+        let (mut conn, mut client) = adopted(ListenerKind::Unix);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("send");
+        // One poll, before the reactor has had a turn: tokio alone would answer
+        // `Pending` here, and the task would wait for the reactor's first report.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut storage = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut storage);
+        let read = Pin::new(&mut conn).poll_read(&mut cx, &mut buf);
+        assert!(matches!(read, Poll::Ready(Ok(()))), "{read:?}");
+        assert_eq!(buf.filled(), b"GET / HTTP/1.1\r\n\r\n");
+        let answer = [
+            io::IoSlice::new(b"HTTP/1.1 200 OK\r\n"),
+            io::IoSlice::new(b"\r\n"),
+        ];
+        let wrote = Pin::new(&mut conn).poll_write_vectored(&mut cx, &answer);
+        assert!(matches!(wrote, Poll::Ready(Ok(19))), "{wrote:?}");
+        drop(conn);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).expect("receive");
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_first_read_that_finds_nothing_waits_for_the_reactor() {
+        use std::io::Write;
+        let (mut conn, mut client) = adopted(ListenerKind::Unix);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut storage = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut storage);
+        assert!(
+            Pin::new(&mut conn)
+                .poll_read(&mut cx, &mut buf)
+                .is_pending()
+        );
+        let writer = std::thread::spawn(move || {
+            client.write_all(b"late").expect("send");
+            client
+        });
+        let mut got = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut got))
+            .await
+            .expect("woken by the reactor")
+            .expect("read");
+        assert_eq!(&got, b"late");
+        // Later reads and writes go through tokio.
+        let mut client = writer.join().expect("writer");
+        conn.write_all(b"ok").await.expect("write");
+        drop(conn);
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut client, &mut back).expect("receive");
+        assert_eq!(back, b"ok");
     }
 }
