@@ -430,8 +430,9 @@ thread_local! {
     /// Where the first reads of this thread's connections land: one buffer per thread,
     /// lent for the read only. A connection waiting for its first bytes holds no
     /// buffer, and the bytes it read are kept in an allocation of their own size.
-    /// Small allocations come from `malloc`'s per-thread cache; one of
-    /// [`READ_AHEAD`] bytes per connection would make glibc consolidate its fast bins.
+    /// Requests of up to about 1 KiB are served from `malloc`'s per-thread cache; one
+    /// of [`READ_AHEAD`] bytes per connection would make glibc consolidate its fast
+    /// bins.
     static SCRATCH: std::cell::Cell<Option<Box<[u8]>>> = const { std::cell::Cell::new(None) };
 }
 
@@ -589,6 +590,8 @@ impl std::ops::Deref for Registration<'_> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
+        // Emptied before the slot is freed: a free slot may serve the next connection
+        // at once, and its waker must not be taken.
         drop(self.waker.take());
         self.drain.slots().free.push(self.slot);
     }
@@ -881,11 +884,14 @@ mod tests {
         for _ in 0..1000 {
             let next = drain.register();
             assert_eq!(Arc::as_ptr(&next.waker), storage);
+            assert_eq!(Arc::strong_count(&next.waker), 2, "the slot's and ours");
             let task = Arc::new(Task);
             next.register(&std::task::Waker::from(Arc::clone(&task)));
             assert_eq!(Arc::strong_count(&task), 2, "the connection's waker");
             drop(next);
             assert_eq!(Arc::strong_count(&task), 1, "let go of with the connection");
+            let slots = drain.slots();
+            assert_eq!(Arc::strong_count(&slots.wakers[1]), 1, "kept by the slot");
         }
         assert_eq!(drain.slots().wakers.len(), 2);
         drop(first);

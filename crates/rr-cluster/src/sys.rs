@@ -251,27 +251,35 @@ pub(crate) fn send_failure(e: &io::Error) -> SendFailure {
     }
 }
 
-/// `recv` into the unfilled part of `buf`, without asking tokio's reactor first: for a
-/// socket the reactor has not reported on yet. `WouldBlock` if nothing has come.
+/// `recv` into the unfilled part of `buf` (initialized first, where it is not yet),
+/// without asking tokio's reactor first: for a socket the reactor has not reported on
+/// yet. `WouldBlock` if nothing has come.
 pub(crate) fn recv_now(socket: BorrowedFd<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> io::Result<()> {
-    // SAFETY: `recv` writes bytes into the slice and never de-initializes any.
-    let unfilled = unsafe { buf.unfilled_mut() };
-    let ((received, _), _) = rustix::net::recv(socket, unfilled, RecvFlags::empty())?;
-    let n = received.len();
-    // SAFETY: `recv` initialized the first `n` bytes of the unfilled part.
-    unsafe { buf.assume_init(n) };
+    let (n, _) = rustix::net::recv(socket, buf.initialize_unfilled(), RecvFlags::DONTWAIT)?;
     buf.advance(n);
     Ok(())
 }
 
-/// `send` (without `SIGPIPE`), without asking tokio's reactor first.
+/// `send` (no `SIGPIPE`), without asking tokio's reactor first.
 pub(crate) fn send_now(socket: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
-    Ok(rustix::net::send(socket, data, SendFlags::NOSIGNAL)?)
+    Ok(rustix::net::send(
+        socket,
+        data,
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+    )?)
 }
 
-/// `writev`, without asking tokio's reactor first.
-pub(crate) fn writev_now(socket: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-    Ok(rustix::io::writev(socket, bufs)?)
+/// `sendmsg` of several buffers (no `SIGPIPE`), without asking tokio's reactor first.
+pub(crate) fn send_vectored_now(
+    socket: BorrowedFd<'_>,
+    bufs: &[io::IoSlice<'_>],
+) -> io::Result<usize> {
+    Ok(rustix::net::sendmsg(
+        socket,
+        bufs,
+        &mut rustix::net::SendAncillaryBuffer::default(),
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+    )?)
 }
 
 /// The error says only that the socket was not ready (or the call was interrupted):

@@ -1270,7 +1270,9 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if std::mem::take(&mut this.untried_read) {
+        // A full buffer leaves the try for a read that can take something.
+        if this.untried_read && buf.remaining() > 0 {
+            this.untried_read = false;
             match sys::recv_now(this.as_fd(), buf) {
                 Err(e) if sys::is_not_ready(&e) => {}
                 done => return Poll::Ready(done),
@@ -1311,7 +1313,7 @@ impl AsyncWrite for Connection {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if std::mem::take(&mut this.untried_write) {
-            match sys::writev_now(this.as_fd(), bufs) {
+            match sys::send_vectored_now(this.as_fd(), bufs) {
                 Err(e) if sys::is_not_ready(&e) => {}
                 done => return Poll::Ready(done),
             }
@@ -1374,6 +1376,9 @@ mod tests {
         // One poll, before the reactor has had a turn: tokio alone would answer
         // `Pending` here, and the task would wait for the reactor's first report.
         let mut cx = Context::from_waker(std::task::Waker::noop());
+        // A read with no room (tokio answers it) does not use up the try.
+        let mut full = ReadBuf::new(&mut []);
+        let _ = Pin::new(&mut conn).poll_read(&mut cx, &mut full);
         let mut storage = [0u8; 64];
         let mut buf = ReadBuf::new(&mut storage);
         let read = Pin::new(&mut conn).poll_read(&mut cx, &mut buf);
@@ -1413,9 +1418,10 @@ mod tests {
             .expect("woken by the reactor")
             .expect("read");
         assert_eq!(&got, b"late");
-        // Later reads and writes go through tokio.
+        // The first write goes straight to the socket, later ones through tokio.
         let mut client = writer.join().expect("writer");
-        conn.write_all(b"ok").await.expect("write");
+        conn.write_all(b"o").await.expect("first write");
+        conn.write_all(b"k").await.expect("second write");
         drop(conn);
         let mut back = Vec::new();
         std::io::Read::read_to_end(&mut client, &mut back).expect("receive");
