@@ -402,11 +402,11 @@ where
                 *this.grace = Some(Box::pin(tokio::time::sleep(*this.idle_grace)));
             }
         }
-        if let Some(grace) = this.grace.as_mut()
-            && grace.as_mut().poll(cx).is_pending()
-        {
-            *this.graceful_shutdown = Some(shutdown);
-            return Poll::Pending;
+        if let Some(grace) = this.grace.as_mut() {
+            if grace.as_mut().poll(cx).is_pending() {
+                *this.graceful_shutdown = Some(shutdown);
+                return Poll::Pending;
+            }
         }
         shutdown(this.http.as_mut());
         this.http.poll(cx).map(|_| ())

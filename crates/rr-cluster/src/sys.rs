@@ -282,6 +282,16 @@ pub(crate) fn send_vectored_now(
     )?)
 }
 
+/// A connected TCP socket's peer address.
+pub(crate) fn peer_addr(socket: BorrowedFd<'_>) -> Option<std::net::SocketAddr> {
+    rustix::net::getpeername(socket).ok()??.try_into().ok()
+}
+
+/// A TCP socket's local address.
+pub(crate) fn local_addr(socket: BorrowedFd<'_>) -> Option<std::net::SocketAddr> {
+    rustix::net::getsockname(socket).ok()?.try_into().ok()
+}
+
 /// The error says only that the socket was not ready (or the call was interrupted):
 /// wait for the reactor and try again.
 pub(crate) fn is_not_ready(e: &io::Error) -> bool {

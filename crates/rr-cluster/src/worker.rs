@@ -1138,19 +1138,42 @@ impl Drop for ActiveGuard {
 
 /// An accepted connection the master handed to this worker. Reads and writes go to
 /// the socket; the connection counts as active until dropped.
+///
+/// The socket is registered with tokio's reactor only once a read or a write would
+/// block (or [`Connection::socket`] asks for it), and each direction goes to the
+/// socket at once until it would block. A connection whose request is there when it is
+/// first read, and whose answer fits in the socket's buffer, never costs the reactor
+/// anything: not the two `epoll_ctl` calls, and not the reactor turn and second poll
+/// of its task that tokio would spend learning that the client's first bytes are
+/// there (tokio assumes as much for the sockets its own `accept` returns).
 #[derive(Debug)]
 pub struct Connection {
     listener: u16,
     listeners: Arc<[ListenerInfo]>,
-    socket: Socket,
+    io: Io,
     guard: ActiveGuard,
-    /// The first read, and the first write, go to the socket straight away: tokio
-    /// knows nothing of a socket it did not accept until its reactor reports on it.
-    /// Waiting for that report would cost every connection a turn of the reactor and
-    /// a second poll of its task, though the client's first bytes are usually there
-    /// and the socket is writable (tokio assumes as much for the sockets it accepts).
-    untried_read: bool,
-    untried_write: bool,
+    /// Reads go to the socket at once until one would block; then through tokio.
+    read_direct: bool,
+    /// The last direct read came back short: the socket is empty. The next read
+    /// answers `Pending` (its task woken at once) without asking the socket, and the
+    /// one after it asks. hyper reads once more after a request, to hear of a client
+    /// that goes away; answered this way, a connection whose answer is written in the
+    /// same poll ends without a system call for that read, or a registration.
+    read_drained: bool,
+    /// Writes go to the socket at once until one would block; then through tokio.
+    write_direct: bool,
+}
+
+/// A connection's socket, before and after its registration with tokio's reactor.
+#[derive(Debug)]
+enum Io {
+    /// Not registered: reads and writes go to the socket until one would block.
+    Direct(OwnedFd, ListenerKind),
+    /// Registered: reads and writes go through tokio.
+    Registered(Socket),
+    /// The registration failed (the reactor is gone, or out of memory); the socket was
+    /// closed with it.
+    Lost,
 }
 
 impl Connection {
@@ -1178,34 +1201,18 @@ impl Connection {
         counters: &Arc<Counters>,
     ) -> Option<Connection> {
         // TCP_NODELAY: inherited from the master's listener.
-        let socket = match kind {
-            ListenerKind::Tcp => {
-                Socket::Tcp(TcpStream::from_std(std::net::TcpStream::from(fd)).ok()?)
-            }
-            ListenerKind::Unix => {
-                Socket::Unix(UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)).ok()?)
-            }
-        };
-        Some(Connection::new(listener, listeners, socket, counters))
-    }
-
-    fn new(
-        listener: u16,
-        listeners: &Arc<[ListenerInfo]>,
-        socket: Socket,
-        counters: &Arc<Counters>,
-    ) -> Connection {
         counters.active.fetch_add(1, Ordering::SeqCst);
-        Connection {
+        Some(Connection {
             listener,
             listeners: Arc::clone(listeners),
-            socket,
+            io: Io::Direct(fd, kind),
             guard: ActiveGuard {
                 counters: Arc::clone(counters),
             },
-            untried_read: true,
-            untried_write: true,
-        }
+            read_direct: true,
+            read_drained: false,
+            write_direct: true,
+        })
     }
 
     /// Which listener accepted it (an index into [`Worker::listeners`]).
@@ -1220,131 +1227,168 @@ impl Connection {
 
     /// The client's address (TCP; `None` for a Unix-socket connection).
     pub fn peer_addr(&self) -> Option<SocketAddr> {
-        match &self.socket {
-            Socket::Tcp(s) => s.peer_addr().ok(),
-            Socket::Unix(_) => None,
+        match &self.io {
+            Io::Direct(fd, ListenerKind::Tcp) => sys::peer_addr(fd.as_fd()),
+            Io::Registered(Socket::Tcp(s)) => s.peer_addr().ok(),
+            _ => None,
         }
     }
 
     /// The local address the client connected to (TCP; `None` for a Unix socket).
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        match &self.socket {
-            Socket::Tcp(s) => s.local_addr().ok(),
-            Socket::Unix(_) => None,
+        match &self.io {
+            Io::Direct(fd, ListenerKind::Tcp) => sys::local_addr(fd.as_fd()),
+            Io::Registered(Socket::Tcp(s)) => s.local_addr().ok(),
+            _ => None,
         }
     }
 
-    /// The socket.
-    pub fn socket(&self) -> &Socket {
-        &self.socket
-    }
-
-    /// The TCP socket, if it is one.
-    pub fn as_tcp(&self) -> Option<&TcpStream> {
-        match &self.socket {
-            Socket::Tcp(s) => Some(s),
-            Socket::Unix(_) => None,
+    /// The socket, registered with tokio's reactor first if it is not yet (call it
+    /// within the runtime, like any tokio socket's constructor). An error if the
+    /// registration fails; the socket is closed then.
+    pub fn socket(&mut self) -> io::Result<&mut Socket> {
+        if matches!(self.io, Io::Direct(..)) {
+            if let Io::Direct(fd, kind) = std::mem::replace(&mut self.io, Io::Lost) {
+                self.io = Io::Registered(register(fd, kind)?);
+            }
+        }
+        match &mut self.io {
+            Io::Registered(socket) => Ok(socket),
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection's socket was closed: its registration with the reactor failed",
+            )),
         }
     }
 
-    /// The socket and the guard that keeps it counted as active.
-    pub fn into_parts(self) -> (Socket, ActiveGuard) {
-        (self.socket, self.guard)
+    /// The socket (registered with tokio's reactor, as [`Connection::socket`] does) and
+    /// the guard that keeps it counted as active.
+    pub fn into_parts(mut self) -> io::Result<(Socket, ActiveGuard)> {
+        self.socket()?;
+        match self.io {
+            Io::Registered(socket) => Ok((socket, self.guard)),
+            _ => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// The socket's descriptor (`None` once a failed registration closed it).
+    pub fn as_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match &self.io {
+            Io::Direct(fd, _) => Some(fd.as_fd()),
+            Io::Registered(Socket::Tcp(s)) => Some(s.as_fd()),
+            Io::Registered(Socket::Unix(s)) => Some(s.as_fd()),
+            Io::Lost => None,
+        }
     }
 }
 
-impl AsFd for Connection {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        match &self.socket {
-            Socket::Tcp(s) => s.as_fd(),
-            Socket::Unix(s) => s.as_fd(),
-        }
-    }
+/// Registers a connection's socket with the current runtime's reactor.
+fn register(fd: OwnedFd, kind: ListenerKind) -> io::Result<Socket> {
+    Ok(match kind {
+        ListenerKind::Tcp => Socket::Tcp(TcpStream::from_std(std::net::TcpStream::from(fd))?),
+        ListenerKind::Unix => Socket::Unix(UnixStream::from_std(
+            std::os::unix::net::UnixStream::from(fd),
+        )?),
+    })
 }
 
 impl AsyncRead for Connection {
-    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        // A full buffer leaves the try for a read that can take something.
-        if this.untried_read && buf.remaining() > 0 {
-            this.untried_read = false;
-            match sys::recv_now(this.as_fd(), buf) {
-                Err(e) if sys::is_not_ready(&e) => {}
-                done => return Poll::Ready(done),
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(())); // as a read of nothing from the socket would
+        }
+        if this.read_direct {
+            if std::mem::take(&mut this.read_drained) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if let Some(fd) = this.as_fd() {
+                let wanted = buf.remaining();
+                match sys::recv_now(fd, buf) {
+                    Err(e) if sys::is_not_ready(&e) => this.read_direct = false,
+                    Ok(()) => {
+                        let got = wanted - buf.remaining();
+                        this.read_drained = got > 0 && got < wanted;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
             }
         }
-        match &mut this.socket {
-            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        match this.socket() {
+            Ok(Socket::Tcp(s)) => Pin::new(s).poll_read(cx, buf),
+            Ok(Socket::Unix(s)) => Pin::new(s).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 }
 
 impl AsyncWrite for Connection {
-    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if std::mem::take(&mut this.untried_write) {
-            match sys::send_now(this.as_fd(), buf) {
-                Err(e) if sys::is_not_ready(&e) => {}
-                done => return Poll::Ready(done),
+        if this.write_direct {
+            if let Some(fd) = this.as_fd() {
+                match sys::send_now(fd, buf) {
+                    Err(e) if sys::is_not_ready(&e) => this.write_direct = false,
+                    done => return Poll::Ready(done),
+                }
             }
         }
-        match &mut this.socket {
-            Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        match this.socket() {
+            Ok(Socket::Tcp(s)) => Pin::new(s).poll_write(cx, buf),
+            Ok(Socket::Unix(s)) => Pin::new(s).poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 
-    #[inline]
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if std::mem::take(&mut this.untried_write) {
-            match sys::send_vectored_now(this.as_fd(), bufs) {
-                Err(e) if sys::is_not_ready(&e) => {}
-                done => return Poll::Ready(done),
+        if this.write_direct {
+            if let Some(fd) = this.as_fd() {
+                match sys::send_vectored_now(fd, bufs) {
+                    Err(e) if sys::is_not_ready(&e) => this.write_direct = false,
+                    done => return Poll::Ready(done),
+                }
             }
         }
-        match &mut this.socket {
-            Socket::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Socket::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        match this.socket() {
+            Ok(Socket::Tcp(s)) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Ok(Socket::Unix(s)) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 
-    #[inline]
     fn is_write_vectored(&self) -> bool {
-        match &self.socket {
-            Socket::Tcp(s) => s.is_write_vectored(),
-            Socket::Unix(s) => s.is_write_vectored(),
-        }
+        true // `sendmsg` before the registration; tokio's streams after
     }
 
-    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().socket {
-            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Registered(Socket::Tcp(s)) => Pin::new(s).poll_flush(cx),
+            Io::Registered(Socket::Unix(s)) => Pin::new(s).poll_flush(cx),
+            Io::Direct(..) | Io::Lost => Poll::Ready(Ok(())), // nothing is buffered
         }
     }
 
-    #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().socket {
-            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Direct(fd, _) => Poll::Ready(sys::shutdown_write(fd.as_fd())),
+            Io::Registered(Socket::Tcp(s)) => Pin::new(s).poll_shutdown(cx),
+            Io::Registered(Socket::Unix(s)) => Pin::new(s).poll_shutdown(cx),
+            Io::Lost => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
         }
     }
 }
@@ -1354,31 +1398,46 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A connection as the worker adopts one (a Unix socket's, for the test), and the
-    /// client's end.
-    fn adopted(kind: ListenerKind) -> (Connection, std::os::unix::net::UnixStream) {
-        let (ours, client) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    /// A connection as the worker adopts one, and the client's end (a Unix socket pair,
+    /// or a TCP connection on 127.0.0.1).
+    fn adopted(kind: ListenerKind) -> (Connection, OwnedFd) {
+        let (ours, client): (OwnedFd, OwnedFd) = match kind {
+            ListenerKind::Unix => {
+                let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+                (a.into(), b.into())
+            }
+            ListenerKind::Tcp => {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                let client = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
+                    .expect("connect");
+                (listener.accept().expect("accept").0.into(), client.into())
+            }
+        };
         let listeners: Arc<[ListenerInfo]> = Arc::from(vec![ListenerInfo {
             kind,
             address: "test".into(),
         }]);
         let counters = Arc::new(Counters::default());
-        let conn =
-            Connection::from_fd(0, &listeners, OwnedFd::from(ours), &counters).expect("adopted");
+        let conn = Connection::from_fd(0, &listeners, ours, &counters).expect("adopted");
         (conn, client)
     }
 
+    fn stream(fd: OwnedFd) -> std::os::unix::net::UnixStream {
+        std::os::unix::net::UnixStream::from(fd)
+    }
+
     #[tokio::test]
-    async fn the_first_read_and_write_do_not_wait_for_the_reactor() {
+    async fn a_connection_served_at_once_never_needs_the_reactor() {
         use std::io::{Read, Write};
-        let (mut conn, mut client) = adopted(ListenerKind::Unix);
+        let (mut conn, client) = adopted(ListenerKind::Unix);
+        let mut client = stream(client);
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("send");
-        // One poll, before the reactor has had a turn: tokio alone would answer
-        // `Pending` here, and the task would wait for the reactor's first report.
+        // One poll, before the reactor has had a turn: a socket registered with tokio
+        // would answer `Pending` here, and the task would wait for the reactor.
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        // A read with no room (tokio answers it) does not use up the try.
-        let mut full = ReadBuf::new(&mut []);
-        let _ = Pin::new(&mut conn).poll_read(&mut cx, &mut full);
+        let mut none = ReadBuf::new(&mut []);
+        let read = Pin::new(&mut conn).poll_read(&mut cx, &mut none);
+        assert!(matches!(read, Poll::Ready(Ok(()))), "no room: {read:?}");
         let mut storage = [0u8; 64];
         let mut buf = ReadBuf::new(&mut storage);
         let read = Pin::new(&mut conn).poll_read(&mut cx, &mut buf);
@@ -1390,16 +1449,64 @@ mod tests {
         ];
         let wrote = Pin::new(&mut conn).poll_write_vectored(&mut cx, &answer);
         assert!(matches!(wrote, Poll::Ready(Ok(19))), "{wrote:?}");
-        drop(conn);
+        let wrote = Pin::new(&mut conn).poll_write(&mut cx, b"!");
+        assert!(matches!(wrote, Poll::Ready(Ok(1))), "{wrote:?}");
+        let shut = Pin::new(&mut conn).poll_shutdown(&mut cx);
+        assert!(matches!(shut, Poll::Ready(Ok(()))), "{shut:?}");
+        assert!(matches!(conn.io, Io::Direct(..)), "never registered");
         let mut got = Vec::new();
         client.read_to_end(&mut got).expect("receive");
-        assert_eq!(got, b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(
+            got, b"HTTP/1.1 200 OK\r\n\r\n!",
+            "end of file after the shutdown"
+        );
     }
 
     #[tokio::test]
-    async fn a_first_read_that_finds_nothing_waits_for_the_reactor() {
+    async fn after_a_short_read_the_next_read_wakes_its_task_instead_of_asking_the_socket() {
         use std::io::Write;
-        let (mut conn, mut client) = adopted(ListenerKind::Unix);
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.wake_by_ref();
+            }
+            fn wake_by_ref(self: &Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (mut conn, client) = adopted(ListenerKind::Unix);
+        let mut client = stream(client);
+        client.write_all(b"first").expect("send");
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let mut storage = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut storage);
+        let read = Pin::new(&mut conn).poll_read(&mut cx, &mut buf);
+        assert!(matches!(read, Poll::Ready(Ok(()))), "{read:?}");
+        assert_eq!(buf.filled(), b"first");
+        // Short: the socket is empty. More comes, but the next read does not ask.
+        client.write_all(b"second").expect("send");
+        let mut buf = ReadBuf::new(&mut storage);
+        assert!(
+            Pin::new(&mut conn)
+                .poll_read(&mut cx, &mut buf)
+                .is_pending()
+        );
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken at once");
+        assert!(matches!(conn.io, Io::Direct(..)), "and not registered");
+        // The one after it asks, still directly.
+        let read = Pin::new(&mut conn).poll_read(&mut cx, &mut buf);
+        assert!(matches!(read, Poll::Ready(Ok(()))), "{read:?}");
+        assert_eq!(buf.filled(), b"second");
+        assert!(matches!(conn.io, Io::Direct(..)));
+    }
+
+    #[tokio::test]
+    async fn a_read_that_would_block_registers_the_socket_and_waits_for_the_reactor() {
+        use std::io::Write;
+        let (mut conn, client) = adopted(ListenerKind::Unix);
+        let mut client = stream(client);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut storage = [0u8; 64];
         let mut buf = ReadBuf::new(&mut storage);
@@ -1408,6 +1515,7 @@ mod tests {
                 .poll_read(&mut cx, &mut buf)
                 .is_pending()
         );
+        assert!(matches!(conn.io, Io::Registered(Socket::Unix(_))));
         let writer = std::thread::spawn(move || {
             client.write_all(b"late").expect("send");
             client
@@ -1418,13 +1526,33 @@ mod tests {
             .expect("woken by the reactor")
             .expect("read");
         assert_eq!(&got, b"late");
-        // The first write goes straight to the socket, later ones through tokio.
         let mut client = writer.join().expect("writer");
-        conn.write_all(b"o").await.expect("first write");
-        conn.write_all(b"k").await.expect("second write");
-        drop(conn);
+        conn.write_all(b"ok").await.expect("write");
+        conn.shutdown().await.expect("shutdown");
         let mut back = Vec::new();
         std::io::Read::read_to_end(&mut client, &mut back).expect("receive");
         assert_eq!(back, b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_tcp_connection_tells_its_addresses_before_and_after_registration() {
+        let (mut conn, client) = adopted(ListenerKind::Tcp);
+        let client = std::net::TcpStream::from(client);
+        assert!(matches!(conn.io, Io::Direct(..)));
+        assert_eq!(conn.peer_addr(), Some(client.local_addr().expect("addr")));
+        assert_eq!(conn.local_addr(), Some(client.peer_addr().expect("addr")));
+        assert!(conn.as_fd().is_some());
+        let peer = conn.peer_addr();
+        assert!(matches!(conn.socket().expect("registered"), Socket::Tcp(_)));
+        assert!(matches!(conn.io, Io::Registered(_)));
+        assert_eq!(conn.peer_addr(), peer);
+        let (socket, _guard) = conn.into_parts().expect("parts");
+        let Socket::Tcp(socket) = socket else {
+            panic!("a TCP listener's connection is TCP");
+        };
+        assert_eq!(socket.peer_addr().ok(), peer);
+        // A Unix socket's connection has no addresses.
+        let (unix, _client) = adopted(ListenerKind::Unix);
+        assert_eq!((unix.peer_addr(), unix.local_addr()), (None, None));
     }
 }
