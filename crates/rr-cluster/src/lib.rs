@@ -11,7 +11,7 @@
 //! - [`protocol`]: the messages, the frame layout and their encoding (no I/O).
 //! - [`channel`]: a framed Unix stream that carries descriptors.
 //! - [`node`]: the Node.js dialect of the channel (JSON lines on Node's IPC channel).
-//! - `sys`: the crate's system calls (through rustix) and its only three `unsafe` blocks.
+//! - `sys`: the crate's system calls (through rustix) and its only `unsafe` blocks (five).
 //! - [`master`]: [`Master`], its builder and handle; listeners, dispatch, the
 //!   supervisor state machine, the control socket, signals.
 //! - [`worker`]: [`Worker`], the worker side of the channel.

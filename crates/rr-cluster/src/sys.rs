@@ -1,9 +1,10 @@
 //! The operating-system calls of the crate, through `rustix`'s safe wrappers, plus the
-//! three things that have no safe wrapper: adopting a descriptor number named by the
-//! environment, the hook that runs in a forked child before `exec`, and registering a
+//! four things that have no safe wrapper: adopting a descriptor number named by the
+//! environment, the hook that runs in a forked child before `exec`, registering a
 //! socket with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio
-//! 1.52 for I/O safety). Those are the crate's only `unsafe` blocks, each with its
-//! safety argument. The rest of the crate is `#![deny(unsafe_code)]` and sees only
+//! 1.52 for I/O safety), and a `recv` into the uninitialized part of a tokio
+//! `ReadBuf`. Those are the crate's only `unsafe` blocks, each with its safety
+//! argument. The rest of the crate is `#![deny(unsafe_code)]` and sees only
 //! functions taking `OwnedFd` and `BorrowedFd`.
 #![allow(unsafe_code)]
 
@@ -251,16 +252,20 @@ pub(crate) fn send_failure(e: &io::Error) -> SendFailure {
     }
 }
 
-/// `recv` into the unfilled part of `buf` (initialized first, where it is not yet),
-/// without asking tokio's reactor first: for a socket the reactor has not reported on
-/// yet. `WouldBlock` if nothing has come.
+/// `recv` into the unfilled part of `buf`, without asking tokio's reactor: for a
+/// socket whose reads do not go through tokio (yet). `WouldBlock` if nothing is there.
 pub(crate) fn recv_now(socket: BorrowedFd<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> io::Result<()> {
-    let (n, _) = rustix::net::recv(socket, buf.initialize_unfilled(), RecvFlags::DONTWAIT)?;
+    // SAFETY: `recv` only writes into the slice; it never de-initializes a byte.
+    let unfilled = unsafe { buf.unfilled_mut() };
+    let ((received, _), _) = rustix::net::recv(socket, unfilled, RecvFlags::DONTWAIT)?;
+    let n = received.len();
+    // SAFETY: `recv` initialized the first `n` bytes of the unfilled part.
+    unsafe { buf.assume_init(n) };
     buf.advance(n);
     Ok(())
 }
 
-/// `send` (no `SIGPIPE`), without asking tokio's reactor first.
+/// `send` (no `SIGPIPE`), without asking tokio's reactor.
 pub(crate) fn send_now(socket: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     Ok(rustix::net::send(
         socket,
@@ -269,14 +274,16 @@ pub(crate) fn send_now(socket: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize>
     )?)
 }
 
-/// `sendmsg` of several buffers (no `SIGPIPE`), without asking tokio's reactor first.
+/// `sendmsg` of several buffers (no `SIGPIPE`), without asking tokio's reactor.
 pub(crate) fn send_vectored_now(
     socket: BorrowedFd<'_>,
     bufs: &[io::IoSlice<'_>],
 ) -> io::Result<usize> {
+    // Linux takes at most `UIO_MAXIOV` (1024) buffers per call; a short write says
+    // the rest goes in the next.
     Ok(rustix::net::sendmsg(
         socket,
-        bufs,
+        &bufs[..bufs.len().min(1024)],
         &mut rustix::net::SendAncillaryBuffer::default(),
         SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
     )?)

@@ -1141,11 +1141,16 @@ impl Drop for ActiveGuard {
 ///
 /// The socket is registered with tokio's reactor only once a read or a write would
 /// block (or [`Connection::socket`] asks for it), and each direction goes to the
-/// socket at once until it would block. A connection whose request is there when it is
-/// first read, and whose answer fits in the socket's buffer, never costs the reactor
-/// anything: not the two `epoll_ctl` calls, and not the reactor turn and second poll
-/// of its task that tokio would spend learning that the client's first bytes are
-/// there (tokio assumes as much for the sockets its own `accept` returns).
+/// socket at once until it would block (each direct read or write counts against the
+/// task's tokio budget, as tokio's own do). A connection whose request is there when it
+/// is first read, and whose answer is written in the same poll and fits in the socket's
+/// buffer, never costs the reactor anything: not the two `epoll_ctl` calls, and not the
+/// reactor turn and second poll of its task that tokio would spend learning that the
+/// client's first bytes are there (tokio assumes as much for the sockets its own
+/// `accept` returns).
+///
+/// Reads and writes must be polled within a tokio runtime with I/O enabled, like any
+/// tokio socket's: the registration happens in the first one that has to wait.
 #[derive(Debug)]
 pub struct Connection {
     listener: u16,
@@ -1246,7 +1251,11 @@ impl Connection {
     /// The socket, registered with tokio's reactor first if it is not yet (call it
     /// within the runtime, like any tokio socket's constructor). An error if the
     /// registration fails; the socket is closed then.
-    pub fn socket(&mut self) -> io::Result<&mut Socket> {
+    pub fn socket(&mut self) -> io::Result<&Socket> {
+        self.registered().map(|socket| &*socket)
+    }
+
+    fn registered(&mut self) -> io::Result<&mut Socket> {
         if matches!(self.io, Io::Direct(..)) {
             if let Io::Direct(fd, kind) = std::mem::replace(&mut self.io, Io::Lost) {
                 self.io = Io::Registered(register(fd, kind)?);
@@ -1264,7 +1273,7 @@ impl Connection {
     /// The socket (registered with tokio's reactor, as [`Connection::socket`] does) and
     /// the guard that keeps it counted as active.
     pub fn into_parts(mut self) -> io::Result<(Socket, ActiveGuard)> {
-        self.socket()?;
+        self.registered()?;
         match self.io {
             Io::Registered(socket) => Ok((socket, self.guard)),
             _ => Err(io::ErrorKind::NotConnected.into()),
@@ -1272,7 +1281,7 @@ impl Connection {
     }
 
     /// The socket's descriptor (`None` once a failed registration closed it).
-    pub fn as_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         match &self.io {
             Io::Direct(fd, _) => Some(fd.as_fd()),
             Io::Registered(Socket::Tcp(s)) => Some(s.as_fd()),
@@ -1284,6 +1293,11 @@ impl Connection {
 
 /// Registers a connection's socket with the current runtime's reactor.
 fn register(fd: OwnedFd, kind: ListenerKind) -> io::Result<Socket> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(io::Error::other(
+            "a connection's socket can only be registered within a tokio runtime",
+        ));
+    }
     Ok(match kind {
         ListenerKind::Tcp => Socket::Tcp(TcpStream::from_std(std::net::TcpStream::from(fd))?),
         ListenerKind::Unix => Socket::Unix(UnixStream::from_std(
@@ -1307,20 +1321,21 @@ impl AsyncRead for Connection {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            if let Some(fd) = this.as_fd() {
+            if let Some(fd) = this.fd() {
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
                 let wanted = buf.remaining();
                 match sys::recv_now(fd, buf) {
                     Err(e) if sys::is_not_ready(&e) => this.read_direct = false,
-                    Ok(()) => {
+                    done => {
+                        coop.made_progress();
                         let got = wanted - buf.remaining();
-                        this.read_drained = got > 0 && got < wanted;
-                        return Poll::Ready(Ok(()));
+                        this.read_drained = done.is_ok() && got > 0 && got < wanted;
+                        return Poll::Ready(done);
                     }
-                    Err(e) => return Poll::Ready(Err(e)),
                 }
             }
         }
-        match this.socket() {
+        match this.registered() {
             Ok(Socket::Tcp(s)) => Pin::new(s).poll_read(cx, buf),
             Ok(Socket::Unix(s)) => Pin::new(s).poll_read(cx, buf),
             Err(e) => Poll::Ready(Err(e)),
@@ -1336,14 +1351,18 @@ impl AsyncWrite for Connection {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.write_direct {
-            if let Some(fd) = this.as_fd() {
+            if let Some(fd) = this.fd() {
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
                 match sys::send_now(fd, buf) {
                     Err(e) if sys::is_not_ready(&e) => this.write_direct = false,
-                    done => return Poll::Ready(done),
+                    done => {
+                        coop.made_progress();
+                        return Poll::Ready(done);
+                    }
                 }
             }
         }
-        match this.socket() {
+        match this.registered() {
             Ok(Socket::Tcp(s)) => Pin::new(s).poll_write(cx, buf),
             Ok(Socket::Unix(s)) => Pin::new(s).poll_write(cx, buf),
             Err(e) => Poll::Ready(Err(e)),
@@ -1357,14 +1376,18 @@ impl AsyncWrite for Connection {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.write_direct {
-            if let Some(fd) = this.as_fd() {
+            if let Some(fd) = this.fd() {
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
                 match sys::send_vectored_now(fd, bufs) {
                     Err(e) if sys::is_not_ready(&e) => this.write_direct = false,
-                    done => return Poll::Ready(done),
+                    done => {
+                        coop.made_progress();
+                        return Poll::Ready(done);
+                    }
                 }
             }
         }
-        match this.socket() {
+        match this.registered() {
             Ok(Socket::Tcp(s)) => Pin::new(s).poll_write_vectored(cx, bufs),
             Ok(Socket::Unix(s)) => Pin::new(s).poll_write_vectored(cx, bufs),
             Err(e) => Poll::Ready(Err(e)),
@@ -1535,13 +1558,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_that_would_block_registers_the_socket_and_waits_for_the_reactor() {
+        let (mut conn, client) = adopted(ListenerKind::Unix);
+        let mut client = stream(client);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let chunk = [7u8; 16 * 1024];
+        let mut sent = 0usize;
+        // Fill the socket's buffer; bounded: a Unix socket's holds far less than this.
+        for _ in 0..10_000 {
+            match Pin::new(&mut conn).poll_write(&mut cx, &chunk) {
+                Poll::Ready(Ok(n)) => sent += n,
+                Poll::Ready(Err(e)) => panic!("write: {e}"),
+                Poll::Pending => break,
+            }
+        }
+        assert!(matches!(conn.io, Io::Registered(_)), "registered once full");
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut client, &mut all).expect("receive");
+            all.len()
+        });
+        tokio::time::timeout(Duration::from_secs(10), conn.write_all(b"end"))
+            .await
+            .expect("woken by the reactor")
+            .expect("write");
+        conn.shutdown().await.expect("shutdown");
+        drop(conn);
+        assert_eq!(reader.join().expect("reader"), sent + 3);
+    }
+
+    #[tokio::test]
     async fn a_tcp_connection_tells_its_addresses_before_and_after_registration() {
         let (mut conn, client) = adopted(ListenerKind::Tcp);
         let client = std::net::TcpStream::from(client);
         assert!(matches!(conn.io, Io::Direct(..)));
         assert_eq!(conn.peer_addr(), Some(client.local_addr().expect("addr")));
         assert_eq!(conn.local_addr(), Some(client.peer_addr().expect("addr")));
-        assert!(conn.as_fd().is_some());
+        assert!(conn.fd().is_some());
         let peer = conn.peer_addr();
         assert!(matches!(conn.socket().expect("registered"), Socket::Tcp(_)));
         assert!(matches!(conn.io, Io::Registered(_)));
