@@ -971,7 +971,7 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
                     Ok(Ok(fd)) => {
                         accepted += 1;
                         let Some(conn) =
-                            Connection::adopt(listener, &listeners, kind, fd, &counters)
+                            Connection::adopt(listener, &listeners, kind, fd, true, &counters)
                         else {
                             continue;
                         };
@@ -1167,6 +1167,9 @@ pub struct Connection {
     read_drained: bool,
     /// Writes go to the socket at once until one would block; then through tokio.
     write_direct: bool,
+    /// The descriptor is known to be non-blocking (accepted here). One the master sent
+    /// is made so when it is registered.
+    nonblocking: bool,
 }
 
 /// A connection's socket, before and after its registration with tokio's reactor.
@@ -1193,16 +1196,18 @@ impl Connection {
             tracing::warn!(listener, "connection for an unknown listener; closed");
             return None;
         };
-        let fd = sys::set_nonblocking(fd).ok()?;
-        Connection::adopt(listener, listeners, kind, fd, counters)
+        // Made non-blocking only if it is registered with the reactor: until then every
+        // read and write passes `MSG_DONTWAIT`.
+        Connection::adopt(listener, listeners, kind, fd, false, counters)
     }
 
-    /// A connection whose descriptor is already non-blocking.
+    /// A connection on descriptor `fd`, already non-blocking if `nonblocking`.
     fn adopt(
         listener: u16,
         listeners: &Arc<[ListenerInfo]>,
         kind: ListenerKind,
         fd: OwnedFd,
+        nonblocking: bool,
         counters: &Arc<Counters>,
     ) -> Option<Connection> {
         // TCP_NODELAY: inherited from the master's listener.
@@ -1217,6 +1222,7 @@ impl Connection {
             read_direct: true,
             read_drained: false,
             write_direct: true,
+            nonblocking,
         })
     }
 
@@ -1258,6 +1264,11 @@ impl Connection {
     fn registered(&mut self) -> io::Result<&mut Socket> {
         if matches!(self.io, Io::Direct(..)) {
             if let Io::Direct(fd, kind) = std::mem::replace(&mut self.io, Io::Lost) {
+                let fd = if self.nonblocking {
+                    fd
+                } else {
+                    sys::set_nonblocking(fd)?
+                };
                 self.io = Io::Registered(register(fd, kind)?);
             }
         }
