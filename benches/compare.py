@@ -36,6 +36,10 @@ LOAD = os.environ.get("LOAD", "rr-load")  # or wrk (no busiest share, no p50 fro
 HZ = os.sysconf("SC_CLK_TCK")
 
 ALL_SYSTEMS = ["rr", "rr-lc", "rr-shared", "ref-fdpass", "ref-reuseport", "rr-node", "node-rr", "node-none"]
+# Run only when SYSTEMS names them. rr-bare: a round-robin pool of benches' bare-worker
+# (rr-cluster's Worker and Connection with hyper, without rr_cluster::http): next to
+# `rr`, what the library's HTTP layer costs.
+OPTIONAL_SYSTEMS = ["rr-bare"]
 LABELS = {
     "rr": "rr-cluster round-robin",
     "rr-lc": "rr-cluster least-connections",
@@ -45,14 +49,17 @@ LABELS = {
     "rr-node": "rr-cluster + Node workers",
     "node-rr": "Node cluster rr",
     "node-none": "Node cluster none",
+    "rr-bare": "rr-cluster round-robin, bare-worker",
 }
 # The systems that run side by side in a rep, taking the load in turns: each system
 # with the peer its ratio is taken against, so that the two figures of a pair come from
 # the same seconds of a shared machine.
-GROUPS = [["rr-lc", "rr", "ref-fdpass"], ["ref-reuseport", "rr-shared"], ["node-none", "rr-node", "node-rr"]]
+GROUPS = [["rr-lc", "rr", "ref-fdpass", "rr-bare"], ["ref-reuseport", "rr-shared"], ["node-none", "rr-node", "node-rr"]]
 # (system, peer) pairs whose per-rep ratio is reported.
 RATIOS = [
     ("rr", "ref-fdpass"),
+    ("rr", "rr-bare"),
+    ("rr-bare", "ref-fdpass"),
     ("rr-lc", "ref-fdpass"),
     ("rr-shared", "ref-reuseport"),
     ("rr", "node-rr"),
@@ -99,6 +106,8 @@ def command(system, port, work):
         return [RR_BASE] + rr[1:] + ["--balance", "round-robin"], env
     if system == "rr-shared-base":
         return [RR_BASE] + rr[1:] + ["--balance", "shared"], env
+    if system == "rr-bare":
+        return rr + ["--balance", "round-robin", "--", os.path.join(REL, "bare-worker")], env
     if system == "rr-lc":
         return rr + ["--balance", "least-connections"], env
     if system == "rr-shared":
@@ -324,9 +333,10 @@ def main():
         print(f"compare: RR_BASE={RR_BASE} is not an executable file", file=sys.stderr)
         sys.exit(2)
     systems = [s for s in os.environ.get("SYSTEMS", " ".join(ALL_SYSTEMS)).split()]
-    unknown = [s for s in systems if s not in ALL_SYSTEMS]
+    unknown = [s for s in systems if s not in ALL_SYSTEMS + OPTIONAL_SYSTEMS]
     if unknown:
-        print(f"compare: unknown system {', '.join(unknown)} (known: {' '.join(ALL_SYSTEMS)})", file=sys.stderr)
+        known = " ".join(ALL_SYSTEMS + OPTIONAL_SYSTEMS)
+        print(f"compare: unknown system {', '.join(unknown)} (known: {known})", file=sys.stderr)
         sys.exit(2)
     if not have_node():
         dropped = [s for s in systems if "node" in s]

@@ -13,6 +13,11 @@
 #                                               # a code change: another build as rr-base, in turns
 #   RR_BASE=/tmp/rr-cluster.before SYSTEMS="rr-shared rr-shared-base ref-reuseport" benches/compare.sh
 #                                               # the same for shared balancing
+#   SYSTEMS="rr rr-bare ref-fdpass" MODES=keepalive LOAD=wrk benches/compare.sh
+#                                               # rr-bare (only when named): the demo's
+#                                               # answer on rr-cluster's Worker with bare
+#                                               # hyper (benches/src/bin/bare-worker.rs):
+#                                               # what rr_cluster::http costs
 #
 # In a rep, each system runs side by side with the peers its ratios are taken against
 # (rr-lc, rr, ref-fdpass; ref-reuseport, rr-shared; node-none, rr-node, node-rr), all
