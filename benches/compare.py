@@ -329,6 +329,10 @@ def fmt(x, spec):
 
 
 def main():
+    bad_modes = [m for m in MODES if m not in ("keepalive", "close")]
+    if bad_modes or not MODES:
+        print(f"compare: MODES must be keepalive, close or both (got {' '.join(MODES) or 'nothing'})", file=sys.stderr)
+        sys.exit(2)
     if RR_BASE and not (os.path.isfile(RR_BASE) and os.access(RR_BASE, os.X_OK)):
         print(f"compare: RR_BASE={RR_BASE} is not an executable file", file=sys.stderr)
         sys.exit(2)
