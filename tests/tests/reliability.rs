@@ -569,3 +569,50 @@ async fn with_no_worker_left_after_a_give_up_connections_are_refused() {
     );
     assert!(alive(paused.pid()), "keep: the master stays up");
 }
+
+/// A worker that died unplanned (killed, crashed) left its channel's descriptor open in
+/// the master, with a task that waited for ever: one descriptor per death, until the
+/// master's accepts failed with EMFILE.
+#[test]
+fn workers_that_die_over_and_over_leave_no_descriptor_in_the_master() {
+    fn open_fds(pid: u32) -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fd dir")
+            .count()
+    }
+    let mut master = MasterProcess::start(&[], MASTER, &["--limit", "1000"], 1, WORKER, &[]);
+    let pid = master.pid();
+    let mut worker = master.workers[0];
+    let before = open_fds(pid);
+    const DEATHS: usize = 20;
+    for _ in 0..DEATHS {
+        // The master's child, not yet reaped: the pid is still the worker's.
+        assert_eq!(
+            rr_cluster_tests::parent_of(worker),
+            Some(pid),
+            "the worker is alive"
+        );
+        rr_cluster_tests::kill(worker);
+        let line = master.line_matching(|l| l.starts_with("ready "));
+        worker = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|p| p.parse().ok())
+            .expect("pid");
+    }
+    // The last replacement's channel may still be settling: wait (bounded) for the
+    // count to come back to where it was.
+    let mut after = open_fds(pid);
+    for _ in 0..200 {
+        if after <= before + 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        after = open_fds(pid);
+    }
+    println!("master descriptors: {before} before, {after} after {DEATHS} worker deaths");
+    assert!(
+        after <= before + 2,
+        "the master had {before} descriptors open, {after} after {DEATHS} workers died"
+    );
+}

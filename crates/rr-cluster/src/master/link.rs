@@ -374,6 +374,9 @@ pub(crate) async fn run(
     // The peer is dropped, not the master: close its channel so the worker sees the
     // end, and let the supervisor replace it.
     link.shutdown();
+    // The outbox task holds the link, whose sender keeps the outbox open: it would wait
+    // for ever, and keep the channel's descriptor open with it.
+    link.gone.cancel();
     let _ = ctx.inputs.send(closed(error));
 }
 
