@@ -212,6 +212,23 @@ impl Listener {
         }
     }
 
+    /// The same socket under a new registration with the reactor. A TCP listener that
+    /// was paused (shut down for reading) reported a hang-up, and its registration
+    /// would report it closed for reading for ever after (tokio never clears that
+    /// readiness): an accept loop waiting on it would never wait again.
+    fn reregistered(self) -> io::Result<Listener> {
+        let Listener {
+            socket,
+            local,
+            owned_path,
+        } = self;
+        Ok(Listener {
+            socket: sys::register_owned(socket.into_inner())?,
+            local,
+            owned_path,
+        })
+    }
+
     pub(crate) fn info(&self) -> ListenerInfo {
         ListenerInfo {
             kind: match self.local {
@@ -367,7 +384,7 @@ pub(crate) fn listener_from_fd(fd: OwnedFd) -> io::Result<Listener> {
 /// backlog) instead of leaving clients hanging; it listens again when `paused` turns
 /// false. Other listeners just stop accepting.
 pub(crate) async fn accept_loop(
-    listener: Listener,
+    mut listener: Listener,
     index: u16,
     dispatcher: Arc<Dispatcher>,
     stop: CancellationToken,
@@ -420,6 +437,14 @@ pub(crate) async fn accept_loop(
                         );
                     }
                 }
+                let name = listener.local.to_string();
+                listener = match listener.reregistered() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(listener = %name, error = %e, "cannot watch the listener again; it stops accepting");
+                        break;
+                    }
+                };
             }
             continue;
         }
@@ -639,6 +664,87 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), forwarder)
             .await
             .expect("the forwarder ends after the stop")
+            .expect("no panic");
+    }
+
+    /// CPU time this thread has used, in clock ticks (/proc/thread-self/stat).
+    fn thread_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .expect("fields")
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    }
+
+    /// After a pause (no worker left) and a resume, the accept loop spun on the
+    /// listener's stale hang-up: a core at 100% for as long as the master lived.
+    #[tokio::test]
+    async fn after_a_pause_and_a_resume_the_accept_loop_waits_again() {
+        // An explicit port: a port-0 socket gets a new port when it listens again.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let spec = format!("127.0.0.1:{port}");
+        let mut listeners = bind_all(&[spec.parse().expect("spec")]).expect("bind");
+        let listener = listeners.pop().expect("one listener");
+        // A second descriptor of the same socket, to see whether it listens.
+        let probe = listener
+            .socket
+            .get_ref()
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("dup");
+        let listening = || rustix::net::sockopt::socket_acceptconn(&probe).expect("SO_ACCEPTCONN");
+        let stop = CancellationToken::new();
+        let (paused_tx, paused) = watch::channel(false);
+        let dispatcher = Dispatcher::new(super::super::dispatch::Balance::RoundRobin);
+        let task = tokio::spawn(accept_loop(
+            listener,
+            0,
+            Arc::clone(&dispatcher),
+            stop.clone(),
+            paused,
+        ));
+        paused_tx.send(true).expect("send");
+        let mut waited = 0;
+        while listening() {
+            waited += 1;
+            assert!(waited < 500, "the listener pauses");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        paused_tx.send(false).expect("send");
+        let mut waited = 0;
+        while !listening() {
+            waited += 1;
+            assert!(waited < 500, "the listener resumes");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The loop runs on this thread: with no connection it must sleep. Not a timing
+        // target: a spinning loop uses the whole window (or whatever the machine lends
+        // it), a waiting one a tick at most.
+        let before = thread_ticks();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let used = thread_ticks() - before;
+        assert!(
+            used < 10,
+            "the accept loop used {used} ticks of CPU in 500 ms with nothing to accept"
+        );
+        // And it still accepts.
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let mut waited = 0;
+        while dispatcher.stats.accepted.load(Ordering::Relaxed) == 0 {
+            waited += 1;
+            assert!(waited < 500, "the connection is accepted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop ends after the stop")
             .expect("no panic");
     }
 
