@@ -170,6 +170,14 @@ async fn scale_up_and_down_shows_in_status() {
         cluster.handle.scale(0).await,
         Err(MasterError::Refused(Refusal::WorkersOutOfRange { .. }))
     ));
+    // A step from a control client can be any i64: refused, not an overflow (which
+    // panicked the master's loop in a debug build).
+    for by in [i64::MAX, i64::MIN] {
+        assert!(matches!(
+            cluster.handle.scale_to(rr_cluster::ScaleTo::By(by)).await,
+            Err(MasterError::Refused(Refusal::WorkersOutOfRange { .. }))
+        ));
+    }
     assert_eq!(cluster.stop().await, 0);
 }
 

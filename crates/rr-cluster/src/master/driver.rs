@@ -639,8 +639,9 @@ impl Driver {
     fn scale(&mut self, now: Instant, to: ScaleTo) -> Result<Outcome, Refusal> {
         let from = self.sm.target();
         let target = match to {
-            ScaleTo::Exactly(n) => n as i64,
-            ScaleTo::By(by) => from as i64 + by,
+            ScaleTo::Exactly(n) => i64::try_from(n).unwrap_or(i64::MAX),
+            // Saturating: `by` comes from a control client, and may be any i64.
+            ScaleTo::By(by) => i64::try_from(from).unwrap_or(i64::MAX).saturating_add(by),
         };
         let max = super::MAX_WORKERS;
         if target < 1 || target > max as i64 {
