@@ -1,8 +1,8 @@
 //! A framed Unix stream that carries file descriptors: the link between the master
 //! and one worker.
 //!
-//! Sending: each frame goes out in one `sendmsg` (descriptors as `SCM_RIGHTS`, through
-//! `sendfd`); a partial write keeps the rest of the frame in a pending buffer that is
+//! Sending: each frame goes out in one `sendmsg` (descriptors as `SCM_RIGHTS`; with
+//! `MSG_NOSIGNAL`, a closed peer is an error, never `SIGPIPE`); a partial write keeps the rest of the frame in a pending buffer that is
 //! flushed before any later frame, so frames never interleave. Sends never block:
 //! [`ChannelWriter::try_send`] reports a full channel instead.
 //!
@@ -29,12 +29,11 @@
 //! JSON: [`ChannelReader::recv_line`].
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sendfd::SendWithFd;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -289,11 +288,11 @@ impl ChannelWriter {
             }
         }
         let written = loop {
-            let socket = self.stream.get_ref();
+            let socket = self.stream.get_ref().as_fd();
             let result = if fds.is_empty() {
-                (&*socket).write(frame)
+                sys::send_now(socket, frame)
             } else {
-                socket.send_with_fd(frame, fds)
+                sys::send_with_fds(socket, frame, fds)
             };
             match result {
                 Ok(n) => break n,
@@ -393,7 +392,7 @@ impl ChannelWriter {
     /// Writes as much of the pending tail as the socket takes. `Ok(true)` when done.
     fn flush_locked(&self, pending: &mut Pending) -> io::Result<bool> {
         while !pending.bytes.is_empty() {
-            match self.stream.get_ref().write(&pending.bytes) {
+            match sys::send_now(self.stream.get_ref().as_fd(), &pending.bytes) {
                 Ok(n) => {
                     pending.bytes.drain(..n);
                 }
@@ -586,6 +585,7 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use crate::protocol::{ToMaster, ToWorker, frame};
+    use sendfd::SendWithFd;
     use std::io::Read;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream as StdUnixStream;

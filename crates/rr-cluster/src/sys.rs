@@ -62,6 +62,41 @@ pub(crate) fn recv_with_fds(
     })
 }
 
+/// `sendmsg` of `data` with the descriptors `fds` attached (`SCM_RIGHTS`), without
+/// blocking and without `SIGPIPE`: a closed peer is an `EPIPE` error, whatever the
+/// process does with the signal. `sendfd`'s `send_with_fd` passes no flags, and a
+/// program that restored the default `SIGPIPE` would die of a worker dying mid-send.
+///
+/// `fds` are descriptors the caller holds open for the call (at most
+/// [`SCM_MAX_FD`]; the kernel refuses more with `EINVAL`).
+pub(crate) fn send_with_fds(
+    socket: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[RawFd],
+) -> io::Result<usize> {
+    if fds.len() > SCM_MAX_FD || fds.iter().any(|&fd| fd < 0) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: `BorrowedFd` is `repr(transparent)` over `RawFd` and valid for any value
+    // but -1; every value here is non-negative (checked above). The borrows live only
+    // for this call, during which the caller holds the descriptors open (the contract
+    // of this function and of `ChannelWriter::try_send`, as of `sendfd` before it).
+    let borrowed: &[BorrowedFd<'_>] =
+        unsafe { std::slice::from_raw_parts(fds.as_ptr().cast::<BorrowedFd<'_>>(), fds.len()) };
+    let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    if !borrowed.is_empty() && !control.push(rustix::net::SendAncillaryMessage::ScmRights(borrowed))
+    {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    Ok(rustix::net::sendmsg(
+        socket,
+        &[io::IoSlice::new(data)],
+        &mut control,
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+    )?)
+}
+
 /// The inode of the socket open as descriptor `raw` in this process, read from
 /// `/proc/self/fd` (`None` when `raw` is not an open socket). No descriptor is touched.
 pub(crate) fn socket_inode_of(raw: RawFd) -> Option<u64> {
