@@ -1,7 +1,7 @@
 //! A worker for measurements only: rr-cluster's `Worker` and `Connection` with hyper's
 //! HTTP/1.1 server and the demo's answer, without `rr_cluster::http`. Next to the demo
 //! worker (`rr-cluster hello-worker`), it isolates what the library's HTTP layer (the
-//! drain rules, protocol sniffing, the task tracker) costs per request.
+//! drain rules, protocol sniffing) costs per request.
 //!
 //! `rr-cluster run --workers 2 -- target/release/bare-worker` (compare.sh: `rr-bare`).
 //!

@@ -57,7 +57,6 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio_util::either::Either;
-use tokio_util::task::TaskTracker;
 
 use crate::worker::{Connection, Worker, WorkerError};
 
@@ -173,28 +172,23 @@ impl Server {
         } = self;
         let connect_info = connect_info.unwrap_or(false);
         let builders = Arc::new((http1, http2));
-        let tracker = TaskTracker::new();
         let drain = Arc::new(Drain::default());
         // Each connection's task is spawned by the task that takes the connection (off
         // the master's channel, or the shared listener): no queue and no task hop
         // between. If this future is dropped, so is `_direct`, and with it the handler.
         let _direct = {
-            let (tracker, builders, drain) =
-                (tracker.clone(), Arc::clone(&builders), Arc::clone(&drain));
+            let (builders, drain) = (Arc::clone(&builders), Arc::clone(&drain));
             let runtime = tokio::runtime::Handle::current();
             worker
                 .ready_with(move |conn| {
-                    tracker.spawn_on(
-                        connection(
-                            conn,
-                            service.clone(),
-                            Arc::clone(&builders),
-                            Arc::clone(&drain),
-                            idle_grace,
-                            connect_info,
-                        ),
-                        &runtime,
-                    );
+                    runtime.spawn(connection(
+                        conn,
+                        service.clone(),
+                        Arc::clone(&builders),
+                        Arc::clone(&drain),
+                        idle_grace,
+                        connect_info,
+                    ));
                 })
                 .await?
         };
@@ -211,11 +205,9 @@ impl Server {
         // The worker drains, and the last connection the master sent is spawned.
         worker.shutdown_signal().await;
         drop(announcer);
-        tracker.close();
-        tokio::select! {
-            () = tracker.wait() => {}
-            () = worker.drained() => {}
-        }
+        // Every connection closed, or the deadline. Not every task done: a connection
+        // upgraded (WebSocket) lives on in the application's hands, its task ended.
+        worker.drained().await;
         Ok(())
     }
 
@@ -747,6 +739,7 @@ mod axum_listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::tests::fake_master;
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
     /// A connection that holds `data` and counts the reads that reach it.
@@ -1001,35 +994,6 @@ mod tests {
         }
     }
 
-    /// A master's end of a channel, after the `Hello` (protocol version 1: the
-    /// environment offers none here), and the worker on the other end.
-    async fn fake_master() -> (
-        crate::channel::ChannelReader,
-        Arc<crate::channel::ChannelWriter>,
-        Worker,
-    ) {
-        use crate::protocol::{HELLO_VERSION, Hello, ListenerInfo, ListenerKind, ToWorker};
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-        let (reader, writer) =
-            crate::channel::split(crate::channel::from_std(ours).expect("channel"));
-        let hello = ToWorker::Hello(Hello {
-            version: HELLO_VERSION,
-            worker_id: 0,
-            generation: 0,
-            heartbeat_ms: 60_000,
-            listeners: vec![ListenerInfo {
-                kind: ListenerKind::Tcp,
-                address: "127.0.0.1:0".into(),
-            }],
-        });
-        writer.send_msg(&hello).await.expect("hello");
-        let worker = Worker::builder()
-            .from_fd(std::os::fd::OwnedFd::from(theirs))
-            .await
-            .expect("worker");
-        (reader, writer, worker)
-    }
-
     /// Hands the worker one TCP connection; the client's end comes back.
     async fn hand_connection(writer: &Arc<crate::channel::ChannelWriter>) -> std::net::TcpStream {
         use std::os::fd::AsRawFd;
@@ -1088,7 +1052,7 @@ mod tests {
         );
         assert!(got.ends_with(b"/x"));
         // The application drops the server (a select! against ctrl-c, say): later
-        // connections are closed, not spawned onto a tracker nobody waits on.
+        // connections are closed, not spawned onto a runtime nobody waits on.
         serving.abort();
         assert!(serving.await.expect_err("aborted").is_cancelled());
         let got = answer(hand_connection(&writer).await).await;
@@ -1098,6 +1062,95 @@ mod tests {
             String::from_utf8_lossy(&got)
         );
         assert!(!kept.draining().is_cancelled(), "not a drain");
+    }
+
+    /// Upgrades (`101`, `Upgrade: echo`) and echoes on the upgraded connection until
+    /// the client closes it.
+    #[tokio::test]
+    async fn serve_returns_only_once_upgraded_connections_are_closed() {
+        use crate::protocol::{ToMaster, ToWorker};
+        use std::io::{Read, Write};
+        let (mut reader, writer, worker) = fake_master().await;
+        let echo = hyper::service::service_fn(|mut req: Request<IncomingBody>| async move {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let Ok(upgraded) = on.await else { return };
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 64];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut resp = Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+            *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+            let headers = resp.headers_mut();
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(http::header::UPGRADE, HeaderValue::from_static("echo"));
+            Ok::<_, std::convert::Infallible>(resp)
+        });
+        let mut serving = tokio::spawn(Server::new(worker).serve(echo));
+        let ready = tokio::time::timeout(Duration::from_secs(10), reader.recv::<ToMaster>())
+            .await
+            .expect("in time")
+            .expect("read")
+            .expect("a frame");
+        assert!(matches!(ready.0, ToMaster::Ready { .. }), "{:?}", ready.0);
+        let client = hand_connection(&writer).await;
+        let client = tokio::task::spawn_blocking(move || {
+            let mut client = client;
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            client
+                .write_all(
+                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+                )
+                .expect("write");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(client.read(&mut byte).expect("read"), 1, "the head");
+                head.push(byte[0]);
+            }
+            assert!(
+                head.starts_with(b"HTTP/1.1 101"),
+                "{}",
+                String::from_utf8_lossy(&head)
+            );
+            client
+        })
+        .await
+        .expect("client");
+        writer
+            .send_msg(&ToWorker::Drain {
+                deadline_ms: 60_000,
+            })
+            .await
+            .expect("drain");
+        // The upgraded connection is open: the server does not return (it did, at once).
+        let early = tokio::time::timeout(Duration::from_millis(500), &mut serving).await;
+        assert!(
+            early.is_err(),
+            "serve returned with an upgraded connection open"
+        );
+        // Still served, then closed by the client: now the server returns.
+        tokio::task::spawn_blocking(move || {
+            let mut client = client;
+            client.write_all(b"ping").expect("write");
+            let mut got = [0u8; 4];
+            client.read_exact(&mut got).expect("echo");
+            assert_eq!(&got, b"ping");
+        })
+        .await
+        .expect("client");
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("serve returns once the upgraded connection closed")
+            .expect("no panic")
+            .expect("ok");
     }
 
     fn path_service() -> DrainAware<

@@ -670,7 +670,7 @@ impl Worker {
     /// [`Worker::draining`] is cancelled at once; `Incoming` ends with the `Drain`,
     /// after the connections the master sent before it knew.
     pub async fn suicide(&self, reason: impl Into<String>) -> Result<(), WorkerError> {
-        let reason = reason.into();
+        let reason = bounded_reason(reason.into());
         self.inner.draining.cancel();
         let sent = self
             .inner
@@ -696,8 +696,7 @@ impl Worker {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             if let Some(inner) = inner.upgrade() {
-                let mut reason = format!("panic: {info}");
-                reason.truncate(4096);
+                let reason = bounded_reason(format!("panic: {info}"));
                 inner.draining.cancel();
                 if !inner.suicide_blocking(&reason) {
                     inner.begin_drain(None);
@@ -869,6 +868,9 @@ async fn read_loop(
             Ok(None) | Err(_) => {
                 if let Err(e) = frame {
                     tracing::error!(error = %e, "channel to the master failed");
+                    // Nothing more is read from it: end it, so that the master sees the
+                    // end now and sends no more connections here.
+                    this.writer.shutdown();
                 }
                 this.master_gone.store(true, Ordering::SeqCst);
                 // No orphan outlives its master: `drained()` completes once the open
@@ -1065,6 +1067,23 @@ async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
             return;
         }
     }
+}
+
+/// The longest `Suicide` reason sent, in bytes: a panic message or a reason can be
+/// any size, a frame cannot.
+const MAX_REASON: usize = 4096;
+
+/// `reason` cut to [`MAX_REASON`] bytes, at a character boundary (`String::truncate`
+/// panics elsewhere, and a panic inside the panic hook aborts the process).
+fn bounded_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut cut = MAX_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    reason
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1428,9 +1447,38 @@ impl AsyncWrite for Connection {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A master's end of a channel, after the `Hello` (protocol version 1: the
+    /// environment offers none here), and the worker on the other end.
+    pub(crate) async fn fake_master() -> (
+        crate::channel::ChannelReader,
+        Arc<crate::channel::ChannelWriter>,
+        Worker,
+    ) {
+        use crate::protocol::{HELLO_VERSION, Hello, ListenerInfo, ListenerKind, ToWorker};
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let (reader, writer) =
+            crate::channel::split(crate::channel::from_std(ours).expect("channel"));
+        let hello = ToWorker::Hello(Hello {
+            version: HELLO_VERSION,
+            worker_id: 0,
+            generation: 0,
+            heartbeat_ms: 60_000,
+            listeners: vec![ListenerInfo {
+                kind: ListenerKind::Tcp,
+                address: "127.0.0.1:0".into(),
+            }],
+        });
+        writer.send_msg(&hello).await.expect("hello");
+        let worker = Worker::builder()
+            .from_fd(std::os::fd::OwnedFd::from(theirs))
+            .await
+            .expect("worker");
+        (reader, writer, worker)
+    }
 
     /// A connection as the worker adopts one, and the client's end (a Unix socket pair,
     /// or a TCP connection on 127.0.0.1).
@@ -1618,5 +1666,34 @@ mod tests {
         // A Unix socket's connection has no addresses.
         let (unix, _client) = adopted(ListenerKind::Unix);
         assert_eq!((unix.peer_addr(), unix.local_addr()), (None, None));
+    }
+
+    /// A worker that cannot read its master's frames any more ended its drain but kept
+    /// the channel open: the master went on sending it connections, unread.
+    #[tokio::test]
+    async fn a_worker_that_gets_garbage_from_its_master_ends_the_channel() {
+        let (mut reader, writer, worker) = fake_master().await;
+        // A frame length beyond any frame's.
+        writer.send(&[0xff; 16], &[]).await.expect("send garbage");
+        let mut frames = 0;
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(Some(_)) = reader.recv::<crate::protocol::ToMaster>().await {
+                frames += 1;
+                assert!(frames < 100, "the worker keeps talking");
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "the worker ends its channel");
+        assert!(worker.draining().is_cancelled(), "and drains");
+    }
+
+    #[test]
+    fn a_reason_is_cut_at_a_character_boundary() {
+        // 'é' is two bytes: byte 4096 falls inside one.
+        let long = format!("x{}", "é".repeat(3000));
+        let cut = bounded_reason(long.clone());
+        assert_eq!(cut.len(), MAX_REASON - 1);
+        assert!(long.starts_with(&cut));
+        assert_eq!(bounded_reason("short".into()), "short");
     }
 }
