@@ -663,7 +663,9 @@ class WSGIServer:
                 return  # close()
             try:
                 self._serve(conn)
-            except Exception:
+            except BaseException:
+                # Whatever escapes, the thread stays in the pool: a thread lost here
+                # would leave its connection open and the pool a thread smaller.
                 traceback.print_exc()
                 self._close_now(conn)
 
@@ -741,6 +743,17 @@ class WSGIServer:
         except _ClientGone:
             self._close_now(conn)
             raise
+        except SystemExit as e:
+            # sys.exit() in a handler ends a gunicorn worker; here the worker leaves
+            # gracefully: this request fails, the others finish, the master replaces it.
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            self.worker.suicide(f"the WSGI application called sys.exit({e.code!r})",
+                                exit_code=code)
+            if not ex.head_sent:
+                self._error(conn, 500, "internal server error")
+                return False
+            self._close_now(conn)
+            raise _ClientGone("application exited after the head was sent") from None
         except Exception:
             print(f"rr_cluster_worker: error in the WSGI application ({method} "
                   f"{environ.get('REQUEST_URI', '')}):", file=sys.stderr)

@@ -2,6 +2,7 @@
 100-continue, pipelining, errors, and the drain's Connection: close / idle grace."""
 
 import socket
+import sys
 import threading
 import time
 
@@ -23,6 +24,10 @@ class StubWorker:
         self.drain_started = time.monotonic()
         self.closing.set()
         self.draining.set()
+
+    def suicide(self, reason, exit_code=0):
+        self.suicide_reason, self.exit_code = reason, exit_code
+        self.drain()
 
 
 def app(environ, start_response):
@@ -48,6 +53,8 @@ def app(environ, start_response):
         return [b"ok"]
     if path == "/fail":
         raise ValueError("the application failed")
+    if path == "/exit":
+        sys.exit(3)
     if path == "/short":
         start_response("200 OK", [("Content-Length", "10")])
         return [b"abc", b""]
@@ -242,6 +249,23 @@ def test_application_errors(server):
             break
         data += chunk
     assert data.endswith(b"\r\n\r\nabc")
+
+
+def test_sys_exit_in_the_application_leaves_gracefully_and_keeps_the_pool(server):
+    # More exits than the pool has threads (4): each used to kill its thread for good,
+    # leaving its connection open, until no thread served at all.
+    for _ in range(6):
+        c = server.connect()
+        request(c, "/exit")
+        r = read_response(c)
+        assert r.status == 500 and r.headers["connection"] == "close"
+        assert at_eof(c)
+    assert server.stub.suicide_reason == "the WSGI application called sys.exit(3)"
+    assert server.stub.exit_code == 3
+    c = server.connect()
+    request(c, "/")
+    r = read_response(c)
+    assert r.status == 200 and r.headers["connection"] == "close"  # draining now
 
 
 def test_bad_chunked_body_closes_the_connection(server):
