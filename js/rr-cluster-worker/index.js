@@ -26,6 +26,16 @@ const DEFAULT_IDLE_GRACE_MS = 2000;
 const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10000;
 const DEFAULT_PORT = 3000;
 const SWEEP_INTERVAL_MS = 100;
+// Once draining, on each socket: when it last went idle (its last response flushed, or
+// the drain's start), and how many bytes it had read then (more since: a request is
+// arriving).
+const IDLE_SINCE = Symbol('rr-cluster idle since');
+const READ_AT_IDLE = Symbol('rr-cluster bytes read when idle');
+
+function stampIdle(socket, at = Date.now()) {
+  socket[IDLE_SINCE] = at;
+  socket[READ_AT_IDLE] = socket.bytesRead;
+}
 const MAX_PENDING_MESSAGES = 1000;
 const SINGLETON = Symbol.for('rr-cluster-worker');
 
@@ -66,7 +76,7 @@ function isHttpServer(server) {
 
 // A server that never calls listen() never gets Node's connection tracking (it is set
 // up by a 'listening' listener): without it headersTimeout/requestTimeout are not
-// enforced and closeIdleConnections() does nothing. Run that listener ourselves.
+// enforced. Run that listener ourselves.
 function enableConnectionTracking(server) {
   for (const fn of server.listeners('listening')) {
     if (fn.name === 'setupConnectionsTracking') {
@@ -87,6 +97,10 @@ class RRClusterWorker extends EventEmitter {
   #isReady = false;
   #heartbeat = null;
   #draining = false;
+  // After our own suicide: the master may have sent connections before it read it, and
+  // its drain notice comes after them. No exit before that notice (or the channel's
+  // end, or the deadline).
+  #awaitingMaster = false;
   #drainInfo = null;
   #deadlineAt = 0;
   #forceTimer = null;
@@ -197,7 +211,6 @@ class RRClusterWorker extends EventEmitter {
       port: options.port ?? parseCount(this.#env.PORT, DEFAULT_PORT),
       host: options.host,
       http: isHttpServer(server),
-      tracking: false,
       shared: [],          // net.Servers received in shared mode
       sockets: new Set(),
       sweeper: null,
@@ -207,7 +220,7 @@ class RRClusterWorker extends EventEmitter {
     server.on('connection', (socket) => this.#track(entry, socket));
     // Nothing runs per request until the drain (see #startDrain): serving costs what
     // the bare server costs.
-    if (entry.http && this.isWorker) entry.tracking = enableConnectionTracking(server);
+    if (entry.http && this.isWorker) enableConnectionTracking(server);
 
     if (options.handleErrors !== false || options.handleSignals !== false) {
       this.#installProcessHandlers(options.handleErrors !== false, options.handleSignals !== false);
@@ -266,8 +279,14 @@ class RRClusterWorker extends EventEmitter {
    */
   shutdown(reason = 'shutdown') {
     if (this.#draining) return;
-    this.#write({ rr: 'suicide', reason: String(reason) });
+    this.#suicide(String(reason));
     this.#startDrain('shutdown', this.#shutdownTimeoutMs);
+  }
+
+  // Announces the worker's end; the drain ends no earlier than the master's answer.
+  #suicide(reason) {
+    this.#awaitingMaster = this.isWorker && process.connected && this.#isReady;
+    this.#write({ rr: 'suicide', reason });
   }
 
   // --- the channel -----------------------------------------------------------------
@@ -277,7 +296,9 @@ class RRClusterWorker extends EventEmitter {
     this.#attached = true;
     process.on('message', (msg, handle) => this.#onMessage(msg, handle));
     process.on('disconnect', () => {
+      this.#awaitingMaster = false;
       if (!this.#draining) this.#startDrain('disconnect', this.#shutdownTimeoutMs);
+      else setImmediate(() => this.#maybeExit());
     });
   }
 
@@ -302,7 +323,10 @@ class RRClusterWorker extends EventEmitter {
           return;
         case 'drain': {
           const d = msg.deadline_ms;
+          this.#awaitingMaster = false;
           this.#startDrain('master', Number.isFinite(d) && d >= 0 ? d : this.#shutdownTimeoutMs);
+          // Connections sent before the notice may still be landing.
+          setImmediate(() => this.#maybeExit());
           return;
         }
         default:
@@ -379,6 +403,8 @@ class RRClusterWorker extends EventEmitter {
     if (this.#open.has(socket)) return;
     this.#open.add(socket);
     entry.sockets.add(socket);
+    // Sent before the drain, landing after it: idle from now, for the whole grace.
+    if (this.#draining) stampIdle(socket);
     socket.once('close', () => {
       this.#open.delete(socket);
       entry.sockets.delete(socket);
@@ -398,7 +424,8 @@ class RRClusterWorker extends EventEmitter {
     if (exitCode !== 0) this.#exitCode = exitCode;
     const deadlineAt = Date.now() + deadlineMs;
     if (this.#draining) {
-      if (deadlineAt < this.#deadlineAt) this.#armForceExit(deadlineMs);
+      // The master's deadline is the one it enforces: it replaces our own guess.
+      if (reason === 'master' || deadlineAt < this.#deadlineAt) this.#armForceExit(deadlineMs);
       return;
     }
     this.#draining = true;
@@ -420,12 +447,22 @@ class RRClusterWorker extends EventEmitter {
         // is in place before it writes its head), and those in flight whose head is
         // not written yet (a socket's current response is its _httpMessage, which
         // Node clears once the response is done).
+        // A socket is idle again once its response is flushed ('finish'): the grace
+        // counts from then, for a client that may send its next request at once.
         entry.server.prependListener('request', (req, res) => {
           if (!res.headersSent) res.setHeader('Connection', 'close');
+          const socket = req.socket;
+          res.once('finish', () => stampIdle(socket));
         });
+        const now = Date.now();
         for (const socket of entry.sockets) {
           const res = socket._httpMessage;
-          if (res && !res.headersSent) res.setHeader('Connection', 'close');
+          if (res) {
+            if (!res.headersSent) res.setHeader('Connection', 'close');
+            res.once('finish', () => stampIdle(socket));
+          } else {
+            stampIdle(socket, now);
+          }
         }
         const timer = setTimeout(() => {
           this.#sweep(entry);
@@ -453,15 +490,19 @@ class RRClusterWorker extends EventEmitter {
     setImmediate(() => this.#maybeExit());
   }
 
+  // Closes the sockets idle for the whole grace. Not server.closeIdleConnections():
+  // it also destroys a socket whose response is ended but not yet flushed (cutting it
+  // short), and one that went idle a moment ago.
   #sweep(entry) {
-    if (entry.tracking && typeof entry.server.closeIdleConnections === 'function') {
-      entry.server.closeIdleConnections();
-      return;
-    }
-    // Node without connection tracking: a socket is idle when no response is open on
-    // it (Node keeps the open one in socket._httpMessage).
+    const now = Date.now();
     for (const socket of entry.sockets) {
-      if (!socket._httpMessage) socket.destroy();
+      // A response is open on it (Node clears _httpMessage once it is flushed).
+      if (socket._httpMessage) continue;
+      if (now - (socket[IDLE_SINCE] ?? now) < entry.idleGraceMs) continue;
+      // Bytes arrived since it went idle: a request is on its way.
+      if (socket.bytesRead !== socket[READ_AT_IDLE]) continue;
+      if (socket.writableLength > 0) continue;
+      socket.destroy();
     }
   }
 
@@ -482,7 +523,7 @@ class RRClusterWorker extends EventEmitter {
   }
 
   #maybeExit() {
-    if (!this.#draining || this.#exiting) return;
+    if (!this.#draining || this.#exiting || this.#awaitingMaster) return;
     if (this.#open.size > 0 || this.#hooksPending > 0) return;
     this.#exit();
   }
@@ -510,7 +551,7 @@ class RRClusterWorker extends EventEmitter {
             // A second signal: leave now, as Node would have on the first.
             process.exit(128 + (signal === 'SIGTERM' ? 15 : 2));
           }
-          this.#write({ rr: 'suicide', reason: signal });
+          this.#suicide(signal);
           this.#startDrain('signal', this.#shutdownTimeoutMs);
         });
       }
@@ -526,7 +567,7 @@ class RRClusterWorker extends EventEmitter {
     process.stderr.write(`rr-cluster-worker: ${what} in worker ${this.id} (pid ${process.pid}); ` +
       'draining, then exiting with status 1\n');
     // Announced before anything closes, so the master replaces this worker at once.
-    this.#write({ rr: 'suicide', reason: `${what}: ${oneLine(err)}` });
+    this.#suicide(`${what}: ${oneLine(err)}`);
     this.#startDrain('crash', this.#shutdownTimeoutMs, 1);
   }
 }

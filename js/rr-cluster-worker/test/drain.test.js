@@ -95,3 +95,82 @@ test('connections sent before the drain are still served after it', async (t) =>
   assert.equal(exit.code, 0);
   assert.ok(exit.at - drainAt < 3000);
 });
+
+test('after its own shutdown() the worker serves what the master sent before it read the suicide', async (t) => {
+  const master = await FakeMaster.start({ script: WORKER, workers: 1, dispatch: 'none' });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const accepted = (n) => within(2000, (async () => {
+    while (master.accepted.length < n) await sleep(5);
+    return master.accepted[n - 1];
+  })(), `accept ${n}`);
+
+  const a = await RawHttp.connect(master.port);
+  t.after(() => a.close());
+  await worker.sendConnection(await accepted(1));
+  const left = await a.request('/leave', { Connection: 'close' });
+  assert.equal(left.status, 200);
+  await worker.waitMessage((m) => m.rr === 'suicide', 2000, 'the suicide');
+  // A connection the master had sent before it read the suicide, then its drain.
+  const b = await RawHttp.connect(master.port);
+  t.after(() => b.close());
+  await worker.sendConnection(await accepted(2));
+  const drainAt = await worker.drain(3000);
+  const res = await b.request('/');
+  assert.equal(res.status, 200);
+  assert.equal(res.headers.connection, 'close');
+  const exit = await worker.waitExit(3000);
+  assert.equal(exit.code, 0);
+  assert.ok(exit.at - drainAt < 3000);
+});
+
+test('drain: the idle grace counts from when a connection went idle, not from the drain', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE) },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  // Its head (keep-alive) goes out before the drain; it ends well after the grace.
+  const a = await RawHttp.connect(master.port);
+  t.after(() => a.close());
+  const streamed = a.request(`/stream?ms=${3 * GRACE}`);
+  await worker.waitMessage((m) => m.rr === 'heartbeat' && m.active === 1, 2000, 'the request open');
+  await worker.drain(5000);
+  const res = await streamed;
+  assert.equal(res.status, 200);
+  assert.equal(res.body, 'start\nend\n');
+  assert.equal(res.headers.connection, 'keep-alive', 'its head went out before the drain');
+  // The client's next request, a moment later (within the grace from the end of the
+  // response, past the grace from the drain), is served.
+  await sleep(GRACE / 2);
+  const next = await a.request('/');
+  assert.equal(next.status, 200);
+  assert.equal(next.headers.connection, 'close');
+  assert.equal((await worker.waitExit(5000)).code, 0);
+});
+
+test('drain: an idle sweep never cuts a response that is ended but not yet flushed', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE) },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const bytes = 16 << 20;
+  // A slow reader: it reads nothing until the sweeps have run.
+  const big = await RawHttp.connect(master.port);
+  t.after(() => big.close());
+  // An idle keep-alive connection, closed by the sweep: the sign that sweeps ran.
+  const idle = await RawHttp.connect(master.port);
+  t.after(() => idle.close());
+  assert.equal((await idle.request('/')).status, 200);
+  big.socket.pause();
+  await worker.drain(10000);
+  const answer = big.request(`/big?bytes=${bytes}`, {}, 10000);
+  await within(3000, idle.closed, 'the idle connection swept');
+  big.socket.resume();
+  const res = await answer;
+  assert.equal(res.status, 200);
+  assert.equal(res.body.length, bytes, 'the whole body');
+  assert.equal((await worker.waitExit(5000)).code, 0);
+});
+
