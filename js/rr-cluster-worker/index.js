@@ -213,11 +213,17 @@ class RRClusterWorker extends EventEmitter {
       http: isHttpServer(server),
       shared: [],          // net.Servers received in shared mode
       sockets: new Set(),
+      // The sockets HTTP is served on: the accepted ones, or for https the TLS sockets
+      // over them (where Node keeps the parser and the open response).
+      httpSockets: new Set(),
       sweeper: null,
     };
     this.#entries.push(entry);
 
     server.on('connection', (socket) => this.#track(entry, socket));
+    if (server instanceof https.Server) {
+      server.on('secureConnection', (socket) => this.#trackHttp(entry, socket));
+    }
     // Nothing runs per request until the drain (see #startDrain): serving costs what
     // the bare server costs.
     if (entry.http && this.isWorker) enableConnectionTracking(server);
@@ -403,13 +409,24 @@ class RRClusterWorker extends EventEmitter {
     if (this.#open.has(socket)) return;
     this.#open.add(socket);
     entry.sockets.add(socket);
-    // Sent before the drain, landing after it: idle from now, for the whole grace.
-    if (this.#draining) stampIdle(socket);
+    if (entry.http && !(entry.server instanceof https.Server)) {
+      entry.httpSockets.add(socket);
+      // Sent before the drain, landing after it: idle from now, for the whole grace.
+      if (this.#draining) stampIdle(socket);
+    }
     socket.once('close', () => {
       this.#open.delete(socket);
       entry.sockets.delete(socket);
+      entry.httpSockets.delete(socket);
       this.#maybeExit();
     });
+  }
+
+  // https: the TLS socket over an accepted one (see #track).
+  #trackHttp(entry, socket) {
+    entry.httpSockets.add(socket);
+    if (this.#draining) stampIdle(socket);
+    socket.once('close', () => entry.httpSockets.delete(socket));
   }
 
   #listen(entry) {
@@ -455,7 +472,7 @@ class RRClusterWorker extends EventEmitter {
           res.once('finish', () => stampIdle(socket));
         });
         const now = Date.now();
-        for (const socket of entry.sockets) {
+        for (const socket of entry.httpSockets) {
           const res = socket._httpMessage;
           if (res) {
             if (!res.headersSent) res.setHeader('Connection', 'close');
@@ -495,7 +512,9 @@ class RRClusterWorker extends EventEmitter {
   // short), and one that went idle a moment ago.
   #sweep(entry) {
     const now = Date.now();
-    for (const socket of entry.sockets) {
+    for (const socket of entry.httpSockets) {
+      // Upgraded (WebSocket): no longer HTTP's, the application's to end.
+      if (!socket.parser) continue;
       // A response is open on it (Node clears _httpMessage once it is flushed).
       if (socket._httpMessage) continue;
       if (now - (socket[IDLE_SINCE] ?? now) < entry.idleGraceMs) continue;

@@ -3,7 +3,8 @@
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const path = require('node:path');
-const { FakeMaster, RawHttp, sleep, within, FIXTURES } = require('../test-support/helpers.js');
+const tls = require('node:tls');
+const { FakeMaster, RawHttp, sleep, waitFor, within, FIXTURES } = require('../test-support/helpers.js');
 
 const WORKER = path.join(FIXTURES, 'http-worker.js');
 const GRACE = 300;
@@ -125,24 +126,25 @@ test('after its own shutdown() the worker serves what the master sent before it 
 });
 
 test('drain: the idle grace counts from when a connection went idle, not from the drain', async (t) => {
+  const grace = 1500;
   const master = await FakeMaster.start({
-    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE) },
+    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(grace) },
   });
   t.after(() => master.close());
   const worker = master.workers[0];
   // Its head (keep-alive) goes out before the drain; it ends well after the grace.
   const a = await RawHttp.connect(master.port);
   t.after(() => a.close());
-  const streamed = a.request(`/stream?ms=${3 * GRACE}`);
+  const streamed = a.request(`/stream?ms=${2 * grace}`);
   await worker.waitMessage((m) => m.rr === 'heartbeat' && m.active === 1, 2000, 'the request open');
-  await worker.drain(5000);
+  await worker.drain(10000);
   const res = await streamed;
   assert.equal(res.status, 200);
   assert.equal(res.body, 'start\nend\n');
   assert.equal(res.headers.connection, 'keep-alive', 'its head went out before the drain');
   // The client's next request, a moment later (within the grace from the end of the
   // response, past the grace from the drain), is served.
-  await sleep(GRACE / 2);
+  await sleep(200);
   const next = await a.request('/');
   assert.equal(next.status, 200);
   assert.equal(next.headers.connection, 'close');
@@ -171,6 +173,59 @@ test('drain: an idle sweep never cuts a response that is ended but not yet flush
   const res = await answer;
   assert.equal(res.status, 200);
   assert.equal(res.body.length, bytes, 'the whole body');
+  assert.equal((await worker.waitExit(5000)).code, 0);
+});
+
+test('drain: an upgraded connection is not swept: it is the application\'s to end', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE) },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const up = await RawHttp.connect(master.port);
+  t.after(() => up.close());
+  up.socket.write('GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n');
+  await waitFor(() => up.buffer.includes('\r\n\r\n'), 2000, 'the 101');
+  assert.match(up.buffer.toString('latin1'), /^HTTP\/1\.1 101 /);
+  up.buffer = Buffer.alloc(0);
+  // An idle keep-alive connection, closed by the sweep: the sign that sweeps ran.
+  const idle = await RawHttp.connect(master.port);
+  t.after(() => idle.close());
+  assert.equal((await idle.request('/')).status, 200);
+  await worker.drain(5000);
+  await within(3000, idle.closed, 'the idle connection swept');
+  up.socket.write('ping');
+  await waitFor(() => up.buffer.length >= 4, 2000, 'the echo');
+  assert.equal(up.buffer.toString(), 'ping');
+  assert.equal(up.closedAt, null, 'the upgraded connection is open');
+  up.close();
+  assert.equal((await worker.waitExit(5000)).code, 0);
+});
+
+test('drain over TLS: a response in flight is not cut, an idle connection is closed after the grace', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE), TEST_TLS: '1' },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const connect = () => within(5000, new Promise((resolve, reject) => {
+    const socket = tls.connect({ port: master.port, host: '127.0.0.1', rejectUnauthorized: false },
+      () => resolve(new RawHttp(socket)));
+    socket.once('error', reject);
+  }), 'TLS connect');
+  const slow = await connect();
+  t.after(() => slow.close());
+  const idle = await connect();
+  t.after(() => idle.close());
+  assert.equal((await idle.request('/')).status, 200);
+  // Longer than the grace, sending nothing meanwhile.
+  const answer = slow.request(`/slow?ms=${4 * GRACE}`);
+  await worker.waitMessage((m) => m.rr === 'heartbeat' && m.active === 2, 2000, 'both open');
+  await worker.drain(5000);
+  await within(3000, idle.closed, 'the idle connection swept');
+  const res = await answer;
+  assert.equal(res.status, 200);
+  assert.equal(res.body, 'slow done\n');
   assert.equal((await worker.waitExit(5000)).code, 0);
 });
 
