@@ -1,10 +1,10 @@
 //! The operating-system calls of the crate, through `rustix`'s safe wrappers, plus the
-//! four things that have no safe wrapper: adopting a descriptor number named by the
+//! five things that have no safe wrapper: adopting a descriptor number named by the
 //! environment, the hook that runs in a forked child before `exec`, registering a
 //! socket with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio
-//! 1.52 for I/O safety), and a `recv` into the uninitialized part of a tokio
-//! `ReadBuf`. Those are the crate's only `unsafe` blocks, each with its safety
-//! argument. The rest of the crate is `#![deny(unsafe_code)]` and sees only
+//! 1.52 for I/O safety), a `recv` into the uninitialized part of a tokio `ReadBuf`,
+//! and borrowing the descriptor numbers a frame carries for `sendmsg`. Those are the
+//! crate's only `unsafe` blocks, each with its safety argument. The rest of the crate is `#![deny(unsafe_code)]` and sees only
 //! functions taking `OwnedFd` and `BorrowedFd`.
 #![allow(unsafe_code)]
 

@@ -678,7 +678,7 @@ impl Worker {
             .send_msg(&ToMaster::Suicide { reason })
             .await;
         if sent.is_err() {
-            self.inner.begin_drain(None);
+            self.inner.unannounced_end();
         }
         Ok(sent?)
     }
@@ -699,7 +699,7 @@ impl Worker {
                 let reason = bounded_reason(format!("panic: {info}"));
                 inner.draining.cancel();
                 if !inner.suicide_blocking(&reason) {
-                    inner.begin_drain(None);
+                    inner.unannounced_end();
                 }
             }
             previous(info);
@@ -710,6 +710,16 @@ impl Worker {
 impl Inner {
     /// Stops taking connections: ends `Incoming` once queued connections are taken,
     /// and sets the time by which the worker must be done.
+    /// The worker goes down but its `Suicide` did not reach the master: end the
+    /// channel, so that the master stops sending (and replaces the worker) rather than
+    /// send connections into a drain it does not know of (a frame cut short, the
+    /// panic hook's, ends there too), and drain with the orphan drain's deadline, as
+    /// no `Drain` will come.
+    fn unannounced_end(&self) {
+        self.writer.shutdown();
+        self.begin_drain(Some(Instant::now() + self.orphan_drain));
+    }
+
     fn begin_drain(&self, finish_by: Option<Instant>) {
         self.draining.cancel();
         if let Some(at) = finish_by {
