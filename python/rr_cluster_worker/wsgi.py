@@ -746,7 +746,8 @@ class WSGIServer:
         except SystemExit as e:
             # sys.exit() in a handler ends a gunicorn worker; here the worker leaves
             # gracefully: this request fails, the others finish, the master replaces it.
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            # As the process would have exited: None is 0, a message 1, -1 is 255.
+            code = e.code % 256 if isinstance(e.code, int) else (0 if e.code is None else 1)
             self.worker.suicide(f"the WSGI application called sys.exit({e.code!r})",
                                 exit_code=code)
             if not ex.head_sent:
