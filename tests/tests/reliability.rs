@@ -616,3 +616,35 @@ fn workers_that_die_over_and_over_leave_no_descriptor_in_the_master() {
         "the master had {before} descriptors open, {after} after {DEATHS} workers died"
     );
 }
+
+/// A control client that sends requests and never reads the answers blocked its
+/// session in a write for ever, and the master's exit with it.
+#[test]
+fn a_control_client_that_never_reads_does_not_keep_the_master_from_exiting() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("rr-noread-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let control = dir.join("ctl.sock");
+    let c = control.to_str().expect("utf8").to_owned();
+    let mut master = MasterProcess::start(&[], MASTER, &["--control", &c], 1, WORKER, &[]);
+    let mut client = std::os::unix::net::UnixStream::connect(&control).expect("connect");
+    client
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    // Requests until the master's answers fill both socket buffers and it stops
+    // reading (our writes then time out): its session is stuck in a write.
+    let mut sent = 0;
+    while sent < 200_000 && client.write_all(b"{\"cmd\":\"status\"}\n").is_ok() {
+        sent += 1;
+    }
+    assert!(sent < 200_000, "the master stopped reading at some point");
+    signal(master.pid(), rustix::process::Signal::TERM);
+    let code = master.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        code,
+        Some(0),
+        "the master exits (it waited for the stuck session for ever)"
+    );
+    drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -18,10 +18,18 @@ use tokio::sync::broadcast;
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT: &str = "text/plain; charset=utf-8";
 
+/// Connections the metrics endpoint serves at once; more are closed unanswered (each
+/// holds a descriptor of the master's, and its requests run on the master's thread).
+const MAX_METRICS_CONNECTIONS: usize = 32;
+/// How long a metrics connection may take to send a request's head, and how long it
+/// may stay idle between requests.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `GET /metrics` (Prometheus), `GET /livez` (the master loop answers) and
 /// `GET /readyz` (at least one worker ready and the master not stopping) until the
 /// master stops.
 pub(crate) async fn serve_metrics(listener: TcpListener, handle: MasterHandle) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = handle.wait() => return,
@@ -34,13 +42,22 @@ pub(crate) async fn serve_metrics(listener: TcpListener, handle: MasterHandle) {
                 }
             },
         };
+        let Ok(slot) = std::sync::Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream); // at the limit: closed unanswered
+            continue;
+        };
         let handle = handle.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let handle = handle.clone();
                 async move { Ok::<_, Infallible>(metrics_answer(&req, &handle).await) }
             });
+            // The timer makes hyper enforce the header timeout, which also ends a
+            // connection left idle between requests.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

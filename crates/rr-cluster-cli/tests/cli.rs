@@ -376,6 +376,71 @@ fn metrics_count_known_requests() {
     assert_eq!(pool.wait_exit(), 0);
 }
 
+/// The metrics endpoint kept every connection for ever, each a descriptor of the
+/// master's: now at most 32 at once, and an idle one is closed after 10 s.
+#[test]
+fn the_metrics_endpoint_bounds_its_connections() {
+    use std::io::Read;
+    let dir = Scratch::new("metrics-bound");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        l.local_addr().expect("addr").port()
+    };
+    let metrics = format!("127.0.0.1:{port}");
+    let mut pool = Running::start(
+        &dir.path("ctl.sock"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--metrics",
+            &metrics,
+        ],
+    );
+    let addr: SocketAddr = metrics.parse().expect("addr");
+    let mut idle: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    // Accepted in order: the last 8 are past the limit, closed unanswered (end of
+    // stream); the first 32 are kept, until the header timeout (10 s) closes them too.
+    let read = |s: &mut std::net::TcpStream, within: Duration| {
+        s.set_read_timeout(Some(within)).expect("timeout");
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
+            other => panic!("an idle metrics connection: {other:?}"),
+        }
+    };
+    for s in &mut idle[32..] {
+        assert!(read(s, Duration::from_secs(5)), "past the limit: closed");
+    }
+    for s in &mut idle[..32] {
+        assert!(
+            !read(s, Duration::from_millis(10)),
+            "within the limit: kept"
+        );
+    }
+    for s in &mut idle[..32] {
+        assert!(
+            read(s, Duration::from_secs(20)),
+            "idle: closed by the header timeout"
+        );
+    }
+    let (status, _, _) = get(addr, "/livez");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    signal(pool.child.id(), Signal::TERM);
+    assert_eq!(pool.wait_exit(), 0);
+}
+
 #[test]
 fn systemd_socket_activation_serves_through_the_inherited_socket() {
     let Some(activate) = [
@@ -556,7 +621,10 @@ fn every_duration_flag_works_and_huge_ones_are_refused() {
         "--config",
         config.to_str().expect("utf8"),
     ]);
-    assert!(err.contains("timeouts.drain"), "{err}");
+    assert!(
+        err.contains("huge.toml:2") && err.contains("out of range"),
+        "{err}"
+    );
     // The flag that used to panic now runs.
     let mut pool = Running::start(
         &control,

@@ -243,11 +243,25 @@ pub struct TimeoutSection {
     pub heartbeat_timeout: Option<Option<Duration>>,
 }
 
+/// The largest configuration file read, in bytes.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The longest duration a setting or flag takes: longer is a typo, and would overflow
+/// the clock arithmetic (`now + timeout`).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600); // 365.25 days a year
+
 /// Parses a duration the way the configuration file and the flags do (`500ms`,
-/// `30s`, `2m`, `1m 30s`).
+/// `30s`, `2m`, `1m 30s`), at most [`MAX_DURATION`] (100 years).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"30s\", \"2m\""))
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"30s\", \"2m\"")
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration {s:?} is out of range (at most 100 years)"
+        ));
+    }
+    Ok(d)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -358,6 +372,8 @@ pub fn key_for(method: &'static str) -> &'static str {
         "max_memory" => "recycle.max_memory",
         "max_age" => "recycle.max_age",
         "command" => "worker.command",
+        "stdout_log" => "logs.stdout",
+        "stderr_log" => "logs.stderr",
         other => other,
     }
 }
@@ -371,10 +387,24 @@ impl From<BuildError> for ConfigError {
 impl Config {
     /// Reads and parses a configuration file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read;
+        let read_error = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        // Bounded: a path to /dev/zero (or any huge file) is an error, not all memory.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(read_error)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(read_error(std::io::Error::other(format!(
+                "larger than {} MiB",
+                MAX_CONFIG_BYTES >> 20
+            ))));
+        }
+        let text =
+            String::from_utf8(bytes).map_err(|_| read_error(std::io::Error::other("not UTF-8")))?;
         Config::from_toml(&text, path)
     }
 
@@ -583,7 +613,18 @@ stdout = "/tmp/out.log"
             ConfigError::from(err).to_string(),
             "invalid workers: 0 is out of range 1..=1024"
         );
-        let c = parse("listen = [\"127.0.0.1:0\"]\n[worker]\ncommand = [\"x\"]\n[timeouts]\ndrain = \"500000000000y\"\n")
+        // Beyond any clock: refused where it is written (the client's `now + timeout`
+        // panicked on it).
+        let err = parse("[timeouts]\ndrain = \"500000000000y\"\n").expect_err("huge");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("out of range") && msg.contains("rr-cluster.toml:2"),
+            "{msg}"
+        );
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert_eq!(parse_duration("100y").map(|d| d <= MAX_DURATION), Ok(true));
+        // Long but parsable: the setting's own bound.
+        let c = parse("listen = [\"127.0.0.1:0\"]\n[worker]\ncommand = [\"x\"]\n[timeouts]\ndrain = \"50y\"\n")
             .expect("parses");
         let err = c
             .apply(MasterBuilder::default())
@@ -592,6 +633,19 @@ stdout = "/tmp/out.log"
             .expect_err("huge");
         let msg = ConfigError::from(err).to_string();
         assert!(msg.starts_with("invalid timeouts.drain: "), "{msg}");
+        let c = parse("listen = [\"127.0.0.1:0\"]\n[worker]\ncommand = [\"x\"]\n[logs]\nstdout = \"/nonexistent-dir/x.log\"\n")
+            .expect("parses");
+        let err = c
+            .apply(MasterBuilder::default())
+            .expect("applies")
+            .build()
+            .expect_err("no such directory");
+        assert_eq!(
+            ConfigError::from(err).to_string(),
+            "invalid logs.stdout: /nonexistent-dir: no such directory"
+        );
+        let err = Config::from_file(Path::new("/dev/zero")).expect_err("endless");
+        assert!(err.to_string().contains("larger than 1 MiB"), "{err}");
         let c = parse("[worker]\ncommand = []\n").expect("parses");
         let err = c
             .apply(MasterBuilder::default())

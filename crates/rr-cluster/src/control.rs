@@ -33,6 +33,9 @@ pub const MAX_REQUEST: usize = 4096;
 pub const MAX_CLIENTS: usize = 64;
 /// A control connection with no request for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A control connection whose client does not take an answer for this long is closed
+/// (it would hold its slot, and the master's exit, for ever).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A command for the master.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,7 +277,10 @@ pub async fn request_within(
     req: &Request,
     timeout: Duration,
 ) -> Result<Response, ControlError> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    // Saturating: a caller's timeout may be any duration.
+    let deadline = tokio::time::Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| tokio::time::Instant::now() + crate::config::MAX_DURATION);
     let mut pause = Duration::from_millis(2);
     loop {
         let attempt = tokio::time::timeout_at(deadline, request_inner(path, req))

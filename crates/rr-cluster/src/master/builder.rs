@@ -473,6 +473,28 @@ impl MasterBuilder {
         if let Some(age) = r.common.recycle.max_age {
             within("max_age", age, Duration::from_secs(1), limits::MAX_AGE)?;
         }
+        // A log file is opened (created) once the master runs; a path that cannot be
+        // one is refused now, not logged then.
+        for (method, path) in [
+            ("stdout_log", &r.common.output.stdout),
+            ("stderr_log", &r.common.output.stderr),
+        ] {
+            let Some(path) = path else { continue };
+            if path.is_dir() {
+                return Err(invalid(
+                    method,
+                    format!("{} is a directory", path.display()),
+                ));
+            }
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if !dir.is_dir() {
+                    return Err(invalid(
+                        method,
+                        format!("{}: no such directory", dir.display()),
+                    ));
+                }
+            }
+        }
         Ok(Settings {
             listen,
             workers,

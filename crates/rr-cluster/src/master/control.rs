@@ -2,9 +2,10 @@
 //!
 //! Hardened against its clients: the socket is created with mode 0600 (no window
 //! after `bind`), only the same user or root may talk (`SO_PEERCRED`), at most
-//! [`MAX_CLIENTS`] connections at once, requests of at most [`MAX_REQUEST`] bytes, and
-//! an idle connection is closed after [`IDLE_TIMEOUT`]. Only a dead socket file is ever
-//! replaced at the path.
+//! [`MAX_CLIENTS`] connections at once, requests of at most [`MAX_REQUEST`] bytes, an
+//! idle connection is closed after [`IDLE_TIMEOUT`], and one whose client does not read
+//! its answer after [`WRITE_TIMEOUT`]. Only a dead socket file is ever replaced at the
+//! path.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::command::{Command, Outcome, Refusal, ScaleTo, StopMode};
-use crate::control::{IDLE_TIMEOUT, MAX_CLIENTS, MAX_REQUEST, Request, Response};
+use crate::control::{IDLE_TIMEOUT, MAX_CLIENTS, MAX_REQUEST, Request, Response, WRITE_TIMEOUT};
 use crate::sys;
 
 /// Binds the control socket, mode 0600 from the start. A stale socket file (nobody
@@ -247,5 +248,7 @@ async fn write_line(
 ) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(resp).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    write.write_all(&bytes).await
+    tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client does not read"))?
 }

@@ -869,7 +869,8 @@ fn jitter(max: u64, id: u64) -> u64 {
     x ^= x >> 31;
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^= x >> 29;
-    x % (max + 1)
+    // `max` may be u64::MAX (then `0..max` will do).
+    x % max.saturating_add(1)
 }
 
 fn listeners_json(listeners: &[ListenerInfo]) -> String {
@@ -942,6 +943,8 @@ mod tests {
         assert!(values.iter().all(|v| *v <= 50));
         assert!(values.len() > 20, "{values:?}");
         assert_eq!(jitter(0, 7), 0);
+        // Any bound a flag takes (`max + 1` overflowed: a division by zero).
+        let _ = jitter(u64::MAX, 7);
     }
 
     #[test]
