@@ -126,6 +126,52 @@ async fn rolling_reload_replaces_every_worker_while_serving() {
     assert_eq!(cluster.stop().await, 0);
 }
 
+/// A reload whose new worker fails rolls back to the configuration before it, also
+/// when the old worker died meanwhile: the driver had forgotten that configuration
+/// (no worker of it left), and the rollback started the failed one again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_rolls_back_to_the_old_configuration_after_the_old_worker_died() {
+    let b = builder(WORKER.as_ref(), &[], 1)
+        .ready_timeout(Duration::from_secs(2))
+        .on_reload(|| {
+            // The new configuration's worker never says Ready.
+            Ok(builder(WORKER.as_ref(), &["--ready-delay", "600000"], 1)
+                .ready_timeout(Duration::from_secs(2)))
+        });
+    let mut cluster = start_cluster(b).await;
+    let before = cluster.wait_ready(1).await;
+    let old = before.workers[0].pid.expect("pid");
+    cluster.handle.reload().await.expect("reload starts");
+    cluster
+        .next_event(|e| matches!(e, Event::WorkerSpawned { generation: 1, .. }).then_some(()))
+        .await;
+    // The old worker dies while the new one starts.
+    rr_cluster_tests::kill_child(old);
+    cluster
+        .next_event(|e| matches!(e, Event::ReloadFailed { generation: 1, .. }).then_some(()))
+        .await;
+    // The slot runs the old configuration again: a worker that says Ready.
+    let mut ready = None;
+    for _ in 0..300 {
+        let s = cluster.handle.status().await.expect("status");
+        if let Some(w) = s
+            .workers
+            .iter()
+            .find(|w| w.state == WorkerState::Ready && w.pid != Some(old))
+        {
+            ready = Some((s.generation, w.generation));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        ready,
+        Some((0, 0)),
+        "a worker of the old configuration, ready"
+    );
+    assert_eq!(cluster.stop().await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_reload_keeps_the_pool() {
     let b = builder(WORKER.as_ref(), &[], 2)

@@ -424,7 +424,13 @@ impl Driver {
     fn forget_unused_generations(&mut self) {
         let in_use: std::collections::BTreeSet<u64> =
             self.workers.values().map(|w| w.generation).collect();
-        let keep_from = self.in_effect.min(self.sm.generation());
+        // And the one a failed reload rolls back to, even with none of its workers
+        // left (one died meanwhile): a rollback would otherwise start workers with the
+        // failed configuration.
+        let keep_from = self
+            .in_effect
+            .min(self.sm.generation())
+            .min(self.sm.rollback_generation().unwrap_or(u64::MAX));
         self.generations
             .retain(|g, _| *g >= keep_from || in_use.contains(g));
     }
@@ -690,6 +696,14 @@ impl Driver {
     /// checks the memory and age recycle limits and misconfiguration hints.
     fn sample(&mut self) {
         let now = Instant::now();
+        // A recycle asked for and no longer under way without a `RecycleFailed` (its
+        // replacement was overtaken by a reload, or scaled away): the worker, still its
+        // slot's own, may be asked again. Otherwise it would never be recycled again.
+        for (id, w) in &mut self.workers {
+            if w.recycle_asked && self.sm.is_current_ready(*id) {
+                w.recycle_asked = false;
+            }
+        }
         if let Some(s) = procstat::sample(sys::getpid()) {
             self.master_samples = (self.master_samples.1.take(), Some((now, s)));
         }

@@ -263,6 +263,10 @@ struct Reload {
     waiting: Option<(u32, u64)>,
     /// A rollback: only slots whose worker is of this (failed) generation.
     only: Option<u64>,
+    /// The pool had given up before this reload, with these slots stopped: a failed
+    /// reload gives them back (the slots it did not reach would stay empty, with no
+    /// restart due and no give-up to show for it).
+    gave_up_before: Option<Vec<bool>>,
 }
 
 /// The pool's lifecycle state.
@@ -353,6 +357,11 @@ impl Supervisor {
         self.reload.is_some()
     }
 
+    /// While a reload runs: the generation a failure rolls back to.
+    pub(crate) fn rollback_generation(&self) -> Option<u64> {
+        self.reload.as_ref().map(|r| r.previous_generation)
+    }
+
     /// Restarts since the master started.
     pub(crate) fn restarts_total(&self) -> u64 {
         self.restarts_total
@@ -406,11 +415,14 @@ impl Supervisor {
             .iter()
             .flat_map(|s| [s.restart_at, s.recycle_not_before])
             .flatten();
+        // Only for a worker still ready: for one that left, the instant would pass and
+        // stay past (the loop would spin until it exits).
         let settle = self
             .reload
             .as_ref()
             .and_then(|r| r.waiting)
             .and_then(|(_, id)| self.procs.get(&id))
+            .filter(|p| p.state == ProcState::Ready)
             .and_then(|p| p.ready_at)
             .map(|t| t + self.policy.min_uptime);
         procs.chain(slots).chain(settle).min()
@@ -574,9 +586,10 @@ impl Supervisor {
         let previous_policy = std::mem::replace(&mut self.policy, policy);
         let previous_generation = std::mem::replace(&mut self.generation, generation);
         // A reload is a fresh start: new code deserves a new restart budget.
-        if self.gave_up {
-            self.gave_up = false;
-        }
+        let gave_up_before = self
+            .gave_up
+            .then(|| self.slots.iter().map(|s| s.stopped).collect());
+        self.gave_up = false;
         self.restart_log.clear();
         for s in &mut self.slots {
             s.stopped = false;
@@ -590,6 +603,7 @@ impl Supervisor {
             next_slot: 0,
             waiting: None,
             only: None,
+            gave_up_before,
         });
         self.settle(now);
         Ok(ReloadStart::Started(generation))
@@ -1189,6 +1203,14 @@ impl Supervisor {
         }
         self.generation = r.previous_generation;
         self.policy = r.previous_policy.clone();
+        if let Some(stopped) = &r.gave_up_before {
+            self.gave_up = true;
+            for (s, was) in self.slots.iter_mut().zip(stopped) {
+                if *was && s.current.is_none() && s.successor.is_none() && s.restart_at.is_none() {
+                    s.stopped = true;
+                }
+            }
+        }
         let rolled = self.slots.iter().any(|s| {
             s.current
                 .and_then(|id| self.procs.get(&id))
@@ -1206,6 +1228,7 @@ impl Supervisor {
                 next_slot: 0,
                 waiting: None,
                 only: Some(r.generation),
+                gave_up_before: None,
             });
             self.step_reload(now);
         } else {
@@ -1268,7 +1291,9 @@ impl Supervisor {
             Duration::ZERO
         } else {
             s.consecutive_failures += 1;
-            if immediate {
+            // At once, unless it is a habit: a worker that says Ready and then its end,
+            // over and over (a dependency down), would be respawned without pause.
+            if immediate && s.consecutive_failures <= 1 {
                 Duration::ZERO
             } else if was_ready {
                 self.policy
@@ -1322,6 +1347,12 @@ impl Supervisor {
                     r.waiting = None;
                     continue;
                 };
+                if !matches!(p.state, ProcState::Starting | ProcState::Ready) {
+                    // It left (Suicide), hung or lost its channel before it settled:
+                    // it never will, and its exit would count as planned.
+                    self.reload_failed(now, slot, "the new worker left before it settled");
+                    return;
+                }
                 let settled = p.state == ProcState::Ready
                     && p.ready_at
                         .is_some_and(|t| now.saturating_duration_since(t) >= settle);
@@ -1701,6 +1732,46 @@ mod tests {
         assert!(h.actions.contains(&Action::Pause(false)));
     }
 
+    /// After a give-up (keep), a reload that failed before it reached the stopped
+    /// slots left them empty with no restart due, and the pool no longer said it had
+    /// given up.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_reload_after_a_give_up_gives_the_give_up_back() {
+        let policy = Policy {
+            on_give_up: GiveUpAction::Keep,
+            restart_limit: 1,
+            ..no_heartbeat_policy()
+        };
+        let mut h = Harness::new(policy, 2);
+        let (a, b) = (h.last_spawn(0), h.last_spawn(1));
+        h.ready(a);
+        // Slot 1 never boots: 2 boot failures > limit 1.
+        h.crash(b);
+        h.advance(Duration::from_secs(1)).await;
+        let b2 = h.last_spawn(1);
+        h.crash(b2);
+        h.advance(Duration::from_secs(5)).await;
+        assert!(h.sm.gave_up());
+        let spawns = h.spawns().len();
+        // The reload's first new worker (slot 0) fails.
+        h.reload();
+        let n0 = h.last_spawn(0);
+        h.crash(n0);
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::ReloadFailed { generation: 1, .. })),
+            1
+        );
+        assert!(h.sm.gave_up(), "given up again, as before the reload");
+        let rows = h.sm.status(Instant::now());
+        assert_eq!(rows[0].state, WorkerState::Ready);
+        assert_eq!(rows[1].state, WorkerState::Stopped);
+        h.advance(Duration::from_secs(60)).await;
+        assert_eq!(h.spawns().len(), spawns + 1, "only the reload's worker");
+        // A later reload re-arms the pool.
+        h.reload();
+        assert!(!h.sm.gave_up());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn boot_failures_outside_the_window_do_not_accumulate() {
         let policy = Policy {
@@ -1789,6 +1860,42 @@ mod tests {
             ),
             1
         );
+    }
+
+    /// A worker that says Ready and then announces its end, over and over, was replaced
+    /// at once every time: a stream of spawns with no pause and no give-up.
+    #[tokio::test(start_paused = true)]
+    async fn young_suicides_in_a_row_back_off() {
+        let mut h = Harness::new(no_heartbeat_policy(), 1);
+        let first = h.last_spawn(0);
+        h.ready(first);
+        h.input(Input::Suicide {
+            id: first,
+            reason: "database down".into(),
+        });
+        let second = h.last_spawn(0);
+        assert_ne!(second, first, "the first one is replaced at once");
+        h.ready(second);
+        h.input(Input::Suicide {
+            id: second,
+            reason: "database down".into(),
+        });
+        assert_eq!(h.last_spawn(0), second, "the second one is not");
+        assert!(matches!(
+            h.events().last(),
+            Some(Event::RestartScheduled { delay, .. }) if !delay.is_zero()
+        ));
+        h.advance(Duration::from_secs(1)).await;
+        let third = h.last_spawn(0);
+        assert_ne!(third, second, "replaced after the backoff");
+        // A worker that served for min_uptime is replaced at once again.
+        h.ready(third);
+        h.advance(Duration::from_secs(2)).await;
+        h.input(Input::Suicide {
+            id: third,
+            reason: "leaking".into(),
+        });
+        assert_ne!(h.last_spawn(0), third);
     }
 
     #[tokio::test(start_paused = true)]
@@ -2076,6 +2183,44 @@ mod tests {
         );
         assert!(!h.sm.reloading());
         assert_eq!(h.sm.generation(), 1);
+    }
+
+    /// The reload waited for a new worker that took its slot early (the old one said
+    /// Suicide) and then left too, before it settled: the master's loop spun on the
+    /// settle instant until that worker exited, and the reload then finished as if it
+    /// had succeeded.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_worker_that_leaves_before_it_settles_fails_the_reload() {
+        let mut h = Harness::new(no_heartbeat_policy(), 1);
+        let old = h.last_spawn(0);
+        h.ready(old);
+        assert_eq!(h.reload(), ReloadStart::Started(1));
+        let new = h.last_spawn(0);
+        h.ready(new);
+        h.input(Input::Suicide {
+            id: old,
+            reason: "leaving".into(),
+        });
+        h.input(Input::Suicide {
+            id: new,
+            reason: "cannot reach its database".into(),
+        });
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::ReloadFailed { generation: 1, .. })),
+            1
+        );
+        assert_eq!(h.sm.generation(), 0);
+        h.advance(Duration::from_secs(2)).await;
+        assert!(
+            h.sm.next_deadline().is_none_or(|d| d > Instant::now()),
+            "no deadline in the past: the loop would spin"
+        );
+        h.exit(new, Some(0), None);
+        h.exit(old, Some(0), None);
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::ReloadFinished { generation: 1 })),
+            0
+        );
     }
 
     /// Regression (v0.1, issue 9.5): a queued reload was lost after a failed reload,
