@@ -1035,6 +1035,15 @@ impl Supervisor {
                     }
                 }
             } else {
+                // The worker a reload waits for (it took the slot early): the reload
+                // fails first, so that the replacement is of the configuration before.
+                if self
+                    .reload
+                    .as_ref()
+                    .is_some_and(|r| r.waiting.is_some_and(|(_, w)| w == id))
+                {
+                    self.reload_failed(now, slot, "the new worker announced its end");
+                }
                 // A serving worker is replaced at once; one that announces its end
                 // before it was ready is a boot failure like any other (backoff).
                 self.restart(now, slot, was_ready, uptime, was_ready);
@@ -1350,7 +1359,13 @@ impl Supervisor {
                 if !matches!(p.state, ProcState::Starting | ProcState::Ready) {
                     // It left (Suicide), hung or lost its channel before it settled:
                     // it never will, and its exit would count as planned.
-                    self.reload_failed(now, slot, "the new worker left before it settled");
+                    let reason = match (p.state, p.ready_at) {
+                        (ProcState::Hung, None) => "the new worker did not get ready in time",
+                        (ProcState::Hung, Some(_)) => "the new worker stopped answering",
+                        (ProcState::Lost, _) => "the new worker's channel closed",
+                        _ => "the new worker announced its end",
+                    };
+                    self.reload_failed(now, slot, reason);
                     return;
                 }
                 let settled = p.state == ProcState::Ready
@@ -2210,6 +2225,12 @@ mod tests {
             1
         );
         assert_eq!(h.sm.generation(), 0);
+        let replacement = h.last_spawn(0);
+        assert_ne!(replacement, new, "the slot is restarted");
+        assert_eq!(
+            h.sm.procs[&replacement].generation, 0,
+            "with the configuration before the reload"
+        );
         h.advance(Duration::from_secs(2)).await;
         assert!(
             h.sm.next_deadline().is_none_or(|d| d > Instant::now()),
