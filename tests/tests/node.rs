@@ -307,5 +307,24 @@ async fn user_messages_go_both_ways() {
     // Compact JSON text, compared as text.
     let text = String::from_utf8_lossy(&m.payload);
     assert!(text.contains("\"query\":\"?x=1\""), "{text}");
+    // A string cut inside a character (Node writes a lone surrogate escape, which
+    // serde_json refuses): it arrives with U+FFFD, and the worker is not dropped for it
+    // (its channel was closed, and the worker killed).
+    let before = cluster.handle.status().await.expect("status");
+    let (status, _, _) = get(cluster.addr, "/send-cut").await.expect("answer");
+    assert_eq!(status, 200);
+    let m = tokio::time::timeout(WAIT, messages.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(m.payload, "{\"cut\":\"\u{fffd}\"}".as_bytes());
+    for _ in 0..4 {
+        let (status, _, _) = get(cluster.addr, "/").await.expect("answer");
+        assert_eq!(status, 200);
+    }
+    let after = cluster.handle.status().await.expect("status");
+    let pids =
+        |s: &rr_cluster::control::Status| s.workers.iter().map(|w| w.pid).collect::<Vec<_>>();
+    assert_eq!(pids(&before), pids(&after), "no worker was dropped");
     assert_eq!(cluster.stop().await, 0);
 }

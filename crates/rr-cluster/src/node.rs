@@ -130,6 +130,53 @@ pub fn user_line(payload: &[u8]) -> Result<Vec<u8>, NodeError> {
     Ok(line)
 }
 
+/// `line` with every `\uXXXX` escape of a lone UTF-16 surrogate replaced by `\ufffd`;
+/// `None` when it has none.
+fn repair_lone_surrogates(line: &[u8]) -> Option<Vec<u8>> {
+    fn escape_at(line: &[u8], i: usize) -> Option<u16> {
+        let hex = line.get(i..i + 6)?;
+        if hex[0] != b'\\' || hex[1] != b'u' {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    }
+    let (high, low) = (0xD800..=0xDBFF, 0xDC00..=0xDFFF);
+    let mut out = Vec::with_capacity(line.len());
+    let mut repaired = false;
+    let mut i = 0;
+    while i < line.len() {
+        if line[i] != b'\\' {
+            out.push(line[i]);
+            i += 1;
+            continue;
+        }
+        match escape_at(line, i) {
+            Some(u) if high.contains(&u) => {
+                if escape_at(line, i + 6).is_some_and(|next| low.contains(&next)) {
+                    out.extend_from_slice(&line[i..i + 12]);
+                    i += 12;
+                } else {
+                    out.extend_from_slice(br"\ufffd");
+                    repaired = true;
+                    i += 6;
+                }
+            }
+            Some(u) if low.contains(&u) => {
+                out.extend_from_slice(br"\ufffd");
+                repaired = true;
+                i += 6;
+            }
+            // Any other escape (`\\` included) is two bytes, or a `\u` and four.
+            _ => {
+                let n = if escape_at(line, i).is_some() { 6 } else { 2 };
+                out.extend_from_slice(&line[i..(i + n).min(line.len())]);
+                i += n;
+            }
+        }
+    }
+    repaired.then_some(out)
+}
+
 fn reserved(value: &Value) -> bool {
     let Some(object) = value.as_object() else {
         return false;
@@ -153,8 +200,15 @@ pub fn decode_line(line: &[u8]) -> Result<FromNode, NodeError> {
     if line == br#"{"cmd":"NODE_HANDLE_ACK"}"# {
         return Ok(FromNode::HandleAck);
     }
-    let value: Value =
-        serde_json::from_slice(line).map_err(|e| NodeError::NotJson(e.to_string()))?;
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        // Node writes a string cut inside a character (a lone UTF-16 surrogate) as a
+        // `\ud83d` escape, valid JSON that serde_json refuses: such a message arrives
+        // as JavaScript's `toWellFormed()` would make it, U+FFFD in place.
+        Err(e) => repair_lone_surrogates(line)
+            .and_then(|fixed| serde_json::from_slice(&fixed).ok())
+            .ok_or_else(|| NodeError::NotJson(e.to_string()))?,
+    };
     let Some(object) = value.as_object() else {
         return Ok(FromNode::User(compact(&value)));
     };
@@ -214,6 +268,31 @@ pub fn json_string(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Node writes `process.send({s: '😀'.slice(0, 1)})` with a lone surrogate escape:
+    /// serde_json refused the line, and the worker's channel was closed for it.
+    #[test]
+    fn lone_surrogates_from_node_become_replacement_characters() {
+        let user = |line: &[u8]| match decode_line(line) {
+            Ok(FromNode::User(json)) => String::from_utf8(json).expect("utf8"),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(user(br#"{"s":"\ud83d"}"#), "{\"s\":\"\u{fffd}\"}");
+        assert_eq!(user(br#"{"s":"a\udc00b"}"#), "{\"s\":\"a\u{fffd}b\"}");
+        assert_eq!(
+            user(br#"["\ud83d\ude00","\ud83dx"]"#),
+            "[\"\u{1f600}\",\"\u{fffd}x\"]"
+        );
+        // An escaped backslash is not an escape's start; a pair is no repair.
+        assert_eq!(user(br#"{"s":"\\ud83d"}"#), "{\"s\":\"\\\\ud83d\"}");
+        assert_eq!(repair_lone_surrogates(br#""\ud83d\ude00""#), None);
+        // What is not JSON stays an error.
+        assert!(matches!(
+            decode_line(b"{\"s\":\"\\ud83d"),
+            Err(NodeError::NotJson(_))
+        ));
+        assert!(matches!(decode_line(b"\\"), Err(NodeError::NotJson(_))));
+    }
 
     #[test]
     fn lines_are_exactly_what_node_expects() {

@@ -150,6 +150,8 @@ pub(crate) struct WorkerLink {
     pub(crate) since_heartbeat: AtomicU32,
     /// Connections the worker lost (its descriptor table was full), as it reports.
     pub(crate) lost: AtomicU64,
+    /// Lines from a Node worker that are not JSON serde_json reads (dropped).
+    unreadable: AtomicU64,
     /// A task waits for this channel to become writable again.
     pub(crate) watching: AtomicBool,
     /// A heartbeat input is on its way to the driver.
@@ -198,6 +200,7 @@ impl WorkerLink {
             active: AtomicU32::new(0),
             since_heartbeat: AtomicU32::new(0),
             lost: AtomicU64::new(0),
+            unreadable: AtomicU64::new(0),
             watching: AtomicBool::new(false),
             heartbeat_queued: AtomicBool::new(false),
             recycle_at: AtomicU64::new(u64::MAX),
@@ -397,6 +400,15 @@ async fn next(
         Protocol::Node => match reader.recv_line(node::MAX_LINE).await {
             Ok(Some(line)) => match node::decode_line(&line) {
                 Ok(msg) => from_node(link, ctx, watch, msg).map(|()| true),
+                // Node's own messages are always readable: this is an application's
+                // (nested too deep, say). Dropped, not the worker's end.
+                Err(node::NodeError::NotJson(e)) => {
+                    let n = link.unreadable.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(worker = link.slot, id = link.id, dropped = n, error = %e, "a message from the worker is not JSON that can be read; dropped");
+                    }
+                    Ok(true)
+                }
                 Err(e) => Err(e.to_string()),
             },
             Ok(None) => Ok(false),
