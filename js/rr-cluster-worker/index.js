@@ -26,6 +26,8 @@ const DEFAULT_IDLE_GRACE_MS = 2000;
 const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10000;
 const DEFAULT_PORT = 3000;
 const SWEEP_INTERVAL_MS = 100;
+const MAX_PENDING_MESSAGES = 1000;
+const SINGLETON = Symbol.for('rr-cluster-worker');
 // Once draining, on each socket: when it last went idle (its last response flushed, or
 // the drain's start), and how many bytes it had read then (more since: a request is
 // arriving).
@@ -36,8 +38,6 @@ function stampIdle(socket, at = Date.now()) {
   socket[IDLE_SINCE] = at;
   socket[READ_AT_IDLE] = socket.bytesRead;
 }
-const MAX_PENDING_MESSAGES = 1000;
-const SINGLETON = Symbol.for('rr-cluster-worker');
 
 function noop() {}
 

@@ -708,8 +708,6 @@ impl Worker {
 }
 
 impl Inner {
-    /// Stops taking connections: ends `Incoming` once queued connections are taken,
-    /// and sets the time by which the worker must be done.
     /// The worker goes down but its `Suicide` did not reach the master: end the
     /// channel, so that the master stops sending (and replaces the worker) rather than
     /// send connections into a drain it does not know of (a frame cut short, the
@@ -720,6 +718,8 @@ impl Inner {
         self.begin_drain(Some(Instant::now() + self.orphan_drain));
     }
 
+    /// Stops taking connections: ends `Incoming` once queued connections are taken,
+    /// and sets the time by which the worker must be done.
     fn begin_drain(&self, finish_by: Option<Instant>) {
         self.draining.cancel();
         if let Some(at) = finish_by {
