@@ -145,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
                 if let Some(line) = line {
                     writeln!(out, "{line}")?;
                     if hog && ready == workers && hogged.is_empty() && line.starts_with("ready") {
-                        hogged = hog_descriptors()?;
+                        hogged = hog_descriptors().await?;
                         writeln!(out, "hogged {}", hogged.len())?;
                     }
                     out.flush()?;
@@ -155,8 +155,11 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Lowers the descriptor limit and opens /dev/null until the table is full.
-fn hog_descriptors() -> anyhow::Result<Vec<std::fs::File>> {
+/// Lowers the descriptor limit and opens /dev/null until the table is full. Then
+/// takes, for a while, any slot that frees up: a descriptor the master held for a
+/// moment when the table filled (a /proc file it was reading, say) would otherwise
+/// let every waiting connection through, one after the other.
+async fn hog_descriptors() -> anyhow::Result<Vec<std::fs::File>> {
     use rustix::process::{Resource, Rlimit, setrlimit};
     setrlimit(
         Resource::Nofile,
@@ -166,10 +169,15 @@ fn hog_descriptors() -> anyhow::Result<Vec<std::fs::File>> {
         },
     )?;
     let mut files = Vec::new();
-    while files.len() < 1024 {
-        match std::fs::File::open("/dev/null") {
-            Ok(f) => files.push(f),
-            Err(_) => break,
+    for round in 0..10 {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while files.len() < 1024 {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => files.push(f),
+                Err(_) => break,
+            }
         }
     }
     Ok(files)
