@@ -42,7 +42,9 @@ pub enum Balance {
     #[default]
     RoundRobin,
     /// The worker with the fewest open connections, from its heartbeats plus what
-    /// was sent to it since.
+    /// was sent to it since. A worker that never sent a heartbeat (a Node.js worker
+    /// without the package) counts as loaded as the least-loaded one that did, and
+    /// such workers take turns (round-robin among themselves).
     LeastConnections,
     /// The same client address to the same slot while the slot lives (jump
     /// consistent hashing over slots): a restart or a scale change moves only the
@@ -142,10 +144,11 @@ struct State {
     /// Links excluded in the current call, to reset.
     excluded_list: Vec<usize>,
     /// Scratch: the sockets being assigned, the groups of the current round, and
-    /// spare group buffers.
+    /// spare group buffers. Groups keep each socket's peer, for a retry after a
+    /// failed send.
     pending: Vec<Accepted>,
-    groups: Vec<(usize, Vec<OwnedFd>)>,
-    spare: Vec<Vec<OwnedFd>>,
+    groups: Vec<(usize, Vec<Accepted>)>,
+    spare: Vec<Vec<Accepted>>,
 }
 
 impl Dispatcher {
@@ -262,23 +265,20 @@ impl Dispatcher {
             let mut pending = std::mem::take(&mut st.pending);
             std::mem::swap(batch, &mut pending);
             for accepted in pending.drain(..) {
+                // Least-connections counts a socket once it is sent (`send_group`);
+                // until then `pick` adds the group's length.
                 let Some(pick) = st.pick(balance, accepted.peer) else {
                     batch.push(accepted);
                     continue;
                 };
-                if balance == Balance::LeastConnections {
-                    st.links[pick]
-                        .since_heartbeat
-                        .fetch_add(1, Ordering::Relaxed);
-                }
                 let g = st.group_of[pick];
                 if g == usize::MAX {
                     st.group_of[pick] = st.groups.len();
                     let mut fds = st.spare.pop().unwrap_or_default();
-                    fds.push(accepted.fd);
+                    fds.push(accepted);
                     st.groups.push((pick, fds));
                 } else {
-                    st.groups[g].1.push(accepted.fd);
+                    st.groups[g].1.push(accepted);
                 }
             }
             st.pending = pending;
@@ -286,10 +286,17 @@ impl Dispatcher {
             while let Some((i, mut fds)) = st.groups.pop() {
                 st.group_of[i] = usize::MAX;
                 let link = Arc::clone(&st.links[i]);
-                if let Some(is_gone) = self.send_group(&link, listener, &mut fds, &mut busy) {
+                let assigned = fds.len();
+                let result = self.send_group(&link, listener, &mut fds, &mut busy);
+                if balance == Balance::LeastConnections {
+                    // Only what was sent: what goes back is counted where it goes.
+                    let sent = u32::try_from(assigned - fds.len()).unwrap_or(u32::MAX);
+                    link.since_heartbeat.fetch_add(sent, Ordering::Relaxed);
+                }
+                if let Some(is_gone) = result {
                     st.exclude(i);
                     gone |= is_gone;
-                    batch.extend(fds.drain(..).map(|fd| Accepted { fd, peer: None }));
+                    batch.append(&mut fds);
                 }
                 st.spare.push(fds);
             }
@@ -313,15 +320,14 @@ impl Dispatcher {
         self: &Arc<Self>,
         link: &Arc<WorkerLink>,
         listener: u16,
-        fds: &mut Vec<OwnedFd>,
+        fds: &mut Vec<Accepted>,
         busy: &mut bool,
     ) -> Option<bool> {
         let budget = usize::try_from(link.budget()).unwrap_or(usize::MAX);
         if budget < fds.len() {
             self.stats.window_full.fetch_add(1, Ordering::Relaxed);
-            link.blocked.store(true, Ordering::Release);
             // Re-check: an acknowledgement may have raised the window meanwhile.
-            if link.budget() > 0 {
+            if link.wait_for_room() {
                 self.notify();
             }
         }
@@ -338,7 +344,7 @@ impl Dispatcher {
                     // TCP_NODELAY: inherited from the listener (see `listen::bind_tcp`).
                     let line = self.node_line(listener);
                     link.writer
-                        .try_send(&line, &[fds[sent].as_raw_fd()])
+                        .try_send(&line, &[fds[sent].fd.as_raw_fd()])
                         .map(|()| 1)
                 }
             };
@@ -466,18 +472,51 @@ impl State {
                 None
             }
             Balance::LeastConnections => {
-                let mut best: Option<(u32, usize)> = None;
+                // The first (from the cursor) of the least-loaded workers that report a
+                // load, as (load, position, index); and the first that does not.
+                let mut best: Option<(u32, usize, usize)> = None;
+                let mut silent: Option<(usize, usize)> = None;
                 for k in 0..n {
                     let i = (self.cursor + k) % n;
                     if self.excluded[i] {
                         continue;
                     }
-                    let load = self.links[i].load();
-                    if best.is_none_or(|(b, _)| load < b) {
-                        best = Some((load, i));
+                    let Some(load) = self.links[i].load() else {
+                        if silent.is_none() {
+                            silent = Some((k, i));
+                        }
+                        if best.is_none() {
+                            // First eligible from the cursor: it ties the minimum
+                            // whatever comes after.
+                            break;
+                        }
+                        continue;
+                    };
+                    // Plus what this call assigned to it and has not sent yet.
+                    let g = self.group_of[i];
+                    let assigned = if g == usize::MAX {
+                        0
+                    } else {
+                        u32::try_from(self.groups[g].1.len()).unwrap_or(u32::MAX)
+                    };
+                    let load = load.saturating_add(assigned);
+                    if best.is_none_or(|(b, _, _)| load < b) {
+                        best = Some((load, k, i));
                     }
                 }
-                let pick = best.map(|(_, i)| i)?;
+                // A silent worker counts as loaded as the least-loaded reporting one:
+                // on a tie, the first from the cursor (so silent ones take turns).
+                let pick = match (best, silent) {
+                    (Some((_, kb, ib)), Some((ks, is))) => {
+                        if ks < kb {
+                            is
+                        } else {
+                            ib
+                        }
+                    }
+                    (Some((_, _, i)), None) | (None, Some((_, i))) => i,
+                    (None, None) => return None,
+                };
                 self.cursor = (pick + 1) % n;
                 Some(pick)
             }
@@ -536,7 +575,11 @@ fn jump_hash(mut key: u64, buckets: u32) -> u32 {
 
 /// One `Connections` frame with `fds` (at most [`protocol::MAX_FDS_PER_FRAME`]), built on
 /// the stack: 12 bytes, `len = 8`, tag 1, `listener`, `count` (docs/PROTOCOL.md).
-fn send_connections(link: &WorkerLink, listener: u16, fds: &[OwnedFd]) -> Result<(), TrySendError> {
+fn send_connections(
+    link: &WorkerLink,
+    listener: u16,
+    fds: &[Accepted],
+) -> Result<(), TrySendError> {
     let count = fds.len().min(protocol::MAX_FDS_PER_FRAME);
     let mut frame = [0u8; 12];
     frame[0..4].copy_from_slice(&8u32.to_le_bytes());
@@ -544,8 +587,8 @@ fn send_connections(link: &WorkerLink, listener: u16, fds: &[OwnedFd]) -> Result
     frame[8..10].copy_from_slice(&listener.to_le_bytes());
     frame[10..12].copy_from_slice(&(count as u16).to_le_bytes());
     let mut raw = [0 as RawFd; protocol::MAX_FDS_PER_FRAME];
-    for (slot, fd) in raw.iter_mut().zip(fds) {
-        *slot = fd.as_raw_fd();
+    for (slot, accepted) in raw.iter_mut().zip(fds) {
+        *slot = accepted.fd.as_raw_fd();
     }
     link.writer.try_send(&frame, &raw[..count])
 }
@@ -581,6 +624,27 @@ mod tests {
 
     fn link(id: u64) -> (Arc<WorkerLink>, FakeWorker) {
         link_with(id, id as u32, true)
+    }
+
+    /// A Node.js-dialect link with an open window (the fake worker does not read).
+    fn node_link(id: u64) -> (Arc<WorkerLink>, FakeWorker) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let peer = b.try_clone().expect("clone");
+        let (_, writer) = channel::split(channel::from_std(a).expect("tokio"));
+        let (reader, _) = channel::split(channel::from_std(b).expect("tokio"));
+        let link = Arc::new(WorkerLink::new(id, id as u32, Protocol::Node, writer));
+        link.open_window_for_tests(u64::MAX);
+        (
+            link,
+            FakeWorker {
+                reader,
+                _peer: peer,
+            },
+        )
+    }
+
+    fn sent(link: &WorkerLink) -> u64 {
+        link.dispatched.load(Ordering::Relaxed)
     }
 
     fn sockets(n: usize) -> Vec<Accepted> {
@@ -788,6 +852,115 @@ mod tests {
         // Worker 2 takes the first 10, then they alternate: 12 vs 2.
         assert_eq!(received(&mut w2).await, 12);
         assert_eq!(received(&mut w1).await, 2);
+    }
+
+    #[tokio::test]
+    async fn least_connections_counts_only_what_was_sent() {
+        let d = Dispatcher::new(Balance::LeastConnections);
+        let (l1, _w1) = link_with(1, 0, false);
+        let (l2, _w2) = link(2);
+        writable(&[&l1, &l2]).await;
+        l1.open_window_for_tests(2);
+        d.add(Arc::clone(&l1));
+        d.add(Arc::clone(&l2));
+        l1.heartbeat(0);
+        l2.heartbeat(0);
+        // One batch: 5 and 5 assigned; worker 1's window takes 2, its other 3 go back
+        // and then to worker 2.
+        let mut batch = sockets(10);
+        d.dispatch(0, &mut batch);
+        assert!(batch.is_empty());
+        assert_eq!((sent(&l1), sent(&l2)), (2, 8));
+        assert_eq!(
+            l1.since_heartbeat.load(Ordering::Relaxed),
+            2,
+            "not the 5 assigned"
+        );
+        assert_eq!(l2.since_heartbeat.load(Ordering::Relaxed), 8);
+    }
+
+    #[tokio::test]
+    async fn least_connections_takes_turns_among_workers_that_never_heartbeat() {
+        // Node.js workers without the package: what was sent is no load. A restarted
+        // worker joins the rotation instead of taking everything until it has had as
+        // many connections as the others had in their lifetime.
+        let d = Dispatcher::new(Balance::LeastConnections);
+        let (l1, _w1) = node_link(1);
+        let (l2, _w2) = node_link(2);
+        let (l3, _w3) = node_link(3);
+        writable(&[&l1, &l2, &l3]).await;
+        d.add(Arc::clone(&l1));
+        d.add(Arc::clone(&l2));
+        for _ in 0..60 {
+            let mut one = sockets(1);
+            d.dispatch(0, &mut one);
+            assert!(one.is_empty());
+        }
+        assert_eq!((sent(&l1), sent(&l2)), (30, 30));
+        d.add(Arc::clone(&l3));
+        for _ in 0..30 {
+            let mut one = sockets(1);
+            d.dispatch(0, &mut one);
+            assert!(one.is_empty());
+        }
+        assert_eq!((sent(&l1), sent(&l2), sent(&l3)), (40, 40, 10));
+        assert_eq!(l3.load(), None);
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_never_heartbeats_ties_the_least_loaded_one() {
+        let d = Dispatcher::new(Balance::LeastConnections);
+        let (l1, _w1) = node_link(1);
+        let (l2, _w2) = node_link(2);
+        let (l3, _w3) = node_link(3);
+        writable(&[&l1, &l2, &l3]).await;
+        for l in [&l1, &l2, &l3] {
+            d.add(Arc::clone(l));
+        }
+        l1.heartbeat(5);
+        l2.heartbeat(3);
+        assert_eq!(l1.load(), Some(5));
+        // Worker 3 is as loaded as worker 2, whose load grows: they take turns until
+        // worker 2 reaches worker 1.
+        for _ in 0..4 {
+            let mut one = sockets(1);
+            d.dispatch(0, &mut one);
+            assert!(one.is_empty());
+        }
+        assert_eq!((sent(&l1), sent(&l2), sent(&l3)), (0, 2, 2));
+        assert_eq!(l2.load(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_socket_put_back_keeps_its_client_address() {
+        let d = Dispatcher::new(Balance::ClientIp);
+        // Slot 0's worker has no window: everything sent there comes back.
+        let (l0, _w0) = link_with(1, 0, false);
+        let (l1, _w1) = link_with(2, 1, true);
+        let (l2, _w2) = link_with(3, 2, true);
+        writable(&[&l0, &l1, &l2]).await;
+        for l in [&l0, &l1, &l2] {
+            d.add(Arc::clone(l));
+        }
+        let ip = (0..=255u8)
+            .map(|i| IpAddr::from([10, 1, i, 7]))
+            .find(|ip| {
+                let mut st = d.lock();
+                st.pick(Balance::ClientIp, Some(*ip)) == Some(0)
+            })
+            .expect("an address of slot 0");
+        let mut batch: Vec<Accepted> = sockets(6)
+            .into_iter()
+            .map(|a| Accepted {
+                fd: a.fd,
+                peer: Some(ip),
+            })
+            .collect();
+        d.dispatch(0, &mut batch);
+        assert!(batch.is_empty());
+        // The retry follows the address's fallback chain: one worker, not turns.
+        let got = (sent(&l0), sent(&l1), sent(&l2));
+        assert!(got == (0, 6, 0) || got == (0, 0, 6), "{got:?}");
     }
 
     #[test]

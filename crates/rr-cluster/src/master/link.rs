@@ -146,8 +146,12 @@ pub(crate) struct WorkerLink {
     pub(crate) blocked: AtomicBool,
     /// Open connections at the last heartbeat.
     pub(crate) active: AtomicU32,
-    /// Connections sent since the last heartbeat.
+    /// Connections sent (successfully) since the last heartbeat.
     pub(crate) since_heartbeat: AtomicU32,
+    /// `active + since_heartbeat` is a load estimate: a binary worker (it must
+    /// heartbeat), or a Node.js worker once it sent a heartbeat. A Node.js worker
+    /// without the package never does; its `since_heartbeat` only grows.
+    reports_load: AtomicBool,
     /// Connections the worker lost (its descriptor table was full), as it reports.
     pub(crate) lost: AtomicU64,
     /// Lines from a Node worker that are not JSON serde_json reads (dropped).
@@ -199,6 +203,7 @@ impl WorkerLink {
             blocked: AtomicBool::new(false),
             active: AtomicU32::new(0),
             since_heartbeat: AtomicU32::new(0),
+            reports_load: AtomicBool::new(protocol == Protocol::Binary),
             lost: AtomicU64::new(0),
             unreadable: AtomicU64::new(0),
             watching: AtomicBool::new(false),
@@ -223,13 +228,42 @@ impl WorkerLink {
     pub(crate) fn heartbeat(&self, active: u32) {
         self.active.store(active, Ordering::Relaxed);
         self.since_heartbeat.store(0, Ordering::Relaxed);
+        self.reports_load.store(true, Ordering::Relaxed);
     }
 
-    /// Open connections, as least-connections balancing sees them.
-    pub(crate) fn load(&self) -> u32 {
-        self.active
-            .load(Ordering::Relaxed)
-            .saturating_add(self.since_heartbeat.load(Ordering::Relaxed))
+    /// Open connections, as least-connections balancing sees them: the last
+    /// heartbeat's count plus what was sent since. `None` for a worker that never
+    /// reported one (a Node.js worker without the package, or with it before its first
+    /// heartbeat): what was sent to it is no load figure, since nothing ever takes
+    /// off what it closed. Dispatch treats it as loaded as the least-loaded worker
+    /// that does report, taking turns with it.
+    pub(crate) fn load(&self) -> Option<u32> {
+        self.reports_load.load(Ordering::Relaxed).then(|| {
+            self.active
+                .load(Ordering::Relaxed)
+                .saturating_add(self.since_heartbeat.load(Ordering::Relaxed))
+        })
+    }
+
+    /// Dispatch found too little window here: asks [`WorkerLink::set_limit`] to wake the
+    /// accept loops when the window grows. `true` when it has already grown past
+    /// `dispatched` (the caller wakes them itself).
+    ///
+    /// Taken only when a worker is window-limited, not per connection. Both sides
+    /// write one atomic and then read the other (`blocked`, then `limit`, here; `limit`,
+    /// then `blocked`, in `set_limit`): the store-buffering pattern. With
+    /// release/acquire each side may read the other's old value (a store may wait in
+    /// the store buffer while the later load goes ahead, x86 included): dispatch
+    /// sees no room, `set_limit` sees `blocked == false`, nobody wakes the accept
+    /// loop, and with every worker window-limited it waits for ever. With all four
+    /// operations `SeqCst` they fall into one total order: if this load comes before
+    /// `set_limit`'s swap of `limit`, this store comes before its swap of `blocked`,
+    /// which then reads `true`; otherwise this load sees the new limit. A test cannot
+    /// show the race reliably (it needs a store to be delayed between two
+    /// instructions); this argument is the check.
+    pub(crate) fn wait_for_room(&self) -> bool {
+        self.blocked.store(true, Ordering::SeqCst);
+        self.limit.load(Ordering::SeqCst) > self.dispatched.load(Ordering::Relaxed)
     }
 
     /// How many more descriptors may be sent now.
@@ -250,10 +284,12 @@ impl WorkerLink {
         self.confirmed.fetch_max(received, Ordering::AcqRel) < received
     }
 
-    /// Sets the window; wakes dispatch if it was waiting for room here.
+    /// Sets the window; wakes dispatch if it was waiting for room here. `SeqCst`: see
+    /// [`WorkerLink::wait_for_room`] (a swap costs the same as with `AcqRel` on x86
+    /// and on ARMv8).
     fn set_limit(&self, limit: u64, dispatcher: &Weak<Dispatcher>) {
-        let old = self.limit.swap(limit, Ordering::AcqRel);
-        if limit > old && self.blocked.swap(false, Ordering::AcqRel) {
+        let old = self.limit.swap(limit, Ordering::SeqCst);
+        if limit > old && self.blocked.swap(false, Ordering::SeqCst) {
             if let Some(d) = dispatcher.upgrade() {
                 d.notify();
             }
@@ -446,7 +482,7 @@ fn binary(
             });
         }
         ToMaster::Heartbeat { active, served } => {
-            beat(link, ctx, watch, active)?;
+            beat(link, ctx, watch, Some(active))?;
             progress(link, ctx, watch, served);
         }
         ToMaster::Ack {
@@ -463,7 +499,9 @@ fn binary(
             return Err("Ack from a worker that speaks protocol version 1".into());
         }
         ToMaster::Pong => {
-            beat(link, ctx, watch, link.active.load(Ordering::Relaxed)).map(|_| ())?;
+            // A sign of life, not a count: the load estimate stays as it is (a stalled
+            // worker that answers a Ping must not look idle to least-connections).
+            beat(link, ctx, watch, None)?;
             if let Some(mark) = watch.ping_mark.take() {
                 progress(link, ctx, watch, mark);
             }
@@ -502,7 +540,7 @@ fn from_node(
             });
         }
         FromNode::Heartbeat { active, capacity } => {
-            beat(link, ctx, watch, active)?;
+            beat(link, ctx, watch, Some(active))?;
             if let Some(capacity) = capacity {
                 let base = link.confirmed.load(Ordering::Relaxed);
                 let room = u64::from(capacity).min(NODE_WINDOW);
@@ -541,12 +579,14 @@ fn from_node(
     Ok(())
 }
 
-/// A heartbeat: counted against the flood limit, recorded, passed on (coalesced).
+/// A heartbeat (`Some(active)`) or a `Pong` (`None`): counted against the flood
+/// limit, recorded (a heartbeat only: a `Pong` leaves the load estimate alone), passed
+/// on (coalesced).
 fn beat(
     link: &Arc<WorkerLink>,
     ctx: &LinkContext,
     watch: &mut Watch,
-    active: u32,
+    active: Option<u32>,
 ) -> Result<(), String> {
     let now = Instant::now();
     if now.duration_since(watch.window_start) >= ctx.heartbeat_interval {
@@ -559,7 +599,13 @@ fn beat(
             "heartbeat flood: more than {MAX_BEATS_PER_INTERVAL} in one heartbeat interval"
         ));
     }
-    link.heartbeat(active);
+    let active = match active {
+        Some(active) => {
+            link.heartbeat(active);
+            active
+        }
+        None => link.active.load(Ordering::Relaxed),
+    };
     if !link.heartbeat_queued.swap(true, Ordering::AcqRel) {
         let _ = ctx.inputs.send(Input::Heartbeat {
             id: link.id,
@@ -666,5 +712,100 @@ async fn outbox_task(link: Arc<WorkerLink>, mut rx: mpsc::Receiver<Outgoing>) {
         if link.writer.send(&bytes, &raw).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel;
+
+    fn setup(protocol: Protocol) -> (Arc<WorkerLink>, std::os::unix::net::UnixStream, LinkContext) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (_, writer) = channel::split(channel::from_std(a).expect("tokio"));
+        let link = Arc::new(WorkerLink::new(1, 0, protocol, writer));
+        let (inputs, _) = mpsc::unbounded_channel();
+        let ctx = LinkContext {
+            inputs,
+            messages: Arc::new(MessageQueue::new(16)),
+            dispatcher: Weak::new(),
+            heartbeat_interval: Duration::from_secs(3600),
+            heartbeat_timeout: None,
+        };
+        (link, b, ctx)
+    }
+
+    fn watch() -> Watch {
+        Watch {
+            since: None,
+            ping_mark: None,
+            stalled: false,
+            reported_unresponsive: false,
+            beats: 0,
+            window_start: Instant::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pong_keeps_the_load_estimate_and_counts_against_the_flood_limit() {
+        let (link, _peer, ctx) = setup(Protocol::Binary);
+        let mut watch = watch();
+        let beat = ToMaster::Heartbeat {
+            active: 3,
+            served: 0,
+        };
+        binary(&link, &ctx, &mut watch, beat).expect("heartbeat");
+        link.since_heartbeat.store(5, Ordering::Relaxed);
+        binary(&link, &ctx, &mut watch, ToMaster::Pong).expect("pong");
+        assert_eq!(link.since_heartbeat.load(Ordering::Relaxed), 5, "not reset");
+        assert_eq!(link.active.load(Ordering::Relaxed), 3);
+        // Two so far; pongs count towards the 50 per interval.
+        for _ in 2..MAX_BEATS_PER_INTERVAL {
+            binary(&link, &ctx, &mut watch, ToMaster::Pong).expect("pong");
+        }
+        assert!(binary(&link, &ctx, &mut watch, ToMaster::Pong).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_node_worker_reports_a_load_from_its_first_heartbeat() {
+        let (link, _peer, ctx) = setup(Protocol::Node);
+        assert_eq!(link.load(), None);
+        link.since_heartbeat.store(7, Ordering::Relaxed);
+        assert_eq!(link.load(), None, "what was sent is no load");
+        from_node(
+            &link,
+            &ctx,
+            &mut watch(),
+            FromNode::Heartbeat {
+                active: 2,
+                capacity: None,
+            },
+        )
+        .expect("heartbeat");
+        assert_eq!(link.load(), Some(2));
+        link.since_heartbeat.store(1, Ordering::Relaxed);
+        assert_eq!(link.load(), Some(3));
+        // A binary worker must heartbeat: counted from the start.
+        let (binary_link, _peer, _) = setup(Protocol::Binary);
+        binary_link.since_heartbeat.store(4, Ordering::Relaxed);
+        assert_eq!(binary_link.load(), Some(4));
+    }
+
+    #[tokio::test]
+    async fn a_window_that_grew_before_dispatch_blocked_is_seen_by_it() {
+        let (link, _peer, _) = setup(Protocol::Binary);
+        let d = Dispatcher::new(super::super::dispatch::Balance::RoundRobin);
+        let weak = Arc::downgrade(&d);
+        let mut wake = d.subscribe();
+        wake.borrow_and_update();
+        // No room, nothing since: dispatch waits; a later Ack wakes it.
+        assert!(!link.wait_for_room());
+        link.set_limit(4, &weak);
+        assert!(wake.has_changed().expect("open"), "woken");
+        assert!(!link.blocked.load(Ordering::Relaxed));
+        // Room arrived first: dispatch sees it itself.
+        link.dispatched.store(4, Ordering::Relaxed);
+        link.set_limit(6, &weak);
+        assert!(link.wait_for_room());
     }
 }
