@@ -28,7 +28,8 @@ pub struct Args {
     #[arg(long, short = 'm', value_enum, default_value_t = Mode::KeepAlive)]
     pub mode: Mode,
     /// Open loop: this many requests per second in total, latency measured from each
-    /// request's intended send time. Default: closed loop.
+    /// request's intended send time when its connection was busy then. Default: closed
+    /// loop.
     #[arg(
         long,
         short = 'r',
@@ -40,7 +41,8 @@ pub struct Args {
     /// stderr).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// A request (connect included) slower than this fails as a timeout.
+    /// A request (connect included) slower than this fails as a timeout. Requests in
+    /// flight when the run ends are waited for up to this long.
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Load for this long before measuring.

@@ -26,6 +26,25 @@ pub(crate) struct Reply {
     pub(crate) worker: Option<WorkerTag>,
 }
 
+/// What a load connection does: one request at a time. [`Conn`] is the real one; the
+/// run loop's tests drive it with a scripted fake in virtual time.
+pub(crate) trait Exchange {
+    /// Sends one request and reads its response (connecting first if needed).
+    fn request(&mut self) -> impl Future<Output = Result<Reply, ErrorKind>> + Send;
+    /// Keep-alive connections reopened so far after the server closed them properly.
+    fn reconnects(&self) -> u64;
+}
+
+impl Exchange for Conn {
+    fn request(&mut self) -> impl Future<Output = Result<Reply, ErrorKind>> + Send {
+        Conn::request(self)
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+}
+
 /// A client connection that sends the same request again and again.
 #[derive(Debug)]
 pub(crate) struct Conn {

@@ -2,7 +2,8 @@
 //!
 //! It drives an HTTP/1.1 server with GET requests from many connections, closed loop
 //! (each connection sends its next request when the last is answered) or open loop (at
-//! a fixed total rate, latency measured from each request's intended send time), in
+//! a fixed total rate; a request sent late because its connection was busy has its
+//! latency measured from its intended send time), in
 //! close mode (a connection per request) or keep-alive mode. It reports throughput,
 //! errors by kind, latency percentiles from an HDR histogram, and the share of each
 //! worker (from the `x-worker-id`/`x-worker-pid` headers rr-cluster's demo worker

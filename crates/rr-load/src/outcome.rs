@@ -24,11 +24,14 @@ pub enum ErrorKind {
     BadResponse,
     /// Anything else (e.g. out of local ports or file descriptors).
     Other,
+    /// Open loop only: a send due within the measured run that never left, because its
+    /// connection was still busy with an earlier request when the run ended.
+    Missed,
 }
 
 impl ErrorKind {
     /// Every kind, in report order.
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::Refused,
         ErrorKind::Reset,
         ErrorKind::Closed,
@@ -36,6 +39,7 @@ impl ErrorKind {
         ErrorKind::BadStatus,
         ErrorKind::BadResponse,
         ErrorKind::Other,
+        ErrorKind::Missed,
     ];
 
     /// The number of kinds.
@@ -51,6 +55,7 @@ impl ErrorKind {
             ErrorKind::BadStatus => 4,
             ErrorKind::BadResponse => 5,
             ErrorKind::Other => 6,
+            ErrorKind::Missed => 7,
         }
     }
 
@@ -64,6 +69,7 @@ impl ErrorKind {
             ErrorKind::BadStatus => "bad_status",
             ErrorKind::BadResponse => "bad_response",
             ErrorKind::Other => "other",
+            ErrorKind::Missed => "missed",
         }
     }
 

@@ -25,11 +25,16 @@ pub(crate) async fn show(live: Arc<Live>, t0: Instant, measure_start: Instant, e
                 now.duration_since(t0).as_secs_f64(),
                 measure_start.duration_since(t0).as_secs_f64()
             )
-        } else {
+        } else if now < end {
             format!(
                 "\r\x1b[2K[{:.1}s/{:.1}s] {requests} requests, {rate:.0} req/s, {errors} errors",
                 now.duration_since(measure_start).as_secs_f64(),
                 end.duration_since(measure_start).as_secs_f64()
+            )
+        } else {
+            format!(
+                "\r\x1b[2K[done, waiting for the requests in flight] {requests} requests, \
+                 {errors} errors"
             )
         };
         let mut err = std::io::stderr().lock();

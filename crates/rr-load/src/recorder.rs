@@ -62,6 +62,9 @@ pub(crate) struct Failure {
 pub(crate) struct Recorder {
     /// Latency of successful requests, in microseconds.
     pub(crate) latency: Histogram<u64>,
+    /// Open loop: how late each measured request left after its intended time, in
+    /// microseconds.
+    pub(crate) send_lag: Histogram<u64>,
     pub(crate) successes: u64,
     pub(crate) errors: [u64; ErrorKind::COUNT],
     /// `(status, count)` of complete responses.
@@ -82,6 +85,7 @@ impl Recorder {
     pub(crate) fn new(track_failures: bool) -> Recorder {
         Recorder {
             latency: new_histogram(),
+            send_lag: new_histogram(),
             successes: 0,
             errors: [0; ErrorKind::COUNT],
             statuses: Vec::new(),
@@ -136,6 +140,32 @@ impl Recorder {
         }
     }
 
+    /// An open-loop request left `lag_us` after its intended time.
+    pub(crate) fn sent_late(&mut self, lag_us: u64) {
+        if self.send_lag.record(lag_us).is_err() {
+            self.send_lag.saturating_record(lag_us);
+        }
+    }
+
+    /// `n` open-loop sends that never left ([`ErrorKind::Missed`]), found at
+    /// `failed_us`. `started_us` yields their intended times; it is only read for the
+    /// failures remembered for fault attribution.
+    pub(crate) fn missed(&mut self, n: u64, started_us: impl Iterator<Item = u64>, failed_us: u64) {
+        self.errors[ErrorKind::Missed.index()] += n;
+        if !self.track_failures {
+            return;
+        }
+        let room = MAX_FAILURE_RECORDS.saturating_sub(self.failures.len());
+        let kept = n.min(room as u64);
+        self.failures
+            .extend(started_us.take(kept as usize).map(|started_us| Failure {
+                started_us,
+                failed_us,
+                kind: ErrorKind::Missed,
+            }));
+        self.failures_dropped += n - kept;
+    }
+
     pub(crate) fn failure(&mut self, kind: ErrorKind, started_us: u64, failed_us: u64) {
         self.errors[kind.index()] += 1;
         if !self.track_failures {
@@ -156,6 +186,7 @@ impl Recorder {
     pub(crate) fn merge(&mut self, other: Recorder) {
         // Both are auto-resizing, so adding cannot fail for lack of range.
         let _ = self.latency.add(&other.latency);
+        let _ = self.send_lag.add(&other.send_lag);
         self.successes += other.successes;
         for (a, b) in self.errors.iter_mut().zip(other.errors) {
             *a += b;
@@ -275,6 +306,28 @@ mod tests {
         let long = [b'x'; 200];
         let tag = WorkerTag::new(&long, None);
         assert_eq!(tag.id().len(), MAX_WORKER_ID);
+    }
+
+    #[test]
+    fn missed_sends_are_errors_and_tracked_up_to_the_cap() {
+        let mut r = Recorder::new(true);
+        r.missed(3, [10, 20, 30].into_iter(), 40);
+        assert_eq!(r.errors[ErrorKind::Missed.index()], 3);
+        assert_eq!(r.requests(), 3);
+        let started: Vec<u64> = r.failures.iter().map(|f| f.started_us).collect();
+        assert_eq!(started, [10, 20, 30]);
+        assert!(r.failures.iter().all(|f| f.failed_us == 40));
+        // Beyond the cap they are counted, not remembered (and the iterator is not
+        // read further).
+        r.failures.resize(MAX_FAILURE_RECORDS - 1, r.failures[0]);
+        r.missed(5, std::iter::repeat(7), 50);
+        assert_eq!(r.failures.len(), MAX_FAILURE_RECORDS);
+        assert_eq!(r.failures_dropped, 4);
+        assert_eq!(r.errors[ErrorKind::Missed.index()], 8);
+        let mut untracked = Recorder::new(false);
+        untracked.missed(2, std::iter::empty(), 1);
+        assert_eq!(untracked.errors[ErrorKind::Missed.index()], 2);
+        assert!(untracked.failures.is_empty());
     }
 
     #[test]

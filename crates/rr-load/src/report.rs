@@ -14,13 +14,17 @@
 //!                 "rate": null | 5000.0, "duration_s": 10.0, "warmup_s": 0.0,
 //!                 "timeout_s": 5.0, "kill_worker_every_s": null | 0.5,
 //!                 "reload_every_s": null | 2.0, "fault_window_s": 1.0 },
-//!   "requests": 123456,            // completed or failed within the measured run
+//!   "requests": 123456,            // of the measured run (see below)
 //!   "successes": 123450,           // complete responses with a 2xx or 3xx status
 //!   "errors": { "refused": 0, "reset": 6, "closed": 0, "timeout": 0,
-//!               "bad_status": 0, "bad_response": 0, "other": 0, "total": 6 },
+//!               "bad_status": 0, "bad_response": 0, "other": 0, "missed": 0,
+//!               "total": 6 },
 //!   "throughput_rps": 12345.0,     // successes per second of the measured run
 //!   "latency_us": { "count": 123450, "min": 80, "mean": 510.2, "stdev": 90.1,
 //!                   "p50": 490, "p90": 600, "p99": 900, "p99_9": 2100, "max": 5012 },
+//!   "open_loop": null | {          // with a rate only
+//!     "target_rps": 5000.0, "scheduled": 50000, "sent": 50000, "missed": 0,
+//!     "sent_rps": 5000.0, "send_lag_us": { ...like latency_us... } },
 //!   "statuses": { "200": 123450 },
 //!   "reconnects": 0,               // keep-alive connections the server closed properly
 //!   "workers": [ { "id": "0", "requests": 61725, "share_pct": 50.0, "pids": [4242] } ],
@@ -39,9 +43,22 @@
 //! }
 //! ```
 //!
+//! `requests` are those of the measured run: started within it (closed loop) or due
+//! within it (open loop). No request starts after the end; those still in flight then
+//! are waited for, up to the timeout, and counted (answered or `timeout`), so a server
+//! that stalls near the end shows. In an open loop, a send due before the end whose
+//! connection was still busy with an earlier request when the run ended never leaves:
+//! it counts as a failure, `missed`, so `requests` is every send scheduled in the
+//! measured run and `open_loop.sent_rps` is the rate actually achieved.
+//!
 //! Latency is measured for successful requests only: in a closed loop from the moment
-//! the request started (connect included in close mode), in an open loop (`rate`) from
-//! the request's intended send time, so a stall counts for every request it delayed.
+//! the request started (connect included in close mode). In an open loop (`rate`), from
+//! the request's intended send time when its connection was still busy with the
+//! previous request at that time, so a stall counts for every request it delayed;
+//! otherwise from the moment it actually left, so the client timer's own lateness (up
+//! to about 1 ms; see `open_loop.send_lag_us`) is not charged to the server.
+//!
+//! `reconnects`, like every other figure, leaves out the warm-up.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -65,7 +82,9 @@ pub struct Report {
     pub schema_version: u32,
     /// What was run.
     pub settings: Settings,
-    /// Requests that completed or failed within the measured run.
+    /// Requests of the measured run: those that started (closed loop) or were due (open
+    /// loop) within it, answered or failed, including those waited for after its end;
+    /// in an open loop also the sends that never left (`errors.missed`).
     pub requests: u64,
     /// Complete responses with a 2xx or 3xx status.
     pub successes: u64,
@@ -75,9 +94,13 @@ pub struct Report {
     pub throughput_rps: f64,
     /// Latency of the successes, in microseconds.
     pub latency_us: LatencySummary,
+    /// How well an open loop kept its schedule; `null` for a closed loop.
+    #[serde(default)]
+    pub open_loop: Option<OpenLoopReport>,
     /// Complete responses by status code.
     pub statuses: BTreeMap<u16, u64>,
-    /// Keep-alive connections reopened because the server had closed them properly.
+    /// Keep-alive connections reopened because the server had closed them properly
+    /// (during the measured run).
     pub reconnects: u64,
     /// Successes by `x-worker-id`, in id order.
     pub workers: Vec<WorkerShare>,
@@ -139,6 +162,9 @@ pub struct ErrorCounts {
     pub bad_response: u64,
     /// [`ErrorKind::Other`].
     pub other: u64,
+    /// [`ErrorKind::Missed`] (open loop only).
+    #[serde(default)]
+    pub missed: u64,
     /// All of them.
     pub total: u64,
 }
@@ -154,6 +180,7 @@ impl ErrorCounts {
             ErrorKind::BadStatus => self.bad_status,
             ErrorKind::BadResponse => self.bad_response,
             ErrorKind::Other => self.other,
+            ErrorKind::Missed => self.missed,
         }
     }
 
@@ -171,6 +198,7 @@ impl ErrorCounts {
             ErrorKind::BadStatus => &mut self.bad_status,
             ErrorKind::BadResponse => &mut self.bad_response,
             ErrorKind::Other => &mut self.other,
+            ErrorKind::Missed => &mut self.missed,
         };
         *slot += n;
         self.total += n;
@@ -247,6 +275,27 @@ impl LatencySummary {
     }
 }
 
+/// How well an open loop kept its schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct OpenLoopReport {
+    /// The rate asked for, in requests per second.
+    pub target_rps: f64,
+    /// Sends due within the measured run (the same as `requests`).
+    pub scheduled: u64,
+    /// Sends that left.
+    pub sent: u64,
+    /// Sends that never left because their connection was still busy with an earlier
+    /// request when the run ended (the same as `errors.missed`).
+    pub missed: u64,
+    /// `sent` per second of the measured run.
+    pub sent_rps: f64,
+    /// How late the sent requests left after their intended times, in microseconds: the
+    /// client timer's lateness (up to about 1 ms, not in `latency_us`) and the waits
+    /// for a busy connection (in `latency_us`).
+    pub send_lag_us: LatencySummary,
+}
+
 /// One worker's part of the successes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -306,6 +355,18 @@ impl Report {
         let errors = ErrorCounts::from_array(&rec.errors);
         let (workers, busiest_worker) = shares(&rec.workers);
         let faults = log.map(|log| fault_report(config, &rec, log));
+        let open_loop = config.rate.map(|rate| {
+            let scheduled = rec.requests();
+            let sent = scheduled - errors.missed;
+            OpenLoopReport {
+                target_rps: rate,
+                scheduled,
+                sent,
+                missed: errors.missed,
+                sent_rps: sent as f64 / seconds,
+                send_lag_us: LatencySummary::from_histogram(&rec.send_lag),
+            }
+        });
         Report {
             schema_version: SCHEMA_VERSION,
             settings: Settings {
@@ -328,6 +389,7 @@ impl Report {
             errors,
             throughput_rps: rec.successes as f64 / seconds,
             latency_us: LatencySummary::from_histogram(&rec.latency),
+            open_loop,
             statuses: rec.statuses.iter().copied().collect(),
             reconnects: rec.reconnects,
             workers,
@@ -372,6 +434,21 @@ impl Report {
             self.errors.summary()
         );
         let _ = writeln!(out, "  throughput   {:>12.1} req/s", self.throughput_rps);
+        if let Some(o) = &self.open_loop {
+            let _ = writeln!(
+                out,
+                "  sent         {:>12}   of {} scheduled ({:.1} of {} req/s), {} missed",
+                o.sent, o.scheduled, o.sent_rps, o.target_rps, o.missed
+            );
+            let lag = &o.send_lag_us;
+            let _ = writeln!(
+                out,
+                "  send lag     p50 {}, p99 {}, max {} after the intended time",
+                fmt_us(lag.p50 as f64),
+                fmt_us(lag.p99 as f64),
+                fmt_us(lag.max as f64),
+            );
+        }
         if self.reconnects > 0 {
             let _ = writeln!(out, "  reconnects   {:>12}", self.reconnects);
         }
@@ -622,6 +699,50 @@ mod tests {
     }
 
     #[test]
+    fn open_loop_reports_its_schedule() {
+        let config = Config::builder("127.0.0.1:8080")
+            .connections(2)
+            .rate(Some(50.0))
+            .duration(Duration::from_secs(2))
+            .build()
+            .expect("config");
+        let mut rec = Recorder::new(false);
+        for lag in [0, 300, 900] {
+            rec.success(1_000, None);
+            rec.sent_late(lag);
+        }
+        rec.failure(ErrorKind::Timeout, 0, 1);
+        rec.sent_late(2_000);
+        rec.missed(96, std::iter::empty(), 3);
+        let r = Report::new(&config, rec, None);
+        assert_eq!((r.requests, r.errors.missed, r.errors.total), (100, 96, 97));
+        let o = r.open_loop.as_ref().expect("open loop");
+        assert_eq!((o.scheduled, o.sent, o.missed), (100, 4, 96));
+        assert!((o.sent_rps - 2.0).abs() < 1e-9);
+        assert!((o.target_rps - 50.0).abs() < 1e-9);
+        assert_eq!(o.send_lag_us.count, 4);
+        assert_eq!(o.send_lag_us.max, 2_000);
+        let table = r.to_table();
+        assert!(table.contains("timeout 1, missed 96"), "{table}");
+        assert!(
+            table.contains("4   of 100 scheduled (2.0 of 50 req/s), 96 missed"),
+            "{table}"
+        );
+        assert!(table.contains("max 2.00ms after"), "{table}");
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["open_loop"]["missed"], 96);
+        assert_eq!(json["errors"]["missed"], 96);
+        // Reports written before `missed` and `open_loop` existed still read.
+        let mut old = json.clone();
+        let errors = old["errors"].as_object_mut().expect("errors");
+        errors.remove("missed");
+        old.as_object_mut().expect("report").remove("open_loop");
+        let back: Report = serde_json::from_value(old).expect("old report");
+        assert_eq!(back.errors.missed, 0);
+        assert!(back.open_loop.is_none());
+    }
+
+    #[test]
     fn empty_run_reports_zeros() {
         let r = Report::new(&config(), Recorder::new(false), None);
         assert_eq!(r.requests, 0);
@@ -674,6 +795,8 @@ mod tests {
         assert_eq!(json["faults"]["events"][0]["failed_requests"], 1);
         assert_eq!(json["faults"]["failed_outside_windows"], 1);
         assert_eq!(json["faults"]["outside_by_kind"]["timeout"], 1);
+        assert_eq!(json["errors"]["missed"], 0);
+        assert!(json["open_loop"].is_null());
         let back: Report = serde_json::from_value(json).expect("round trip");
         assert_eq!(back, r);
         assert!(r.to_table().contains("kill slot 0 pid 1234"));

@@ -40,12 +40,21 @@ pub enum Behavior {
     Truncated,
     /// Reads the request and never answers.
     Hang,
+    /// Like `Ok` for the first N requests the server receives (over all connections),
+    /// then reads requests and never answers: a server that freezes.
+    StallAfter(u64),
+    /// Like `Ok`, but the first N responses (over all connections) say
+    /// `Connection: close` and the server closes the connection after them.
+    CloseFirst(u64),
 }
 
 /// A server running on its own runtime; dropping it stops it.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Requests answered with a 200.
     pub responses: Arc<AtomicU64>,
+    /// Requests read (whatever the answer).
+    pub received: Arc<AtomicU64>,
     runtime: Option<Runtime>,
 }
 
@@ -73,17 +82,20 @@ pub fn start(behavior: Behavior) -> TestServer {
         .expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("local addr");
     let responses = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&responses);
+    let seen = Arc::clone(&received);
     rt.spawn(async move {
         let accept_all = async {
             for _ in 0..MAX_CONNECTIONS {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let counter = Arc::clone(&counter);
+                let counters = (Arc::clone(&counter), Arc::clone(&seen));
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(SERVER_LIFETIME, serve(stream, behavior, counter))
-                        .await;
+                    let _ =
+                        tokio::time::timeout(SERVER_LIFETIME, serve(stream, behavior, counters))
+                            .await;
                 });
             }
         };
@@ -92,11 +104,16 @@ pub fn start(behavior: Behavior) -> TestServer {
     TestServer {
         addr,
         responses,
+        received,
         runtime: Some(rt),
     }
 }
 
-async fn serve(mut stream: TcpStream, behavior: Behavior, counter: Arc<AtomicU64>) {
+async fn serve(
+    mut stream: TcpStream,
+    behavior: Behavior,
+    (counter, received): (Arc<AtomicU64>, Arc<AtomicU64>),
+) {
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; 8192];
     let mut filled = 0;
@@ -117,6 +134,7 @@ async fn serve(mut stream: TcpStream, behavior: Behavior, counter: Arc<AtomicU64
         };
         buf.copy_within(head_end..filled, 0);
         filled -= head_end;
+        let nth = received.fetch_add(1, Ordering::Relaxed);
 
         match behavior {
             Behavior::Reset => {
@@ -125,6 +143,10 @@ async fn serve(mut stream: TcpStream, behavior: Behavior, counter: Arc<AtomicU64
             }
             Behavior::CloseSilently => return,
             Behavior::Hang => {
+                tokio::time::sleep(SERVER_LIFETIME).await;
+                return;
+            }
+            Behavior::StallAfter(n) if nth >= n => {
                 tokio::time::sleep(SERVER_LIFETIME).await;
                 return;
             }
@@ -138,11 +160,17 @@ async fn serve(mut stream: TcpStream, behavior: Behavior, counter: Arc<AtomicU64
                     .await;
                 return;
             }
-            Behavior::Ok | Behavior::Chunked | Behavior::CloseEveryThird => {}
+            Behavior::Ok
+            | Behavior::Chunked
+            | Behavior::CloseEveryThird
+            | Behavior::StallAfter(_)
+            | Behavior::CloseFirst(_) => {}
         }
         let n = counter.fetch_add(1, Ordering::Relaxed);
         let id = n % 2;
-        let close = wants_close || (behavior == Behavior::CloseEveryThird && served % 3 == 0);
+        let close = wants_close
+            || (behavior == Behavior::CloseEveryThird && served % 3 == 0)
+            || matches!(behavior, Behavior::CloseFirst(first) if n < first);
         let connection = if close { "Connection: close\r\n" } else { "" };
         let response = if behavior == Behavior::Chunked {
             format!(
