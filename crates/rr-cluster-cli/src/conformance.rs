@@ -11,7 +11,8 @@
 //!
 //! Every check is a named line with its evidence; every wait is bounded; every process
 //! started here is killed (by its pid, only while it is an unreaped child of this
-//! process) and reaped before the command returns. Exit status: 0 when every required
+//! process) and reaped before the command returns, and so is what is left of the
+//! process group of a worker started here (also after the worker exits by itself). Exit status: 0 when every required
 //! check passed, 1 otherwise, 2 for bad usage.
 
 use std::collections::{HashSet, VecDeque};
@@ -986,18 +987,35 @@ impl Instance {
 }
 
 /// Owns the child: records its exit; kills it (and its process group) when asked or
-/// when the instance is dropped.
+/// when the instance is dropped, and kills what is left of its process group when it
+/// exits by itself.
 async fn watch_process(
     mut child: tokio::process::Child,
     pid: u32,
     log: Arc<Log>,
-    killed: oneshot::Receiver<()>,
+    mut killed: oneshot::Receiver<()>,
 ) {
     let status = tokio::select! {
-        status = child.wait() => status,
-        _ = killed => {
+        _ = &mut killed => {
             kill_unreaped(&mut child, pid);
             child.wait().await
+        }
+        exited = exited_unreaped(pid) => {
+            if exited {
+                // Not reaped yet: the group id is still the child's pid, which no
+                // other process can have.
+                kill_unreaped(&mut child, pid);
+                child.wait().await
+            } else {
+                // Cannot tell without reaping it: then its group is left alone.
+                tokio::select! {
+                    status = child.wait() => status,
+                    _ = &mut killed => {
+                        kill_unreaped(&mut child, pid);
+                        child.wait().await
+                    }
+                }
+            }
         }
     };
     let status = status.map_err(|e| e.to_string());
@@ -1006,14 +1024,47 @@ async fn watch_process(
     });
 }
 
-/// SIGKILLs the child and its process group, only while the child is known alive: it
-/// is ours and not reaped yet (`try_wait` reaps it if it has exited), so neither its
-/// pid nor its group id can name another process.
-fn kill_unreaped(child: &mut tokio::process::Child, pid: u32) {
-    if let Ok(None) = child.try_wait() {
-        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+/// Waits until child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`,
+/// looked at again on every SIGCHLD): `true` then, `false` at once if that cannot be
+/// known.
+async fn exited_unreaped(pid: u32) -> bool {
+    let Some(id) = rustix::process::Pid::from_raw(pid as i32) else {
+        return false;
+    };
+    // Registered before the first look: a SIGCHLD after it wakes the `recv`.
+    let Ok(mut sigchld) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+    else {
+        return false;
+    };
+    let options = rustix::process::WaitIdOptions::EXITED
+        | rustix::process::WaitIdOptions::NOHANG
+        | rustix::process::WaitIdOptions::NOWAIT;
+    loop {
+        match rustix::process::waitid(rustix::process::WaitId::Pid(id), options) {
+            Ok(Some(_)) => return true,
+            Ok(None) => {}
+            Err(_) => return false,
         }
+        if sigchld.recv().await.is_none() {
+            return false;
+        }
+    }
+}
+
+/// SIGKILLs the child and its process group, only while the child is ours and not
+/// reaped yet (running, or exited and waitable: `waitid` with `WNOWAIT` says so
+/// without reaping it): until it is reaped, neither its pid nor its group id (the
+/// same number) can name another process or group. A group with no member left is
+/// `ESRCH`, harmless.
+fn kill_unreaped(child: &mut tokio::process::Child, pid: u32) {
+    let Some(id) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let options = rustix::process::WaitIdOptions::EXITED
+        | rustix::process::WaitIdOptions::NOHANG
+        | rustix::process::WaitIdOptions::NOWAIT;
+    if rustix::process::waitid(rustix::process::WaitId::Pid(id), options).is_ok() {
+        let _ = rustix::process::kill_process_group(id, rustix::process::Signal::KILL);
         let _ = child.start_kill();
     }
 }
@@ -1876,34 +1927,76 @@ async fn check_drain(cfg: &Config, harness: &Harness, worker: &Instance) -> Vec<
             Err(e) => return Check::fail("drain-in-flight", format!("before the Drain: {e}")),
         };
         let rest_at = t0 + Duration::from_millis(300);
-        let (answer, wrote) = tokio::join!(reader.read_response(deadline), async {
-            sleep_until(rest_at).await;
-            write_all(&mut w, b"456789", deadline).await
-        });
-        let now = Instant::now();
-        match answer {
-            Ok(head) => {
-                let when = if now < rest_at {
-                    " (before the rest of its body was sent)".to_owned()
-                } else {
-                    String::new()
-                };
-                Check::pass(
-                    "drain-in-flight",
-                    format!(
-                        "POST with 4 of 10 body bytes before the Drain, 6 at +300 ms: answered {} at +{} ms{when}",
-                        head.status_line,
-                        ms(now)
-                    ),
-                )
+        // When the status line came, and when the last body byte was sent (both
+        // futures run on this task: an answer to the whole request is seen after it).
+        let (answer, wrote) = tokio::join!(
+            async {
+                let head = reader.read_head(deadline).await?;
+                let at = Instant::now();
+                reader
+                    .read_body(&head, deadline)
+                    .await
+                    .map_err(|e| format!("{}, then {e}", head.status_line))?;
+                Ok::<_, String>((head, at))
+            },
+            async {
+                sleep_until(rest_at).await;
+                write_all(&mut w, b"456789", deadline)
+                    .await
+                    .map(|()| Instant::now())
             }
-            Err(e) => {
+        );
+        let what = "POST with 4 of 10 body bytes before the Drain, 6 at +300 ms";
+        match (answer, wrote) {
+            (Ok((head, at)), wrote) => {
+                let mut problems = Vec::new();
+                let mut evidence =
+                    format!("{what}: answered {} at +{} ms", head.status_line, ms(at));
+                match wrote {
+                    Ok(sent) if at >= sent => evidence.push_str(", after the whole body"),
+                    // HTTP lets a server answer before it has read the body (the shipped
+                    // workers do when their handler ignores it). Then the rest of the
+                    // request is still the worker's to read: closing the connection
+                    // with it unread resets it, and a client that has not read the
+                    // answer yet loses it.
+                    Ok(_) => {
+                        evidence.push_str(" (before the rest of the body was sent)");
+                        match reader.read_to_end(deadline).await {
+                            Ok(()) => evidence.push_str(&format!(
+                                "; the worker closed the connection cleanly at +{} ms",
+                                ms(Instant::now())
+                            )),
+                            Err(e) if e == "timed out" => {
+                                evidence.push_str("; the connection was still open at the deadline")
+                            }
+                            Err(e) => problems.push(format!(
+                                "then {e} at +{} ms: the rest of the body was not read (a client that had not read the answer yet loses it)",
+                                ms(Instant::now())
+                            )),
+                        }
+                    }
+                    Err(e) => problems.push(format!(
+                        "the rest of the body could not be sent ({e}): the worker did not read the request to its end"
+                    )),
+                }
+                if head.status >= 500 {
+                    problems.push(
+                        "a 5xx: a request in flight at the Drain is still the worker's to serve"
+                            .to_owned(),
+                    );
+                }
+                for p in &problems {
+                    evidence.push_str(&format!("; {p}"));
+                }
+                Check::new("drain-in-flight", problems.is_empty(), evidence)
+            }
+            (Err(e), wrote) => {
                 let wrote = wrote.err().map(|e| format!(" ({e})")).unwrap_or_default();
                 Check::fail(
                     "drain-in-flight",
                     format!(
-                        "POST with 4 of 10 body bytes before the Drain, 6 at +300 ms{wrote}: not answered: {e} (at +{} ms)",
-                        ms(now)
+                        "{what}{wrote}: not answered: {e} (at +{} ms)",
+                        ms(Instant::now())
                     ),
                 )
             }
@@ -1945,11 +2038,7 @@ async fn check_drain(cfg: &Config, harness: &Harness, worker: &Instance) -> Vec<
                     "second request at +100 ms on a keep-alive connection: {} at +{} ms, {}; {closed}",
                     head.status_line,
                     ms(answered_at),
-                    if head.close {
-                        "with Connection: close"
-                    } else {
-                        "WITHOUT Connection: close"
-                    }
+                    head.closing()
                 );
                 Check::new("drain-keepalive-close", head.close, evidence)
             }
@@ -1969,20 +2058,24 @@ async fn check_drain(cfg: &Config, harness: &Harness, worker: &Instance) -> Vec<
         let prefix = "connection handed over just before the Drain, first request at +200 ms";
         let result = match cfg.probe {
             Probe::Http => match write_all(&mut w, HTTP_GET, deadline).await {
-                Ok(()) => HttpReader::new(r)
-                    .read_response(deadline)
-                    .await
-                    .map(|head| {
-                        format!(
-                            "{}{}",
-                            head.status_line,
-                            if head.close {
-                                ", with Connection: close"
-                            } else {
-                                ""
-                            }
-                        )
-                    }),
+                // Answered after the Drain: with `Connection: close` (docs/PROTOCOL.md,
+                // Drain), or a body that the close itself ends.
+                Ok(()) => match HttpReader::new(r).read_response(deadline).await {
+                    Ok(head) if head.close => {
+                        Ok(format!("{}, {}", head.status_line, head.closing()))
+                    }
+                    Ok(head) => {
+                        return Check::fail(
+                            "drain-queued",
+                            format!(
+                                "{prefix}: answered {} at +{} ms WITHOUT Connection: close (a request that arrives after the Drain is answered with it)",
+                                head.status_line,
+                                ms(Instant::now())
+                            ),
+                        );
+                    }
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             },
             Probe::Echo => {
@@ -2467,8 +2560,8 @@ impl<R: AsyncRead + Unpin> HttpReader<R> {
     async fn read_head(&mut self, deadline: Instant) -> Result<Head, String> {
         loop {
             let head = loop {
-                if let Some(pos) = find(&self.buf, b"\r\n\r\n") {
-                    let head: Vec<u8> = self.buf.drain(..pos + 4).collect();
+                if let Some(end) = head_end(&self.buf) {
+                    let head: Vec<u8> = self.buf.drain(..end).collect();
                     break head;
                 }
                 if self.buf.len() > MAX_HEAD {
@@ -2494,20 +2587,33 @@ impl<R: AsyncRead + Unpin> HttpReader<R> {
         }
     }
 
-    async fn need(&mut self, n: usize, deadline: Instant) -> Result<(), String> {
-        while self.buf.len() < n {
+    /// Reads and drops the next `n` bytes, as they arrive: a huge body, or a worker
+    /// that streams, costs no memory.
+    async fn skip(&mut self, mut n: usize, deadline: Instant) -> Result<(), String> {
+        loop {
+            let k = n.min(self.buf.len());
+            self.buf.drain(..k);
+            n -= k;
+            if n == 0 {
+                return Ok(());
+            }
+            // The buffer is empty here: it holds at most one read.
             if self.fill(deadline).await? == 0 {
                 return Err("closed by the worker in the middle of the body".to_owned());
             }
         }
-        Ok(())
     }
 
+    /// One line, without its end (CRLF, or a bare LF).
     async fn read_line(&mut self, deadline: Instant) -> Result<Vec<u8>, String> {
         loop {
-            if let Some(pos) = find(&self.buf, b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..pos + 2).collect();
-                return Ok(line[..pos].to_vec());
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
             }
             if self.buf.len() > MAX_HEAD {
                 return Err("a chunk line of more than 64 KiB".to_owned());
@@ -2519,7 +2625,7 @@ impl<R: AsyncRead + Unpin> HttpReader<R> {
     }
 
     async fn read_body(&mut self, head: &Head, deadline: Instant) -> Result<(), String> {
-        if head.status == 204 || head.status == 304 || head.status < 200 {
+        if !head.has_body() {
             return Ok(());
         }
         if head.chunked {
@@ -2534,20 +2640,19 @@ impl<R: AsyncRead + Unpin> HttpReader<R> {
                     while !self.read_line(deadline).await?.is_empty() {}
                     return Ok(());
                 }
-                let total = size
-                    .checked_add(2)
-                    .ok_or_else(|| "a chunk size out of range".to_owned())?;
-                self.need(total, deadline).await?;
-                self.buf.drain(..total);
+                self.skip(size, deadline).await?;
+                let end = self.read_line(deadline).await?;
+                if !end.is_empty() {
+                    return Err(format!(
+                        "a chunk of {size} bytes not followed by a line end ({:?})",
+                        String::from_utf8_lossy(&end)
+                    ));
+                }
             }
         }
         match head.length {
-            Some(n) => {
-                self.need(n, deadline).await?;
-                self.buf.drain(..n);
-                Ok(())
-            }
-            // Delimited by the end of the stream.
+            Some(n) => self.skip(n, deadline).await,
+            // Delimited by the end of the stream (`head.close` says so).
             None => self.read_to_end(deadline).await,
         }
     }
@@ -2573,9 +2678,10 @@ impl<R: AsyncRead + Unpin> HttpReader<R> {
     }
 
     /// Waits until `deadline` for the worker to close the connection: how it did
-    /// (`None`: still open). Bytes that arrive are kept.
+    /// (`None`: still open). Bytes that arrive are dropped.
     async fn wait_closed(&mut self, deadline: Instant) -> Option<String> {
         loop {
+            self.buf.clear();
             match self.fill(deadline).await {
                 Ok(0) => return Some("closed".to_owned()),
                 Ok(_) => continue,
@@ -2586,16 +2692,51 @@ impl<R: AsyncRead + Unpin> HttpReader<R> {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// Where a response head ends (after its empty line): lines end with CRLF or, from a
+/// sloppy worker, a bare LF (RFC 9112 lets a recipient accept it).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    for (i, b) in buf.iter().enumerate() {
+        if *b != b'\n' {
+            continue;
+        }
+        let line = &buf[start..i];
+        if line.is_empty() || line == b"\r" {
+            return Some(i + 1);
+        }
+        start = i + 1;
+    }
+    None
+}
+
+impl Head {
+    /// Whether a body follows the head (the checks send no HEAD request).
+    fn has_body(&self) -> bool {
+        self.status >= 200 && self.status != 204 && self.status != 304
+    }
+
+    /// A body that is neither chunked nor counted: the close of the connection ends it
+    /// (RFC 9112 6.3), so such an answer ends the connection too.
+    fn close_delimited(&self) -> bool {
+        self.has_body() && !self.chunked && self.length.is_none()
+    }
+
+    /// How the answer says that the connection ends, for the evidence.
+    fn closing(&self) -> &'static str {
+        match (self.close, self.close_delimited()) {
+            (_, true) => "a body ended by the close",
+            (true, false) => "with Connection: close",
+            (false, false) => "WITHOUT Connection: close",
+        }
+    }
 }
 
 fn parse_head(head: &[u8]) -> Result<Head, String> {
     let text = String::from_utf8_lossy(head);
-    let mut lines = text.split("\r\n");
+    let mut lines = text.lines();
     let status_line = lines.next().unwrap_or("").trim().to_owned();
     let mut words = status_line.split_whitespace();
-    let version = words.next().unwrap_or("");
+    let version = words.next().unwrap_or("").to_owned();
     let status = words
         .next()
         .filter(|s| s.len() == 3)
@@ -2607,7 +2748,8 @@ fn parse_head(head: &[u8]) -> Result<Head, String> {
             one_line(&status_line)
         ));
     };
-    let (mut close, mut length, mut chunked) = (version == "HTTP/1.0", None, false);
+    let (mut close_token, mut keep_alive_token) = (false, false);
+    let (mut length, mut coding) = (None, None::<String>);
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             continue;
@@ -2620,8 +2762,8 @@ fn parse_head(head: &[u8]) -> Result<Head, String> {
             "connection" => {
                 for token in value.split(',').map(str::trim) {
                     match token {
-                        "close" => close = true,
-                        "keep-alive" => close = false,
+                        "close" => close_token = true,
+                        "keep-alive" => keep_alive_token = true,
                         _ => {}
                     }
                 }
@@ -2633,15 +2775,415 @@ fn parse_head(head: &[u8]) -> Result<Head, String> {
                         .map_err(|_| format!("a bad Content-Length {value:?}"))?,
                 );
             }
-            "transfer-encoding" => chunked = value.split(',').any(|t| t.trim() == "chunked"),
+            "transfer-encoding" => coding = Some(value),
             _ => {}
         }
     }
-    Ok(Head {
+    // With a Transfer-Encoding, the length is not counted; chunked only as the last
+    // coding (any other ends at the close).
+    let chunked = coding
+        .as_deref()
+        .is_some_and(|c| c.rsplit(',').next().map(str::trim) == Some("chunked"));
+    if coding.is_some() {
+        length = None;
+    }
+    let mut head = Head {
         status,
         status_line,
-        close,
+        // A `close` anywhere ends the connection, whatever else is listed; HTTP/1.0
+        // keeps it only when asked.
+        close: close_token || (version == "HTTP/1.0" && !keep_alive_token),
         length,
         chunked,
-    })
+    };
+    if head.close_delimited() {
+        head.close = true;
+    }
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn head(bytes: &[u8]) -> Head {
+        parse_head(bytes).expect("a head")
+    }
+
+    #[test]
+    fn a_body_without_length_or_chunking_ends_the_connection() {
+        assert!(head(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n").close);
+        // Unknown transfer codings are delimited by the close too.
+        assert!(head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n").close);
+        // Bodiless statuses and delimited bodies keep the connection.
+        for keeps in [
+            &b"HTTP/1.1 204 No Content\r\n\r\n"[..],
+            b"HTTP/1.1 304 Not Modified\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n",
+        ] {
+            assert!(!head(keeps).close, "{}", String::from_utf8_lossy(keeps));
+        }
+    }
+
+    #[test]
+    fn any_close_token_wins() {
+        for closes in [
+            &b"HTTP/1.1 200 OK\r\nConnection: close, keep-alive\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, CLOSE\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            assert!(head(closes).close, "{}", String::from_utf8_lossy(closes));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_close_delimited_response_is_read_to_the_end_and_closes() {
+        let (mut server, client) = tokio::io::duplex(1024);
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello\n")
+            .await
+            .expect("write");
+        drop(server);
+        let mut reader = HttpReader::new(client);
+        let head = reader
+            .read_response(Instant::now() + Duration::from_secs(5))
+            .await
+            .expect("an answer");
+        assert!(head.close, "{head:?}");
+    }
+
+    #[tokio::test]
+    async fn bare_lf_heads_and_chunk_lines_are_read() {
+        // The writer stays open: the head's end must be found without the close.
+        let (mut server, client) = tokio::io::duplex(1024);
+        server
+            .write_all(
+                b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhiHTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n2\nhi\n0\n\n",
+            )
+            .await
+            .expect("write");
+        let mut reader = HttpReader::new(client);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for _ in 0..2 {
+            let head = reader.read_response(deadline).await.expect("an answer");
+            assert_eq!(head.status, 200);
+            assert!(!head.close, "{head:?}");
+        }
+        assert!(reader.buf.is_empty(), "{:?}", reader.buf);
+        drop(server);
+    }
+
+    /// A response of `body` bytes after `head`, then `tail`, generated as it is read.
+    fn streamed(head: &[u8], body: u64, tail: &[u8]) -> impl AsyncRead + Unpin {
+        std::io::Cursor::new(head.to_vec())
+            .chain(tokio::io::repeat(b'x').take(body))
+            .chain(std::io::Cursor::new(tail.to_vec()))
+    }
+
+    const HUGE: u64 = 16 * 1024 * 1024;
+    const BOUND: usize = MAX_HEAD + 16 * 1024;
+
+    #[tokio::test]
+    async fn a_huge_body_is_not_buffered() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {HUGE}\r\n\r\n");
+        let mut reader = HttpReader::new(streamed(head.as_bytes(), HUGE, b""));
+        reader.read_response(deadline).await.expect("an answer");
+        assert!(reader.buf.capacity() <= BOUND, "{}", reader.buf.capacity());
+
+        let head = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{HUGE:x}\r\n");
+        let mut reader = HttpReader::new(streamed(head.as_bytes(), HUGE, b"\r\n0\r\n\r\n"));
+        reader.read_response(deadline).await.expect("an answer");
+        assert!(reader.buf.capacity() <= BOUND, "{}", reader.buf.capacity());
+
+        // A worker that streams on an idle connection.
+        let mut reader = HttpReader::new(streamed(b"", HUGE, b""));
+        assert_eq!(
+            reader.wait_closed(deadline).await.as_deref(),
+            Some("closed")
+        );
+        assert!(reader.buf.capacity() <= BOUND, "{}", reader.buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn the_process_group_is_killed_after_the_worker_exits_by_itself() {
+        // The worker leaves a process of its group behind and exits 0.
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", "sleep 60 & echo $!; exit 0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start sh");
+        let pid = child.id().expect("a pid");
+        // One line (the pipe stays open: that process holds it too).
+        let mut out = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        let mut stdout = tokio::io::BufReader::new(stdout);
+        timeout(
+            IO_TIMEOUT,
+            tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut out),
+        )
+        .await
+        .expect("sh writes the pid of its child")
+        .expect("read");
+        let left: i32 = out.trim().parse().expect("a pid");
+        // A pidfd names that process for good (no pid reuse), to wait for it and to
+        // clean up after a failure.
+        let left = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(left).expect("a pid"),
+            rustix::process::PidfdFlags::NONBLOCK,
+        )
+        .expect("pidfd_open");
+        let log = Arc::new(Log::default());
+        let (kill, killed) = oneshot::channel();
+        let task = tokio::spawn(watch_process(child, pid, Arc::clone(&log), killed));
+        let exit = log.wait_exit(Instant::now() + IO_TIMEOUT).await;
+        assert!(matches!(&exit, Some((_, Ok(s))) if s.success()), "{exit:?}");
+        // The pidfd turns readable when that process ends.
+        let (left, gone) = tokio::task::spawn_blocking(move || {
+            let mut fds = [rustix::event::PollFd::new(
+                &left,
+                rustix::event::PollFlags::IN,
+            )];
+            let bound = rustix::event::Timespec {
+                tv_sec: IO_TIMEOUT.as_secs() as _,
+                tv_nsec: 0,
+            };
+            let gone = rustix::event::poll(&mut fds, Some(&bound)).is_ok_and(|n| n > 0);
+            (left, gone)
+        })
+        .await
+        .expect("poll the pidfd");
+        if !gone {
+            let _ = rustix::process::pidfd_send_signal(&left, rustix::process::Signal::KILL);
+        }
+        drop(kill);
+        let _ = task.await;
+        assert!(gone, "the worker's process group outlived it");
+    }
+
+    // -----------------------------------------------------------------------------
+    // A fake worker in this process, on a real channel, for the drain checks
+
+    #[derive(Debug, Clone, Copy)]
+    struct Fake {
+        /// No `Connection: close` on the answers after the Drain.
+        keep_alive_on_drain: bool,
+        /// The status of answers after the Drain.
+        drain_status: u16,
+        /// Answers a request at once, before reading its body.
+        early: bool,
+        /// After such an answer, closes the connection once the rest of the body has
+        /// come, without reading it (a reset).
+        unread: bool,
+    }
+
+    impl Default for Fake {
+        fn default() -> Self {
+            Fake {
+                keep_alive_on_drain: false,
+                drain_status: 200,
+                early: false,
+                unread: false,
+            }
+        }
+    }
+
+    const GRACE: Duration = Duration::from_millis(1200);
+
+    async fn fake_serve(fd: OwnedFd, fake: Fake, mut draining: tokio::sync::watch::Receiver<bool>) {
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true).expect("nonblocking");
+        let mut stream = TcpStream::from_std(std).expect("register");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let end = loop {
+                if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break pos + 4;
+                }
+                let idle = *draining.borrow() && buf.is_empty();
+                let read = if idle {
+                    match timeout(GRACE, stream.read(&mut chunk)).await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                } else {
+                    tokio::select! {
+                        r = stream.read(&mut chunk) => r,
+                        _ = draining.changed(), if !*draining.borrow() => continue,
+                    }
+                };
+                match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end);
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().expect("a length"));
+            let mut read_body = async |stream: &mut TcpStream, buf: &mut Vec<u8>| {
+                while buf.len() < length {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                buf.drain(..length);
+                true
+            };
+            if !fake.early && !read_body(&mut stream, &mut buf).await {
+                return;
+            }
+            let drained = *draining.borrow();
+            let close = drained && !fake.keep_alive_on_drain;
+            let status = if drained { fake.drain_status } else { 200 };
+            let answer = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: 3\r\n{}\r\nok\n",
+                if close { "Connection: close\r\n" } else { "" }
+            );
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            if fake.early && fake.unread && buf.len() < length {
+                let _ = stream.readable().await;
+                return;
+            }
+            if fake.early && !read_body(&mut stream, &mut buf).await {
+                return;
+            }
+            if close {
+                return;
+            }
+        }
+    }
+
+    /// The worker side of a channel: serves the connections it is handed; on `Drain`,
+    /// "exits" 0 (in `log`) once they are all closed.
+    async fn fake_worker(channel: std::os::unix::net::UnixStream, fake: Fake, log: Arc<Log>) {
+        let (mut reader, _writer) = channel::split(channel::from_std(channel).expect("channel"));
+        let (drain, draining) = tokio::sync::watch::channel(false);
+        let mut conns = JoinSet::new();
+        while let Ok(Some((msg, fds))) = reader.recv::<ToWorker>().await {
+            match msg {
+                ToWorker::Connections { .. } => {
+                    for fd in fds {
+                        conns.spawn(fake_serve(fd, fake, draining.clone()));
+                    }
+                }
+                ToWorker::Drain { .. } => {
+                    let _ = drain.send(true);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        while conns.join_next().await.is_some() {}
+        log.update(|s| s.exit = Some((Instant::now(), Ok(ExitStatus::from_raw(0)))));
+    }
+
+    /// The five drain checks against a fake worker.
+    async fn drain_with(fake: Fake) -> Vec<Check> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("listen");
+        let addr = listener.local_addr().expect("address");
+        let harness = Harness {
+            listener: tokio::sync::Mutex::new(listener),
+            addr,
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let socket = ours.try_clone().expect("dup");
+        let (_reader, writer) = channel::split(channel::from_std(ours).expect("channel"));
+        let log = Arc::new(Log::default());
+        let worker = Instance {
+            link: Arc::new(Link {
+                dialect: Protocol::Binary,
+                pid: 0,
+                version: AtomicU64::new(1),
+                writer,
+                log: Arc::clone(&log),
+                sent: AtomicU64::new(0),
+                send_lock: tokio::sync::Mutex::new(()),
+            }),
+            socket,
+            spawned_at: Instant::now(),
+            kill: None,
+            process: None,
+        };
+        let fake = tokio::spawn(fake_worker(theirs, fake, log));
+        let cfg = Config {
+            program: "fake".to_owned(),
+            args: Vec::new(),
+            dialect: Protocol::Binary,
+            probe: Probe::Http,
+            echo_messages: false,
+        };
+        let checks = check_drain(&cfg, &harness, &worker).await;
+        fake.abort();
+        for c in &checks {
+            eprint!("{}", c.line(24));
+        }
+        checks
+    }
+
+    fn verdict(checks: &[Check], name: &str) -> Verdict {
+        checks
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.verdict)
+            .expect(name)
+    }
+
+    #[tokio::test]
+    async fn a_conformant_fake_passes_the_drain() {
+        let checks = drain_with(Fake::default()).await;
+        for c in &checks {
+            assert_eq!(c.verdict, Verdict::Pass, "{}: {}", c.name, c.evidence);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queued_connection_must_be_answered_with_connection_close() {
+        let checks = drain_with(Fake {
+            keep_alive_on_drain: true,
+            ..Fake::default()
+        })
+        .await;
+        assert_eq!(verdict(&checks, "drain-queued"), Verdict::Fail);
+        assert_eq!(verdict(&checks, "drain-keepalive-close"), Verdict::Fail);
+    }
+
+    #[tokio::test]
+    async fn an_in_flight_request_refused_with_a_5xx_fails() {
+        let checks = drain_with(Fake {
+            drain_status: 503,
+            ..Fake::default()
+        })
+        .await;
+        assert_eq!(verdict(&checks, "drain-in-flight"), Verdict::Fail);
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_body_passes_only_if_the_body_is_read() {
+        let early = Fake {
+            early: true,
+            ..Fake::default()
+        };
+        let checks = drain_with(early).await;
+        assert_eq!(verdict(&checks, "drain-in-flight"), Verdict::Pass);
+        let checks = drain_with(Fake {
+            unread: true,
+            ..early
+        })
+        .await;
+        assert_eq!(verdict(&checks, "drain-in-flight"), Verdict::Fail);
+    }
 }
