@@ -27,6 +27,10 @@ const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10000;
 const DEFAULT_PORT = 3000;
 const SWEEP_INTERVAL_MS = 100;
 const MAX_PENDING_MESSAGES = 1000;
+// The backlog rr-cluster's master listens with (BACKLOG in
+// crates/rr-cluster/src/master/listen.rs); the kernel caps it at somaxconn. The Node
+// dialect does not carry it, so shared listening sockets are given this one back.
+const SHARED_BACKLOG = 4096;
 const SINGLETON = Symbol.for('rr-cluster-worker');
 // Once draining, on each socket: when it last went idle (its last response flushed, or
 // the drain's start), and how many bytes it had read then (more since: a request is
@@ -68,6 +72,22 @@ function isReserved(value) {
 function oneLine(err) {
   const text = err instanceof Error ? `${err.name}: ${err.message}` : inspect(err);
   return text.replace(/\s+/g, ' ').slice(0, 500);
+}
+
+// Node turns a received listening socket into a net.Server with server.listen(handle),
+// which calls listen(2) again with Node's default backlog, 511: that lowers the backlog
+// of the socket the master and every worker share, for the whole pool. listen(2) on a
+// listening socket only sets its backlog: call it again with the master's. (Node has no
+// public way to pass a backlog to that conversion; a connection that came in between
+// was queued as usual.)
+function restoreBacklog(server, listener) {
+  const handle = server._handle;
+  if (!handle || typeof handle.listen !== 'function') return;
+  const err = handle.listen(SHARED_BACKLOG);
+  if (typeof err === 'number' && err < 0) {
+    process.stderr.write(`rr-cluster-worker: shared listener ${listener}: cannot restore the ` +
+      `backlog to ${SHARED_BACKLOG} (error ${err}); it stays at Node's 511 for the whole pool\n`);
+  }
 }
 
 function isHttpServer(server) {
@@ -381,6 +401,8 @@ class RRClusterWorker extends EventEmitter {
   }
 
   #onListen(listener, server) {
+    // First, whatever becomes of this copy: the backlog is the pool's.
+    restoreBacklog(server, listener);
     if (this.#entries.length === 0) return;
     const entry = this.#entryFor(listener);
     if (!entry || this.#draining) {

@@ -7,7 +7,8 @@ Threads (all daemon threads, so none of them keeps the process alive):
 - ``rr-cluster-heartbeat``: sends `Heartbeat` (and `Ack`) every `Hello.heartbeat_ms`,
   whatever the application's threads are doing, until the process exits;
 - ``rr-cluster-accept-N``: shared balancing only, accepts on a listening socket the
-  master handed over (`Listener`), until the drain;
+  master handed over (`Listener`), until the drain or the worker's own `Suicide`
+  (whichever comes first; it closes its copy of the listening socket then);
 - ``rr-cluster-deadline``: from the drain on, exits the process just before the
   master's deadline if it is still alive then;
 - ``rr-cluster-messages``/``rr-cluster-drain-callbacks``: run the application's
@@ -223,6 +224,10 @@ class Worker:
         self.suicide_reason: Optional[str] = None
         self._drain_callbacks: List[Callable] = []
         self._message_callback: Optional[Callable] = None
+        # Shared balancing: set once this worker takes no more connections from the
+        # listening sockets (its Suicide, or the drain); the accept threads then close
+        # their copies, and the other workers take what comes next.
+        self._stop_accept = threading.Event()
         self._wakeups: List[socket.socket] = []
         self._accept_threads: List[threading.Thread] = []
         self._watchdog: Optional[threading.Thread] = None
@@ -369,7 +374,10 @@ class Worker:
         """Leave on our own: sends `Suicide { reason }` (the master starts a replacement
         at once and answers with `Drain`); responses carry `Connection: close` from now.
         The drain itself begins with the master's `Drain` (connections it sent before it
-        read the Suicide are still served), or after `orphan_deadline` without one."""
+        read the Suicide are still served), or after `orphan_deadline` without one. In
+        shared mode the worker stops accepting at once (its copies of the listening
+        sockets are closed; connections already accepted are still served): the other
+        workers take the new ones."""
         with self._lock:
             first = self.suicide_reason is None
             if first:
@@ -378,6 +386,7 @@ class Worker:
         if not first:
             return
         self.closing.set()
+        self._stop_accepting()
         if not self._ready:
             # Nothing to announce before Ready (the master counts a boot failure when the
             # process exits), and no connection to wait for.
@@ -656,8 +665,8 @@ class Worker:
 
     def _adopt_listener(self, index: int, fd: int):
         with self._lock:
-            late = self._closed_incoming
-        if late:
+            late = self._closed_incoming or self._stop_accept.is_set()
+        if late:  # after our Suicide or the drain: nothing more is taken
             protocol._close_all([fd])
             return
         try:
@@ -670,25 +679,51 @@ class Worker:
             protocol._close_all([fd])
             return
         wake_r, wake_w = socket.socketpair()
-        with self._lock:
-            self._wakeups.append(wake_w)
         t = threading.Thread(target=self._accept_loop, args=(index, lsock, wake_r),
                              name=f"rr-cluster-accept-{index}", daemon=True)
-        self._accept_threads.append(t)
+        with self._lock:
+            # Checked again under the lock `_stop_accepting` takes: a stop that came
+            # meanwhile either sees this thread's wake-up or is seen here.
+            stopped = self._stop_accept.is_set()
+            if not stopped:
+                self._wakeups.append(wake_w)
+                self._accept_threads.append(t)
+        if stopped:
+            for s in (lsock, wake_r, wake_w):
+                s.close()
+            return
         t.start()
+
+    def _stop_accepting(self):
+        """Shared mode: the accept threads stop taking connections and close their
+        listening sockets. Returns once they have (at most 1 s each); a connection an
+        accept thread took before it stopped is queued, not lost."""
+        with self._lock:
+            self._stop_accept.set()
+            wakeups, self._wakeups = self._wakeups, []
+            threads = list(self._accept_threads)
+        for w in wakeups:
+            try:
+                w.send(b"x")
+                w.close()
+            except OSError:
+                pass
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout=1.0)
 
     def _accept_loop(self, index: int, lsock: socket.socket, wake: socket.socket):
         poller = select.poll()
         poller.register(lsock.fileno(), select.POLLIN)
         poller.register(wake.fileno(), select.POLLIN)
         try:
-            while not self.draining.is_set():
+            while not self._stop_accept.is_set():
                 events = poller.poll(1000)
-                if self.draining.is_set():
+                if self._stop_accept.is_set():
                     break
                 if not any(fd == lsock.fileno() for fd, _ in events):
                     continue
-                while not self.draining.is_set():
+                while not self._stop_accept.is_set():
                     if self.capacity <= 0:
                         time.sleep(0.01)
                         break
@@ -739,18 +774,11 @@ class Worker:
                 self.drain_reason = reason
                 self.drain_started = now
             callbacks, self._drain_callbacks = self._drain_callbacks, []
-            wakeups, self._wakeups = self._wakeups, []
         self.closing.set()
         self.draining.set()
-        for w in wakeups:  # shared mode: the accept threads close their listeners now
-            try:
-                w.send(b"x")
-                w.close()
-            except OSError:
-                pass
-        for t in list(self._accept_threads):
-            if t is not threading.current_thread():
-                t.join(timeout=1.0)
+        # Shared mode: the accept threads close their listeners now (done already if
+        # our own Suicide came first).
+        self._stop_accepting()
         if first:
             with self._lock:
                 # Every connection taken before the drain is queued: end the queue.

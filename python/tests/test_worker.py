@@ -2,6 +2,7 @@
 
 import json
 import os
+import select
 import socket
 import time
 
@@ -349,13 +350,41 @@ def test_a_full_worker_acks_as_soon_as_a_connection_closes(listener):
         assert ack.capacity == 1 and ack.received == 1, ack
 
 
+def worker_sockets(pid):
+    """The `socket:[inode]` names of the descriptors process `pid` holds."""
+    out = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            pass
+    return out
+
+
+def wait_until(predicate, timeout, what):
+    """Polls `predicate` every 10 ms, at most `timeout` seconds (and 10 000 times)."""
+    end = time.monotonic() + timeout
+    for _ in range(10_000):
+        if predicate():
+            return
+        if time.monotonic() >= end:
+            break
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout} s: {what}")
+
+
+def shared_listener():
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.setblocking(False)  # as the master has it
+    return lsock
+
+
 def test_shared_mode_listener_accepts_until_the_drain(listener):
     with FakeMaster([WSGI, "0.5"]) as fm:
         start_ready(fm)
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(16)
-        lsock.setblocking(False)  # as the master has it
+        lsock = shared_listener()
         fm.send(p.Listener(0), [lsock.fileno()])
         for _ in range(3):
             c = socket.create_connection(lsock.getsockname(), timeout=5)
@@ -368,22 +397,12 @@ def test_shared_mode_listener_accepts_until_the_drain(listener):
         keep = socket.create_connection(lsock.getsockname(), timeout=5)
         request(keep, "/")
         assert read_response(keep).status == 200
-        inode = os.fstat(lsock.fileno()).st_ino
-
-        def worker_sockets():
-            out = set()
-            for name in os.listdir(f"/proc/{fm.proc.pid}/fd"):
-                try:
-                    out.add(os.readlink(f"/proc/{fm.proc.pid}/fd/{name}"))
-                except OSError:
-                    pass
-            return out
-
-        assert f"socket:[{inode}]" in worker_sockets()
+        held = f"socket:[{os.fstat(lsock.fileno()).st_ino}]"
+        assert held in worker_sockets(fm.proc.pid)
         fm.send(p.Drain(5000))
-        time.sleep(0.2)
         # Closed first: the worker no longer holds the listener, and takes nothing new.
-        assert f"socket:[{inode}]" not in worker_sockets()
+        wait_until(lambda: held not in worker_sockets(fm.proc.pid), 5,
+                   "the worker closes the listening socket at the drain")
         late = socket.create_connection(lsock.getsockname(), timeout=5)
         request(late, "/")
         late.settimeout(0.3)
@@ -391,6 +410,43 @@ def test_shared_mode_listener_accepts_until_the_drain(listener):
             late.recv(1)
         assert fm.wait_exit(5) == 0
         for c in (keep, late):
+            c.close()
+        lsock.close()
+
+
+def test_shared_mode_stops_accepting_at_its_own_suicide(listener):
+    """From its own Suicide on (a crash here), the worker takes nothing more from the
+    shared listening socket, where the other workers (the test here) would serve what
+    comes next: it closes its copy at once, without waiting for the master's Drain, and
+    still serves the connections it had accepted."""
+    with FakeMaster([WSGI, "0.5"]) as fm:
+        start_ready(fm)
+        lsock = shared_listener()
+        fm.send(p.Listener(0), [lsock.fileno()])
+        keep = socket.create_connection(lsock.getsockname(), timeout=5)
+        request(keep, "/")
+        assert read_response(keep).status == 200  # accepted by the worker
+        held = f"socket:[{os.fstat(lsock.fileno()).st_ino}]"
+        assert held in worker_sockets(fm.proc.pid)
+        crash = socket.create_connection(lsock.getsockname(), timeout=5)
+        request(crash, "/crash-thread", keep_alive=False)
+        assert read_response(crash).status == 200
+        assert "boom from a thread" in fm.expect(p.Suicide).reason
+        # No Drain yet: the Suicide alone stops the accepting.
+        wait_until(lambda: held not in worker_sockets(fm.proc.pid), 5,
+                   "the worker closes the listening socket at its Suicide")
+        late = socket.create_connection(lsock.getsockname(), timeout=5)
+        # In the backlog, for another worker: the test takes it.
+        assert select.select([lsock], [], [], 5)[0], "the late connection is not in the backlog"
+        taken, _ = lsock.accept()
+        taken.close()
+        # The connection accepted before the Suicide is still served (and told to close).
+        request(keep, "/")
+        resp = read_response(keep)
+        assert resp.status == 200 and resp.headers.get("connection") == "close", resp
+        fm.send(p.Drain(5000))
+        assert fm.wait_exit(8) == 1
+        for c in (keep, crash, late):
             c.close()
         lsock.close()
 

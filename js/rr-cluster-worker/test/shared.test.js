@@ -5,6 +5,8 @@
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
+const { spawnSync } = require('node:child_process');
+const fs = require('node:fs');
 const net = require('node:net');
 const path = require('node:path');
 const { FakeMaster, RawHttp, get, within, FIXTURES } = require('../test-support/helpers.js');
@@ -65,4 +67,40 @@ test('shared mode: workers accept on the listening socket; drain closes it first
     assert.equal(exit.code, 0);
     assert.ok(exit.at - drains[i] < 3000);
   }
+});
+
+// The backlog of a listening socket, as `ss` reports it (Send-Q of a LISTEN socket:
+// sk_max_ack_backlog); null without ss.
+function listenBacklog(port) {
+  const out = spawnSync('ss', ['-Hltn', `sport = :${port}`], { encoding: 'utf8', timeout: 5000 });
+  if (out.error || out.status !== 0) return null;
+  const line = out.stdout.split('\n').find((l) => l.startsWith('LISTEN'));
+  return line ? Number(line.trim().split(/\s+/)[2]) : NaN;
+}
+
+test('shared mode: adopting the listening socket keeps the master\'s backlog', async (t) => {
+  if (listenBacklog(1) === null) {
+    t.skip('needs ss (iproute2)');
+    return;
+  }
+  // What the kernel gives a listen(fd, 4096), the master's backlog: at most somaxconn.
+  const somaxconn = Number(fs.readFileSync('/proc/sys/net/core/somaxconn', 'utf8'));
+  const expected = Math.min(4096, somaxconn);
+  const master = await FakeMaster.start({ script: WORKER, workers: 1, dispatch: 'none' });
+  t.after(() => master.close());
+  const listener = net.createServer();
+  await within(2000, new Promise((resolve) => {
+    listener.listen({ port: 0, host: '127.0.0.1', backlog: 4096 }, resolve);
+  }), 'listen');
+  const { port } = listener.address();
+  listener.on('connection', () => assert.fail('the master accepted a connection'));
+  assert.equal(listenBacklog(port), expected);
+
+  await master.workers[0].sendListen(listener);
+  listener.close();
+  // Served: the worker has adopted the socket (Node listened on it again then).
+  const res = await get(port);
+  assert.equal(res.status, 200);
+  // Not Node's default of 511 for the whole pool.
+  assert.equal(listenBacklog(port), expected);
 });
