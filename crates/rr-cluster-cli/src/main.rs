@@ -101,23 +101,31 @@ enum Cmd {
     Conformance(Box<conformance::ConformanceArgs>),
 }
 
+/// `N` (1 to [`rr_cluster::master::MAX_WORKERS`]), `+N` or `-N` (less than the maximum: a
+/// bigger step can never land in range).
 fn parse_scale(s: &str) -> Result<rr_cluster::ScaleTo, String> {
-    let bad = || format!("invalid number of workers {s:?}: expected N, +N or -N");
-    if let Some(n) = s.strip_prefix('+') {
-        return n
-            .parse::<i64>()
-            .map(rr_cluster::ScaleTo::By)
-            .map_err(|_| bad());
+    let max = rr_cluster::master::MAX_WORKERS;
+    let bad = || format!("invalid number of workers {s:?}: expected N (1 to {max}), +N or -N");
+    if s.starts_with('+') || s.starts_with('-') {
+        let digits = &s[1..];
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let by = s.parse::<i64>().ok();
+        return match by {
+            Some(by) if by.unsigned_abs() < max as u64 => Ok(rr_cluster::ScaleTo::By(by)),
+            _ => Err(format!(
+                "{s} workers is out of range: a pool has 1 to {max} workers"
+            )),
+        };
     }
-    if s.starts_with('-') {
-        return s
-            .parse::<i64>()
-            .map(rr_cluster::ScaleTo::By)
-            .map_err(|_| bad());
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
     }
-    s.parse::<usize>()
-        .map(rr_cluster::ScaleTo::Exactly)
-        .map_err(|_| bad())
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(rr_cluster::ScaleTo::Exactly(n)),
+        _ => Err(format!("{s} workers is out of range 1..={max}")),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -177,7 +185,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let top = matches!(cli.command, Cmd::Top { .. });
+    let code = runtime.block_on(async move {
         use rr_cluster::control::Request;
         match cli.command {
             Cmd::Run(args) => run::run(*args).await,
@@ -208,7 +217,13 @@ fn main() -> ExitCode {
             Cmd::HelloWorker => hello::main().await,
             Cmd::Conformance(args) => conformance::main(*args).await,
         }
-    })
+    });
+    if top {
+        // `top`'s view thread may be stuck writing to a terminal that went away (it
+        // was told to end, and the terminal restored): not waited for.
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+    code
 }
 
 /// `rr-cluster run node app.js` (or `conformance`): the worker command goes after `--`.

@@ -9,7 +9,8 @@ use rr_cluster::config::{
     ConfigError, LogFormat, parse_bytes, parse_duration, parse_duration_or_off,
 };
 use rr_cluster::{
-    Balance, Config, GiveUpAction, Master, MasterBuilder, MasterError, Protocol, WorkerCommand,
+    Balance, Config, GiveUpAction, Master, MasterBuilder, MasterError, MasterHandle, MasterSignal,
+    Protocol, WorkerCommand,
 };
 
 use crate::eprintln_safe;
@@ -127,6 +128,8 @@ fn parse_give_up(s: &str) -> Result<GiveUpAction, String> {
 struct Extras {
     log_format: LogFormat,
     metrics: Option<String>,
+    /// Warnings about the configuration, for the logs.
+    warnings: Vec<String>,
 }
 
 /// File, then flags, into a builder.
@@ -136,10 +139,10 @@ fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
         None => Config::default(),
     };
     let mut b = config.apply(Master::builder()).map_err(|e| e.to_string())?;
+    let mut warnings = Vec::new();
     if !args.listen.is_empty() {
-        if let Some(warning) = rr_cluster::master::socket_activation_mismatch() {
-            tracing::warn!("{warning}");
-        }
+        // Logged once the logs are set up (see `run`).
+        warnings.extend(rr_cluster::master::socket_activation_mismatch());
         b = b.listen_all(args.listen.iter().cloned());
     } else if rr_cluster::master::socket_activated() {
         // Socket activation: the sockets systemd passed, instead of binding.
@@ -230,11 +233,18 @@ fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
     let extras = Extras {
         log_format,
         metrics: args.metrics.clone().or(config.metrics.clone()),
+        warnings,
     };
     Ok((b, extras))
 }
 
 pub(crate) async fn run(args: RunArgs) -> ExitCode {
+    // Caught from the start: a signal while the master starts waits for it instead of
+    // killing the process with the default action (and leaving the control socket).
+    let signals = match catch_signals() {
+        Ok(s) => s,
+        Err(e) => return failure(&format!("cannot install signal handlers: {e}")),
+    };
     let (builder, extras) = match configure(&args) {
         Ok(x) => x,
         Err(e) => return usage_error(&e),
@@ -260,6 +270,9 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         },
     };
     let _logs = init_logs(extras.log_format);
+    for warning in &extras.warnings {
+        tracing::warn!("{warning}");
+    }
     let events = master.events();
     let handle = match master.start().await {
         Ok(h) => h,
@@ -267,7 +280,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         Err(e @ MasterError::Start(_)) => return failure(&e.to_string()),
         Err(e) => return usage_error(&e.to_string()),
     };
-    if let Err(e) = handle.forward_os_signals() {
+    if let Err(e) = hand_over_signals(signals, &handle).await {
         return failure(&format!("cannot install signal handlers: {e}"));
     }
     if let Some(listener) = metrics {
@@ -281,6 +294,61 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         0 => ExitCode::SUCCESS,
         code => ExitCode::from(u8::try_from(code).unwrap_or(1)),
     }
+}
+
+/// The signals [`MasterHandle::forward_os_signals`] handles, caught from before the
+/// master starts, with what each asks of the master (SIGUSR2: nothing, it is only
+/// kept from ending the process).
+type EarlySignals = Vec<(tokio::signal::unix::Signal, Option<MasterSignal>)>;
+
+fn catch_signals() -> std::io::Result<EarlySignals> {
+    use rustix::process::Signal as Sig;
+    use tokio::signal::unix::{SignalKind, signal};
+    let kinds = [
+        (SignalKind::terminate(), Some(MasterSignal::Terminate)),
+        (SignalKind::interrupt(), Some(MasterSignal::Interrupt)),
+        (SignalKind::quit(), Some(MasterSignal::Quit)),
+        (SignalKind::hangup(), Some(MasterSignal::Hangup)),
+        (
+            SignalKind::from_raw(Sig::TTIN.as_raw()),
+            Some(MasterSignal::IncreaseWorkers),
+        ),
+        (
+            SignalKind::from_raw(Sig::TTOU.as_raw()),
+            Some(MasterSignal::DecreaseWorkers),
+        ),
+        (SignalKind::user_defined1(), Some(MasterSignal::ReopenLogs)),
+        (SignalKind::user_defined2(), None),
+    ];
+    kinds
+        .into_iter()
+        .map(|(kind, sig)| Ok((signal(kind)?, sig)))
+        .collect()
+}
+
+/// Hands the master's signals over to [`MasterHandle::forward_os_signals`], and then
+/// passes on those that came while the master started.
+///
+/// No signal is lost or passed on twice: the streams are looked at, and the library's
+/// made, with no turn of the runtime in between (one thread: signals reach the streams
+/// only on such a turn). What came before is in the early streams alone; what comes
+/// after goes to the library's streams (and to the early ones, dropped unread).
+async fn hand_over_signals(early: EarlySignals, handle: &MasterHandle) -> std::io::Result<()> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut came = Vec::new();
+    for (mut stream, sig) in early {
+        if let std::task::Poll::Ready(Some(())) = stream.poll_recv(&mut cx) {
+            came.extend(sig);
+        }
+    }
+    handle.forward_os_signals()?;
+    for sig in came {
+        tracing::info!(signal = ?sig, "signal received while starting");
+        if handle.signal(sig).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn failure(msg: &str) -> ExitCode {

@@ -19,6 +19,8 @@ use crate::client::{bytes, human, percent};
 
 /// Samples kept for each sparkline.
 const HISTORY: usize = 60;
+/// How long a key's answer stays on screen.
+const MESSAGE_FOR: Duration = Duration::from_secs(10);
 const BLOCKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 
 /// What the view keeps between refreshes.
@@ -220,7 +222,7 @@ fn draw(frame: &mut ratatui::Frame<'_>, view: &View, path: &Path) {
         Style::default().add_modifier(Modifier::DIM),
     )];
     if let Some((at, message)) = &view.message {
-        if at.elapsed() < Duration::from_secs(10) {
+        if at.elapsed() < MESSAGE_FOR {
             keys.push(Span::raw(format!("   {message}")));
         }
     }
@@ -247,65 +249,118 @@ async fn act(path: &Path, req: Request) -> String {
     }
 }
 
-/// Runs the view until `q`, Esc or Ctrl-C.
+/// What the async side tells the view.
+#[derive(Debug)]
+enum Update {
+    Status(Result<Status, String>),
+    Message(String),
+    /// A signal came: restore the terminal and end.
+    Quit,
+}
+
+/// How long the view waits for input before it looks for updates again: how soon a
+/// refresh, an answer or a signal shows.
+const TICK: Duration = Duration::from_millis(50);
+/// Input events handled in one go before the view is redrawn.
+const EVENTS_PER_DRAW: usize = 64;
+/// Actions (r, +, -) waiting for the master at once; more keys are refused until
+/// their answers come.
+const PENDING_ACTIONS: usize = 4;
+
+/// SIGTERM, SIGINT and SIGHUP, caught so that the terminal is restored before exit.
+#[derive(Debug)]
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn catch() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The number of the next signal. (A stream that ends, its driver gone, counts as
+    /// its signal.)
+    async fn recv(&mut self) -> i32 {
+        use tokio::signal::unix::SignalKind;
+        let kind = tokio::select! {
+            _ = self.term.recv() => SignalKind::terminate(),
+            _ = self.int.recv() => SignalKind::interrupt(),
+            _ = self.hup.recv() => SignalKind::hangup(),
+        };
+        kind.as_raw_value()
+    }
+}
+
+/// The exit code for a view ended by signal `number`, as a shell would report it.
+fn signal_exit(number: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(128 + number).unwrap_or(1))
+}
+
+/// Runs the view until `q`, Esc or Ctrl-C (or SIGTERM, SIGINT, SIGHUP).
 pub(crate) async fn main(path: PathBuf, every: Duration) -> ExitCode {
-    // A first status before taking over the terminal: a wrong path is one line.
-    let first = status(&path).await;
-    if let Err(e) = &first {
-        crate::eprintln_safe(&format!("rr-cluster: error: {e}"));
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        crate::eprintln_safe(
+            "rr-cluster: error: top needs a terminal (stdout is not one); use `rr-cluster status` in scripts",
+        );
         return ExitCode::FAILURE;
     }
-    let runtime = tokio::runtime::Handle::current();
-    let ui = tokio::task::spawn_blocking(move || {
-        let mut terminal = ratatui::init();
-        let mut view = View::default();
-        view.update(first);
-        let mut next = Instant::now() + every;
-        let result = loop {
-            if let Err(e) = terminal.draw(|f| draw(f, &view, &path)) {
-                break Err(e.to_string());
+    let mut signals = match Signals::catch() {
+        Ok(s) => s,
+        Err(e) => {
+            crate::eprintln_safe(&format!(
+                "rr-cluster: error: cannot install signal handlers: {e}"
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    // A first status before taking over the terminal: a wrong path is one line.
+    let first = tokio::select! {
+        s = status(&path) => s,
+        n = signals.recv() => return signal_exit(n),
+    };
+    let first = match first {
+        Ok(s) => s,
+        Err(e) => {
+            crate::eprintln_safe(&format!("rr-cluster: error: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    // The view runs on a thread of its own (terminal input blocks); the requests to
+    // the master run here, so a master slow to answer never holds up the keys.
+    let (updates, from_master) = std::sync::mpsc::channel();
+    let (actions, requests) = tokio::sync::mpsc::channel(PENDING_ACTIONS);
+    let ui_path = path.clone();
+    let mut ui =
+        tokio::task::spawn_blocking(move || run_view(first, &ui_path, &from_master, &actions));
+    let refresher = tokio::spawn(refresh(path.clone(), every, updates.clone()));
+    let actor = tokio::spawn(act_on_keys(path, requests, updates.clone()));
+    let code = tokio::select! {
+        ended = &mut ui => view_exit(ended),
+        n = signals.recv() => {
+            let _ = updates.send(Update::Quit);
+            // The view notices within a tick; a view stuck writing to a terminal
+            // that went away is not waited for.
+            if tokio::time::timeout(Duration::from_secs(2), &mut ui).await.is_err() {
+                let _ = ratatui::try_restore();
             }
-            let wait = next.saturating_duration_since(Instant::now());
-            match event::poll(wait) {
-                Ok(true) => {
-                    let Ok(Event::Key(key)) = event::read() else {
-                        continue;
-                    };
-                    if key.kind != KeyEventKind::Press {
-                        continue;
-                    }
-                    let req = match key.code {
-                        KeyCode::Char('q') | KeyCode::Esc => break Ok(()),
-                        KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
-                            break Ok(());
-                        }
-                        KeyCode::Char('r') => Request::Reload { wait: false },
-                        KeyCode::Char('+') | KeyCode::Char('=') => Request::Scale {
-                            workers: None,
-                            by: Some(1),
-                        },
-                        KeyCode::Char('-') => Request::Scale {
-                            workers: None,
-                            by: Some(-1),
-                        },
-                        _ => continue,
-                    };
-                    let message = runtime.block_on(act(&path, req));
-                    view.message = Some((Instant::now(), message));
-                    next = Instant::now();
-                }
-                Ok(false) => {}
-                Err(e) => break Err(e.to_string()),
-            }
-            if Instant::now() >= next {
-                view.update(runtime.block_on(status(&path)));
-                next = Instant::now() + every;
-            }
-        };
-        ratatui::restore();
-        result
-    });
-    match ui.await {
+            signal_exit(n)
+        }
+    };
+    refresher.abort();
+    actor.abort();
+    code
+}
+
+fn view_exit(ended: Result<Result<(), String>, tokio::task::JoinError>) -> ExitCode {
+    match ended {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             crate::eprintln_safe(&format!("rr-cluster: error: {e}"));
@@ -314,6 +369,143 @@ pub(crate) async fn main(path: PathBuf, every: Duration) -> ExitCode {
         Err(e) => {
             crate::eprintln_safe(&format!("rr-cluster: error: {e}"));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks for the status every `every` and hands it to the view, until the view ends.
+async fn refresh(path: PathBuf, every: Duration, updates: std::sync::mpsc::Sender<Update>) {
+    let mut ticker = tokio::time::interval(every);
+    // A slow answer delays the next request instead of bunching them up.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first status is already shown
+    loop {
+        ticker.tick().await;
+        let s = status(&path).await;
+        if updates.send(Update::Status(s)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends the keys' requests to the master and their answers (and a fresh status) to
+/// the view, until the view ends.
+async fn act_on_keys(
+    path: PathBuf,
+    mut requests: tokio::sync::mpsc::Receiver<Request>,
+    updates: std::sync::mpsc::Sender<Update>,
+) {
+    while let Some(req) = requests.recv().await {
+        let message = act(&path, req).await;
+        if updates.send(Update::Message(message)).is_err() {
+            return;
+        }
+        let s = status(&path).await;
+        if updates.send(Update::Status(s)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Takes over the terminal, runs the view, and gives the terminal back.
+fn run_view(
+    first: Status,
+    path: &Path,
+    updates: &std::sync::mpsc::Receiver<Update>,
+    actions: &tokio::sync::mpsc::Sender<Request>,
+) -> Result<(), String> {
+    let mut terminal = match ratatui::try_init() {
+        Ok(t) => t,
+        Err(e) => {
+            // Raw mode may be on already (the alternate screen failed).
+            let _ = ratatui::try_restore();
+            return Err(format!("cannot use the terminal: {e}"));
+        }
+    };
+    let mut view = View::default();
+    view.update(Ok(first));
+    let result = view_loop(&mut terminal, &mut view, path, updates, actions);
+    let _ = ratatui::try_restore();
+    result
+}
+
+fn view_loop(
+    terminal: &mut ratatui::DefaultTerminal,
+    view: &mut View,
+    path: &Path,
+    updates: &std::sync::mpsc::Receiver<Update>,
+    actions: &tokio::sync::mpsc::Sender<Request>,
+) -> Result<(), String> {
+    use std::sync::mpsc::TryRecvError;
+    let mut dirty = true;
+    let mut message_shown = false;
+    loop {
+        // What came from the master since the last turn (bounded: it sends a status
+        // per interval and an answer per key).
+        for _ in 0..EVENTS_PER_DRAW {
+            match updates.try_recv() {
+                Ok(Update::Status(s)) => view.update(s),
+                Ok(Update::Message(m)) => view.message = Some((Instant::now(), m)),
+                Ok(Update::Quit) | Err(TryRecvError::Disconnected) => return Ok(()),
+                Err(TryRecvError::Empty) => break,
+            }
+            dirty = true;
+        }
+        // A key's answer disappears after a while.
+        let showing = view
+            .message
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < MESSAGE_FOR);
+        if showing != message_shown {
+            message_shown = showing;
+            dirty = true;
+        }
+        if dirty {
+            terminal
+                .draw(|f| draw(f, view, path))
+                .map_err(|e| e.to_string())?;
+            dirty = false;
+        }
+        if !event::poll(TICK).map_err(|e| e.to_string())? {
+            continue;
+        }
+        // The input there is now, in one go; any of it (a resize, a mouse move, an
+        // unmapped key) leaves the refresh to its own schedule.
+        for _ in 0..EVENTS_PER_DRAW {
+            match event::read().map_err(|e| e.to_string())? {
+                Event::Key(key) if key.kind == KeyEventKind::Press => {
+                    let req = match key.code {
+                        KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+                        KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
+                            return Ok(());
+                        }
+                        KeyCode::Char('r') => Some(Request::Reload { wait: false }),
+                        KeyCode::Char('+') | KeyCode::Char('=') => Some(Request::Scale {
+                            workers: None,
+                            by: Some(1),
+                        }),
+                        KeyCode::Char('-') => Some(Request::Scale {
+                            workers: None,
+                            by: Some(-1),
+                        }),
+                        _ => None,
+                    };
+                    if let Some(req) = req {
+                        if actions.try_send(req).is_err() {
+                            view.message = Some((
+                                Instant::now(),
+                                "busy: earlier keys still wait for the master".to_owned(),
+                            ));
+                            dirty = true;
+                        }
+                    }
+                }
+                Event::Resize(..) => dirty = true,
+                _ => {}
+            }
+            if !event::poll(Duration::ZERO).map_err(|e| e.to_string())? {
+                break;
+            }
         }
     }
 }
