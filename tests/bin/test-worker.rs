@@ -15,7 +15,8 @@
 //! `--protocol <v>` speaks at most protocol version `v`; `--max-connections <n>`;
 //! `--self-checks` checks `is_worker()` in a child and a
 //! second `from_env()`, and exits 3 or 4 before Ready if either is wrong; `--print <text>` writes a line to stdout and stderr at start; `--linger` never exits
-//! after a drain (the master's deadline must kill it).
+//! after a drain (the master's deadline must kill it); `--last-words <n>` writes `n`
+//! lines to stdout once drained, just before it exits.
 //!
 //! Misbehaving workers, written against the raw channel: `--close-channel` closes its
 //! channel after the handshake and lives on; `--flood` says Ready and then sends
@@ -156,6 +157,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     worker.drained().await;
+    if let Some(n) = flag("--last-words") {
+        // What a worker says as it leaves: every line must reach the master's output.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for i in 0..n {
+            writeln!(out, "last words {i} of {n}")?;
+        }
+        out.flush()?;
+    }
     Ok(())
 }
 

@@ -356,6 +356,20 @@ impl MasterProcess {
         }
     }
 
+    /// Every stdout line still to come, until the master closes its stdout (or
+    /// `within` passes).
+    pub fn rest_of_output(&mut self, within: Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + within;
+        let mut rest = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => rest.push(line),
+                Err(_) => return rest,
+            }
+        }
+    }
+
     /// The master's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()

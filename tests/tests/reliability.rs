@@ -249,6 +249,56 @@ async fn a_version_2_worker_is_never_sent_more_than_it_can_hold() {
     assert_eq!(cluster.stop().await, 0);
 }
 
+/// A connection the master accepted and holds (every worker full) when a graceful stop
+/// comes is served once a worker has room, before the drain: it used to be closed,
+/// because the workers left the rotation before the accept loop's last dispatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_master_holds_at_a_stop_is_served_not_closed() {
+    let b = builder(WORKER.as_ref(), &["--max-connections", "1"], 1);
+    let mut cluster = start_cluster(b).await;
+    cluster.wait_ready(1).await;
+    let addr = cluster.addr;
+    let mut first = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    first.write_all(b"hold\n").await.expect("write");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, first.read(&mut buf))
+        .await
+        .expect("held in time")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"held"), "{:?}", &buf[..n]);
+    let mut second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    second.write_all(b"id\n").await.expect("write");
+    let mut held = false;
+    for _ in 0..500 {
+        if cluster.handle.status().await.expect("status").queued == 1 {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(held, "the master holds the second connection");
+    cluster.drain_events(|_| None::<()>);
+    cluster.handle.stop(StopMode::Graceful).await.expect("stop");
+    cluster
+        .next_event(|e| matches!(e, Event::Stopping { .. }).then_some(()))
+        .await;
+    // Room again: the held connection goes to the worker before its drain.
+    drop(first);
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, second.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(answer.split_whitespace().count(), 2, "{answer:?}");
+    assert_eq!(
+        tokio::time::timeout(WAIT, cluster.handle.wait())
+            .await
+            .expect("stops"),
+        0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_worker_takes_the_next_connection_when_one_closes_not_at_its_heartbeat() {
     // Capacity 1, and heartbeats a minute apart: only the `Ack` that a closing
@@ -615,6 +665,35 @@ fn workers_that_die_over_and_over_leave_no_descriptor_in_the_master() {
         after <= before + 2,
         "the master had {before} descriptors open, {after} after {DEATHS} workers died"
     );
+}
+
+/// What workers write as they leave reaches the master's output: the master used to
+/// exit once the last worker had, with lines still in the pipes and its queue.
+#[test]
+fn the_last_lines_workers_write_reach_the_output_when_the_master_stops() {
+    const LINES: usize = 2000;
+    let mut master = MasterProcess::start(
+        &[],
+        MASTER,
+        &[],
+        2,
+        WORKER,
+        &["--last-words", &LINES.to_string()],
+    );
+    let workers = master.workers.clone();
+    rr_cluster_tests::signal(master.pid(), rustix::process::Signal::TERM);
+    let rest = master.rest_of_output(WAIT);
+    assert_eq!(master.wait_exit(WAIT), Some(0), "a graceful stop");
+    for pid in workers {
+        let said = rest
+            .iter()
+            .filter(|l| l.contains(&format!("pid {pid}]")) && l.contains("last words"))
+            .count();
+        assert_eq!(
+            said, LINES,
+            "worker {pid}: {said} of its {LINES} last lines"
+        );
+    }
 }
 
 /// A control client that sends requests and never reads the answers blocked its

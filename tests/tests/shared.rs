@@ -213,3 +213,56 @@ async fn a_full_shared_worker_leaves_connections_in_the_backlog_until_one_closes
     assert_eq!(accept_backlog(addr.port()), Some(0));
     assert_eq!(cluster.stop().await, 0);
 }
+
+/// A graceful stop in shared mode closes the master's copy of the listening socket at
+/// once: once the draining workers have closed theirs, new clients are refused while
+/// the drain goes on. The master's copy used to keep the socket listening until it
+/// exited, so clients were taken into the backlog, left waiting, then reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_shared_pool_refuses_new_clients_while_it_drains() {
+    let b = builder(WORKER.as_ref(), &[], 1).balance(Balance::Shared);
+    let mut cluster = start_cluster(b).await;
+    cluster.wait_ready(1).await;
+    let addr = cluster.addr;
+    assert!(active_is(&cluster, |n| n == 0).await, "nothing open yet");
+    // A slow request keeps the drain going for seconds.
+    let slow = tokio::spawn(async move { ask(addr, "sleep 4000").await });
+    assert!(
+        active_is(&cluster, |n| n > 0).await,
+        "the slow request reached the worker"
+    );
+    cluster
+        .handle
+        .stop(rr_cluster::StopMode::Graceful)
+        .await
+        .expect("stop");
+    cluster
+        .next_event(|e| matches!(e, Event::WorkerDraining { .. }).then_some(()))
+        .await;
+    let mut refused = false;
+    for _ in 0..200 {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused = true;
+                break;
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+    assert!(refused, "new clients were taken in while the pool drained");
+    assert!(
+        !slow.is_finished(),
+        "refused during the drain, not after it"
+    );
+    let answer = tokio::time::timeout(WAIT, slow)
+        .await
+        .expect("in time")
+        .expect("answered");
+    assert!(answer.starts_with("done "), "{answer:?}");
+    assert_eq!(
+        tokio::time::timeout(WAIT, cluster.handle.wait())
+            .await
+            .expect("stops"),
+        0
+    );
+}

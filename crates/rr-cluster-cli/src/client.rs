@@ -31,14 +31,27 @@ pub(crate) async fn status(path: &Path, json: bool) -> ExitCode {
 }
 
 /// `reload`, `scale`, `stop`: one line of answer. A refusal (or a reload that
-/// failed, with `--wait`) exits 1.
+/// failed, with `--wait`) exits 1; `stop --wait` exits with the master's exit code.
 pub(crate) async fn simple(path: &Path, req: Request, timeout: Duration) -> ExitCode {
     match control::request_within(path, &req, timeout).await {
         Ok(Response::Ok { message }) => {
             println_safe(&format!("{message}\n"));
             ExitCode::SUCCESS
         }
+        Ok(Response::Stopped { message, code }) => {
+            println_safe(&format!("{message}\n"));
+            exit_code(code)
+        }
         other => report(other),
+    }
+}
+
+/// A master's exit code as this process's: 0 stays 0, anything else that does not
+/// fit a byte is 1.
+fn exit_code(code: i32) -> ExitCode {
+    match u8::try_from(code) {
+        Ok(c) => ExitCode::from(c),
+        Err(_) => ExitCode::FAILURE,
     }
 }
 

@@ -707,7 +707,12 @@ fn scale_relative_and_stop_wait() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "stopped with exit code 0"
     );
-    // It has stopped by the time the answer came.
+    // Its control socket is gone by the time the answer came (`stop --wait &&
+    // rr-cluster run` finds the path free), and the process ends right after.
+    assert!(
+        !dir.path("ctl.sock").exists(),
+        "the control socket outlived the answer"
+    );
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut exited = false;
     while Instant::now() < deadline {

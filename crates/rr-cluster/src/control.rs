@@ -97,6 +97,14 @@ pub enum Response {
         /// What the master said.
         message: String,
     },
+    /// Answer to [`Request::Stop`] with `wait`: the master has stopped (its control
+    /// socket is gone), with this exit code (1 after a give-up).
+    Stopped {
+        /// What the master said.
+        message: String,
+        /// The master's exit code.
+        code: i32,
+    },
 }
 
 /// A snapshot of the pool. (`Default`: an empty pool, handy in tests.)
@@ -313,7 +321,7 @@ async fn request_inner(path: &Path, req: &Request) -> Result<Response, ControlEr
             source,
         })?;
     // A socket squatted by another user must not get our commands.
-    let (_, uid) = crate::sys::peer_credentials(std::os::fd::AsFd::as_fd(&stream))?;
+    let uid = crate::sys::peer_uid(&stream)?;
     if uid != 0 && uid != crate::sys::getuid() {
         return Err(ControlError::NotOurs {
             path: path.to_owned(),

@@ -360,6 +360,14 @@ pub(crate) fn pause_listening(socket: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::net::shutdown(socket, rustix::net::Shutdown::Read)?)
 }
 
+/// Whether `socket` is a stream socket that listens (`SO_TYPE`, `SO_ACCEPTCONN`).
+pub(crate) fn is_listening_stream(socket: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(
+        rustix::net::sockopt::socket_type(socket)? == rustix::net::SocketType::STREAM
+            && rustix::net::sockopt::socket_acceptconn(socket)?,
+    )
+}
+
 /// `listen()` again on a socket paused by [`pause_listening`].
 pub(crate) fn resume_listening(socket: BorrowedFd<'_>, backlog: i32) -> io::Result<()> {
     Ok(rustix::net::listen(socket, backlog)?)
@@ -396,10 +404,20 @@ pub(crate) fn tcp_nodelay(socket: BorrowedFd<'_>) -> bool {
     rustix::net::sockopt::tcp_nodelay(socket).unwrap_or(false)
 }
 
-/// The process id and user id of the peer of a connected Unix socket.
-pub(crate) fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
-    let cred = rustix::net::sockopt::socket_peercred(socket)?;
-    Ok((cred.pid.as_raw_nonzero().get() as u32, cred.uid.as_raw()))
+/// The user id of the peer of a connected Unix socket.
+///
+/// Through tokio's `peer_cred`, which reads `SO_PEERCRED` into plain integers: rustix's
+/// `UCred` holds the pid as a non-zero type, and the kernel says pid 0 for a peer in a
+/// PID namespace this process cannot see (a client on the host, a master in a
+/// container).
+pub(crate) fn peer_uid(socket: &tokio::net::UnixStream) -> io::Result<u32> {
+    Ok(socket.peer_cred()?.uid())
+}
+
+/// Whether this process may execute the file at `path` (`access(X_OK)`: the mode
+/// bits, for this process's user and groups; for root, any execute bit).
+pub(crate) fn executable(path: &std::path::Path) -> bool {
+    rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
 }
 
 /// This process's real user id.
@@ -426,6 +444,25 @@ where
         inner,
         tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
     )
+}
+
+/// [`register_owned`], handing the socket back when it cannot be registered (epoll
+/// out of memory), so that the caller can try again.
+pub(crate) fn try_register_owned<T: AsRawFd>(
+    inner: T,
+) -> Result<tokio::io::unix::AsyncFd<T>, (T, io::Error)>
+where
+    OwnedFd: From<T>,
+{
+    // SAFETY: as in `register_owned_for`: `inner` owns an open descriptor, keeps it
+    // open and unchanged while the AsyncFd holds it, and reports the same number.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            inner,
+            tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+        )
+    }
+    .map_err(|e| e.into_parts())
 }
 
 /// Registers a socket object with tokio's reactor for the readiness in `interest` only.
@@ -455,13 +492,23 @@ pub(crate) const SIGTTOU: i32 = Signal::TTOU.as_raw();
 ///
 /// Signals go through a pidfd (Linux 5.3+): once the process has been reaped the
 /// pidfd refers to nothing and a signal fails with `ESRCH`, so a reaped pid that the
-/// kernel gave to another process can never be hit. On kernels without pidfds the
-/// handle falls back to `kill(pid)`, which the driver only uses before it has seen the
-/// exit.
-#[derive(Debug)]
+/// kernel gave to another process can never be hit. The worker's process group is
+/// signalled by its id, the worker's pid, and only while the worker is not reaped: a
+/// group id cannot be given to another group while its leader, even a zombie, holds
+/// it. [`ProcessHandle::reap`] kills what the worker left in its group before it
+/// reaps it, and [`ProcessHandle::kill`] does nothing once it has. On kernels without
+/// pidfds the handle signals by pid, under the same rule.
+#[derive(Debug, Clone)]
 pub(crate) struct ProcessHandle {
+    inner: std::sync::Arc<ProcessInner>,
+}
+
+#[derive(Debug)]
+struct ProcessInner {
     pid: Pid,
     pidfd: Option<OwnedFd>,
+    /// Set, under the lock, once the process is reaped: no signal after that.
+    reaped: std::sync::Mutex<bool>,
 }
 
 impl ProcessHandle {
@@ -473,45 +520,153 @@ impl ProcessHandle {
             .ok_or_else(|| io::Error::from_raw_os_error(Errno::INVAL.raw_os_error()))?;
         // Without pidfds (ENOSYS: kernel before 5.3; EPERM: a seccomp profile that
         // refuses them) the handle signals by pid. The pid is our unreaped child's,
-        // so it cannot be reused until we reap it.
-        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok();
-        Ok(ProcessHandle { pid, pidfd })
+        // so it cannot be reused until we reap it. Any other error (EMFILE) is one.
+        let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => Some(fd),
+            Err(Errno::NOSYS | Errno::PERM) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(ProcessHandle {
+            inner: std::sync::Arc::new(ProcessInner {
+                pid,
+                pidfd,
+                reaped: std::sync::Mutex::new(false),
+            }),
+        })
     }
 
     /// The process id.
     pub(crate) fn pid(&self) -> u32 {
-        self.pid.as_raw_nonzero().get() as u32
+        self.inner.pid.as_raw_nonzero().get() as u32
+    }
+
+    fn reaped(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.inner.reaped.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// SIGKILLs the process, and every process left in its process group (workers are
     /// started as group leaders: `sh -c 'sleep 30 & exec worker'` leaves `sleep` in
-    /// the worker's group). A process already gone is not an error.
+    /// the worker's group). A process already gone is not an error, nor one reaped.
     pub(crate) fn kill(&self) -> io::Result<()> {
-        self.kill_group();
-        let sent = match &self.pidfd {
+        let reaped = self.reaped();
+        if *reaped {
+            return Ok(());
+        }
+        self.kill_group_unreaped();
+        let sent = match &self.inner.pidfd {
             Some(pidfd) => rustix::process::pidfd_send_signal(pidfd, Signal::KILL),
-            None => rustix::process::kill_process(self.pid, Signal::KILL),
+            None => rustix::process::kill_process(self.inner.pid, Signal::KILL),
         };
+        drop(reaped);
         match sent {
             Ok(()) | Err(Errno::SRCH) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// SIGKILLs what is left of the worker's process group. The group id is the
-    /// worker's pid: it cannot name another group while any member lives (the kernel
-    /// does not reuse a pid that is a live group's id), and the call is a no-op
-    /// (`ESRCH`) once the group is empty.
-    pub(crate) fn kill_group(&self) {
-        let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
+    /// SIGKILLs what is in the worker's process group. Only while the worker is not
+    /// reaped (the caller holds the lock and saw `reaped` false): the group id is the
+    /// worker's pid, which names no other group while the worker holds it.
+    fn kill_group_unreaped(&self) {
+        let _ = rustix::process::kill_process_group(self.inner.pid, Signal::KILL);
+    }
+
+    /// Waits for the process to exit, SIGKILLs what it left in its process group (no
+    /// descendant outlives a worker there), then reaps it.
+    pub(crate) async fn reap(&self, mut child: tokio::process::Child) -> io::Result<ExitStatus> {
+        self.exited().await;
+        {
+            let mut reaped = self.reaped();
+            self.kill_group_unreaped();
+            if let Some(status) = child.try_wait()? {
+                *reaped = true;
+                return Ok(status);
+            }
+        }
+        // Not reapable yet (`exited` could not wait): reaped the usual way, and the
+        // group is not signalled again.
+        let status = child.wait().await;
+        *self.reaped() = true;
+        status
+    }
+
+    /// Returns once the process has exited (a zombie, not reaped).
+    async fn exited(&self) {
+        if let Some(pidfd) = &self.inner.pidfd {
+            // A pidfd is readable once its process has exited.
+            if let Ok(fd) = pidfd.try_clone() {
+                if let Ok(fd) = register_owned_for(fd, tokio::io::Interest::READABLE) {
+                    let _ = fd.readable().await;
+                    return;
+                }
+            }
+        }
+        // No pidfd to poll: `waitid` with `WNOWAIT`, on a blocking thread.
+        let pid = self.inner.pid;
+        let _ = tokio::task::spawn_blocking(move || {
+            let options =
+                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT;
+            for _ in 0..1000 {
+                match rustix::process::waitid(rustix::process::WaitId::Pid(pid), options) {
+                    Err(Errno::INTR) => continue,
+                    _ => return,
+                }
+            }
+        })
+        .await;
     }
 }
+
+/// How a reaped process ended.
+pub(crate) type ExitStatus = std::process::ExitStatus;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
+
+    #[tokio::test]
+    async fn reaping_kills_what_the_process_left_in_its_group_first() {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; exit 7"])
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let handle = ProcessHandle::open(child.id().expect("pid")).expect("handle");
+        let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).await.expect("read");
+        let left: u32 = line.trim().parse().expect("the sleep's pid");
+        let status = tokio::time::timeout(Duration::from_secs(10), handle.reap(child))
+            .await
+            .expect("reaped in time")
+            .expect("reaped");
+        assert_eq!(status.code(), Some(7));
+        // The sleep, SIGKILLed while its group still existed: gone, or a zombie until
+        // whoever adopted it reaps it.
+        let mut gone = false;
+        for _ in 0..500 {
+            match std::fs::read_to_string(format!("/proc/{left}/stat")) {
+                Err(_) => gone = true,
+                Ok(stat) => {
+                    gone = stat
+                        .rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                }
+            }
+            if gone {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(gone, "the process the worker left in its group lives on");
+        // Reaped: nothing is signalled any more, by pid or by group.
+        assert!(*handle.reaped());
+        handle.kill().expect("a no-op");
+    }
 
     #[test]
     fn a_waiting_connection_is_seen_without_accepting_it() {

@@ -57,12 +57,13 @@ fn private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Serves requests until `stop`, then removes the socket file.
+/// Serves requests until `stop`, then removes the socket file and cancels `closed`.
 pub(crate) async fn serve(
     listener: UnixListener,
     path: PathBuf,
     commands: mpsc::Sender<Command>,
     stop: CancellationToken,
+    closed: CancellationToken,
     tasks: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
@@ -82,8 +83,8 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let allowed = sys::peer_credentials(std::os::fd::AsFd::as_fd(&stream))
-            .map(|(_, uid)| uid == me || uid == 0)
+        let allowed = sys::peer_uid(&stream)
+            .map(|uid| uid == me || uid == 0)
             .unwrap_or(false);
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             refuse(
@@ -116,6 +117,7 @@ pub(crate) async fn serve(
     }
     drop(listener);
     let _ = std::fs::remove_file(&path);
+    closed.cancel();
 }
 
 /// One error line, then close; bounded so that a stuck client cannot hold us.
@@ -231,7 +233,10 @@ async fn answer(req: Request, commands: &mpsc::Sender<Command>) -> Response {
             }
             if wait {
                 return match rx.await {
-                    Ok(code) => outcome(Ok(Outcome::Stopped { code })),
+                    Ok(code) => Response::Stopped {
+                        message: Outcome::Stopped { code }.to_string(),
+                        code,
+                    },
                     Err(_) => stopped(),
                 };
             }

@@ -18,7 +18,7 @@ use super::command::{Command, Outcome, Refusal, ScaleTo, StopMode};
 use super::dispatch::{Balance, Dispatcher};
 use super::link::{self, LinkContext, MessageQueue, Outgoing, WorkerLink};
 use super::listen::{self, LocalAddr};
-use super::output::{OutputSink, Stream};
+use super::output::{self, OutputSink, Stream};
 use super::procstat::{self, Sample};
 use super::spawn::{Job, Report, Spawner};
 use super::supervisor::{Action, Input, ReloadStart, Supervisor};
@@ -36,6 +36,15 @@ const HINT_AFTER: Duration = Duration::from_secs(2);
 
 /// The last two CPU/memory samples of a process.
 pub(crate) type Samples = (Option<(Instant, Sample)>, Option<(Instant, Sample)>);
+
+/// What the workers of one slot that are gone counted.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct GoneTotals {
+    pub(crate) dispatched: u64,
+    pub(crate) lost: u64,
+    /// CPU seconds at each one's last sample.
+    pub(crate) cpu_seconds: f64,
+}
 
 /// Someone waiting for a reload's end: its generation (`None` until a queued reload
 /// starts) and where to answer.
@@ -58,7 +67,13 @@ pub(crate) struct WorkerProc {
     pub(crate) max_requests: Option<u64>,
     pub(crate) recycle_asked: bool,
     pub(crate) hinted: bool,
-    pub(crate) listeners_sent: bool,
+    /// Shared balancing: how many of the listeners the worker was handed, once in
+    /// rotation (`None` before); the rest are handed at the next sample.
+    pub(crate) listeners_handed: Option<usize>,
+    /// In rotation (between `Rotate on` and `Rotate off`).
+    pub(crate) in_rotation: bool,
+    /// Cancelled when the process exited: its output is read for a little longer.
+    pub(crate) exited: CancellationToken,
 }
 
 /// Binds everything, starts the workers and the driver task.
@@ -74,7 +89,12 @@ pub(crate) async fn start(
 
     let (commands_tx, commands) = mpsc::channel(64);
     let control_stop = CancellationToken::new();
+    // Cancelled once the control socket's file is gone (at once without one).
+    let control_closed = CancellationToken::new();
     let tasks = TaskTracker::new();
+    if settings.control.is_none() {
+        control_closed.cancel();
+    }
     if let Some(path) = &settings.control {
         let listener = control::bind(path).map_err(|source| MasterError::Control {
             path: path.clone(),
@@ -85,20 +105,20 @@ pub(crate) async fn start(
             path.clone(),
             commands_tx.clone(),
             control_stop.clone(),
+            control_closed.clone(),
             tasks.clone(),
         ));
     }
-    let output = if settings.output.capture {
-        Some(
-            OutputSink::start(
-                settings.output.format,
-                settings.output.stdout.clone(),
-                settings.output.stderr.clone(),
-            )
-            .map_err(MasterError::Start)?,
+    let (output, writer_done) = if settings.output.capture {
+        let (sink, done) = OutputSink::start(
+            settings.output.format,
+            settings.output.stdout.clone(),
+            settings.output.stderr.clone(),
         )
+        .map_err(MasterError::Start)?;
+        (Some(sink), Some(done))
     } else {
-        None
+        (None, None)
     };
 
     let (reports_tx, reports) = mpsc::unbounded_channel();
@@ -108,6 +128,7 @@ pub(crate) async fn start(
     let accept_stop = CancellationToken::new();
     let (paused_tx, paused) = watch::channel(false);
     let mut shared = Vec::new();
+    let mut accept_loops = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
         tracing::info!(listen = %listener.local_addr(), balance = %settings.balance, "listening");
         if settings.balance == Balance::Shared {
@@ -115,13 +136,13 @@ pub(crate) async fn start(
             shared.push(listener.into_shared());
             continue;
         }
-        tasks.spawn(listen::accept_loop(
+        accept_loops.push(tasks.spawn(listen::accept_loop(
             listener,
             index as u16,
             Arc::clone(&dispatcher),
             accept_stop.clone(),
             paused.clone(),
-        ));
+        )));
     }
     if settings.command.get_protocol() == Protocol::Binary && looks_like_node(&settings) {
         tracing::warn!(
@@ -151,14 +172,18 @@ pub(crate) async fn start(
         messages: Arc::clone(&messages),
         output,
         accept_stop,
+        accept_loops,
+        deferred: Vec::new(),
+        stopping_accept: false,
         control_stop,
+        control_closed,
         paused: paused_tx,
         tasks: tasks.clone(),
         started: Instant::now(),
         configured_workers: settings.workers,
         generations: BTreeMap::from([(0, Arc::clone(&settings))]),
         in_effect: 0,
-        dispatched_by_gone: BTreeMap::new(),
+        gone: BTreeMap::new(),
         reload_waiters: Vec::new(),
         stop_waiters: Vec::new(),
         master_samples: (None, None),
@@ -171,6 +196,11 @@ pub(crate) async fn start(
         let code = driver.run().await;
         tasks.close();
         tasks.wait().await;
+        // Every worker's output read (the driver and the readers dropped their ends of
+        // the queue): what is queued is written before the master says it is done.
+        if let Some(writer) = writer_done {
+            writer.wait(output::FLUSH_TIMEOUT).await;
+        }
         let _ = done_tx.send(Some(code));
     });
     Ok(MasterHandle {
@@ -216,7 +246,15 @@ pub(crate) struct Driver {
     pub(crate) messages: Arc<MessageQueue>,
     pub(crate) output: Option<OutputSink>,
     accept_stop: CancellationToken,
+    /// The accept loops: a stop drains the workers only once these have ended (they
+    /// dispatch what they hold first).
+    accept_loops: Vec<tokio::task::JoinHandle<()>>,
+    /// Actions that wait for the accept loops to end.
+    deferred: Vec<Action>,
+    /// The accept loops were told to stop: actions wait until they have ended.
+    stopping_accept: bool,
     control_stop: CancellationToken,
+    control_closed: CancellationToken,
     paused: watch::Sender<bool>,
     tasks: TaskTracker,
     pub(crate) started: Instant,
@@ -227,8 +265,9 @@ pub(crate) struct Driver {
     pub(crate) generations: BTreeMap<u64, Arc<Settings>>,
     /// The generation whose balance and recycle settings apply.
     in_effect: u64,
-    /// Connections dispatched per slot by workers that are gone (for metrics).
-    pub(crate) dispatched_by_gone: BTreeMap<u32, u64>,
+    /// Per slot, what workers that are gone counted (for metrics: counters that do
+    /// not go down when a worker exits).
+    pub(crate) gone: BTreeMap<u32, GoneTotals>,
     /// Waiting for a reload's end: `None` until the queued reload starts.
     pub(crate) reload_waiters: Vec<ReloadWaiter>,
     stop_waiters: Vec<oneshot::Sender<i32>>,
@@ -267,8 +306,17 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
+            let awaiting = self.awaiting_accept_loops();
+            let accept_loops_end = async {
+                for handle in &mut self.accept_loops {
+                    if !handle.is_finished() {
+                        let _ = handle.await;
+                    }
+                }
+            };
             tokio::select! {
                 biased;
+                () = accept_loops_end, if awaiting => {}
                 Some(report) = self.reports.recv() => self.report(report),
                 Some(input) = self.inputs.recv() => self.input(input),
                 Some(cmd) = self.commands.recv() => self.command(cmd),
@@ -294,10 +342,12 @@ impl Driver {
                 if let Some(w) = self.workers.get_mut(&id) {
                     if let Some(sink) = &self.output {
                         if let Some(out) = stdout {
-                            sink.capture(out, w.slot, pid, Stream::Stdout);
+                            let exited = w.exited.clone();
+                            sink.capture(&self.tasks, out, w.slot, pid, Stream::Stdout, exited);
                         }
                         if let Some(err) = stderr {
-                            sink.capture(err, w.slot, pid, Stream::Stderr);
+                            let exited = w.exited.clone();
+                            sink.capture(&self.tasks, err, w.slot, pid, Stream::Stderr, exited);
                         }
                     }
                     w.process = Some(process);
@@ -312,14 +362,18 @@ impl Driver {
         match &input {
             Input::Exited { id, .. } | Input::SpawnFailed { id, .. } => {
                 if let Some(w) = self.workers.remove(id) {
-                    *self.dispatched_by_gone.entry(w.slot).or_default() +=
-                        w.link.dispatched.load(Ordering::Relaxed);
-                    // No descendant keeps the master waiting on this channel, and none
-                    // outlives the worker in its process group.
-                    w.link.shutdown();
-                    if let Some(p) = &w.process {
-                        p.kill_group();
+                    let gone = self.gone.entry(w.slot).or_default();
+                    gone.dispatched += w.link.dispatched.load(Ordering::Relaxed);
+                    gone.lost += w.link.lost.load(Ordering::Relaxed);
+                    if let Some((_, s)) = w.samples.1 {
+                        // As the status showed it last (rounded alike): the sum
+                        // does not move when the worker leaves the status.
+                        gone.cpu_seconds += super::status::round(s.cpu.as_secs_f64());
                     }
+                    // No descendant keeps the master waiting on this channel (and none
+                    // outlives the worker in its process group: the reaper saw to it).
+                    w.link.shutdown();
+                    w.exited.cancel();
                 }
                 self.forget_unused_generations();
             }
@@ -337,24 +391,46 @@ impl Driver {
         self.accept_stop.cancel();
         for w in self.workers.values() {
             w.link.shutdown();
-        }
-        for waiter in self.stop_waiters.drain(..) {
-            let _ = waiter.send(code);
+            w.exited.cancel();
         }
         self.control_stop.cancel();
+        // Answered once the control socket is gone: `stop --wait && rr-cluster run`
+        // must not find it there.
+        let waiters = std::mem::take(&mut self.stop_waiters);
+        let closed = self.control_closed.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), closed.cancelled()).await;
+            for waiter in waiters {
+                let _ = waiter.send(code);
+            }
+        });
         // Ends the spawner thread (every child is gone by now).
         self.spawner = None;
+    }
+
+    /// The accept loops were told to stop and some have not ended yet.
+    fn awaiting_accept_loops(&self) -> bool {
+        self.stopping_accept && self.accept_loops.iter().any(|h| !h.is_finished())
     }
 
     /// Carries out the supervisor's actions; `Some(code)` when the master is done.
     fn execute(&mut self) -> Option<i32> {
         let mut exit = None;
         loop {
-            let actions = self.sm.take_actions();
+            if self.awaiting_accept_loops() {
+                break; // the actions wait, in order, in `deferred` and the supervisor
+            }
+            self.stopping_accept = false;
+            let actions = if self.deferred.is_empty() {
+                self.sm.take_actions()
+            } else {
+                std::mem::take(&mut self.deferred)
+            };
             if actions.is_empty() {
                 break;
             }
-            for action in actions {
+            let mut actions = actions.into_iter();
+            while let Some(action) = actions.next() {
                 match action {
                     Action::Spawn {
                         slot,
@@ -363,17 +439,22 @@ impl Driver {
                     } => self.spawn(slot, id, generation),
                     Action::Rotate { id, on: true } => {
                         if let Some(w) = self.workers.get_mut(&id) {
+                            w.in_rotation = true;
                             if self.dispatcher.balance() == Balance::Shared {
-                                if !w.listeners_sent {
-                                    w.listeners_sent = true;
-                                    hand_listeners(&self.shared, &w.link);
-                                }
+                                let from = w.listeners_handed.unwrap_or(0);
+                                w.listeners_handed =
+                                    Some(hand_listeners(&self.shared, &w.link, from));
                             } else {
                                 self.dispatcher.add(Arc::clone(&w.link));
                             }
                         }
                     }
-                    Action::Rotate { id, on: false } => self.dispatcher.remove(id),
+                    Action::Rotate { id, on: false } => {
+                        if let Some(w) = self.workers.get_mut(&id) {
+                            w.in_rotation = false;
+                        }
+                        self.dispatcher.remove(id);
+                    }
                     Action::Drain { id, deadline } => {
                         if let Some(w) = self.workers.get(&id) {
                             w.link.post_drain(deadline);
@@ -387,7 +468,28 @@ impl Driver {
                         }
                     }
                     Action::Publish(event) => self.publish(event),
-                    Action::StopAccepting => self.accept_stop.cancel(),
+                    Action::StopAccepting => {
+                        self.accept_stop.cancel();
+                        // Shared balancing: the master's copies of the listening
+                        // sockets close; each closes for good when the last worker
+                        // closes its own, at its drain.
+                        self.shared.clear();
+                        self.stopping_accept = true;
+                        if self.awaiting_accept_loops() {
+                            // Sockets an accept loop holds go to workers still in
+                            // rotation: what follows (their drain) waits for the loops.
+                            // Events are told now.
+                            let (events, rest): (Vec<Action>, Vec<Action>) =
+                                actions.partition(|a| matches!(a, Action::Publish(_)));
+                            for event in events {
+                                if let Action::Publish(event) = event {
+                                    self.publish(event);
+                                }
+                            }
+                            self.deferred = rest;
+                            break;
+                        }
+                    }
                     Action::Pause(on) => {
                         let _ = self.paused.send(on);
                     }
@@ -493,7 +595,9 @@ impl Driver {
                 max_requests,
                 recycle_asked: false,
                 hinted: false,
-                listeners_sent: false,
+                listeners_handed: None,
+                in_rotation: false,
+                exited: CancellationToken::new(),
             },
         );
         let job = Job {
@@ -696,6 +800,14 @@ impl Driver {
     /// checks the memory and age recycle limits and misconfiguration hints.
     fn sample(&mut self) {
         let now = Instant::now();
+        // Shared balancing: listeners a worker in rotation could not be handed yet.
+        for w in self.workers.values_mut() {
+            if let Some(handed) = w.listeners_handed {
+                if w.in_rotation && handed < self.shared.len() {
+                    w.listeners_handed = Some(hand_listeners(&self.shared, &w.link, handed));
+                }
+            }
+        }
         // A recycle asked for and no longer under way without a `RecycleFailed` (its
         // replacement was overtaken by a reload, or scaled away): the worker, still its
         // slot's own, may be asked again. Otherwise it would never be recycled again.
@@ -845,33 +957,47 @@ pub(crate) fn reload_refusal(r: super::supervisor::Refused) -> Refusal {
     refusal(r)
 }
 
-/// Hands a worker a copy of every listening socket (shared balancing).
-fn hand_listeners(shared: &[listen::SharedListener], link: &Arc<WorkerLink>) {
+/// Hands a worker a copy of the listening sockets from `from` on (shared balancing);
+/// how many it has been handed in all. A copy that cannot be made now (the master is
+/// out of descriptors) stops the handing, to be taken up again at the next sample; a
+/// worker whose channel is gone is counted as handed everything (it is leaving).
+fn hand_listeners(shared: &[listen::SharedListener], link: &Arc<WorkerLink>, from: usize) -> usize {
     if link.protocol == Protocol::Binary && link.version() < 2 {
-        tracing::error!(
-            worker = link.slot,
-            id = link.id,
-            "balance = shared needs protocol version 2; this worker speaks version 1 and gets no connection"
-        );
-        return;
+        if from == 0 {
+            tracing::error!(
+                worker = link.slot,
+                id = link.id,
+                "balance = shared needs protocol version 2; this worker speaks version 1 and gets no connection"
+            );
+        }
+        return shared.len().max(from);
     }
-    for (index, listener) in shared.iter().enumerate() {
-        let Ok(fd) = listener.try_clone_fd() else {
-            continue;
+    for (index, listener) in shared.iter().enumerate().skip(from) {
+        let fd = match listener.try_clone_fd() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!(worker = link.slot, listener = index, error = %e, "cannot copy the listening socket for the worker; trying again in a second");
+                return index;
+            }
         };
         let bytes = match link.protocol {
             Protocol::Binary => match protocol::frame(&ToWorker::Listener {
                 listener: index as u16,
             }) {
                 Ok(b) => b,
-                Err(_) => continue,
+                Err(_) => return shared.len(), // a fixed-size frame: cannot happen
             },
             Protocol::Node => node::listener_line(index as u16),
         };
         if !link.post(Outgoing::Bytes(bytes, vec![fd])) {
-            tracing::warn!(worker = link.slot, "cannot hand the listener to the worker");
+            tracing::warn!(
+                worker = link.slot,
+                "cannot hand the listener to the worker: its channel is closed"
+            );
+            return shared.len();
         }
     }
+    shared.len().max(from)
 }
 
 /// A stable pseudo-random `0..=max` for worker `id` (no randomness source needed).

@@ -24,6 +24,11 @@ use crate::wake::WakeFlag;
 const BACKLOG: u32 = 4096;
 /// Pause after an accept failed for lack of descriptors or memory.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
+/// Pause between attempts to listen again after a pause, when one failed.
+const RESUME_RETRY: Duration = Duration::from_secs(1);
+/// How long a stopping accept loop waits for a worker to have room for the sockets it
+/// holds (each worker is still serving: its drain comes after this).
+const FINAL_DISPATCH: Duration = Duration::from_secs(1);
 
 /// Where the master listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,17 +221,35 @@ impl Listener {
     /// was paused (shut down for reading) reported a hang-up, and its registration
     /// would report it closed for reading for ever after (tokio never clears that
     /// readiness): an accept loop waiting on it would never wait again.
-    fn reregistered(self) -> io::Result<Listener> {
+    ///
+    /// Retried every [`RESUME_RETRY`] while it fails (epoll out of memory), until
+    /// `stop`: `None` then.
+    async fn reregistered(self, stop: &CancellationToken) -> Option<Listener> {
         let Listener {
             socket,
             local,
             owned_path,
         } = self;
-        Ok(Listener {
-            socket: sys::register_owned(socket.into_inner())?,
-            local,
-            owned_path,
-        })
+        let mut socket = socket.into_inner();
+        loop {
+            match sys::try_register_owned(socket) {
+                Ok(registered) => {
+                    return Some(Listener {
+                        socket: registered,
+                        local,
+                        owned_path,
+                    });
+                }
+                Err((back, e)) => {
+                    tracing::error!(listener = %local, error = %e, "cannot watch the listener again; retrying");
+                    socket = back;
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(RESUME_RETRY) => {}
+            }
+        }
     }
 
     pub(crate) fn info(&self) -> ListenerInfo {
@@ -350,7 +373,18 @@ pub fn socket_activated() -> bool {
 }
 
 /// Wraps an inherited listening socket, TCP or Unix, found out by its local address.
+/// Anything else (a connected socket, as systemd passes with `Accept=yes`; a datagram
+/// socket) is refused: every accept on it would fail.
 pub(crate) fn listener_from_fd(fd: OwnedFd) -> io::Result<Listener> {
+    if !sys::is_listening_stream(fd.as_fd())? {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "descriptor {} is not a listening stream socket (systemd: use Accept=no and ListenStream=)",
+                fd.as_raw_fd()
+            ),
+        ));
+    }
     let tcp = std::net::TcpListener::from(fd);
     if let Ok(addr) = tcp.local_addr() {
         tcp.set_nonblocking(true)?;
@@ -424,10 +458,26 @@ pub(crate) async fn accept_loop(
                 _ = paused.wait_for(|p| !*p) => {}
             }
             if tcp {
-                let socket = listener.socket.get_ref();
-                if let Err(e) = sys::resume_listening(socket.as_fd(), BACKLOG as i32) {
-                    tracing::error!(listener = %listener.local, error = %e, "cannot listen again");
+                // Until it listens again (another process may hold the port now): a
+                // socket that is not listening would fail every accept.
+                let mut resumed = false;
+                while !resumed {
+                    let socket = listener.socket.get_ref();
+                    match sys::resume_listening(socket.as_fd(), BACKLOG as i32) {
+                        Ok(()) => resumed = true,
+                        Err(e) => {
+                            tracing::error!(listener = %listener.local, error = %e, "cannot listen again; retrying");
+                            tokio::select! {
+                                _ = stop.cancelled() => break,
+                                _ = tokio::time::sleep(RESUME_RETRY) => {}
+                            }
+                        }
+                    }
                 }
+                if !resumed {
+                    break;
+                }
+                let socket = listener.socket.get_ref();
                 if let Socket::Tcp(l) = socket {
                     if l.local_addr().ok() != listener.local.tcp() {
                         // A listener bound to port 0 gets a new port when it listens again.
@@ -437,12 +487,11 @@ pub(crate) async fn accept_loop(
                         );
                     }
                 }
-                let name = listener.local.to_string();
-                listener = match listener.reregistered() {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(listener = %name, error = %e, "cannot watch the listener again; it stops accepting");
-                        break;
+                listener = match listener.reregistered(&stop).await {
+                    Some(l) => l,
+                    None => {
+                        forwarder.abort();
+                        return; // stopped meanwhile; nothing is held
                     }
                 };
             }
@@ -505,10 +554,16 @@ pub(crate) async fn accept_loop(
                 Ok(Err(e)) if sys::is_transient_accept_error(&e) => continue,
                 Ok(Err(e)) => {
                     stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let errors = stats.accept_errors.load(Ordering::Relaxed);
+                    // Every failure is counted; the log says the first, then one in
+                    // a hundred (a long EMFILE would say it 20 times a second).
+                    let say = errors == 1 || errors.is_multiple_of(100);
                     if sys::is_resource_exhaustion(&e) {
-                        tracing::warn!(listener = %listener.local, error = %e, "accept failed; backing off");
-                    } else {
-                        tracing::error!(listener = %listener.local, error = %e, "accept failed");
+                        if say {
+                            tracing::warn!(listener = %listener.local, error = %e, errors, "accept failed; backing off");
+                        }
+                    } else if say {
+                        tracing::error!(listener = %listener.local, error = %e, errors, "accept failed; backing off");
                     }
                     backoff = true;
                     break;
@@ -529,12 +584,31 @@ pub(crate) async fn accept_loop(
         }
     }
     forwarder.abort();
-    // Stopping: one last chance for accepted sockets, then they close.
-    if !batch.is_empty() {
-        let before = batch.len();
+    // Stopping: the listener closes now, and accepted sockets get their last chance.
+    // The driver drains the workers only once every accept loop has ended, so they are
+    // still in rotation; one that is full may make room within FINAL_DISPATCH.
+    drop(listener);
+    let before = batch.len();
+    let last_chance = tokio::time::Instant::now() + FINAL_DISPATCH;
+    while !batch.is_empty() {
+        wake.borrow_and_update();
         dispatcher.dispatch(index, &mut batch);
-        stats.queued.fetch_sub(before, Ordering::Relaxed);
+        if batch.is_empty() {
+            break;
+        }
+        match tokio::time::timeout_at(last_chance, wake.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
     }
+    if !batch.is_empty() {
+        tracing::warn!(
+            listener = index,
+            closed = batch.len(),
+            "stopping: no worker had room for connections already accepted; closed"
+        );
+    }
+    stats.queued.fetch_sub(before, Ordering::Relaxed);
 }
 
 /// Raises `control` whenever `stop` is cancelled or `paused` changes; ends after the
@@ -565,6 +639,31 @@ async fn forward_control(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn only_listening_stream_sockets_are_adopted() {
+        let listening = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listening.local_addr().expect("addr");
+        // What systemd passes with Accept=yes: a connection, not a listener.
+        let connected = std::net::TcpStream::connect(addr).expect("connect");
+        let err = listener_from_fd(OwnedFd::from(connected)).expect_err("a connection");
+        assert!(
+            err.to_string().contains("not a listening stream socket"),
+            "{err}"
+        );
+        let datagram = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        assert!(
+            listener_from_fd(OwnedFd::from(datagram)).is_err(),
+            "a datagram socket"
+        );
+        let unix = std::os::unix::net::UnixDatagram::unbound().expect("unix datagram");
+        assert!(
+            listener_from_fd(OwnedFd::from(unix)).is_err(),
+            "a Unix datagram socket"
+        );
+        let adopted = listener_from_fd(OwnedFd::from(listening)).expect("a listener");
+        assert_eq!(adopted.local_addr(), &LocalAddr::Tcp(addr));
+    }
 
     #[test]
     fn listen_specs_parse() {

@@ -12,8 +12,8 @@ use crate::control::{Status, WorkerState};
 /// Counters the status does not carry.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Totals {
-    /// Connections dispatched per slot, by workers that have exited.
-    pub(crate) dispatched_by_gone: Vec<(u32, u64)>,
+    /// Per slot, what workers that have exited counted.
+    pub(crate) gone: Vec<(u32, super::driver::GoneTotals)>,
     pub(crate) restarts: u64,
     pub(crate) give_ups: u64,
     pub(crate) send_failures: u64,
@@ -23,6 +23,7 @@ pub(crate) struct Totals {
     pub(crate) accept_errors: u64,
     pub(crate) messages_dropped: u64,
     pub(crate) output_dropped: u64,
+    pub(crate) output_write_errors: u64,
     /// Recycles by limit (`max_requests`, `max_memory`, `max_age`).
     pub(crate) recycles: std::collections::BTreeMap<String, u64>,
 }
@@ -49,8 +50,10 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
     );
 
     let dispatched = Family::<Labels, Counter>::default();
-    for (slot, n) in &totals.dispatched_by_gone {
-        dispatched.get_or_create(&worker_label(*slot)).inc_by(*n);
+    for (slot, gone) in &totals.gone {
+        dispatched
+            .get_or_create(&worker_label(*slot))
+            .inc_by(gone.dispatched);
     }
     for w in &status.workers {
         dispatched
@@ -91,6 +94,11 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
         "worker_output_dropped_lines",
         "Lines of worker output dropped because workers wrote faster than the output took",
         counter(totals.output_dropped),
+    );
+    registry.register(
+        "worker_output_write_errors",
+        "Lines of worker output that could not be written (a broken pipe, a full disk)",
+        counter(totals.output_write_errors),
     );
     let recycles = Family::<Labels, Counter>::default();
     for limit in ["max_requests", "max_memory", "max_age"] {
@@ -179,6 +187,11 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
     let cpu = Family::<Labels, Counter<f64>>::default();
     let rss = Family::<Labels, Gauge>::default();
     let lost = Family::<Labels, Counter>::default();
+    for (slot, gone) in &totals.gone {
+        let labels = worker_label(*slot);
+        cpu.get_or_create(&labels).inc_by(gone.cpu_seconds);
+        lost.get_or_create(&labels).inc_by(gone.lost);
+    }
     for w in status.workers.iter().filter(|w| w.pid.is_some()) {
         let labels = worker_label(w.slot);
         if let Some(s) = w.cpu_seconds {
@@ -192,7 +205,7 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
     }
     registry.register(
         "worker_cpu_seconds",
-        "CPU time (user + system) used by the worker processes now alive, by slot",
+        "CPU time (user + system) used by the worker processes of each slot, alive and gone (a gone one's at its last sample)",
         cpu,
     );
     registry.register(
@@ -202,7 +215,7 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
     );
     registry.register(
         "worker_lost_connections",
-        "Connections the kernel dropped on their way to a worker whose descriptor table was full",
+        "Connections the kernel dropped on their way to a worker whose descriptor table was full, by slot, alive and gone workers",
         lost,
     );
     let mut out = String::new();
@@ -240,7 +253,14 @@ mod tests {
             ..Status::default()
         };
         let totals = Totals {
-            dispatched_by_gone: vec![(0, 100)],
+            gone: vec![(
+                0,
+                super::super::driver::GoneTotals {
+                    dispatched: 100,
+                    lost: 3,
+                    cpu_seconds: 2.0,
+                },
+            )],
             restarts: 1,
             ..Totals::default()
         };
@@ -256,6 +276,8 @@ mod tests {
             "rr_cluster_generation 3",
             "rr_cluster_worker_active_connections{worker=\"1\"} 2",
             "rr_cluster_worker_cpu_seconds_total{worker=\"1\"} 1.5",
+            "rr_cluster_worker_cpu_seconds_total{worker=\"0\"} 3.5",
+            "rr_cluster_worker_lost_connections_total{worker=\"0\"} 3",
             "rr_cluster_worker_resident_bytes{worker=\"0\"} 4096",
             "rr_cluster_worker_recycles_total{reason=\"max_requests\"} 0",
             "# EOF",

@@ -306,9 +306,26 @@ impl MasterHandle {
     }
 
     /// Turns the process's SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU and
-    /// SIGUSR1 into [`MasterHandle::signal`] calls, until the master stops.
+    /// SIGUSR1 into [`MasterHandle::signal`] calls, until the master stops. SIGUSR2
+    /// (an in-place upgrade elsewhere: unicorn, nginx) is logged and otherwise
+    /// ignored, where its default action would end the master without a drain.
     pub fn forward_os_signals(&self) -> std::io::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
+        let mut usr2 = signal(SignalKind::user_defined2())?;
+        let mut done = self.done.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    got = usr2.recv() => {
+                        if got.is_none() {
+                            return;
+                        }
+                        tracing::warn!("SIGUSR2 ignored: rr-cluster has no in-place upgrade of the master (restart it; with socket activation the port stays open)");
+                    }
+                    _ = async { let _ = done.wait_for(Option::is_some).await; } => return,
+                }
+            }
+        });
         let kinds = [
             (SignalKind::terminate(), MasterSignal::Terminate),
             (SignalKind::interrupt(), MasterSignal::Interrupt),

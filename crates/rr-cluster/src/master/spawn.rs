@@ -108,8 +108,9 @@ impl WorkerCommand {
     }
 
     /// Checks that the program can be started at all: it exists (in `PATH` when it
-    /// has no slash), is a file, and is executable by this process. A master refuses
-    /// to start with a command that fails this, instead of crash-looping on it.
+    /// has no slash: the command's own `PATH` if it sets one, as `exec` does), is a
+    /// file, and is executable by this process. A master refuses to start with a
+    /// command that fails this, instead of crash-looping on it.
     pub fn check(&self) -> Result<PathBuf, String> {
         let program = Path::new(&self.program);
         let shown = program.display();
@@ -122,10 +123,23 @@ impl WorkerCommand {
         let found = if self.program.as_encoded_bytes().contains(&b'/') {
             resolve(program)
         } else {
-            std::env::var_os("PATH").and_then(|path| {
-                std::env::split_paths(&path)
+            // The last PATH the command sets, else the master's. Like `execvp`, the
+            // first candidate that can be executed, else the first file found (for
+            // the error).
+            let path = self
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.clone())
+                .or_else(|| std::env::var_os("PATH"));
+            path.and_then(|path| {
+                let files: Vec<PathBuf> = std::env::split_paths(&path)
                     .map(|dir| dir.join(program))
-                    .find(|candidate| candidate.is_file())
+                    .filter(|candidate| candidate.is_file())
+                    .collect();
+                let runnable = files.iter().find(|c| sys::executable(c)).cloned();
+                runnable.or_else(|| files.into_iter().next())
             })
         };
         let Some(path) = found else {
@@ -135,8 +149,7 @@ impl WorkerCommand {
         if !meta.is_file() {
             return Err(format!("{}: not a file", path.display()));
         }
-        use std::os::unix::fs::PermissionsExt;
-        if meta.permissions().mode() & 0o111 == 0 {
+        if !sys::executable(&path) {
             return Err(format!("{}: not executable", path.display()));
         }
         Ok(path)
@@ -274,6 +287,7 @@ fn run(
             };
             let stdout = child.stdout.take();
             let stderr = child.stderr.take();
+            let reaper = process.clone();
             let _ = reports.send(Report::Spawned {
                 id,
                 process,
@@ -282,7 +296,9 @@ fn run(
             });
             let reports = reports.clone();
             handle.spawn(async move {
-                let exit = match child.wait().await {
+                // What the worker left in its process group is killed before the
+                // worker is reaped, while its pid still names its group.
+                let exit = match reaper.reap(child).await {
                     Ok(status) => ExitInfo::from_status(status),
                     Err(_) => ExitInfo {
                         code: None,
@@ -323,5 +339,26 @@ mod tests {
         assert!(err.contains("not executable"), "{err}");
         assert!(WorkerCommand::new("sh").check().is_ok());
         assert!(WorkerCommand::new("/bin/sh").check().is_ok());
+    }
+
+    #[test]
+    fn the_commands_own_path_is_searched_and_unrunnable_files_skipped() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rr-spawn-path-{}", std::process::id()));
+        let (first, second) = (dir.join("first"), dir.join("second"));
+        std::fs::create_dir_all(&first).expect("dir");
+        std::fs::create_dir_all(&second).expect("dir");
+        let name = "rr-spawn-path-program";
+        // Found only through the command's PATH; the first one found is not runnable.
+        std::fs::write(first.join(name), "#!/bin/sh\n").expect("write");
+        std::fs::write(second.join(name), "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(second.join(name), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let path = std::env::join_paths([&first, &second]).expect("PATH");
+        let checked = WorkerCommand::new(name).env("PATH", &path).check();
+        let without = WorkerCommand::new(name).check();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(checked, Ok(second.join(name)));
+        assert!(without.is_err(), "{without:?}");
     }
 }

@@ -64,11 +64,7 @@ impl Driver {
         let stats = &self.dispatcher.stats;
         let output = self.output.as_ref().map(|o| &o.stats);
         let totals = metrics::Totals {
-            dispatched_by_gone: self
-                .dispatched_by_gone
-                .iter()
-                .map(|(slot, n)| (*slot, *n))
-                .collect(),
+            gone: self.gone.iter().map(|(slot, g)| (*slot, *g)).collect(),
             restarts: self.sm.restarts_total(),
             give_ups: self.sm.give_ups(),
             send_failures: stats.send_failures.load(Ordering::Relaxed),
@@ -78,12 +74,13 @@ impl Driver {
             accept_errors: stats.accept_errors.load(Ordering::Relaxed),
             messages_dropped: self.messages.dropped.load(Ordering::Relaxed),
             output_dropped: output.map_or(0, |o| o.dropped.load(Ordering::Relaxed)),
+            output_write_errors: output.map_or(0, |o| o.write_errors.load(Ordering::Relaxed)),
             recycles: self.recycles.clone(),
         };
         metrics::render(&self.status(), &totals)
     }
 }
 
-fn round(x: f64) -> f64 {
+pub(crate) fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
