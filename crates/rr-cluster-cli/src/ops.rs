@@ -50,14 +50,26 @@ const METRICS_STUCK_AFTER: Duration = Duration::from_secs(1);
 
 /// Serves `GET /metrics` (Prometheus), `GET /livez` (the master loop answers) and
 /// `GET /readyz` (at least one worker ready and the master not stopping) until the
-/// master stops.
+/// master stops: its last worker gone (`Stopped`), the port is free again, while the
+/// master may still be writing its workers' last output.
 pub(crate) async fn serve_metrics(listener: TcpListener, handle: MasterHandle) {
     let conns = Arc::new(Connections::new(
         MAX_METRICS_CONNECTIONS,
         METRICS_STUCK_AFTER,
     ));
+    let mut events = handle.events();
+    let stopped = async move {
+        loop {
+            match events.recv().await {
+                Ok(Event::Stopped { .. }) | Err(broadcast::error::RecvError::Closed) => return,
+                _ => {}
+            }
+        }
+    };
+    tokio::pin!(stopped);
     loop {
         let stream = tokio::select! {
+            () = &mut stopped => return,
             _ = handle.wait() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,

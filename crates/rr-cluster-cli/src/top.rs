@@ -349,7 +349,20 @@ pub(crate) async fn main(path: PathBuf, every: Duration) -> ExitCode {
             // The view notices within a tick; a view stuck writing to a terminal
             // that went away is not waited for.
             if tokio::time::timeout(Duration::from_secs(2), &mut ui).await.is_err() {
-                let _ = ratatui::try_restore();
+                // The restore writes to the terminal too, and would block behind the
+                // stuck view (the stdout lock, a terminal that takes nothing): on a
+                // thread of its own, given half a second, then left behind.
+                let (done, restored) = std::sync::mpsc::channel();
+                let _ = std::thread::Builder::new()
+                    .name("rr-cluster-top-restore".into())
+                    .spawn(move || {
+                        let _ = ratatui::try_restore();
+                        let _ = done.send(());
+                    });
+                let _ = tokio::task::spawn_blocking(move || {
+                    restored.recv_timeout(Duration::from_millis(500))
+                })
+                .await;
             }
             signal_exit(n)
         }

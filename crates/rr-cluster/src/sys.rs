@@ -540,6 +540,19 @@ impl ProcessHandle {
         self.inner.pid.as_raw_nonzero().get() as u32
     }
 
+    /// A handle without a pidfd, as on a kernel without them.
+    #[cfg(test)]
+    fn without_pidfd(pid: u32) -> ProcessHandle {
+        let handle = ProcessHandle::open(pid).expect("handle");
+        ProcessHandle {
+            inner: std::sync::Arc::new(ProcessInner {
+                pid: handle.inner.pid,
+                pidfd: None,
+                reaped: std::sync::Mutex::new(false),
+            }),
+        }
+    }
+
     fn reaped(&self) -> std::sync::MutexGuard<'_, bool> {
         self.inner.reaped.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -577,7 +590,10 @@ impl ProcessHandle {
         self.exited().await;
         {
             let mut reaped = self.reaped();
-            self.kill_group_unreaped();
+            // Only once it has exited: a worker alive is not its group's to lose.
+            if self.exit_state() == Some(true) {
+                self.kill_group_unreaped();
+            }
             if let Some(status) = child.try_wait()? {
                 *reaped = true;
                 return Ok(status);
@@ -588,6 +604,17 @@ impl ProcessHandle {
         let status = child.wait().await;
         *self.reaped() = true;
         status
+    }
+
+    /// Whether the process has exited and is not reaped (`waitid` with `WNOHANG` and
+    /// `WNOWAIT`, which leaves it to be reaped); `None` when that cannot be told (it
+    /// was reaped by someone else: `ECHILD`).
+    fn exit_state(&self) -> Option<bool> {
+        use rustix::process::{WaitId, WaitIdOptions, waitid};
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        waitid(WaitId::Pid(self.inner.pid), options)
+            .ok()
+            .map(|s| s.is_some())
     }
 
     /// Returns once the process has exited (a zombie, not reaped).
@@ -601,19 +628,22 @@ impl ProcessHandle {
                 }
             }
         }
-        // No pidfd to poll: `waitid` with `WNOWAIT`, on a blocking thread.
-        let pid = self.inner.pid;
-        let _ = tokio::task::spawn_blocking(move || {
-            let options =
-                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT;
-            for _ in 0..1000 {
-                match rustix::process::waitid(rustix::process::WaitId::Pid(pid), options) {
-                    Err(Errno::INTR) => continue,
-                    _ => return,
+        // No pidfd to poll: asked again at each SIGCHLD (the stream is made before the
+        // first question, so no exit falls between), and every second regardless.
+        let mut sigchld =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok();
+        while self.exit_state() == Some(false) {
+            let tick = tokio::time::sleep(Duration::from_secs(1));
+            match &mut sigchld {
+                Some(stream) => {
+                    tokio::select! {
+                        _ = stream.recv() => {}
+                        () = tick => {}
+                    }
                 }
+                None => tick.await,
             }
-        })
-        .await;
+        }
     }
 }
 
@@ -628,6 +658,15 @@ mod tests {
 
     #[tokio::test]
     async fn reaping_kills_what_the_process_left_in_its_group_first() {
+        reap_kills_the_group(false).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_pidfd_the_exit_is_seen_at_sigchld() {
+        reap_kills_the_group(true).await;
+    }
+
+    async fn reap_kills_the_group(without_pidfd: bool) {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new("sh")
             .args(["-c", "sleep 30 & echo $!; exit 7"])
@@ -635,7 +674,12 @@ mod tests {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("spawn");
-        let handle = ProcessHandle::open(child.id().expect("pid")).expect("handle");
+        let pid = child.id().expect("pid");
+        let handle = if without_pidfd {
+            ProcessHandle::without_pidfd(pid)
+        } else {
+            ProcessHandle::open(pid).expect("handle")
+        };
         let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         out.read_line(&mut line).await.expect("read");

@@ -198,10 +198,15 @@ impl Dispatcher {
         let mut st = self.lock();
         st.links.retain(|l| l.id != id);
         st.reindex();
+        let none_left = st.links.is_empty();
+        drop(st);
+        if none_left {
+            // A stopping accept loop waiting for room hears that none will come.
+            self.notify();
+        }
     }
 
     /// Workers in rotation.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().links.len()
     }

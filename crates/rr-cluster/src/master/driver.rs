@@ -408,9 +408,12 @@ impl Driver {
         self.spawner = None;
     }
 
-    /// The accept loops were told to stop and some have not ended yet.
+    /// The accept loops were told to stop and some have not ended yet; a stop at
+    /// once (or one that turned into it) does not wait for them.
     fn awaiting_accept_loops(&self) -> bool {
-        self.stopping_accept && self.accept_loops.iter().any(|h| !h.is_finished())
+        self.stopping_accept
+            && !self.sm.stopping_now()
+            && self.accept_loops.iter().any(|h| !h.is_finished())
     }
 
     /// Carries out the supervisor's actions; `Some(code)` when the master is done.

@@ -593,8 +593,8 @@ pub(crate) async fn accept_loop(
     while !batch.is_empty() {
         wake.borrow_and_update();
         dispatcher.dispatch(index, &mut batch);
-        if batch.is_empty() {
-            break;
+        if batch.is_empty() || dispatcher.len() == 0 {
+            break; // served, or no worker left to wait for (an immediate stop)
         }
         match tokio::time::timeout_at(last_chance, wake.changed()).await {
             Ok(Ok(())) => {}

@@ -176,12 +176,20 @@ impl OutputSink {
         // The previous line was cut at MAX_LINE: its newline, if it comes next, is
         // not a line of its own.
         let mut cut = false;
+        // The start of a character a cut line ended in, for the next line.
+        let mut carry = Vec::new();
         loop {
             line.clear();
+            line.append(&mut carry);
             match read_line_bounded(&mut reader, &mut line).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {
                     let whole = line.last() == Some(&b'\n');
+                    if !whole && line.len() >= MAX_LINE {
+                        let keep = complete_prefix(&line);
+                        carry.extend_from_slice(&line[keep..]);
+                        line.truncate(keep);
+                    }
                     if !(cut && line == b"\n") {
                         self.push(slot, pid, stream, &line);
                     }
@@ -241,7 +249,7 @@ async fn read_line_bounded<R: AsyncRead + Unpin>(
         let room = MAX_LINE - line.len();
         let (take, done) = match available.iter().position(|b| *b == b'\n') {
             Some(pos) if pos < room => (pos + 1, true),
-            _ if available.len() >= room => (complete_prefix(&available[..room]), true),
+            _ if available.len() >= room => (room, true),
             _ => (available.len(), false),
         };
         line.extend_from_slice(&available[..take]);
@@ -520,6 +528,45 @@ mod tests {
         assert_eq!(complete_prefix(&[0xFF; 8]), 8, "not UTF-8: cut anywhere");
         assert_eq!(complete_prefix("aé".as_bytes()), 3);
         assert_eq!(complete_prefix(&"a😀".as_bytes()[..4]), 1);
+    }
+
+    #[tokio::test]
+    async fn a_character_split_between_reads_is_not_cut_either() {
+        // The line fills up over several reads; the last one starts with a character
+        // that does not fit whole.
+        let mut data = "x".repeat(MAX_LINE - 1).into_bytes();
+        data.extend_from_slice("€€\n".as_bytes());
+        let (mut tx, rx) = tokio::io::duplex(8 * 1024);
+        let feed = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for chunk in data.chunks(1000) {
+                tx.write_all(chunk).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+        });
+        let (sink_tx, sink_rx) = std::sync::mpsc::sync_channel(MAX_QUEUED_LINES);
+        let sink = OutputSink {
+            tx: sink_tx,
+            stats: Arc::new(OutputStats::default()),
+        };
+        sink.read_lines(rx, 0, 1, Stream::Stdout).await;
+        feed.await.expect("fed");
+        drop(sink);
+        let lines: Vec<String> = sink_rx
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::Line { text, .. } => Some(text),
+                Message::Reopen => None,
+            })
+            .collect();
+        assert_eq!(
+            lines.len(),
+            2,
+            "{:?}",
+            lines.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert_eq!(lines[0], "x".repeat(MAX_LINE - 1));
+        assert_eq!(lines[1], "€€");
     }
 
     #[test]

@@ -353,6 +353,11 @@ impl Supervisor {
         self.stopping.is_some()
     }
 
+    /// Stopping at once (SIGQUIT, `stop --now`): nothing waits for a drain.
+    pub(crate) fn stopping_now(&self) -> bool {
+        self.stopping == Some(false)
+    }
+
     pub(crate) fn reloading(&self) -> bool {
         self.reload.is_some()
     }
