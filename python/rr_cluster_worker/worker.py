@@ -683,16 +683,17 @@ class Worker:
                              name=f"rr-cluster-accept-{index}", daemon=True)
         with self._lock:
             # Checked again under the lock `_stop_accepting` takes: a stop that came
-            # meanwhile either sees this thread's wake-up or is seen here.
+            # meanwhile either sees this thread's wake-up or is seen here. Started under
+            # the lock too: `_stop_accepting` joins the threads it finds, and a thread
+            # not yet started cannot be joined.
             stopped = self._stop_accept.is_set()
             if not stopped:
                 self._wakeups.append(wake_w)
                 self._accept_threads.append(t)
+                t.start()
         if stopped:
             for s in (lsock, wake_r, wake_w):
                 s.close()
-            return
-        t.start()
 
     def _stop_accepting(self):
         """Shared mode: the accept threads stop taking connections and close their
