@@ -6,8 +6,12 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response};
+
+/// The identity headers, named once, as the demo names them.
+const X_WORKER_ID: HeaderName = HeaderName::from_static("x-worker-id");
+const X_WORKER_PID: HeaderName = HeaderName::from_static("x-worker-pid");
 
 /// What every response of worker `slot` carries.
 #[derive(Debug, Clone)]
@@ -33,8 +37,8 @@ impl Identity {
         let mut resp = Response::new(Full::new(self.body.clone()));
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        headers.insert("x-worker-id", self.id.clone());
-        headers.insert("x-worker-pid", self.pid.clone());
+        headers.insert(X_WORKER_ID, self.id.clone());
+        headers.insert(X_WORKER_PID, self.pid.clone());
         resp
     }
 }

@@ -24,12 +24,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use rr_cluster::Worker;
 use tokio_util::either::Either;
 /// The longest `/sleep/<ms>`.
 const MAX_SLEEP_MS: u64 = 60_000;
+/// The identity headers, named once: a `&str` name would be parsed (and validated) at
+/// every insert, hundreds of instructions per response.
+const X_WORKER_ID: HeaderName = HeaderName::from_static("x-worker-id");
+const X_WORKER_PID: HeaderName = HeaderName::from_static("x-worker-pid");
 
 #[derive(Debug, Clone)]
 struct Identity {
@@ -103,8 +107,8 @@ impl Identity {
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        headers.insert("x-worker-id", self.id.clone());
-        headers.insert("x-worker-pid", self.pid.clone());
+        headers.insert(X_WORKER_ID, self.id.clone());
+        headers.insert(X_WORKER_PID, self.pid.clone());
         resp
     }
 }
