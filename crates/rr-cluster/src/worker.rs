@@ -144,9 +144,14 @@ impl Default for WorkerBuilder {
 
 impl WorkerBuilder {
     /// Connections received but not yet taken by [`Incoming::accept`], at most
-    /// (default 256). Beyond this the worker stops reading its channel and the master
-    /// sends its connections elsewhere. [`crate::http::serve`] has no queue: it spawns
-    /// each connection's task as the connection arrives.
+    /// (default 256). With protocol version 2 the capacity the worker announces never
+    /// exceeds the free places (the master sends the rest elsewhere, and the reader
+    /// never waits for room, so `Ping`s are answered however slow the application);
+    /// once the queue was full, the window reopens when a quarter of it is free. A
+    /// small queue makes `Ack`s more frequent (one per quarter of the window). With
+    /// version 1 the worker stops reading its channel while the queue is full.
+    /// [`crate::http::serve`] has no queue: it spawns each connection's task as the
+    /// connection arrives.
     pub fn incoming_queue(mut self, n: usize) -> Self {
         self.incoming_queue = n.max(1);
         self
@@ -201,7 +206,11 @@ impl WorkerBuilder {
     /// Like [`WorkerBuilder::from_env`] with an explicit channel descriptor (the
     /// version offer is still read from `RR_CLUSTER_PROTOCOL`).
     pub async fn from_fd(self, fd: OwnedFd) -> Result<Worker, WorkerError> {
-        let offered = std::env::var(ENV_PROTOCOL).ok();
+        self.start(fd, std::env::var(ENV_PROTOCOL).ok()).await
+    }
+
+    /// [`WorkerBuilder::from_fd`] with the master's version offer given.
+    async fn start(self, fd: OwnedFd, offered: Option<String>) -> Result<Worker, WorkerError> {
         let version =
             protocol::negotiate(offered.as_deref(), self.max_version).map_err(|reason| {
                 WorkerError::BadEnv {
@@ -245,10 +254,27 @@ impl WorkerBuilder {
             messages: Mutex::new(Some(messages_rx)),
             incoming_tx: Mutex::new(Some(incoming_tx)),
             incoming_done: CancellationToken::new(),
+            sealed: CancellationToken::new(),
+            abandoned: CancellationToken::new(),
+            end_announced: AtomicBool::new(false),
             dropped_messages: AtomicU64::new(0),
             ack_lock: tokio::sync::Mutex::new(()),
         });
-        tokio::spawn(read_loop(Arc::downgrade(&inner), reader, messages_tx));
+        let reading = tokio::spawn(read_loop(Arc::downgrade(&inner), reader, messages_tx));
+        // A reader that panics (in the handler of `ready_with`, say) reads nothing more:
+        // the worker must not look healthy, with heartbeats going on, and its channel
+        // full of connections and a `Drain` nobody reads.
+        let watched = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            if let Err(e) = reading.await {
+                if e.is_panic() {
+                    if let Some(inner) = watched.upgrade() {
+                        tracing::error!("the channel's reader panicked: this worker ends");
+                        inner.unannounced_end();
+                    }
+                }
+            }
+        });
         Ok(Worker { inner })
     }
 }
@@ -321,6 +347,15 @@ struct Inner {
     /// Cancelled once `Incoming` has handed out its last connection (or the handler of
     /// [`Worker::ready_with`] has had it).
     incoming_done: CancellationToken,
+    /// Cancelled once no more connections can come: the master's `Drain`, the end of
+    /// the channel, or an end the master was not told of (`begin_drain`).
+    sealed: CancellationToken,
+    /// Cancelled when the application stopped taking connections (dropped `Incoming`,
+    /// or the handler of [`Worker::ready_with`]) before the drain: the worker announces
+    /// its end, and its window stays shut.
+    abandoned: CancellationToken,
+    /// A `Suicide` was sent (or is on its way): one is enough.
+    end_announced: AtomicBool,
     dropped_messages: AtomicU64,
     /// Held while an `Ack` is made and sent.
     ack_lock: tokio::sync::Mutex<()>,
@@ -407,6 +442,15 @@ impl Sink {
             }
         }
     }
+
+    /// How many more connections it takes without waiting: the free places in the
+    /// queue; a handler takes any number.
+    fn room(&self) -> u32 {
+        match self {
+            Sink::Queue(tx) => u32::try_from(tx.capacity()).unwrap_or(u32::MAX),
+            Sink::Direct(_) => u32::MAX,
+        }
+    }
 }
 
 struct DirectSink {
@@ -433,8 +477,11 @@ impl Drop for DirectGuard {
                 _ => None,
             }
         };
-        // Outside the lock: this drops the application's handler.
-        drop(sink);
+        if sink.is_some() {
+            // Outside the lock: this drops the application's handler.
+            drop(sink);
+            self.inner.abandoned("the connection handler was dropped");
+        }
     }
 }
 
@@ -517,9 +564,15 @@ impl Worker {
             .take()
             .ok_or(WorkerError::AlreadyReady)?;
         self.say_ready().await?;
+        // Once the window was shut for want of room in the queue, it reopens when a
+        // quarter of the queue is free (at most `ACK_EVERY` places): not at every
+        // connection taken.
+        let reopen_at = (rx.max_capacity() / 4).clamp(1, ACK_EVERY as usize);
         Ok(Incoming {
             rx,
-            done: self.inner.incoming_done.clone(),
+            counters: Arc::clone(&self.inner.counters),
+            reopen_at,
+            inner: Arc::clone(&self.inner),
         })
     }
 
@@ -577,8 +630,7 @@ impl Worker {
             Ok(()) => {}
             Err(ChannelError::Closed) => {
                 self.inner.master_gone.store(true, Ordering::SeqCst);
-                self.inner
-                    .begin_drain(Some(Instant::now() + self.inner.orphan_drain));
+                self.inner.begin_drain(Some(after(self.inner.orphan_drain)));
             }
             Err(e) => return Err(e.into()),
         }
@@ -642,10 +694,13 @@ impl Worker {
         *self.inner.finish_by.borrow()
     }
 
-    /// Completes once the worker is draining and holds no connection, or at the
+    /// Completes once the worker is draining, no more connections can come (the
+    /// master's `Drain` arrived, or the channel ended) and it holds none; or at the
     /// master's drain deadline (less a quarter of a second) with connections still
     /// open, or [`WorkerBuilder::orphan_drain`] after the master went away. Return
-    /// from `main` then: the process must exit.
+    /// from `main` then: the process must exit. After [`Worker::suicide`] it waits
+    /// for the master's `Drain`, which follows the connections sent before the
+    /// master read the `Suicide`.
     pub async fn drained(&self) {
         self.inner.draining.cancelled().await;
         let mut finish_by = self.inner.finish_by.subscribe();
@@ -657,8 +712,12 @@ impl Worker {
                     None => std::future::pending().await,
                 }
             };
+            let idle = async {
+                self.inner.sealed.cancelled().await;
+                self.inner.counters.idle().await;
+            };
             tokio::select! {
-                () = self.inner.counters.idle() => return,
+                () = idle => return,
                 () = until => return,
                 changed = finish_by.changed() => if changed.is_err() { return },
             }
@@ -671,6 +730,7 @@ impl Worker {
     /// after the connections the master sent before it knew.
     pub async fn suicide(&self, reason: impl Into<String>) -> Result<(), WorkerError> {
         let reason = bounded_reason(reason.into());
+        self.inner.end_announced.store(true, Ordering::SeqCst);
         self.inner.draining.cancel();
         let sent = self
             .inner
@@ -697,6 +757,7 @@ impl Worker {
         std::panic::set_hook(Box::new(move |info| {
             if let Some(inner) = inner.upgrade() {
                 let reason = bounded_reason(format!("panic: {info}"));
+                inner.end_announced.store(true, Ordering::SeqCst);
                 inner.draining.cancel();
                 if !inner.suicide_blocking(&reason) {
                     inner.unannounced_end();
@@ -715,7 +776,49 @@ impl Inner {
     /// no `Drain` will come.
     fn unannounced_end(&self) {
         self.writer.shutdown();
-        self.begin_drain(Some(Instant::now() + self.orphan_drain));
+        self.begin_drain(Some(after(self.orphan_drain)));
+    }
+
+    /// The application stopped taking connections (its `Incoming` or handler is
+    /// gone, and with it the sink) though the worker was not draining.
+    fn abandoned(self: &Arc<Self>, what: &'static str) {
+        if self.draining.is_cancelled() {
+            return; // the end of a drain, or after a `Suicide`: nothing is amiss
+        }
+        tracing::error!("{what} before the drain: later connections would be closed unanswered");
+        self.abandoned.cancel();
+        self.announce_end("connections no longer taken", false);
+    }
+
+    /// The worker can no longer do its work though it is not draining: it says so
+    /// (`Suicide`, sent by a task of its own; if that fails, the end the master is
+    /// not told of), and the master replaces it and answers with `Drain`. With
+    /// `drain_now`, [`Worker::draining`] is cancelled at once, as [`Worker::suicide`]
+    /// does; otherwise with the `Drain`.
+    fn announce_end(self: &Arc<Self>, reason: &'static str, drain_now: bool) {
+        let announce =
+            !self.draining.is_cancelled() && !self.end_announced.swap(true, Ordering::SeqCst);
+        if drain_now {
+            self.draining.cancel();
+        }
+        if !announce {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            if !self.suicide_blocking(reason) {
+                self.unannounced_end();
+            }
+            return;
+        };
+        let inner = Arc::clone(self);
+        runtime.spawn(async move {
+            let suicide = ToMaster::Suicide {
+                reason: reason.to_owned(),
+            };
+            if inner.writer.send_msg(&suicide).await.is_err() {
+                inner.unannounced_end();
+            }
+        });
     }
 
     /// Stops taking connections: ends `Incoming` once queued connections are taken,
@@ -731,19 +834,31 @@ impl Inner {
         // Dropped outside the lock: a direct sink drops the application's handler.
         let sink = lock(&self.incoming_tx).take();
         drop(sink);
+        self.sealed.cancel();
     }
 
-    /// How many more connections this worker can take.
+    /// How many more connections this worker can take: the connections it may still
+    /// open, and no more than the queue has room for (the reader never waits for room
+    /// then, and answers every `Ping`); none once the application stopped taking them.
     fn capacity(&self) -> u32 {
+        if self.abandoned.is_cancelled() {
+            return 0;
+        }
+        let room = lock(&self.incoming_tx)
+            .as_ref()
+            .map_or(u32::MAX, Sink::room);
         self.max_connections
             .saturating_sub(self.counters.active.load(Ordering::SeqCst))
+            .min(room)
     }
 
     async fn send_ack(&self) -> Result<(), ChannelError> {
         // One at a time (the reader and the heartbeat both send them): the threshold
         // kept is the one of the `Ack` the master gets last.
         let _one = self.ack_lock.lock().await;
-        let received = self.counters.received.load(Ordering::Relaxed);
+        // Acquire: the connections counted in `received` are in the queue (the reader
+        // counts them once delivered), and the room read below leaves them out.
+        let received = self.counters.received.load(Ordering::Acquire);
         self.counters.acked.fetch_max(received, Ordering::Relaxed);
         // Raised before the capacity is read, lowered after if there is room: a
         // connection that closes in between either is counted in the capacity or sees
@@ -816,9 +931,6 @@ async fn read_loop(
                          way to this worker (raise its RLIMIT_NOFILE or lower max_connections)"
                     );
                 }
-                counters
-                    .received
-                    .fetch_add(u64::from(count), Ordering::Relaxed);
                 // Delivered until the master's `Drain` (which follows every connection it
                 // sent) or until the application drops `Incoming`; a connection that
                 // cannot be delivered is closed here.
@@ -833,6 +945,12 @@ async fn read_loop(
                     }
                 }
                 drop(tx);
+                // Counted once delivered: an `Ack` meanwhile (the heartbeat's) announces
+                // the room in the queue beyond what it counts, so the master's window,
+                // counted from `received`, never holds more than the queue can take.
+                counters
+                    .received
+                    .fetch_add(u64::from(count), Ordering::Release);
                 let unacked = counters.received.load(Ordering::Relaxed)
                     - counters.acked.load(Ordering::Relaxed);
                 if this.version >= 2
@@ -849,8 +967,9 @@ async fn read_loop(
             }
             Ok(Some((ToWorker::Drain { deadline_ms }, _))) => {
                 tracing::debug!(deadline_ms, "drain requested");
-                let finish_by = Instant::now()
-                    + Duration::from_millis(deadline_ms).saturating_sub(Duration::from_millis(250));
+                let finish_by = after(
+                    Duration::from_millis(deadline_ms).saturating_sub(Duration::from_millis(250)),
+                );
                 this.begin_drain(Some(finish_by));
             }
             Ok(Some((ToWorker::Ping, _))) => {
@@ -885,7 +1004,7 @@ async fn read_loop(
                 this.master_gone.store(true, Ordering::SeqCst);
                 // No orphan outlives its master: `drained()` completes once the open
                 // connections are done, or after the orphan drain at the latest.
-                this.begin_drain(Some(Instant::now() + this.orphan_drain));
+                this.begin_drain(Some(after(this.orphan_drain)));
                 return;
             }
         }
@@ -913,31 +1032,38 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
         Ok(socket) => socket,
         Err(e) => {
             tracing::error!(listener, error = %e, "cannot accept on the shared listener");
+            // It would look healthy and take nothing.
+            inner.announce_end("cannot accept on the shared listener", true);
             return;
         }
     };
     let draining = inner.draining.clone();
+    let abandoned = inner.abandoned.clone();
     let counters = Arc::clone(&inner.counters);
     let listeners = Arc::clone(&inner.listeners);
     let max_connections = inner.max_connections;
     // The drain is heard through a flag (its own task waits on the token): the
-    // token's future, polled with every wait, would take a lock each time.
+    // token's future, polled with every wait, would take a lock each time. The
+    // application that stops taking connections raises it too.
     let drained = Arc::new(WakeFlag::default());
     let announcer = {
         let (draining, drained) = (draining.clone(), Arc::clone(&drained));
         tokio::spawn(async move {
-            draining.cancelled().await;
+            tokio::select! {
+                () = draining.cancelled() => {}
+                () = abandoned.cancelled() => {}
+            }
             drained.raise();
         })
     };
-    tokio::spawn(async move {
+    let accepting = tokio::spawn(async move {
         // The announcer ends with the drain; if this task ends first, so does it.
         let _announcer = tokio_util::task::AbortOnDropHandle::new(announcer);
         loop {
             // A full worker leaves connections in the backlog, for another worker or
             // for later: the descriptors it keeps for its own files stay free.
             if !room_for_one_more(&counters, max_connections, &draining).await {
-                return;
+                return AcceptEnd::Drained;
             }
             // The drain first: once it is heard, no connection is taken.
             // `poll_read_ready` keeps the task's waker in the registration's own slot,
@@ -950,23 +1076,23 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
             })
             .await;
             let mut guard = match ready {
-                None => return,
+                None => return AcceptEnd::Drained,
                 Some(Ok(guard)) => guard,
                 Some(Err(e)) => {
                     tracing::error!(listener, error = %e, "shared listener failed");
-                    return;
+                    return AcceptEnd::Failed;
                 }
             };
             // The token decides: its announcer may not have run yet (on a multi-thread
             // runtime, the listener can be ready first).
             if draining.is_cancelled() {
-                return;
+                return AcceptEnd::Drained;
             }
             let mut accepted = 0;
             loop {
                 // A flood, or a hand-over that waited: the drain may have come since.
                 if drained.is_raised() {
-                    return;
+                    return AcceptEnd::Drained;
                 }
                 if counters.active.load(Ordering::SeqCst) >= max_connections {
                     break; // readiness kept: accepting goes on once there is room
@@ -988,7 +1114,8 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
                             continue;
                         };
                         if !tx.deliver(conn).await {
-                            return;
+                            // `Incoming` was dropped: `Inner::abandoned` has told.
+                            return AcceptEnd::Drained;
                         }
                     }
                     Ok(Err(e)) if sys::is_transient_accept_error(&e) => {}
@@ -1001,6 +1128,28 @@ fn accept_shared(inner: &Arc<Inner>, listener: u16, fd: OwnedFd) {
             }
         }
     });
+    // Any other end (the listener failed, a panic in the handler): the worker takes no
+    // more connections here, and must not look healthy.
+    let watched = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        let reason = match accepting.await {
+            Ok(AcceptEnd::Drained) => return,
+            Ok(AcceptEnd::Failed) => "the shared listener failed",
+            Err(e) if e.is_panic() => "the shared listener's accept task panicked",
+            Err(_) => return, // cancelled: the runtime shuts down
+        };
+        if let Some(inner) = watched.upgrade() {
+            inner.announce_end(reason, true);
+        }
+    });
+}
+
+/// How a shared listener's accept task ended.
+enum AcceptEnd {
+    /// The worker drains, or the application stopped taking connections.
+    Drained,
+    /// The listener failed.
+    Failed,
 }
 
 /// Completes once the worker holds fewer than `max` connections (at once if it does);
@@ -1070,8 +1219,10 @@ async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
             if this.writer.send_msg(&beat).await.is_err() {
                 return;
             }
-        } else if !counters.window_shut.load(Ordering::Relaxed) {
-            continue; // an `Ack` since reopened the window
+        } else if !counters.window_shut.load(Ordering::Relaxed) || this.capacity() == 0 {
+            // An `Ack` since reopened the window, or there is no room yet (a connection
+            // closed while the queue is full): the next event that makes room asks again.
+            continue;
         }
         if this.version >= 2 && this.send_ack().await.is_err() {
             return;
@@ -1096,16 +1247,38 @@ fn bounded_reason(mut reason: String) -> String {
     reason
 }
 
+/// `wait` from now, never a panic: a longer wait than a century (a third-party
+/// master's `deadline_ms`, `orphan_drain(Duration::MAX)`) is cut to one, and a clock
+/// that cannot reach that far gets a day.
+fn after(wait: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let now = Instant::now();
+    now.checked_add(wait.min(CENTURY))
+        .or_else(|| now.checked_add(wait.min(DAY)))
+        .unwrap_or(now)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Connections handed to this worker, in the order the master sent them. Ends when
-/// the worker drains or the master is gone.
+/// the worker drains or the master is gone. It keeps the worker alive (the channel,
+/// its heartbeats) for as long as it lives, even without a [`Worker`].
+///
+/// Dropped before it ended (the application stops taking connections but runs on),
+/// it closes the connections it still held, and the worker announces its end
+/// (`Suicide`, "connections no longer taken"): the master replaces it at once and
+/// sends it `Drain`. Connections sent before the master read that are closed
+/// unanswered as they arrive.
 #[derive(Debug)]
 pub struct Incoming {
     rx: mpsc::Receiver<Connection>,
-    done: CancellationToken,
+    counters: Arc<Counters>,
+    /// Free places in the queue at which a window shut for want of them reopens.
+    reopen_at: usize,
+    inner: Arc<Inner>,
 }
 
 impl Incoming {
@@ -1117,10 +1290,36 @@ impl Incoming {
     /// Polls for the next connection (`Ready(None)` once the worker drains).
     pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<Connection>> {
         let next = self.rx.poll_recv(cx);
-        if let Poll::Ready(None) = next {
-            self.done.cancel();
+        match next {
+            // The last `Ack` said the queue was full (version 2): room again opens the
+            // window at once, as a connection that closes does (`ActiveGuard`).
+            Poll::Ready(Some(_)) => {
+                if self.counters.window_shut.load(Ordering::SeqCst)
+                    && self.rx.capacity() >= self.reopen_at
+                {
+                    self.counters.reopen.notify_one();
+                }
+            }
+            Poll::Ready(None) => self.inner.incoming_done.cancel(),
+            Poll::Pending => {}
         }
         next
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        let sink = {
+            let mut slot = lock(&self.inner.incoming_tx);
+            match &*slot {
+                Some(Sink::Queue(_)) => slot.take(),
+                _ => None,
+            }
+        };
+        if sink.is_some() {
+            drop(sink);
+            self.inner.abandoned("Incoming was dropped");
+        }
     }
 }
 
@@ -1468,6 +1667,19 @@ pub(crate) mod tests {
         Arc<crate::channel::ChannelWriter>,
         Worker,
     ) {
+        fake_master_with(Worker::builder(), None).await
+    }
+
+    /// [`fake_master`] with the worker built by `builder`, and the master's version
+    /// offer (`Some("2")`: a version-2 session).
+    async fn fake_master_with(
+        builder: WorkerBuilder,
+        offer: Option<&str>,
+    ) -> (
+        crate::channel::ChannelReader,
+        Arc<crate::channel::ChannelWriter>,
+        Worker,
+    ) {
         use crate::protocol::{HELLO_VERSION, Hello, ListenerInfo, ListenerKind, ToWorker};
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let (reader, writer) =
@@ -1483,11 +1695,320 @@ pub(crate) mod tests {
             }],
         });
         writer.send_msg(&hello).await.expect("hello");
-        let worker = Worker::builder()
-            .from_fd(std::os::fd::OwnedFd::from(theirs))
+        let worker = builder
+            .start(std::os::fd::OwnedFd::from(theirs), offer.map(str::to_owned))
             .await
             .expect("worker");
         (reader, writer, worker)
+    }
+
+    /// The worker's next frame that `wanted` picks, the others skipped (100 frames and
+    /// 10 s at most).
+    async fn frame_where(
+        reader: &mut crate::channel::ChannelReader,
+        wanted: impl Fn(&ToMaster) -> bool,
+    ) -> ToMaster {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..100 {
+                let (msg, _) = reader
+                    .recv::<ToMaster>()
+                    .await
+                    .expect("read")
+                    .expect("a frame");
+                if wanted(&msg) {
+                    return msg;
+                }
+            }
+            panic!("not among the worker's next 100 frames");
+        })
+        .await
+        .expect("the frame in time")
+    }
+
+    /// `n` TCP connections on 127.0.0.1, handed to the worker in one `Connections`
+    /// frame; the clients' ends.
+    async fn hand(writer: &Arc<crate::channel::ChannelWriter>, n: u16) -> Vec<std::net::TcpStream> {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut clients = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..n {
+            clients.push(std::net::TcpStream::connect(addr).expect("connect"));
+            servers.push(listener.accept().expect("accept").0);
+        }
+        let fds: Vec<RawFd> = servers.iter().map(AsRawFd::as_raw_fd).collect();
+        let frame = protocol::frame(&ToWorker::Connections {
+            listener: 0,
+            count: n,
+        })
+        .expect("frame");
+        writer.send(&frame, &fds).await.expect("send");
+        clients
+    }
+
+    /// True when the worker closed the client's connection without a byte (10 s at
+    /// most).
+    async fn closed_unanswered(client: std::net::TcpStream) -> bool {
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut client = client;
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            match client.read(&mut [0u8; 16]) {
+                Ok(0) => true,
+                Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+                Ok(_) => false,
+            }
+        })
+        .await
+        .expect("client")
+    }
+
+    async fn send_drain(writer: &Arc<crate::channel::ChannelWriter>, deadline_ms: u64) {
+        writer
+            .send_msg(&ToWorker::Drain { deadline_ms })
+            .await
+            .expect("drain");
+    }
+
+    fn is_ready(m: &ToMaster) -> bool {
+        matches!(m, ToMaster::Ready { .. })
+    }
+
+    fn is_suicide(m: &ToMaster) -> bool {
+        matches!(m, ToMaster::Suicide { .. })
+    }
+
+    /// An application that stops taking connections (drops `Incoming`) but runs on
+    /// was a black hole: every later connection closed unanswered while its heartbeats
+    /// looked healthy. It announces its end, and the master replaces it.
+    #[tokio::test]
+    async fn dropping_incoming_announces_the_workers_end() {
+        let (mut reader, writer, worker) = fake_master().await;
+        let incoming = worker.ready().await.expect("ready");
+        frame_where(&mut reader, is_ready).await;
+        drop(incoming);
+        let end = frame_where(&mut reader, is_suicide).await;
+        assert!(
+            matches!(&end, ToMaster::Suicide { reason } if reason.contains("no longer taken")),
+            "{end:?}"
+        );
+        // A connection the master sent before it read the `Suicide` is closed.
+        let client = hand(&writer, 1).await.pop().expect("a client");
+        assert!(closed_unanswered(client).await);
+        // The master answers with `Drain`; the worker holds nothing: it is done.
+        send_drain(&writer, 60_000).await;
+        tokio::time::timeout(Duration::from_secs(10), worker.drained())
+            .await
+            .expect("drained");
+    }
+
+    /// The same for the handler of `ready_with` (an `http::serve` future dropped).
+    #[tokio::test]
+    async fn dropping_the_handler_announces_the_workers_end() {
+        let (mut reader, _writer, worker) = fake_master().await;
+        let guard = worker.ready_with(|_conn| {}).await.expect("ready");
+        frame_where(&mut reader, is_ready).await;
+        drop(guard);
+        frame_where(&mut reader, is_suicide).await;
+        assert!(
+            !worker.draining().is_cancelled(),
+            "draining comes with the master's Drain"
+        );
+    }
+
+    /// A slow application (not a wedged one) filled the incoming queue; the reader
+    /// then waited for room, left `Ping`s unanswered, and the master killed the
+    /// worker as stalled. The window now never exceeds the room in the queue.
+    #[tokio::test]
+    async fn the_window_is_the_room_in_the_incoming_queue_and_reopens_as_it_empties() {
+        let (mut reader, writer, worker) =
+            fake_master_with(Worker::builder().incoming_queue(4), Some("2")).await;
+        assert_eq!(worker.protocol_version(), 2);
+        let mut incoming = worker.ready().await.expect("ready");
+        frame_where(&mut reader, is_ready).await;
+        let is_ack = |m: &ToMaster| matches!(m, ToMaster::Ack { .. });
+        let ack = frame_where(&mut reader, is_ack).await;
+        assert!(
+            matches!(ack, ToMaster::Ack { capacity: 4, .. }),
+            "the room in the queue: {ack:?}"
+        );
+        // The first heartbeat and its `Ack`, before the connections.
+        frame_where(&mut reader, |m| matches!(m, ToMaster::Heartbeat { .. })).await;
+        frame_where(&mut reader, is_ack).await;
+        // The master fills the window; the application takes nothing yet.
+        let _clients = hand(&writer, 4).await;
+        let ack = frame_where(&mut reader, |m| {
+            matches!(m, ToMaster::Ack { received: 4, .. })
+        })
+        .await;
+        assert!(
+            matches!(ack, ToMaster::Ack { capacity: 0, .. }),
+            "shut: {ack:?}"
+        );
+        // The reader is free: a `Ping` is answered.
+        writer.send_msg(&ToWorker::Ping).await.expect("ping");
+        frame_where(&mut reader, |m| matches!(m, ToMaster::Pong)).await;
+        // Taking a connection reopens the window at once (the heartbeat is a minute
+        // away).
+        let conn = tokio::time::timeout(Duration::from_secs(10), incoming.accept())
+            .await
+            .expect("in time");
+        assert!(conn.is_some());
+        let ack = frame_where(
+            &mut reader,
+            |m| matches!(m, ToMaster::Ack { capacity, .. } if *capacity > 0),
+        )
+        .await;
+        assert!(
+            matches!(
+                ack,
+                ToMaster::Ack {
+                    received: 4,
+                    capacity: 1,
+                    ..
+                }
+            ),
+            "{ack:?}"
+        );
+    }
+
+    /// A shared listener the worker cannot accept on (here not even a socket): it
+    /// takes no connection, so it says so rather than look healthy.
+    #[tokio::test]
+    async fn a_shared_listener_the_worker_cannot_use_ends_it() {
+        use std::os::fd::AsRawFd;
+        let (mut reader, writer, worker) = fake_master_with(Worker::builder(), Some("2")).await;
+        let _incoming = worker.ready().await.expect("ready");
+        frame_where(&mut reader, is_ready).await;
+        let file = std::fs::File::open(std::env::current_exe().expect("exe")).expect("open");
+        let frame = protocol::frame(&ToWorker::Listener { listener: 0 }).expect("frame");
+        writer
+            .send(&frame, &[file.as_raw_fd()])
+            .await
+            .expect("send");
+        frame_where(&mut reader, is_suicide).await;
+        assert!(worker.draining().is_cancelled());
+    }
+
+    /// The shared accept task ended by a panic (in the handler): the worker stopped
+    /// accepting but looked healthy.
+    #[tokio::test]
+    async fn a_panic_in_the_shared_accept_task_ends_the_worker() {
+        use std::os::fd::AsRawFd;
+        let (mut reader, writer, worker) = fake_master_with(Worker::builder(), Some("2")).await;
+        let _guard = worker
+            .ready_with(|_conn| panic!("a handler that panics"))
+            .await
+            .expect("ready");
+        frame_where(&mut reader, is_ready).await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let frame = protocol::frame(&ToWorker::Listener { listener: 0 }).expect("frame");
+        writer
+            .send(&frame, &[listener.as_raw_fd()])
+            .await
+            .expect("send");
+        let _client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        frame_where(&mut reader, is_suicide).await;
+        assert!(worker.draining().is_cancelled());
+    }
+
+    /// After a `Suicide`, `drained()` completed as soon as no connection was open,
+    /// while connections the master sent before it read the `Suicide` were still on
+    /// their way.
+    #[tokio::test]
+    async fn after_a_suicide_drained_waits_for_the_masters_drain() {
+        let (mut reader, writer, worker) = fake_master().await;
+        let mut incoming = worker.ready().await.expect("ready");
+        let drained = tokio::spawn({
+            let worker = worker.clone();
+            async move { worker.drained().await }
+        });
+        worker.suicide("test").await.expect("suicide");
+        frame_where(&mut reader, is_suicide).await;
+        let _client = hand(&writer, 1).await;
+        let conn = tokio::time::timeout(Duration::from_secs(10), incoming.accept())
+            .await
+            .expect("in time")
+            .expect("delivered after the Suicide");
+        assert!(!drained.is_finished(), "more may come until the Drain");
+        send_drain(&writer, 60_000).await;
+        let end = tokio::time::timeout(Duration::from_secs(10), incoming.accept())
+            .await
+            .expect("in time");
+        assert!(end.is_none(), "Incoming ends with the Drain");
+        drop(conn);
+        tokio::time::timeout(Duration::from_secs(10), drained)
+            .await
+            .expect("drained in time")
+            .expect("task");
+    }
+
+    /// `Worker::from_env().await?.ready().await?` dropped the worker at once, and
+    /// `Incoming` ended right after `Ready`.
+    #[tokio::test]
+    async fn incoming_keeps_the_worker_alive() {
+        let (mut reader, writer, worker) = fake_master().await;
+        let mut incoming = worker.ready().await.expect("ready");
+        drop(worker);
+        frame_where(&mut reader, is_ready).await;
+        let _client = hand(&writer, 1).await;
+        let conn = tokio::time::timeout(Duration::from_secs(10), incoming.accept())
+            .await
+            .expect("in time");
+        assert!(conn.is_some(), "Incoming ended without the worker");
+    }
+
+    #[tokio::test]
+    async fn a_drain_deadline_beyond_the_clock_is_taken() {
+        let (_reader, writer, worker) = fake_master().await;
+        let _incoming = worker.ready().await.expect("ready");
+        send_drain(&writer, u64::MAX).await;
+        tokio::time::timeout(Duration::from_secs(10), worker.draining().cancelled())
+            .await
+            .expect("drains");
+        assert!(worker.deadline().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_endless_orphan_drain_is_taken() {
+        let (_reader, writer, worker) =
+            fake_master_with(Worker::builder().orphan_drain(Duration::MAX), None).await;
+        let _incoming = worker.ready().await.expect("ready");
+        writer.shutdown(); // the master is gone
+        tokio::time::timeout(Duration::from_secs(10), worker.draining().cancelled())
+            .await
+            .expect("drains");
+        assert!(worker.master_gone());
+        assert!(worker.deadline().is_some());
+    }
+
+    /// A panic in the reader (here in the handler it calls) killed the reader alone:
+    /// the heartbeats went on, and nothing read the channel any more.
+    #[tokio::test]
+    async fn a_panic_in_the_reader_ends_the_channel() {
+        let (mut reader, writer, worker) = fake_master().await;
+        let _guard = worker
+            .ready_with(|_conn| panic!("a handler that panics"))
+            .await
+            .expect("ready");
+        frame_where(&mut reader, is_ready).await;
+        let _client = hand(&writer, 1).await;
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..100 {
+                if !matches!(reader.recv::<ToMaster>().await, Ok(Some(_))) {
+                    return;
+                }
+            }
+            panic!("the worker keeps talking");
+        })
+        .await;
+        assert!(end.is_ok(), "the worker ends its channel");
+        assert!(worker.draining().is_cancelled(), "and drains");
     }
 
     /// A connection as the worker adopts one, and the client's end (a Unix socket pair,
