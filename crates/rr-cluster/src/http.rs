@@ -11,8 +11,8 @@
 //! - every HTTP/1 response carries `Connection: close`, so the client opens its next
 //!   request on a new connection, which the master sends to another worker;
 //! - HTTP/2 connections get GOAWAY at once (streams in flight finish);
-//! - an HTTP/1 connection that stays idle is closed after a grace period (2 s by
-//!   default), not at once: a request may be on its way;
+//! - an HTTP/1 connection is closed once no byte went either way through a whole
+//!   grace period (2 s by default), not at once: a request may be on its way;
 //! - [`Server::serve`] returns once every connection is closed, or at the master's
 //!   deadline; return from `main` then.
 //!
@@ -43,7 +43,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -130,9 +130,9 @@ impl Server {
         self
     }
 
-    /// Once draining, how long an idle HTTP/1 keep-alive connection is kept open
-    /// before it is closed (default 2 s). A request that arrives meanwhile is answered
-    /// with `Connection: close`.
+    /// Once draining, how long an HTTP/1 keep-alive connection must stay idle (no byte
+    /// read or written) before it is closed (default 2 s; keep it at 1 s or more). A
+    /// request that arrives meanwhile is answered with `Connection: close`.
     pub fn idle_grace(mut self, grace: Duration) -> Server {
         self.idle_grace = grace;
         self
@@ -140,7 +140,9 @@ impl Server {
 
     /// hyper's HTTP/1 connection builder, for HTTP/1 settings (keep-alive, header
     /// limits, a timer for header read timeouts). Connections are served with
-    /// upgrades (WebSocket) enabled.
+    /// upgrades (WebSocket) enabled. A header read timeout starts once a connection's
+    /// first bytes arrived: before the drain, a connection that never says anything
+    /// is kept, as by hyper without a timer (and hyper-util's `auto`).
     pub fn http1_mut(&mut self) -> &mut http1::Builder {
         &mut self.http1
     }
@@ -273,9 +275,11 @@ async fn serve_io<I, S, B>(
     B::Error: Into<BoxError>,
 {
     let wake = drain.register();
-    let mut io = ReadAhead::new(io);
+    let mut io = ReadAhead::new(io, Arc::clone(&wake.slot));
     // Which protocol: the first bytes tell. A connection that says nothing before the
-    // drain gets the idle grace to do so, like an idle keep-alive connection.
+    // drain gets the idle grace to do so, like an idle keep-alive connection. Before
+    // the drain it may wait for ever, as with hyper alone (and hyper-util's `auto`):
+    // hyper's header read timeout, with a timer, starts once the first bytes came.
     let sniffed = std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = io.poll_sniff(cx) {
             return Poll::Ready(Some(r));
@@ -290,11 +294,29 @@ async fn serve_io<I, S, B>(
     let sniffed = match sniffed {
         Some(r) => r,
         None => {
-            match tokio::time::timeout(idle_grace, std::future::poll_fn(|cx| io.poll_sniff(cx)))
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => return,
+            // The grace begins again whenever bytes arrive (an HTTP/2 preface in
+            // parts): only a connection silent through a whole grace is closed. At
+            // most one new grace per byte of the preface.
+            let mut grace = std::pin::pin!(tokio::time::sleep(idle_grace));
+            let mut seen = io.buf.len();
+            let sniffed = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = io.poll_sniff(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                while grace.as_mut().poll(cx).is_ready() {
+                    if io.buf.len() == seen || idle_grace.is_zero() {
+                        return Poll::Ready(None);
+                    }
+                    seen = io.buf.len();
+                    let deadline = tokio::time::Instant::now() + idle_grace;
+                    grace.as_mut().reset(deadline);
+                }
+                Poll::Pending
+            })
+            .await;
+            match sniffed {
+                Some(r) => r,
+                None => return,
             }
         }
     };
@@ -304,7 +326,7 @@ async fn serve_io<I, S, B>(
         // it does not make every connection's task (moved on spawn) bigger.
         Ok(Protocol::Http2) => {
             let http = Box::pin(h2.serve_connection(TokioIo::new(io), service));
-            Drive::new(http, true, drain, &wake, idle_grace, |c| {
+            Drive::new(http, true, drain, &wake.slot, idle_grace, |c| {
                 c.get_mut().as_mut().graceful_shutdown()
             })
             .await;
@@ -313,7 +335,7 @@ async fn serve_io<I, S, B>(
             let http = h1
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            Drive::new(http, false, drain, &wake, idle_grace, |c| {
+            Drive::new(http, false, drain, &wake.slot, idle_grace, |c| {
                 c.graceful_shutdown()
             })
             .await;
@@ -325,8 +347,11 @@ async fn serve_io<I, S, B>(
 pin_project_lite::pin_project! {
     /// A hyper connection run to its end, shut down by the drain rules once the worker
     /// drains: HTTP/2 at once (GOAWAY; the streams in flight finish), HTTP/1 once it
-    /// stays idle through `idle_grace` (requests still arriving are answered with
-    /// `Connection: close` by [`DrainAware`]).
+    /// stays idle (no byte read or written) through a whole `idle_grace`: the grace
+    /// begins with the drain, and again whenever it ends on a connection that was not
+    /// idle. Requests still arriving are answered with `Connection: close` by
+    /// [`DrainAware`]; one that outlasts a grace is answered with it by hyper (its
+    /// graceful shutdown of a busy connection), which then closes.
     ///
     /// A future of its own rather than an `async fn`: an `async fn` would keep the
     /// connection twice in its state (the argument, then the pinned local), and every
@@ -336,11 +361,50 @@ pin_project_lite::pin_project! {
         http: C,
         h2: bool,
         drain: &'a Drain,
-        wake: &'a AtomicWaker,
+        slot: &'a Slot,
         idle_grace: Duration,
         graceful_shutdown: Option<F>,
-        // Allocated only once draining (an idle HTTP/1 connection's grace).
-        grace: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Allocated only once draining (an HTTP/1 connection's grace).
+        grace: Option<Pin<Box<Grace>>>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A draining HTTP/1 connection's idle grace.
+    struct Grace {
+        #[pin]
+        sleep: tokio::time::Sleep,
+        // The connection's traffic when this grace began.
+        traffic: usize,
+    }
+}
+
+impl Grace {
+    fn new(slot: &Slot, idle_grace: Duration) -> Grace {
+        Grace {
+            sleep: tokio::time::sleep(idle_grace),
+            traffic: slot.traffic(),
+        }
+    }
+
+    /// Ready once no byte went either way through a whole grace; a grace that ends on
+    /// a connection that was not idle begins again.
+    fn poll_idle(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        slot: &Slot,
+        idle_grace: Duration,
+    ) -> Poll<()> {
+        let mut this = self.project();
+        std::task::ready!(this.sleep.as_mut().poll(cx));
+        let traffic = slot.traffic();
+        if traffic == *this.traffic || idle_grace.is_zero() {
+            return Poll::Ready(());
+        }
+        *this.traffic = traffic;
+        let deadline = tokio::time::Instant::now() + idle_grace;
+        this.sleep.as_mut().reset(deadline);
+        this.sleep.poll(cx)
     }
 }
 
@@ -353,7 +417,7 @@ where
         http: C,
         h2: bool,
         drain: &'a Drain,
-        wake: &'a AtomicWaker,
+        slot: &'a Slot,
         idle_grace: Duration,
         graceful_shutdown: F,
     ) -> Self {
@@ -361,7 +425,7 @@ where
             http,
             h2,
             drain,
-            wake,
+            slot,
             idle_grace,
             graceful_shutdown: Some(graceful_shutdown),
             grace: None,
@@ -385,17 +449,21 @@ where
             return Poll::Pending; // shut down already: the connection ends by itself
         };
         if this.grace.is_none() {
-            this.wake.register(cx.waker());
+            this.slot.waker.register(cx.waker());
             if !this.drain.is_draining() {
                 *this.graceful_shutdown = Some(shutdown);
                 return Poll::Pending;
             }
             if !*this.h2 {
-                *this.grace = Some(Box::pin(tokio::time::sleep(*this.idle_grace)));
+                *this.grace = Some(Box::pin(Grace::new(this.slot, *this.idle_grace)));
             }
         }
         if let Some(grace) = this.grace.as_mut() {
-            if grace.as_mut().poll(cx).is_pending() {
+            if grace
+                .as_mut()
+                .poll_idle(cx, this.slot, *this.idle_grace)
+                .is_pending()
+            {
                 *this.graceful_shutdown = Some(shutdown);
                 return Poll::Pending;
             }
@@ -437,10 +505,12 @@ thread_local! {
 /// poll. Here the first read takes up to [`READ_AHEAD`] bytes, the protocol is told
 /// from them, and hyper's HTTP/1 or HTTP/2 connection is served directly; once the
 /// buffered bytes are handed out, every read and write goes straight to the
-/// connection.
+/// connection, counted in the connection's [`Slot`] (a plain increment).
 #[derive(Debug)]
 struct ReadAhead<I> {
     io: I,
+    /// Where the reads and writes are counted.
+    slot: Arc<Slot>,
     /// The bytes read ahead (empty, with no storage, once handed out).
     buf: Vec<u8>,
     /// How many of them hyper has had.
@@ -450,9 +520,10 @@ struct ReadAhead<I> {
 }
 
 impl<I> ReadAhead<I> {
-    fn new(io: I) -> ReadAhead<I> {
+    fn new(io: I, slot: Arc<Slot>) -> ReadAhead<I> {
         ReadAhead {
             io,
+            slot,
             buf: Vec::new(),
             handed: 0,
             eof: false,
@@ -484,6 +555,7 @@ impl<I: tokio::io::AsyncRead + Unpin> ReadAhead<I> {
             let mut read = tokio::io::ReadBuf::new(&mut scratch);
             let polled = Pin::new(&mut self.io).poll_read(cx, &mut read);
             if let Poll::Ready(Ok(())) = polled {
+                self.slot.count();
                 self.buf.extend_from_slice(read.filled());
                 self.eof = read.filled().is_empty();
             }
@@ -511,7 +583,11 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadAhead<I> {
             }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.io).poll_read(cx, out)
+        let polled = Pin::new(&mut this.io).poll_read(cx, out);
+        if polled.is_ready() {
+            this.slot.count();
+        }
+        polled
     }
 }
 
@@ -521,7 +597,12 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadAhead<I> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        if polled.is_ready() {
+            this.slot.count();
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -529,7 +610,12 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadAhead<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if polled.is_ready() {
+            this.slot.count();
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -561,22 +647,45 @@ struct Drain {
 /// fast bins, which the next large allocation then consolidates.
 #[derive(Debug, Default)]
 struct Slots {
-    wakers: Vec<Arc<AtomicWaker>>,
+    wakers: Vec<Arc<Slot>>,
     free: Vec<usize>,
 }
 
-/// A connection's waker slot in the [`Drain`]; freed on drop.
+/// A connection's slot: its task's waker, and its traffic.
+#[derive(Debug, Default)]
+struct Slot {
+    waker: AtomicWaker,
+    /// The reads and writes of the connection's [`ReadAhead`] that moved bytes (or
+    /// saw the end of file), so that [`Drive`] tells an idle connection once
+    /// draining. Counted by the connection's task alone, with a plain load and store
+    /// (no locked instruction); an atomic so that the slot may be shared.
+    traffic: AtomicUsize,
+}
+
+impl Slot {
+    fn traffic(&self) -> usize {
+        self.traffic.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn count(&self) {
+        let t = self.traffic.load(Ordering::Relaxed);
+        self.traffic.store(t.wrapping_add(1), Ordering::Relaxed);
+    }
+}
+
+/// A connection's slot in the [`Drain`]; freed on drop.
 struct Registration<'a> {
     drain: &'a Drain,
-    slot: usize,
-    waker: Arc<AtomicWaker>,
+    index: usize,
+    slot: Arc<Slot>,
 }
 
 impl std::ops::Deref for Registration<'_> {
     type Target = AtomicWaker;
 
     fn deref(&self) -> &AtomicWaker {
-        &self.waker
+        &self.slot.waker
     }
 }
 
@@ -584,8 +693,14 @@ impl Drop for Registration<'_> {
     fn drop(&mut self) {
         // Emptied before the slot is freed: a free slot may serve the next connection
         // at once, and its waker must not be taken.
-        drop(self.waker.take());
-        self.drain.slots().free.push(self.slot);
+        drop(self.slot.waker.take());
+        let mut slots = self.drain.slots();
+        // A tunnel (an upgraded connection, in the application's hands) still counts
+        // its traffic in the slot: the slot goes with it, a new one takes its place.
+        if Arc::strong_count(&self.slot) > 2 {
+            slots.wakers[self.index] = Arc::default();
+        }
+        slots.free.push(self.index);
     }
 }
 
@@ -597,19 +712,19 @@ impl Drain {
     /// A waker slot for a new connection, freed when the registration is dropped.
     fn register(&self) -> Registration<'_> {
         let mut slots = self.slots();
-        let (slot, waker) = match slots.free.pop() {
-            Some(slot) => (slot, Arc::clone(&slots.wakers[slot])),
+        let (index, slot) = match slots.free.pop() {
+            Some(index) => (index, Arc::clone(&slots.wakers[index])),
             None => {
-                let waker = Arc::new(AtomicWaker::new());
-                slots.wakers.push(Arc::clone(&waker));
-                (slots.wakers.len() - 1, waker)
+                let slot = Arc::new(Slot::default());
+                slots.wakers.push(Arc::clone(&slot));
+                (slots.wakers.len() - 1, slot)
             }
         };
         drop(slots);
         Registration {
             drain: self,
+            index,
             slot,
-            waker,
         }
     }
 
@@ -623,14 +738,15 @@ impl Drain {
     fn start(&self) {
         self.draining.store(true, Ordering::SeqCst);
         let slots = self.slots();
-        for waker in &slots.wakers {
-            waker.wake();
+        for slot in &slots.wakers {
+            slot.waker.wake();
         }
     }
 }
 
 /// Marks responses to requests that arrive once draining `Connection: close`
-/// (HTTP/1), and hands handlers the client's address.
+/// (HTTP/1; not a tunnel's `101` or CONNECT `2xx`), and hands handlers the client's
+/// address.
 #[derive(Debug, Clone)]
 struct DrainAware<S> {
     inner: S,
@@ -655,13 +771,17 @@ where
                 .insert(axum::extract::ConnectInfo(peer));
         }
         // Until the drain, the service's own future, untouched. A request that arrives
-        // before the drain and ends after it keeps its keep-alive: the client's next
-        // request, within the idle grace, is answered with `Connection: close`.
+        // before the drain and ends after it keeps its keep-alive (unless it outlasts a
+        // grace: then hyper's graceful shutdown marks it `Connection: close`): the
+        // connection is closed only once idle through a whole grace after the answer,
+        // and the client's next request, within it, is answered with `Connection: close`.
         if !h1 || !self.drain.is_draining() {
             return Either::Left(self.inner.call(req));
         }
+        let connect = req.method() == http::Method::CONNECT;
         Either::Right(DrainAwareFuture {
             inner: self.inner.call(req),
+            connect,
         })
     }
 }
@@ -672,6 +792,8 @@ pin_project_lite::pin_project! {
     struct DrainAwareFuture<F> {
         #[pin]
         inner: F,
+        // The request is a CONNECT.
+        connect: bool,
     }
 }
 
@@ -684,9 +806,17 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = std::task::ready!(this.inner.poll(cx))?;
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
+        // A tunnel's answer (an upgrade's `101`, a CONNECT's `2xx`) is left alone: the
+        // connection leaves HTTP, and `Connection: close` would replace an upgrade's
+        // `Connection: upgrade`, which a WebSocket client requires.
+        let status = response.status();
+        let tunnel = status == http::StatusCode::SWITCHING_PROTOCOLS
+            || (*this.connect && status.is_success());
+        if !tunnel {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         Poll::Ready(Ok(response))
     }
 }
@@ -836,7 +966,7 @@ mod tests {
             .cycle()
             .take(5000)
             .collect();
-        let mut io = ReadAhead::new(counted(&request));
+        let mut io = ReadAhead::new(counted(&request), Arc::default());
         assert_eq!(sniff(&mut io).await, Protocol::Http1);
         assert_eq!(io.io.reads, 1, "one read tells HTTP/1");
         // hyper's reads: first from memory, then from the connection.
@@ -872,12 +1002,12 @@ mod tests {
         // them all, and each lets go of its task's waker as it ends.
         let storage = {
             let second = drain.register();
-            Arc::as_ptr(&second.waker)
+            Arc::as_ptr(&second.slot)
         };
         for _ in 0..1000 {
             let next = drain.register();
-            assert_eq!(Arc::as_ptr(&next.waker), storage);
-            assert_eq!(Arc::strong_count(&next.waker), 2, "the slot's and ours");
+            assert_eq!(Arc::as_ptr(&next.slot), storage);
+            assert_eq!(Arc::strong_count(&next.slot), 2, "the slot's and ours");
             let task = Arc::new(Task);
             next.register(&std::task::Waker::from(Arc::clone(&task)));
             assert_eq!(Arc::strong_count(&task), 2, "the connection's waker");
@@ -926,10 +1056,13 @@ mod tests {
     #[tokio::test]
     async fn a_connection_holds_only_the_bytes_it_read_ahead() {
         let request = b"GET /first HTTP/1.1\r\n\r\n";
-        let mut io = ReadAhead::new(Later {
-            inner: counted(request),
-            waited: false,
-        });
+        let mut io = ReadAhead::new(
+            Later {
+                inner: counted(request),
+                waited: false,
+            },
+            Arc::default(),
+        );
         let mut cx = Context::from_waker(std::task::Waker::noop());
         assert!(io.poll_sniff(&mut cx).is_pending());
         assert_eq!(
@@ -964,7 +1097,7 @@ mod tests {
         let mut h2 = H2_PREFACE.to_vec();
         h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // an empty SETTINGS frame
         for chunk in [1, 5, 23, 24, 4096] {
-            let mut io = ReadAhead::new(chunked(&h2, chunk));
+            let mut io = ReadAhead::new(chunked(&h2, chunk), Arc::default());
             assert_eq!(sniff(&mut io).await, Protocol::Http2, "chunk {chunk}");
             assert_eq!(
                 io.io.inner.reads,
@@ -977,7 +1110,7 @@ mod tests {
         }
         // Not the preface: told at the first byte that differs, even one at a time.
         let almost = b"PRI * HTTP/1.1\r\nHost: x\r\n\r\n";
-        let mut io = ReadAhead::new(chunked(almost, 1));
+        let mut io = ReadAhead::new(chunked(almost, 1), Arc::default());
         assert_eq!(sniff(&mut io).await, Protocol::Http1);
         assert_eq!(io.io.inner.reads, 12, "`PRI * HTTP/` (11 bytes), then `1`");
         let mut all = Vec::new();
@@ -985,7 +1118,7 @@ mod tests {
         assert_eq!(all, almost);
         // A short HTTP/1 request and an empty connection.
         for data in [&b"GET / HTTP/1.0\r\n\r\n"[..], b"P", b""] {
-            let mut io = ReadAhead::new(counted(data));
+            let mut io = ReadAhead::new(counted(data), Arc::default());
             assert_eq!(sniff(&mut io).await, Protocol::Http1);
             let mut all = Vec::new();
             io.read_to_end(&mut all).await.expect("read");
@@ -1153,6 +1286,11 @@ mod tests {
             .expect("ok");
     }
 
+    /// How long [`path_service`] takes to answer `/slow`.
+    const SLOW: Duration = Duration::from_secs(2);
+
+    /// Answers with the request's path (`/slow` after [`SLOW`], `/slower` after twice
+    /// that).
     fn path_service() -> DrainAware<
         impl Service<
             Request<IncomingBody>,
@@ -1164,6 +1302,11 @@ mod tests {
         + 'static,
     > {
         let inner = hyper::service::service_fn(|req: Request<IncomingBody>| async move {
+            match req.uri().path() {
+                "/slow" => tokio::time::sleep(SLOW).await,
+                "/slower" => tokio::time::sleep(2 * SLOW).await,
+                _ => {}
+            }
             let path = bytes::Bytes::from(req.uri().path().to_owned());
             Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(path)))
         });
@@ -1180,8 +1323,29 @@ mod tests {
         drain: &Arc<Drain>,
         idle_grace: Duration,
     ) -> tokio::task::JoinHandle<()> {
-        let mut service = path_service();
-        service.drain = Arc::clone(drain);
+        spawn_serve_with(io, path_service().inner, drain, idle_grace)
+    }
+
+    /// [`spawn_serve`] with a service of the test's.
+    fn spawn_serve_with<S, B>(
+        io: tokio::io::DuplexStream,
+        inner: S,
+        drain: &Arc<Drain>,
+        idle_grace: Duration,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let service = DrainAware {
+            inner,
+            drain: Arc::clone(drain),
+            peer: None,
+        };
         let drain = Arc::clone(drain);
         tokio::spawn(async move {
             let builders = (
@@ -1352,5 +1516,269 @@ mod tests {
         assert_eq!(started.elapsed(), grace, "closed when the grace ran out");
         let mut buf = [0u8; 16];
         assert_eq!(silent.read(&mut buf).await.expect("end of file"), 0);
+    }
+
+    /// Answers CONNECT with `200` and anything else with `101` (`Upgrade: echo`), then
+    /// echoes on the upgraded connection until the client closes it.
+    fn tunnel_service() -> impl Service<
+        Request<IncomingBody>,
+        Response = Response<http_body_util::Full<bytes::Bytes>>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        hyper::service::service_fn(|mut req: Request<IncomingBody>| async move {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = on.await else { return };
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 64];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut resp = Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+            if req.method() != http::Method::CONNECT {
+                *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                let headers = resp.headers_mut();
+                headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(http::header::UPGRADE, HeaderValue::from_static("echo"));
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        })
+    }
+
+    /// A request that began before the drain and ends just before the grace would
+    /// have run out keeps its keep-alive: the connection then gets a whole grace of
+    /// idleness. The client's next request, sent a little later, is answered (it was
+    /// lost: the grace ran from the drain), and a connection that sends nothing more
+    /// is closed a whole grace after its last answer, not sooner.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_grace_runs_from_the_last_traffic_not_from_the_drain() {
+        tokio::time::timeout(Duration::from_secs(60), idle_grace_from_last_traffic())
+            .await
+            .expect("every connection ended in time");
+    }
+
+    async fn idle_grace_from_last_traffic() {
+        let grace = Duration::from_secs(2);
+        let drain = Arc::new(Drain::default());
+        let (io, server) = tokio::io::duplex(64 * 1024);
+        let next_served = spawn_serve(server, &drain, grace);
+        let (mut next, next_driver) = h1_client(io).await;
+        let (io, server) = tokio::io::duplex(64 * 1024);
+        let quiet_served = spawn_serve(server, &drain, grace);
+        let (mut quiet, quiet_driver) = h1_client(io).await;
+        // Both requests begin before the drain, and end 10 ms before the grace would.
+        let begun = tokio::time::Instant::now();
+        let slow_next = tokio::spawn(async move {
+            let got = h1_get(&mut next, "/slow").await;
+            (next, got)
+        });
+        let slow_quiet = tokio::spawn(async move {
+            let got = h1_get(&mut quiet, "/slow").await;
+            (quiet, got)
+        });
+        tokio::time::sleep(SLOW + Duration::from_millis(10) - grace).await;
+        let started = tokio::time::Instant::now();
+        drain.start();
+
+        let (mut next, got) = slow_next.await.expect("answered");
+        assert_eq!(
+            got,
+            (None, "/slow".into()),
+            "begun before the drain: kept alive"
+        );
+        assert_eq!(begun.elapsed(), SLOW);
+        let answered = started.elapsed();
+        assert_eq!(answered, grace - Duration::from_millis(10));
+        // The client's next request, sent once the grace would have run out.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (close, body) = h1_get(&mut next, "/next").await;
+        assert_eq!(close, Some(HeaderValue::from_static("close")));
+        assert_eq!(body, "/next");
+        next_served.await.expect("ends after its answer");
+        let _ = next_driver.await;
+
+        // The other connection stays idle: closed a whole grace after its answer.
+        let (quiet, got) = slow_quiet.await.expect("answered");
+        assert_eq!(got, (None, "/slow".into()));
+        quiet_served.await.expect("the quiet connection ends");
+        let closed = started.elapsed();
+        assert!(
+            closed >= answered + grace && closed <= answered + 2 * grace,
+            "closed {closed:?} after the drain, answered at {answered:?}"
+        );
+        drop(quiet);
+        let _ = quiet_driver.await;
+    }
+    /// A request that began before the drain and outlasts the grace (no byte moves
+    /// while its answer is made) is answered with `Connection: close` (by hyper's
+    /// graceful shutdown, which the grace's end calls), so that the client sends its
+    /// next request on a new connection, rather than kept alive and then closed.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_outlasts_the_grace_is_answered_with_connection_close() {
+        let exchange = async {
+            let grace = Duration::from_secs(2);
+            let drain = Arc::new(Drain::default());
+            let (io, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve(server, &drain, grace);
+            let (mut send, driver) = h1_client(io).await;
+            let slower = tokio::spawn(async move {
+                let got = h1_get(&mut send, "/slower").await;
+                (send, got)
+            });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let started = tokio::time::Instant::now();
+            drain.start();
+            let (send, got) = slower.await.expect("answered");
+            assert_eq!(
+                got,
+                (Some(HeaderValue::from_static("close")), "/slower".into())
+            );
+            assert!(started.elapsed() > grace, "outlasted the grace");
+            served.await.expect("ends after its answer");
+            drop(send);
+            let _ = driver.await;
+        };
+        tokio::time::timeout(Duration::from_secs(60), exchange)
+            .await
+            .expect("in time");
+    }
+
+    /// Reads what the server sends until `end` ends it (or the server closes).
+    async fn read_until(client: &mut tokio::io::DuplexStream, end: &[u8]) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        for _ in 0..1000 {
+            if got.ends_with(end) {
+                break;
+            }
+            let n = client.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    /// Once draining, a request head (HTTP/1) or a preface (HTTP/2, on a connection
+    /// silent until then) that arrives in parts across the end of the grace is served:
+    /// bytes arrived, so the connection was not idle. (The grace closed both, with the
+    /// part read.)
+    #[tokio::test(start_paused = true)]
+    async fn what_arrives_in_parts_across_the_end_of_the_grace_is_served() {
+        tokio::time::timeout(Duration::from_secs(60), in_parts())
+            .await
+            .expect("every connection ended in time");
+    }
+
+    async fn in_parts() {
+        let grace = Duration::from_secs(2);
+        let drain = Arc::new(Drain::default());
+        let (mut h1, server) = tokio::io::duplex(64 * 1024);
+        let h1_served = spawn_serve(server, &drain, grace);
+        h1.write_all(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let got = read_until(&mut h1, b"/before").await;
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+        let (mut h2, server) = tokio::io::duplex(64 * 1024);
+        let h2_served = spawn_serve(server, &drain, grace);
+        tokio::task::yield_now().await;
+
+        drain.start();
+        tokio::time::sleep(grace * 3 / 4).await;
+        let _ = h1.write_all(b"GET /parts HTTP/1.1\r\n").await;
+        let _ = h2.write_all(&H2_PREFACE[..10]).await;
+        tokio::time::sleep(grace / 2).await;
+        let _ = h1.write_all(b"Host: x\r\n\r\n").await;
+        let _ = h2.write_all(&H2_PREFACE[10..]).await;
+        let _ = h2.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await; // SETTINGS
+
+        let mut got = Vec::new();
+        h1.read_to_end(&mut got).await.expect("read");
+        let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(got.starts_with("http/1.1 200"), "{got}");
+        assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
+        assert!(got.ends_with("/parts"), "{got}");
+        h1_served.await.expect("the HTTP/1 connection ends");
+
+        // The server's SETTINGS, then its GOAWAY: served as HTTP/2.
+        let mut head = [0u8; 9];
+        h2.read_exact(&mut head)
+            .await
+            .expect("the server's first frame");
+        assert_eq!(head[3], 4, "a SETTINGS frame: {head:?}");
+        drop(h2);
+        h2_served.await.expect("the HTTP/2 connection ends");
+    }
+
+    /// Once draining, an upgrade's `101` keeps its `Connection: upgrade`, and a
+    /// CONNECT's `200` gets no `Connection: close` (both got `Connection: close`,
+    /// which breaks a WebSocket handshake); both tunnels work.
+    #[tokio::test]
+    async fn tunnels_opened_during_the_drain_are_not_marked_close() {
+        tokio::time::timeout(Duration::from_secs(10), tunnels_in_drain())
+            .await
+            .expect("in time");
+    }
+
+    async fn tunnels_in_drain() {
+        let drain = Arc::new(Drain::default());
+        drain.start();
+        for connect in [false, true] {
+            let (io, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve_with(server, tunnel_service(), &drain, Duration::from_secs(2));
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .expect("HTTP/1 handshake");
+            let driver = tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            let req = if connect {
+                Request::connect("x:443").header(http::header::HOST, "x:443")
+            } else {
+                Request::get("/")
+                    .header(http::header::HOST, "x")
+                    .header(CONNECTION, "upgrade")
+                    .header(http::header::UPGRADE, "echo")
+            };
+            let req = req
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let mut resp = send.send_request(req).await.expect("response");
+            let connection: Vec<_> = resp.headers().get_all(CONNECTION).iter().collect();
+            if connect {
+                assert_eq!(resp.status(), http::StatusCode::OK);
+                assert!(connection.is_empty(), "CONNECT: {connection:?}");
+            } else {
+                assert_eq!(resp.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+                assert_eq!(connection, ["upgrade"], "101");
+            }
+            let mut tunnel = TokioIo::new(hyper::upgrade::on(&mut resp).await.expect("upgraded"));
+            // The HTTP connection is done; the tunnel lives on in the application's hands,
+            // and with it the slot its traffic is counted in: a new one took its place.
+            served.await.expect("served");
+            assert!(
+                drain
+                    .slots()
+                    .wakers
+                    .iter()
+                    .all(|slot| Arc::strong_count(slot) == 1),
+                "a tunnel's slot is not handed to the next connection"
+            );
+            tunnel.write_all(b"ping").await.expect("write");
+            let mut got = [0u8; 4];
+            tunnel.read_exact(&mut got).await.expect("echo");
+            assert_eq!(&got, b"ping");
+            drop(tunnel);
+            let _ = driver.await;
+        }
     }
 }
