@@ -48,6 +48,14 @@ const INITIAL_BUFFER: usize = 8 * 1024;
 /// How long [`ChannelWriter::writable`] waits when it cannot watch the socket.
 const NO_WATCH_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How long the background flush of a frame's tail waits after a send failed for a
+/// reason that says nothing about the peer (`ENOBUFS`, `ENOMEM`).
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Retries of [`BUSY_RETRY`] in a row (10 s) before the background flush gives a
+/// frame's tail up, and the channel with it.
+const MAX_BUSY_RETRIES: u32 = 1000;
+
 /// Errors of a channel.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -270,6 +278,13 @@ struct Pending {
     bytes: Vec<u8>,
     /// A task is flushing `bytes`.
     flushing: bool,
+    /// [`ChannelWriter::shutdown_write`] came while `bytes` waited: half-close once
+    /// they are out.
+    shut_write: bool,
+    /// Errors the next flushes meet instead of sending (tests of failures the kernel
+    /// will not produce on demand).
+    #[cfg(test)]
+    inject: VecDeque<io::Error>,
 }
 
 impl ChannelWriter {
@@ -362,9 +377,16 @@ impl ChannelWriter {
         let _ = sys::shutdown(self.stream.get_ref().as_fd());
     }
 
-    /// Half-closes the socket: the peer reads end-of-file after what was sent.
+    /// Half-closes the socket: the peer reads end-of-file after what was sent, the
+    /// unsent tail of a frame included (then the background flush half-closes once the
+    /// tail is out; a later send fails as after a half-close).
     pub(crate) fn shutdown_write(&self) {
-        let _ = sys::shutdown_write(self.stream.get_ref().as_fd());
+        let mut pending = self.lock();
+        if pending.bytes.is_empty() {
+            let _ = sys::shutdown_write(self.stream.get_ref().as_fd());
+        } else {
+            pending.shut_write = true;
+        }
     }
 
     /// The socket, for a last-gasp blocking write (the worker's panic hook) made
@@ -389,10 +411,16 @@ impl ChannelWriter {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes as much of the pending tail as the socket takes. `Ok(true)` when done.
+    /// Writes as much of the pending tail as the socket takes. `Ok(true)` when done
+    /// (and then makes a half-close that waited for the tail). On error the tail stays.
     fn flush_locked(&self, pending: &mut Pending) -> io::Result<bool> {
+        let socket = self.stream.get_ref().as_fd();
         while !pending.bytes.is_empty() {
-            match sys::send_now(self.stream.get_ref().as_fd(), &pending.bytes) {
+            #[cfg(test)]
+            if let Some(e) = pending.inject.pop_front() {
+                return Err(e);
+            }
+            match sys::send_now(socket, &pending.bytes) {
                 Ok(n) => {
                     pending.bytes.drain(..n);
                 }
@@ -401,25 +429,57 @@ impl ChannelWriter {
                 Err(e) => return Err(e),
             }
         }
+        if pending.shut_write {
+            pending.shut_write = false;
+            let _ = sys::shutdown_write(socket);
+        }
         Ok(true)
     }
 
+    /// Flushes the pending tail as the socket takes it. While the tail waits every
+    /// `try_send` reports the channel full or busy, so no frame can start inside
+    /// another: a send that failed for want of kernel memory is retried; when the peer
+    /// is gone (or memory stays short for [`MAX_BUSY_RETRIES`]) the tail is given up
+    /// and the socket shut down both ways, so that nothing follows a torn frame.
     async fn flush_in_background(self: Arc<Self>) {
+        let mut busy = 0;
         loop {
             if self.writable().await.is_err() {
                 break;
             }
-            let mut pending = self.lock();
-            match self.flush_locked(&mut pending) {
-                Ok(false) => continue,
-                Ok(true) | Err(_) => {
-                    // On error the peer is gone; the reader side will notice.
-                    pending.bytes.clear();
-                    pending.flushing = false;
-                    return;
+            let retry = {
+                let mut pending = self.lock();
+                match self.flush_locked(&mut pending) {
+                    Ok(false) => false,
+                    Ok(true) => {
+                        pending.flushing = false;
+                        return;
+                    }
+                    Err(e)
+                        if sys::send_failure(&e) == sys::SendFailure::Busy
+                            && busy < MAX_BUSY_RETRIES =>
+                    {
+                        true
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, unsent = pending.bytes.len(), "a frame's tail cannot be sent; channel shut down");
+                        pending.bytes.clear();
+                        pending.shut_write = false;
+                        pending.flushing = false;
+                        let _ = sys::shutdown(self.stream.get_ref().as_fd());
+                        return;
+                    }
                 }
+            };
+            if retry {
+                busy += 1;
+                tokio::time::sleep(BUSY_RETRY).await;
+            } else {
+                busy = 0;
             }
         }
+        // The reactor is gone (the runtime is shutting down). The tail stays: a later
+        // `try_send` flushes it first.
         self.lock().flushing = false;
     }
 }
@@ -867,6 +927,134 @@ mod tests {
         let _ = raw_a;
         let err = writer.send_msg(&ToWorker::Ping).await.expect_err("closed");
         assert!(matches!(err, ChannelError::Closed), "{err}");
+    }
+
+    /// Sends frames of the largest size until one is only partly written (its tail
+    /// waits in `pending`, a background flush waiting for write space). Returns the
+    /// messages sent, that one included.
+    fn fill_until_partial(writer: &Arc<ChannelWriter>) -> Vec<ToWorker> {
+        let mut sent = Vec::new();
+        for i in 0..1000u32 {
+            let msg = ToWorker::User(vec![(i % 251) as u8; MAX_FRAME_LEN - 64]);
+            match writer.try_send(&frame(&msg).expect("encode"), &[]) {
+                Ok(()) => sent.push(msg),
+                Err(TrySendError::Full) => panic!("full before a partial write"),
+                Err(TrySendError::Closed(e) | TrySendError::Busy(e)) => panic!("failed: {e}"),
+            }
+            if !writer.lock().bytes.is_empty() {
+                return sent;
+            }
+        }
+        panic!("no partial write in 1000 frames");
+    }
+
+    /// Reads `count` frames (or fails) in a task of its own.
+    fn read_frames(
+        mut reader: ChannelReader,
+        count: usize,
+    ) -> tokio::task::JoinHandle<(ChannelReader, Result<Vec<ToWorker>, ChannelError>)> {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..count {
+                match reader.recv::<ToWorker>().await {
+                    Ok(Some((msg, _))) => got.push(msg),
+                    Ok(None) => break,
+                    Err(e) => return (reader, Err(e)),
+                }
+            }
+            (reader, Ok(got))
+        })
+    }
+
+    /// Waits (up to 10 s) until `done` holds of the writer's pending state.
+    async fn until_pending(writer: &ChannelWriter, done: impl Fn(&Pending) -> bool) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !done(&writer.lock()) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("condition within 10 s");
+    }
+
+    fn os_error(errno: rustix::io::Errno) -> io::Error {
+        io::Error::from_raw_os_error(errno.raw_os_error())
+    }
+
+    /// ENOBUFS while a frame's tail is flushed in the background: the tail used to be
+    /// dropped with the channel left open, and the next frame followed half a frame.
+    #[tokio::test]
+    async fn a_busy_flush_keeps_the_tail_and_retries() {
+        let (_ra, reader, writer, _rb) = pair();
+        let mut sent = fill_until_partial(&writer);
+        writer
+            .lock()
+            .inject
+            .push_back(os_error(rustix::io::Errno::NOBUFS));
+        let last = ToWorker::User(b"last".to_vec());
+        let reading = read_frames(reader, sent.len() + 1);
+        until_pending(&writer, |p| p.inject.is_empty()).await;
+        writer.send_msg(&last).await.expect("send after the retry");
+        sent.push(last);
+        let (_reader, got) = tokio::time::timeout(std::time::Duration::from_secs(10), reading)
+            .await
+            .expect("all frames within 10 s")
+            .expect("join");
+        assert_eq!(got.expect("frames whole"), sent);
+    }
+
+    /// The peer gone while a frame's tail is flushed: the tail is dropped and the socket
+    /// shut down, so that no later frame can follow the torn one.
+    #[tokio::test]
+    async fn a_failed_flush_shuts_the_channel_down() {
+        let (_ra, reader, writer, _rb) = pair();
+        let sent = fill_until_partial(&writer);
+        writer
+            .lock()
+            .inject
+            .push_back(os_error(rustix::io::Errno::PIPE));
+        let reading = read_frames(reader, sent.len() + 1);
+        until_pending(&writer, |p| !p.flushing).await;
+        assert!(writer.lock().bytes.is_empty(), "the tail is given up");
+        let ping = frame(&ToWorker::Ping).expect("encode");
+        assert!(
+            matches!(writer.try_send(&ping, &[]), Err(TrySendError::Closed(_))),
+            "nothing follows a torn frame"
+        );
+        let (_reader, got) = tokio::time::timeout(std::time::Duration::from_secs(10), reading)
+            .await
+            .expect("the reader ends within 10 s")
+            .expect("join");
+        assert!(
+            matches!(got, Err(ChannelError::TruncatedFrame { .. })),
+            "{got:?}"
+        );
+    }
+
+    /// A half-close while a frame's tail waits: the tail goes first, then end-of-file.
+    #[tokio::test]
+    async fn a_half_close_waits_for_the_pending_tail() {
+        let (_ra, reader, writer, _rb) = pair();
+        let sent = fill_until_partial(&writer);
+        writer.shutdown_write();
+        let reading = read_frames(reader, sent.len() + 1);
+        let (mut reader, got) = tokio::time::timeout(std::time::Duration::from_secs(10), reading)
+            .await
+            .expect("all frames within 10 s")
+            .expect("join");
+        assert_eq!(got.expect("frames whole"), sent);
+        assert!(
+            reader
+                .recv::<ToWorker>()
+                .await
+                .expect("clean eof")
+                .is_none()
+        );
+        let ping = frame(&ToWorker::Ping).expect("encode");
+        assert!(matches!(
+            writer.try_send(&ping, &[]),
+            Err(TrySendError::Closed(_))
+        ));
     }
 
     /// The readiness masks of every epoll watch this process holds on the socket with

@@ -347,8 +347,12 @@ pub(crate) struct LinkContext {
 struct Watch {
     /// Since when descriptors have waited without progress.
     since: Option<Instant>,
-    /// `dispatched` when the last `Ping` went out (a `Pong` confirms up to it).
+    /// `dispatched` just before the `Ping` in flight went out (its `Pong` confirms up
+    /// to it). One at a time: the worker answers Pings in order, and a late `Pong`
+    /// must not take a later Ping's mark.
     ping_mark: Option<u64>,
+    /// The worker's first `Suicide` went to the supervisor; later ones are dropped.
+    suicide_sent: bool,
     stalled: bool,
     reported_unresponsive: bool,
     beats: u32,
@@ -386,6 +390,7 @@ pub(crate) async fn run(
     let mut watch = Watch {
         since: None,
         ping_mark: None,
+        suicide_sent: false,
         stalled: false,
         reported_unresponsive: false,
         beats: 0,
@@ -506,9 +511,7 @@ fn binary(
                 progress(link, ctx, watch, mark);
             }
         }
-        ToMaster::Suicide { reason } => {
-            let _ = ctx.inputs.send(Input::Suicide { id, reason });
-        }
+        ToMaster::Suicide { reason } => suicide(ctx, watch, id, reason),
         ToMaster::User(payload) => ctx.messages.push(WorkerMessage {
             slot: link.slot,
             id,
@@ -558,9 +561,7 @@ fn from_node(
                 link.set_limit(room, &ctx.dispatcher);
             }
         }
-        FromNode::Suicide { reason } => {
-            let _ = ctx.inputs.send(Input::Suicide { id, reason });
-        }
+        FromNode::Suicide { reason } => suicide(ctx, watch, id, reason),
         FromNode::User(payload) => ctx.messages.push(WorkerMessage {
             slot: link.slot,
             id,
@@ -577,6 +578,14 @@ fn from_node(
         FromNode::Ignored => {}
     }
     Ok(())
+}
+
+/// Passes the worker's first `Suicide` on. The supervisor acts on the first only; a
+/// worker that repeats it must not grow the driver's queue (each may carry 64 KiB).
+fn suicide(ctx: &LinkContext, watch: &mut Watch, id: u64, reason: String) {
+    if !std::mem::replace(&mut watch.suicide_sent, true) {
+        let _ = ctx.inputs.send(Input::Suicide { id, reason });
+    }
 }
 
 /// A heartbeat (`Some(active)`) or a `Pong` (`None`): counted against the flood
@@ -620,8 +629,8 @@ fn progress(link: &Arc<WorkerLink>, ctx: &LinkContext, watch: &mut Watch, receiv
     if !link.confirm(received) {
         return;
     }
+    // A Ping in flight stays so: its `Pong` confirms no more than its own mark.
     watch.since = (link.unconfirmed() > 0).then(Instant::now);
-    watch.ping_mark = None;
     if watch.stalled {
         watch.stalled = false;
         watch.reported_unresponsive = false;
@@ -641,9 +650,13 @@ fn stall_check(link: &Arc<WorkerLink>, ctx: &LinkContext, watch: &mut Watch) {
     let waited = now.duration_since(since);
     let interval = ctx.heartbeat_interval;
     if waited >= interval && watch.ping_mark.is_none() && link.protocol == Protocol::Binary {
+        // Taken before the Ping goes out: dispatch counts a frame once it is written,
+        // so everything counted here is ahead of the Ping on the channel (a frame
+        // written after it must not be confirmed by its `Pong`).
+        let mark = link.dispatched.load(Ordering::Relaxed);
         if let Ok(frame) = protocol::frame(&ToWorker::Ping) {
             if link.writer.try_send(&frame, &[]).is_ok() {
-                watch.ping_mark = Some(link.dispatched.load(Ordering::Relaxed));
+                watch.ping_mark = Some(mark);
             }
         }
     }
@@ -721,10 +734,23 @@ mod tests {
     use crate::channel;
 
     fn setup(protocol: Protocol) -> (Arc<WorkerLink>, std::os::unix::net::UnixStream, LinkContext) {
+        let (link, peer, ctx, _) = setup_with_inputs(protocol);
+        (link, peer, ctx)
+    }
+
+    /// [`setup`], and the supervisor's end of the inputs.
+    fn setup_with_inputs(
+        protocol: Protocol,
+    ) -> (
+        Arc<WorkerLink>,
+        std::os::unix::net::UnixStream,
+        LinkContext,
+        mpsc::UnboundedReceiver<Input>,
+    ) {
         let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
         let (_, writer) = channel::split(channel::from_std(a).expect("tokio"));
         let link = Arc::new(WorkerLink::new(1, 0, protocol, writer));
-        let (inputs, _) = mpsc::unbounded_channel();
+        let (inputs, rx) = mpsc::unbounded_channel();
         let ctx = LinkContext {
             inputs,
             messages: Arc::new(MessageQueue::new(16)),
@@ -732,13 +758,23 @@ mod tests {
             heartbeat_interval: Duration::from_secs(3600),
             heartbeat_timeout: None,
         };
-        (link, b, ctx)
+        (link, b, ctx, rx)
+    }
+
+    /// Inputs queued so far.
+    fn drain_inputs(rx: &mut mpsc::UnboundedReceiver<Input>) -> Vec<Input> {
+        let mut got = Vec::new();
+        while let Ok(input) = rx.try_recv() {
+            got.push(input);
+        }
+        got
     }
 
     fn watch() -> Watch {
         Watch {
             since: None,
             ping_mark: None,
+            suicide_sent: false,
             stalled: false,
             reported_unresponsive: false,
             beats: 0,
@@ -789,6 +825,61 @@ mod tests {
         let (binary_link, _peer, _) = setup(Protocol::Binary);
         binary_link.since_heartbeat.store(4, Ordering::Relaxed);
         assert_eq!(binary_link.load(), Some(4));
+    }
+
+    /// A worker that repeats `Suicide` (up to 64 KiB each) used to grow the driver's
+    /// unbounded queue by one input per frame.
+    #[tokio::test]
+    async fn only_the_first_suicide_reaches_the_supervisor() {
+        let (link, _peer, ctx, mut rx) = setup_with_inputs(Protocol::Binary);
+        let mut w = watch();
+        for i in 0..10 {
+            let reason = format!("bye {i}");
+            binary(&link, &ctx, &mut w, ToMaster::Suicide { reason }).expect("suicide");
+        }
+        assert_eq!(
+            drain_inputs(&mut rx),
+            [Input::Suicide {
+                id: 1,
+                reason: "bye 0".into()
+            }]
+        );
+
+        let (link, _peer, ctx, mut rx) = setup_with_inputs(Protocol::Node);
+        let mut w = watch();
+        for i in 0..10 {
+            let reason = format!("bye {i}");
+            from_node(&link, &ctx, &mut w, FromNode::Suicide { reason }).expect("suicide");
+        }
+        assert_eq!(drain_inputs(&mut rx).len(), 1);
+    }
+
+    /// A `Pong` answers the Ping before it: progress made meanwhile must not let a
+    /// later Ping's mark be confirmed by it (descriptors the worker has not read).
+    #[tokio::test]
+    async fn a_late_pong_confirms_only_its_own_ping() {
+        let (link, _peer, mut ctx) = setup(Protocol::Binary);
+        ctx.heartbeat_interval = Duration::from_millis(10);
+        let mut w = watch();
+        link.version.store(2, Ordering::Relaxed);
+        let long_ago = || Instant::now().checked_sub(Duration::from_millis(15));
+        link.dispatched.store(5, Ordering::Relaxed);
+        w.since = long_ago();
+        stall_check(&link, &ctx, &mut w);
+        assert_eq!(w.ping_mark, Some(5), "pinged");
+        // A heartbeat confirms those 5; 5 more go out, and wait long enough to be
+        // pinged about.
+        let beat = ToMaster::Heartbeat {
+            active: 0,
+            served: 5,
+        };
+        binary(&link, &ctx, &mut w, beat).expect("heartbeat");
+        link.dispatched.store(10, Ordering::Relaxed);
+        w.since = long_ago();
+        stall_check(&link, &ctx, &mut w);
+        // The Pong to the first Ping: the worker had read 5 when it answered.
+        binary(&link, &ctx, &mut w, ToMaster::Pong).expect("pong");
+        assert_eq!(link.unconfirmed(), 5, "the later 5 are not confirmed");
     }
 
     #[tokio::test]
