@@ -12,13 +12,12 @@
 //! `rr-cluster run` does, and obeys the same signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads,
 //! SIGTTIN/SIGTTOU add or remove a worker. `rr-cluster status --control PATH` works on it.
 
-use std::net::SocketAddr;
-
-use axum::Router;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::{Extension, Router};
 use clap::Parser;
+use rr_cluster::http::PeerAddr;
 use rr_cluster::{Master, Worker, WorkerCommand};
 
 #[derive(Debug, Parser)]
@@ -44,10 +43,14 @@ struct Me {
     pid: u32,
 }
 
-async fn hello(
-    State(me): State<Me>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-) -> impl IntoResponse {
+/// The client's address is there for TCP connections only (`PeerAddr`, or axum's
+/// `ConnectInfo<SocketAddr>`): with `--listen unix:/path` there is none, so it is
+/// optional (a required `ConnectInfo` would answer every such request with a 500).
+async fn hello(State(me): State<Me>, client: Option<Extension<PeerAddr>>) -> impl IntoResponse {
+    let client = match client {
+        Some(Extension(PeerAddr(addr))) => addr.to_string(),
+        None => "on a Unix socket".to_owned(),
+    };
     (
         [("x-worker-id", me.id.to_string())],
         format!(

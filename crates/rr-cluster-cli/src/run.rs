@@ -30,8 +30,8 @@ pub(crate) struct RunArgs {
     /// Configuration file (TOML); flags override what it sets.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Listen address: IP:PORT, [IPv6]:PORT, unix:/path or systemd; repeatable
-    /// [default: 127.0.0.1:8080].
+    /// Listen address: IP:PORT, [IPv6]:PORT, unix:/path or systemd; repeatable, each
+    /// address once [default: 127.0.0.1:8080].
     #[arg(long, short = 'l', value_name = "ADDR")]
     listen: Vec<String>,
     /// Number of workers [default: one per CPU core].
@@ -59,10 +59,12 @@ pub(crate) struct RunArgs {
     /// How long a new worker may take to say Ready (at most 24h).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     ready_timeout: Option<Duration>,
-    /// How often workers send a heartbeat (10ms to 1h).
+    /// How often workers send a heartbeat (10ms to 1h); a worker two intervals late
+    /// gets no new connection until it shows life.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     heartbeat_interval: Option<Duration>,
-    /// A worker silent this long is killed and replaced ("off" to disable; at most 24h).
+    /// A worker silent this long is killed and replaced (at least 3 heartbeat
+    /// intervals, at most 24h; "off": never killed, still out of rotation while late).
     #[arg(long, value_name = "DURATION|off", value_parser = parse_heartbeat_timeout)]
     heartbeat_timeout: Option<HeartbeatTimeout>,
     /// More boot failures than this within the window is a give-up.
@@ -84,7 +86,8 @@ pub(crate) struct RunArgs {
     /// A random 0..=N added to each worker's max-requests.
     #[arg(long, value_name = "N")]
     max_requests_jitter: Option<u64>,
-    /// Replace a worker (drain-first) whose resident memory exceeds this (e.g. 512MiB).
+    /// Replace a worker (drain-first) whose resident memory exceeds this (e.g. 512MiB;
+    /// at least 1MiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
     max_memory: Option<u64>,
     /// Replace a worker (drain-first) older than this (e.g. 12h).
@@ -195,33 +198,32 @@ fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
     if args.max_age.is_some() {
         b = b.max_age(args.max_age);
     }
-    let file_protocol = config.worker.protocol;
-    if let Some((program, rest)) = args.command.split_first() {
-        let protocol = args.worker_protocol.or(file_protocol).unwrap_or_default();
-        b = b.command(WorkerCommand::new(program).args(rest).protocol(protocol));
-    } else if let Some(argv) = &config.worker.command {
-        if let Some(protocol) = args.worker_protocol {
-            let (program, rest) = argv.split_first().ok_or("worker.command is empty")?;
-            let mut command = WorkerCommand::new(program).args(rest).protocol(protocol);
-            for (k, v) in &config.worker.env {
-                command = command.env(k, v);
+    // The command after `--`, else the file's; either way with the file's `[worker]`
+    // env, cwd and protocol, and `--worker-protocol` over the file's protocol.
+    let argv = match (args.command.is_empty(), &config.worker.command) {
+        (false, _) => Some(args.command.as_slice()),
+        (true, Some(argv)) => Some(argv.as_slice()),
+        (true, None) => None,
+    };
+    let command = match argv {
+        Some(argv) => config.worker.command_for(argv).map_err(|e| e.to_string())?,
+        None => {
+            let protocol = args.worker_protocol.or(config.worker.protocol);
+            if protocol == Some(Protocol::Node) {
+                return Err(
+                    "a Node.js pool (--worker-protocol node, or [worker] protocol = \"node\") needs a worker command: rr-cluster run --worker-protocol node -- node app.js"
+                        .into(),
+                );
             }
-            if let Some(dir) = &config.worker.cwd {
-                command = command.current_dir(dir);
-            }
-            b = b.command(command);
+            let me = WorkerCommand::current_exe()
+                .map_err(|e| format!("cannot find this executable for the demo worker: {e}"))?;
+            config.worker.apply_to(me.arg("hello-worker"))
         }
-    } else {
-        if args.worker_protocol == Some(Protocol::Node) {
-            return Err(
-                "--worker-protocol node needs a worker command: rr-cluster run --worker-protocol node -- node app.js"
-                    .into(),
-            );
-        }
-        let me = WorkerCommand::current_exe()
-            .map_err(|e| format!("cannot find this executable for the demo worker: {e}"))?;
-        b = b.command(me.arg("hello-worker"));
-    }
+    };
+    b = b.command(match args.worker_protocol {
+        Some(protocol) => command.protocol(protocol),
+        None => command,
+    });
     let control = args
         .control
         .clone()
@@ -250,7 +252,19 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     let reload_args = args.clone();
-    let builder = builder.on_reload(move || configure(&reload_args).map(|(b, _)| b));
+    let serving_metrics = extras.metrics.clone();
+    let builder = builder.on_reload(move || {
+        let (builder, fresh) = configure(&reload_args)?;
+        // The metrics listener is the binary's, bound once; like the logs (which the
+        // library keeps with a warning), it stays as it is.
+        if !same_metrics_address(fresh.metrics.as_deref(), serving_metrics.as_deref()) {
+            tracing::warn!(
+                "the metrics address cannot change on reload; the old one is kept ({}; restart the master to change it)",
+                serving_metrics.as_deref().unwrap_or("no metrics")
+            );
+        }
+        Ok(builder)
+    });
     let master = match builder.build() {
         Ok(m) => m,
         Err(e) => return usage_error(&ConfigError::from(e).to_string()),
@@ -294,6 +308,13 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         0 => ExitCode::SUCCESS,
         code => ExitCode::from(u8::try_from(code).unwrap_or(1)),
     }
+}
+
+/// Whether two `metrics` settings name the same address (`127.0.0.1:09090` is
+/// `127.0.0.1:9090`).
+fn same_metrics_address(a: Option<&str>, b: Option<&str>) -> bool {
+    let parsed = |s: &str| s.parse::<std::net::SocketAddr>().map_err(|_| s.to_owned());
+    a.map(parsed) == b.map(parsed)
 }
 
 /// The signals [`MasterHandle::forward_os_signals`] handles, caught from before the

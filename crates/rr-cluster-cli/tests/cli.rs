@@ -49,6 +49,10 @@ fn signal(pid: u32, sig: Signal) {
 
 impl Running {
     fn start(control: &Path, args: &[&str]) -> Running {
+        Running::start_with_stderr(control, args, Stdio::inherit())
+    }
+
+    fn start_with_stderr(control: &Path, args: &[&str], stderr: Stdio) -> Running {
         let child = Command::new(BIN)
             .arg("run")
             .arg("--control")
@@ -56,6 +60,7 @@ impl Running {
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start rr-cluster");
         let mut r = Running {
@@ -900,6 +905,178 @@ fn top_shows_the_pool_and_its_keys_work() {
         assert!(Instant::now() < deadline, "top did not quit");
         std::thread::sleep(Duration::from_millis(50));
     }
+    signal(pool.child.id(), Signal::TERM);
+    assert_eq!(pool.wait_exit(), 0);
+}
+
+/// Review B1, B4, B8: a heartbeat timeout under 3 intervals, a listen address given
+/// twice (`systemd` twice adopted the same descriptors twice) and a memory limit under
+/// 1 MiB are one line and exit 2, with nothing started.
+#[test]
+fn inconsistent_settings_are_refused_before_anything_starts() {
+    let dir = Scratch::new("inconsistent");
+    let control = dir.path("ctl.sock");
+    let c = control.to_str().expect("utf8");
+    let sock = dir.path("a.sock");
+    let unix = format!("unix:{}", sock.display());
+    for (args, needles) in [
+        (
+            vec![
+                "--heartbeat-interval",
+                "1s",
+                "--heartbeat-timeout",
+                "1001ms",
+            ],
+            vec![
+                "timeouts.heartbeat_timeout",
+                "1s 1ms",
+                "interval 1s",
+                "3 intervals",
+            ],
+        ),
+        (
+            vec!["--listen", "systemd", "--listen", "systemd"],
+            vec!["listen", "systemd", "listed twice"],
+        ),
+        (
+            vec!["--listen", &unix, "--listen", &unix],
+            vec!["listen", "listed twice"],
+        ),
+        (
+            vec!["--listen", "127.0.0.1:0", "--max-memory", "1"],
+            vec!["recycle.max_memory", "1 bytes", "1 MiB"],
+        ),
+    ] {
+        let mut all = vec!["run", "--control", c];
+        all.extend(&args);
+        let err = usage_error(&all);
+        for needle in needles {
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(!control.exists(), "nothing started for {args:?}");
+        assert!(!sock.exists(), "nothing bound for {args:?}");
+    }
+    let config = dir.path("hb.toml");
+    std::fs::write(
+        &config,
+        "listen = [\"127.0.0.1:0\"]\n[timeouts]\nheartbeat_interval = \"2s\"\nheartbeat_timeout = \"5s\"\n",
+    )
+    .expect("write");
+    let err = usage_error(&[
+        "run",
+        "--control",
+        c,
+        "--config",
+        config.to_str().expect("utf8"),
+    ]);
+    assert!(
+        err.contains("timeouts.heartbeat_timeout") && err.contains("(6s)"),
+        "{err}"
+    );
+    assert!(!control.exists());
+}
+
+/// The pid of each worker, from `status --json`.
+fn worker_pids(status: &serde_json::Value) -> Vec<u32> {
+    status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect()
+}
+
+/// Review B3: with a command after `--`, the file's `[worker] env` and `cwd` were
+/// dropped (and without `worker.command` the file was refused).
+#[test]
+fn the_files_worker_env_and_cwd_go_with_a_command_given_after_dashes() {
+    let dir = Scratch::new("worker-env");
+    let config = dir.path("rr-cluster.toml");
+    let cwd = dir.path("app");
+    std::fs::create_dir_all(&cwd).expect("mkdir");
+    let expected_cwd = cwd.canonicalize().expect("canonical");
+    // Without a command in the file, and with one the command line replaces.
+    for file_command in ["", "command = [\"/nonexistent/app\"]\n"] {
+        std::fs::write(
+            &config,
+            format!(
+                "listen = [\"127.0.0.1:0\"]\nworkers = 2\n[worker]\n{file_command}env = {{ RR_REVIEW_MARK = \"from-the-file\" }}\ncwd = {:?}\n",
+                cwd.to_str().expect("utf8")
+            ),
+        )
+        .expect("write");
+        let mut pool = Running::start(
+            &dir.path("ctl.sock"),
+            &[
+                "--config",
+                config.to_str().expect("utf8"),
+                "--",
+                BIN,
+                "hello-worker",
+            ],
+        );
+        let s = pool.wait_ready(Some(2));
+        let pids = worker_pids(&s);
+        assert_eq!(pids.len(), 2, "{s}");
+        for pid in pids {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+            assert!(
+                environ
+                    .split(|b| *b == 0)
+                    .any(|kv| kv == b"RR_REVIEW_MARK=from-the-file"),
+                "worker {pid} lacks the file's env ({file_command:?})"
+            );
+            let dir = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd");
+            assert_eq!(dir, expected_cwd, "worker {pid} ({file_command:?})");
+        }
+        assert_eq!(get(pool.addr(), "/").0, "HTTP/1.1 200 OK");
+        signal(pool.child.id(), Signal::TERM);
+        assert_eq!(pool.wait_exit(), 0);
+    }
+}
+
+/// Review B6: a reload that changed the metrics address reported success and said
+/// nothing; the address is kept, with a warning.
+#[test]
+fn a_reload_that_changes_the_metrics_address_warns_and_keeps_it() {
+    let dir = Scratch::new("reload-metrics");
+    let config = dir.path("rr-cluster.toml");
+    let write = |metrics: &str| {
+        std::fs::write(
+            &config,
+            format!("listen = [\"127.0.0.1:0\"]\nworkers = 1\nmetrics = \"{metrics}\"\n"),
+        )
+        .expect("write");
+    };
+    write("127.0.0.1:0");
+    let log = dir.path("stderr.log");
+    let stderr = std::fs::File::create(&log).expect("log file");
+    let mut pool = Running::start_with_stderr(
+        &dir.path("ctl.sock"),
+        &["--config", config.to_str().expect("utf8")],
+        Stdio::from(stderr),
+    );
+    // Unchanged: no warning.
+    let out = pool.ctl(&["reload", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    write("127.0.0.1:1");
+    let out = pool.ctl(&["reload", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + WAIT;
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("metrics address cannot change") || Instant::now() >= deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        text.matches("metrics address cannot change").count(),
+        1,
+        "one warning, for the second reload only:\n{text}"
+    );
     signal(pool.child.id(), Signal::TERM);
     assert_eq!(pool.wait_exit(), 0);
 }

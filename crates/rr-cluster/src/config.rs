@@ -3,14 +3,15 @@
 //! ```toml
 //! listen = ["127.0.0.1:8080"]
 //! workers = 4
-//! balance = "round-robin"          # or "least-connections"
+//! balance = "round-robin"          # "least-connections", "client-ip" or "shared"
 //! control = "/run/rr-cluster.sock"
 //!
 //! [worker]
 //! command = ["node", "app.js"]
 //! protocol = "node"                # or "binary" (the default)
 //! env = { NODE_ENV = "production" }
-//! cwd = "/srv/app"
+//! cwd = "/srv/app"                 # env, cwd, protocol: also for a command given
+//!                                  # elsewhere (after `--` on the command line)
 //!
 //! [recycle]                        # replace workers, drain-first
 //! max_requests = 10000
@@ -28,14 +29,14 @@
 //! window = "60s"
 //! backoff_base = "100ms"
 //! backoff_max = "10s"
-//! min_uptime = "1s"
+//! min_uptime = "1s"                # also each slot's wait in a rolling reload
 //! on_give_up = "exit"              # or "keep"
 //!
 //! [timeouts]                       # bounds: see rr_cluster::master::limits
 //! ready = "30s"
 //! drain = "30s"
 //! heartbeat_interval = "1s"
-//! heartbeat_timeout = "10s"        # or "off"
+//! heartbeat_timeout = "10s"        # at least 3 intervals, or "off" (never kill)
 //! ```
 //!
 //! Unknown keys are errors, and every error names the key.
@@ -153,7 +154,9 @@ pub struct LogsSection {
     pub stderr: Option<PathBuf>,
 }
 
-/// `[worker]`
+/// `[worker]`. `env`, `cwd` and `protocol` apply to the worker command wherever it
+/// comes from: `command` here, or one given elsewhere (the binary's `-- COMMAND`; see
+/// [`WorkerSection::apply_to`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -167,6 +170,39 @@ pub struct WorkerSection {
     pub env: BTreeMap<String, String>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
+}
+
+impl WorkerSection {
+    /// Adds what this section sets besides `command` to `command`: the environment
+    /// variables, the working directory, and the protocol (when set; otherwise the
+    /// command's own is kept).
+    pub fn apply_to(&self, mut command: WorkerCommand) -> WorkerCommand {
+        for (k, v) in &self.env {
+            command = command.env(k, v);
+        }
+        if let Some(dir) = &self.cwd {
+            command = command.current_dir(dir);
+        }
+        if let Some(protocol) = self.protocol {
+            command = command.protocol(protocol);
+        }
+        command
+    }
+
+    /// `argv` (the program and its arguments) as a worker command, with this section's
+    /// environment, working directory and protocol.
+    pub fn command_for(&self, argv: &[String]) -> Result<WorkerCommand, ConfigError> {
+        let (program, args) = argv.split_first().ok_or(ConfigError::Invalid {
+            field: "worker.command",
+            reason: "is empty; give the program and its arguments".into(),
+        })?;
+        Ok(self.apply_to(WorkerCommand::new(program).args(args)))
+    }
+
+    /// Whether the section sets something besides `command`.
+    fn sets_more_than_command(&self) -> bool {
+        !self.env.is_empty() || self.cwd.is_some() || self.protocol.is_some()
+    }
 }
 
 /// `[restart]`
@@ -425,6 +461,10 @@ impl Config {
     }
 
     /// Applies what the file sets to `builder` (flags applied afterwards override).
+    ///
+    /// Without `worker.command`, the file's `worker.env`, `worker.cwd` and
+    /// `worker.protocol` go to the command `builder` already has; a command set
+    /// afterwards gets them through [`WorkerSection::apply_to`].
     pub fn apply(&self, mut b: MasterBuilder) -> Result<MasterBuilder, ConfigError> {
         if let Some(listen) = &self.listen {
             b = b.listen_all(listen.iter().cloned());
@@ -439,28 +479,9 @@ impl Config {
             b = b.control_socket(path.clone());
         }
         if let Some(argv) = &self.worker.command {
-            let (program, args) = argv.split_first().ok_or(ConfigError::Invalid {
-                field: "worker.command",
-                reason: "is empty; give the program and its arguments".into(),
-            })?;
-            let mut command = WorkerCommand::new(program)
-                .args(args)
-                .protocol(self.worker.protocol.unwrap_or_default());
-            for (k, v) in &self.worker.env {
-                command = command.env(k, v);
-            }
-            if let Some(dir) = &self.worker.cwd {
-                command = command.current_dir(dir);
-            }
-            b = b.command(command);
-        } else if !self.worker.env.is_empty()
-            || self.worker.cwd.is_some()
-            || self.worker.protocol.is_some()
-        {
-            return Err(ConfigError::Invalid {
-                field: "worker.command",
-                reason: "worker.env, worker.cwd and worker.protocol need worker.command".into(),
-            });
+            b = b.command(self.worker.command_for(argv)?);
+        } else if self.worker.sets_more_than_command() {
+            b = b.map_command(|command| self.worker.apply_to(command));
         }
         let c = &self.recycle;
         if c.max_requests.is_some() {
@@ -651,6 +672,47 @@ stdout = "/tmp/out.log"
             .apply(MasterBuilder::default())
             .expect_err("empty command");
         assert!(err.to_string().contains("worker.command"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod worker_section {
+    use super::*;
+
+    /// Review B3: `[worker] env` and `cwd` were refused without `worker.command`, so
+    /// they could not go with a command given on the command line.
+    #[test]
+    fn env_cwd_and_protocol_apply_without_a_command_in_the_file() {
+        let c = Config::from_toml(
+            "listen = [\"127.0.0.1:0\"]\n[worker]\nenv = { A = \"1\" }\ncwd = \"/srv\"\nprotocol = \"node\"\n",
+            Path::new("rr-cluster.toml"),
+        )
+        .expect("parses");
+        let expected = WorkerCommand::new("app")
+            .arg("x")
+            .env("A", "1")
+            .current_dir("/srv")
+            .protocol(Protocol::Node);
+        let argv = ["app".to_owned(), "x".to_owned()];
+        assert_eq!(c.worker.command_for(&argv).expect("argv"), expected);
+        let b = MasterBuilder::default().command(WorkerCommand::new("app").arg("x"));
+        let settings = c.apply(b).expect("applies").validate().expect("valid");
+        assert_eq!(settings.command, expected);
+        // No command anywhere: still the one error about it.
+        let err = c
+            .apply(MasterBuilder::default())
+            .expect("applies")
+            .build()
+            .expect_err("no command");
+        assert_eq!(
+            ConfigError::from(err).to_string(),
+            "invalid worker.command: a worker command is needed"
+        );
+        // Without a protocol in the file, the command keeps its own.
+        let c =
+            Config::from_toml("[worker]\ncwd = \"/srv\"\n", Path::new("x.toml")).expect("parses");
+        let node = WorkerCommand::new("node").protocol(Protocol::Node);
+        assert_eq!(c.worker.apply_to(node.clone()), node.current_dir("/srv"));
     }
 }
 

@@ -11,7 +11,8 @@
 //! - [`protocol`]: the messages, the frame layout and their encoding (no I/O).
 //! - [`channel`]: a framed Unix stream that carries descriptors.
 //! - [`node`]: the Node.js dialect of the channel (JSON lines on Node's IPC channel).
-//! - `sys`: the crate's system calls (through rustix) and its only `unsafe` blocks (five).
+//! - `sys`: the crate's system calls (through rustix) and its only `unsafe` code: seven
+//!   blocks, for five things with no safe wrapper (see the module's documentation).
 //! - [`master`]: [`Master`], its builder and handle; listeners, dispatch, the
 //!   supervisor state machine, the control socket, signals.
 //! - [`worker`]: [`Worker`], the worker side of the channel.

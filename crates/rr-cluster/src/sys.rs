@@ -2,10 +2,12 @@
 //! five things that have no safe wrapper: adopting a descriptor number named by the
 //! environment, the hook that runs in a forked child before `exec`, registering a
 //! socket with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio
-//! 1.52 for I/O safety), a `recv` into the uninitialized part of a tokio `ReadBuf`,
-//! and borrowing the descriptor numbers a frame carries for `sendmsg`. Those are the
-//! crate's only `unsafe` blocks, each with its safety argument. The rest of the crate is `#![deny(unsafe_code)]` and sees only
-//! functions taking `OwnedFd` and `BorrowedFd`.
+//! 1.52 for I/O safety; two blocks), a `recv` into the uninitialized part of a tokio
+//! `ReadBuf` (two blocks: the buffer's unfilled part, then marking what `recv` filled),
+//! and borrowing the descriptor numbers a frame carries for `sendmsg`. Those seven
+//! blocks are the crate's only `unsafe` code, each with its safety argument. The rest
+//! of the crate is `#![deny(unsafe_code)]` and sees only functions taking `OwnedFd` and
+//! `BorrowedFd`.
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;

@@ -35,6 +35,12 @@ pub mod limits {
     pub const BACKOFF: Duration = HOUR;
     /// `max_age`: 365 days.
     pub const MAX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
+    /// `heartbeat_timeout`: at least this many heartbeat intervals (a worker is taken
+    /// out of rotation after two; a heartbeat a little late must not get it killed).
+    pub const HEARTBEAT_TIMEOUT_INTERVALS: u32 = 3;
+    /// `max_memory`: at least 1 MiB (no worker process lives in less: a smaller limit
+    /// would replace every worker every second).
+    pub const MIN_MAX_MEMORY: u64 = 1024 * 1024;
 }
 
 /// A function that produces the configuration for a reload (the binary re-reads its
@@ -173,7 +179,9 @@ impl std::fmt::Debug for MasterBuilder {
 
 impl MasterBuilder {
     /// Listens on an address: `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT`, `unix:/path`
-    /// or `systemd` (sockets passed by socket activation). May be called several times.
+    /// or `systemd` (sockets passed by socket activation). May be called several times,
+    /// each time with another address (a repeated one is refused by
+    /// [`MasterBuilder::build`]; port 0 may repeat: each is a port of its own).
     pub fn listen(mut self, addr: impl Into<String>) -> Self {
         self.raw.listen.push(addr.into());
         self
@@ -198,6 +206,12 @@ impl MasterBuilder {
     /// The worker program (and the protocol it speaks, [`WorkerCommand::protocol`]).
     pub fn command(mut self, command: WorkerCommand) -> Self {
         self.raw.command = Some(command);
+        self
+    }
+
+    /// Changes the worker command set so far, if any.
+    pub(crate) fn map_command(mut self, f: impl FnOnce(WorkerCommand) -> WorkerCommand) -> Self {
+        self.raw.command = self.raw.command.take().map(f);
         self
     }
 
@@ -235,9 +249,12 @@ impl MasterBuilder {
         self
     }
 
-    /// A worker ready for this long was healthy: its slot's backoff resets, and a
-    /// rolling reload lets each new worker serve this long before the old one drains
-    /// (default 1 s).
+    /// A worker ready for this long was healthy: its slot's backoff resets (default
+    /// 1 s, at most 24 h).
+    ///
+    /// It is also how long each slot waits during a rolling reload: the new worker
+    /// serves beside the old one for `min_uptime` before the old one drains, so a
+    /// reload of N workers takes at least N × `min_uptime`.
     pub fn min_uptime(mut self, uptime: Duration) -> Self {
         self.raw.common.policy.min_uptime = uptime;
         self
@@ -250,14 +267,18 @@ impl MasterBuilder {
     }
 
     /// Workers send a heartbeat this often (default 1 s; 10 ms to 1 h). A worker whose
-    /// heartbeat is two intervals late gets no new connection until it shows life.
+    /// heartbeat is two intervals late gets no new connection until it shows life
+    /// (also with [`MasterBuilder::heartbeat_timeout`] off).
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.raw.common.policy.heartbeat_interval = interval;
         self
     }
 
-    /// A worker silent for this long is killed and replaced; `None` turns the check
-    /// off (default 10 s, at most 24 h).
+    /// A worker silent for this long is killed and replaced (default 10 s, at most
+    /// 24 h, and at least 3 × [`MasterBuilder::heartbeat_interval`]: a worker is only
+    /// taken out of rotation after two intervals, and a heartbeat a little late must
+    /// not cost a healthy worker its life). `None` never kills a worker for its
+    /// silence; one that is late is still taken out of rotation until it shows life.
     pub fn heartbeat_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.raw.common.policy.heartbeat_timeout = timeout;
         self
@@ -289,8 +310,8 @@ impl MasterBuilder {
         self
     }
 
-    /// Replaces a worker whose resident memory exceeds `bytes`, drain-first (sampled
-    /// once a second). Default: never.
+    /// Replaces a worker whose resident memory exceeds `bytes` (at least
+    /// [`limits::MIN_MAX_MEMORY`], 1 MiB), drain-first (sampled once a second). Default: never.
     pub fn max_memory(mut self, bytes: Option<u64>) -> Self {
         self.raw.common.recycle.max_memory = bytes;
         self
@@ -388,6 +409,22 @@ impl MasterBuilder {
             .iter()
             .map(|s| s.parse::<ListenSpec>().map_err(|e| invalid("listen", e)))
             .collect::<Result<Vec<_>, _>>()?;
+        // The same address twice would bind it twice (EADDRINUSE, or a stale-socket
+        // removal of the first Unix socket) or adopt systemd's descriptors twice.
+        for (i, spec) in listen.iter().enumerate() {
+            if let Some(j) = listen[..i]
+                .iter()
+                .position(|other| same_listen(other, spec))
+            {
+                return Err(invalid(
+                    "listen",
+                    format!(
+                        "{spec} is listed twice ({:?} and {:?}); give each address once",
+                        r.listen[j], r.listen[i]
+                    ),
+                ));
+            }
+        }
         let workers = r.workers.unwrap_or_else(default_workers);
         if !(1..=MAX_WORKERS).contains(&workers) {
             return Err(invalid(
@@ -453,13 +490,17 @@ impl MasterBuilder {
         within("heartbeat_interval", p.heartbeat_interval, lo, hi)?;
         if let Some(t) = p.heartbeat_timeout {
             within("heartbeat_timeout", t, nonzero, limits::TIMEOUT)?;
-            if t <= p.heartbeat_interval {
+            let intervals = limits::HEARTBEAT_TIMEOUT_INTERVALS;
+            let least = p.heartbeat_interval * intervals;
+            if t < least {
                 return Err(invalid(
                     "heartbeat_timeout",
                     format!(
-                        "{} must be longer than the heartbeat interval {}",
+                        "{} is too short for the heartbeat interval {}: it must be at least \
+                         {intervals} intervals ({}), or off",
                         humantime::format_duration(t),
-                        humantime::format_duration(p.heartbeat_interval)
+                        humantime::format_duration(p.heartbeat_interval),
+                        humantime::format_duration(least)
                     ),
                 ));
             }
@@ -467,8 +508,17 @@ impl MasterBuilder {
         if r.common.recycle.max_requests == Some(0) {
             return Err(invalid("max_requests", "must be at least 1".into()));
         }
-        if r.common.recycle.max_memory == Some(0) {
-            return Err(invalid("max_memory", "must be more than 0 bytes".into()));
+        if let Some(bytes) = r.common.recycle.max_memory {
+            if bytes < limits::MIN_MAX_MEMORY {
+                return Err(invalid(
+                    "max_memory",
+                    format!(
+                        "{bytes} bytes is less than the smallest limit, 1 MiB \
+                         ({} bytes): every worker would be replaced every second",
+                        limits::MIN_MAX_MEMORY
+                    ),
+                ));
+            }
         }
         if let Some(age) = r.common.recycle.max_age {
             within("max_age", age, Duration::from_secs(1), limits::MAX_AGE)?;
@@ -501,6 +551,25 @@ impl MasterBuilder {
             command,
             common: r.common,
         })
+    }
+}
+
+/// Whether two listen addresses name the same socket (TCP port 0 never does: each
+/// is a port of its own).
+fn same_listen(a: &ListenSpec, b: &ListenSpec) -> bool {
+    match (a, b) {
+        (ListenSpec::Tcp(a), ListenSpec::Tcp(b)) => a.port() != 0 && a == b,
+        (ListenSpec::Unix(a), ListenSpec::Unix(b)) => {
+            let plain = |p: &std::path::Path| {
+                p.components()
+                    .filter(|c| *c != std::path::Component::CurDir)
+                    .map(|c| c.as_os_str().to_owned())
+                    .collect::<Vec<_>>()
+            };
+            plain(a) == plain(b)
+        }
+        (ListenSpec::Systemd, ListenSpec::Systemd) => true,
+        _ => false,
     }
 }
 
@@ -549,5 +618,105 @@ mod tests {
             .restart_window(limits::RESTART_WINDOW)
             .heartbeat_timeout(Some(limits::TIMEOUT));
         ok.build().expect("the bounds themselves are accepted");
+    }
+
+    fn reason(b: MasterBuilder) -> String {
+        b.build().expect_err("refused").to_string()
+    }
+
+    /// Review B1: a timeout just over one interval was accepted, and a heartbeat a few
+    /// milliseconds late got a healthy worker killed.
+    #[test]
+    fn the_heartbeat_timeout_is_at_least_three_intervals() {
+        let err = reason(
+            base()
+                .heartbeat_interval(Duration::from_secs(1))
+                .heartbeat_timeout(Some(Duration::from_millis(1001))),
+        );
+        assert_eq!(
+            err,
+            "heartbeat_timeout(): 1s 1ms is too short for the heartbeat interval 1s: it must \
+             be at least 3 intervals (3s), or off"
+        );
+        let err = reason(
+            base()
+                .heartbeat_interval(Duration::from_millis(500))
+                .heartbeat_timeout(Some(Duration::from_millis(1499))),
+        );
+        assert!(err.contains("(1s 500ms)"), "{err}");
+        for (interval, timeout) in [
+            (Duration::from_secs(1), Some(Duration::from_secs(3))),
+            (Duration::from_millis(10), Some(Duration::from_millis(30))),
+            (limits::HEARTBEAT_INTERVAL.1, Some(limits::TIMEOUT)),
+            (Duration::from_secs(1), None),
+            (limits::HEARTBEAT_INTERVAL.1, None),
+        ] {
+            base()
+                .heartbeat_interval(interval)
+                .heartbeat_timeout(timeout)
+                .build()
+                .unwrap_or_else(|e| panic!("{interval:?} {timeout:?}: {e}"));
+        }
+        // The defaults satisfy the rule.
+        let p = Policy::default();
+        assert!(
+            p.heartbeat_timeout
+                .is_some_and(|t| t >= p.heartbeat_interval * limits::HEARTBEAT_TIMEOUT_INTERVALS)
+        );
+        base().build().expect("defaults");
+    }
+
+    /// Review B8: a 1-byte limit replaced every worker every second, forever.
+    #[test]
+    fn max_memory_is_at_least_one_mib() {
+        for bytes in [1, 4096, limits::MIN_MAX_MEMORY - 1] {
+            let err = reason(base().max_memory(Some(bytes)));
+            assert!(
+                err.starts_with(&format!("max_memory(): {bytes} bytes is less than")),
+                "{err}"
+            );
+            assert!(err.contains("1 MiB"), "{err}");
+        }
+        base()
+            .max_memory(Some(limits::MIN_MAX_MEMORY))
+            .build()
+            .expect("1 MiB");
+    }
+
+    /// Review B4: `systemd` twice adopted the same descriptors twice (two owners of one
+    /// descriptor); the same address twice failed with a misleading bind error.
+    #[test]
+    fn a_listen_address_given_twice_is_refused() {
+        let two = |a: &str, b: &str| {
+            MasterBuilder::default()
+                .listen(a)
+                .listen(b)
+                .command(WorkerCommand::new("worker"))
+        };
+        for (a, b) in [
+            ("systemd", "systemd"),
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("localhost:8080", "127.0.0.1:8080"),
+            ("[::1]:8080", "[::1]:8080"),
+            ("unix:/tmp/a.sock", "/tmp/a.sock"),
+            ("unix:/tmp//a.sock", "unix:/tmp/a.sock"),
+            ("unix:a.sock", "./a.sock"),
+        ] {
+            let err = reason(two(a, b));
+            assert!(
+                err.starts_with("listen(): ") && err.contains("listed twice"),
+                "{a} {b}: {err}"
+            );
+            assert!(err.contains(a) && err.contains(b), "{err}");
+        }
+        for (a, b) in [
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("127.0.0.1:8080", "127.0.0.1:8081"),
+            ("127.0.0.1:8080", "[::1]:8080"),
+            ("unix:/tmp/a.sock", "unix:/tmp/b.sock"),
+            ("systemd", "127.0.0.1:8080"),
+        ] {
+            two(a, b).build().unwrap_or_else(|e| panic!("{a} {b}: {e}"));
+        }
     }
 }

@@ -210,6 +210,7 @@ pub(crate) async fn start(
         addrs: Arc::new(addrs),
         done,
         control,
+        forwarding: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
 }
 

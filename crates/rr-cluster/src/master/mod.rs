@@ -158,8 +158,14 @@ impl Master {
     }
 
     /// Starts the master, obeys the process's signals (SIGTERM, SIGINT, SIGQUIT,
-    /// SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1) and returns the exit code once it has
-    /// stopped.
+    /// SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1; see [`MasterHandle::forward_os_signals`])
+    /// and returns the exit code once it has stopped.
+    ///
+    /// The signals are forwarded only once [`Master::start`] has returned (listeners
+    /// bound, first workers spawned): one that arrives while the master starts has its
+    /// default action (SIGTERM, SIGINT, SIGHUP end the process). To catch them from the
+    /// first moment, install handlers before starting and call `start` and
+    /// `forward_os_signals` yourself, as the `rr-cluster` binary does.
     pub async fn run(self) -> Result<i32, MasterError> {
         let handle = self.start().await?;
         handle.forward_os_signals().map_err(MasterError::Start)?;
@@ -176,6 +182,9 @@ pub struct MasterHandle {
     addrs: Arc<Vec<LocalAddr>>,
     done: watch::Receiver<Option<i32>>,
     control: Option<PathBuf>,
+    /// The process's signals are forwarded to this master (once per master, whichever
+    /// clone of the handle asked).
+    forwarding: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MasterHandle {
@@ -309,23 +318,18 @@ impl MasterHandle {
     /// SIGUSR1 into [`MasterHandle::signal`] calls, until the master stops. SIGUSR2
     /// (an in-place upgrade elsewhere: unicorn, nginx) is logged and otherwise
     /// ignored, where its default action would end the master without a drain.
+    ///
+    /// Once per master: a second call, on this handle or any clone of it, does
+    /// nothing and returns `Ok` (forwarding twice would deliver each signal twice, and
+    /// one Ctrl-C would count as the second and stop at once).
     pub fn forward_os_signals(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
         use tokio::signal::unix::{SignalKind, signal};
-        let mut usr2 = signal(SignalKind::user_defined2())?;
-        let mut done = self.done.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    got = usr2.recv() => {
-                        if got.is_none() {
-                            return;
-                        }
-                        tracing::warn!("SIGUSR2 ignored: rr-cluster has no in-place upgrade of the master (restart it; with socket activation the port stays open)");
-                    }
-                    _ = async { let _ = done.wait_for(Option::is_some).await; } => return,
-                }
-            }
-        });
+        if self.forwarding.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut usr2 = signal(SignalKind::user_defined2())
+            .inspect_err(|_| self.forwarding.store(false, Ordering::Release))?;
         let kinds = [
             (SignalKind::terminate(), MasterSignal::Terminate),
             (SignalKind::interrupt(), MasterSignal::Interrupt),
@@ -341,8 +345,27 @@ impl MasterHandle {
             ),
             (SignalKind::user_defined1(), MasterSignal::ReopenLogs),
         ];
-        for (kind, sig) in kinds {
-            let mut stream = signal(kind)?;
+        // Every stream first: a failure forwards nothing, and a later call may try again.
+        let streams = kinds
+            .into_iter()
+            .map(|(kind, sig)| Ok((signal(kind)?, sig)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .inspect_err(|_| self.forwarding.store(false, Ordering::Release))?;
+        let mut done = self.done.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    got = usr2.recv() => {
+                        if got.is_none() {
+                            return;
+                        }
+                        tracing::warn!("SIGUSR2 ignored: rr-cluster has no in-place upgrade of the master (restart it; with socket activation the port stays open)");
+                    }
+                    _ = async { let _ = done.wait_for(Option::is_some).await; } => return,
+                }
+            }
+        });
+        for (mut stream, sig) in streams {
             let handle = self.clone();
             tokio::spawn(async move {
                 let mut done = handle.done.clone();

@@ -9,7 +9,7 @@
 //! Ready --Suicide--> Leaving: replacement spawned at once --exit--> gone
 //! Ready --exit--> crashed: restart (never counts; a short-lived one waits a little)
 //! Ready --late heartbeat / unacknowledged descriptors--> stalled (out of rotation)
-//!       --heartbeat timeout--> Hung: SIGKILL --exit--> restart
+//!       --heartbeat timeout (unless off)--> Hung: SIGKILL --exit--> restart
 //! Ready --channel closed--> Lost: SIGKILL after 1 s --exit--> restart
 //! Draining/Leaving --deadline--> SIGKILL
 //! ```
@@ -63,7 +63,8 @@ pub(crate) struct Policy {
     pub(crate) min_uptime: Duration,
     pub(crate) ready_timeout: Duration,
     pub(crate) heartbeat_interval: Duration,
-    /// `None`: heartbeats are not checked.
+    /// `None`: a silent worker is never killed (a late one is still taken out of
+    /// rotation).
     pub(crate) heartbeat_timeout: Option<Duration>,
     pub(crate) drain_timeout: Duration,
     pub(crate) on_give_up: GiveUpAction,
@@ -407,7 +408,8 @@ impl Supervisor {
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         let procs = self.procs.values().flat_map(|p| {
             let mut d = [p.deadline, None, None];
-            if p.state == ProcState::Ready && p.heartbeats && p.heartbeat_timeout.is_some() {
+            // The late check runs with the timeout off too: only the kill is off.
+            if p.state == ProcState::Ready && p.heartbeats {
                 if !p.late {
                     d[1] = Some(p.last_heartbeat + Policy::late_after(p.heartbeat_interval));
                 }
@@ -497,7 +499,7 @@ impl Supervisor {
                 continue;
             };
             let (slot, state, killed) = (p.slot, p.state, p.killed);
-            if p.state == ProcState::Ready && p.heartbeats && p.heartbeat_timeout.is_some() {
+            if p.state == ProcState::Ready && p.heartbeats {
                 let silent = now.saturating_duration_since(p.last_heartbeat);
                 if p.heartbeat_timeout.is_some_and(|t| silent >= t) {
                     self.hang(
@@ -1637,8 +1639,11 @@ mod tests {
         }
     }
 
+    /// Heartbeats out of the way: the harness's workers send none, and with a
+    /// one-hour interval none is ever late within a test.
     fn no_heartbeat_policy() -> Policy {
         Policy {
+            heartbeat_interval: Duration::from_secs(3600),
             heartbeat_timeout: None,
             ..quick_policy()
         }
@@ -2022,6 +2027,47 @@ mod tests {
         assert!(out < kill);
         h.exit(id, None, Some(9));
         assert_eq!(h.spawns().len(), 2);
+    }
+
+    /// Review B2: with the heartbeat timeout off, a worker whose heartbeat was late
+    /// kept getting connections; it is taken out of rotation as with a timeout, and
+    /// only the kill is off.
+    #[tokio::test(start_paused = true)]
+    async fn with_the_timeout_off_a_late_worker_is_out_of_rotation_but_never_killed() {
+        let policy = Policy {
+            heartbeat_timeout: None,
+            ..quick_policy()
+        };
+        let mut h = Harness::new(policy, 2);
+        let (a, b) = (h.last_spawn(0), h.last_spawn(1));
+        h.ready(a);
+        h.ready(b);
+        // Late after 2 intervals + 100 ms (the policy's interval is 500 ms).
+        h.advance(Duration::from_millis(1050)).await;
+        assert!(h.rotating(a) && h.rotating(b));
+        h.input(Input::Heartbeat { id: b, active: 0 });
+        h.advance(Duration::from_millis(100)).await;
+        assert!(!h.rotating(a), "late: no new connections");
+        assert!(h.rotating(b), "b showed life");
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::WorkerStalled { id, .. } if *id == a)),
+            1
+        );
+        assert_eq!(h.sm.status(Instant::now())[0].state, WorkerState::Stalled);
+        // Silent for far longer than any timeout: still alive, still out.
+        h.advance(Duration::from_secs(3600)).await;
+        assert!(!h.has(|x| matches!(x, Action::Kill { .. })), "never killed");
+        assert_eq!(h.count_events(|e| matches!(e, Event::WorkerHung { .. })), 0);
+        assert!(!h.rotating(a));
+        assert_eq!(h.state(a), Some(ProcState::Ready));
+        // It shows life: back in rotation.
+        h.input(Input::Heartbeat { id: a, active: 0 });
+        assert!(h.rotating(a));
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::WorkerResumed { id, .. } if *id == a)),
+            1
+        );
+        assert_eq!(h.sm.next_deadline().map(|d| d > Instant::now()), Some(true));
     }
 
     #[tokio::test(start_paused = true)]
