@@ -443,6 +443,14 @@ impl Sink {
         }
     }
 
+    /// Connections waiting in the queue for the application (none for a handler).
+    fn queued(&self) -> usize {
+        match self {
+            Sink::Queue(tx) => tx.max_capacity() - tx.capacity(),
+            Sink::Direct(_) => 0,
+        }
+    }
+
     /// How many more connections it takes without waiting: the free places in the
     /// queue; a handler takes any number.
     fn room(&self) -> u32 {
@@ -466,17 +474,27 @@ pub(crate) struct DirectGuard {
     sink: std::sync::Weak<DirectSink>,
 }
 
+impl DirectGuard {
+    /// Takes the handler out of the worker if it is still there; `mark` first says the
+    /// application no longer takes connections (an `Ack` made meanwhile announces no
+    /// room).
+    fn take_sink(&self, mark: bool) -> Option<Sink> {
+        let mut slot = lock(&self.inner.incoming_tx);
+        match &*slot {
+            Some(Sink::Direct(d)) if std::ptr::eq(Arc::as_ptr(d), self.sink.as_ptr()) => {
+                if mark && !self.inner.draining.is_cancelled() {
+                    self.inner.abandoned.cancel();
+                }
+                slot.take()
+            }
+            _ => None,
+        }
+    }
+}
+
 impl Drop for DirectGuard {
     fn drop(&mut self) {
-        let sink = {
-            let mut slot = lock(&self.inner.incoming_tx);
-            match &*slot {
-                Some(Sink::Direct(d)) if std::ptr::eq(Arc::as_ptr(d), self.sink.as_ptr()) => {
-                    slot.take()
-                }
-                _ => None,
-            }
-        };
+        let sink = self.take_sink(true);
         if sink.is_some() {
             // Outside the lock: this drops the application's handler.
             drop(sink);
@@ -612,7 +630,11 @@ impl Worker {
         }
         drop(rx);
         drop(direct);
-        self.say_ready().await?;
+        if let Err(e) = self.say_ready().await {
+            // Never ready: the handler goes without announcing anything.
+            drop(guard.take_sink(false));
+            return Err(e);
+        }
         Ok(guard)
     }
 
@@ -779,6 +801,33 @@ impl Inner {
         self.begin_drain(Some(after(self.orphan_drain)));
     }
 
+    /// Connections the application has taken off the queue since the start, and how
+    /// many wait there now.
+    fn taken_and_queued(&self) -> (u64, usize) {
+        let queued = lock(&self.incoming_tx).as_ref().map_or(0, Sink::queued);
+        let received = self.counters.received.load(Ordering::Acquire);
+        let lost = self.counters.lost.load(Ordering::Relaxed);
+        let taken = received.saturating_sub(lost).saturating_sub(queued as u64);
+        (taken, queued)
+    }
+
+    /// Connections have waited in the queue for [`NOT_TAKEN_AFTER`] while the
+    /// application took none: it is wedged (a deadlocked accept loop). With the window
+    /// the size of the queue's room, the master sends nothing more and sees nothing
+    /// wrong, so the worker says so: the master replaces it, and the drain still hands
+    /// the queued connections on.
+    fn not_taken(self: &Arc<Self>) {
+        if self.draining.is_cancelled() || self.abandoned.is_cancelled() {
+            return;
+        }
+        tracing::error!(
+            "connections have waited {} s for the application, which took none: the worker asks to be replaced",
+            NOT_TAKEN_AFTER.as_secs()
+        );
+        self.abandoned.cancel();
+        self.announce_end("connections not taken", false);
+    }
+
     /// The application stopped taking connections (its `Incoming` or handler is
     /// gone, and with it the sink) though the worker was not draining.
     fn abandoned(self: &Arc<Self>, what: &'static str) {
@@ -844,9 +893,9 @@ impl Inner {
         if self.abandoned.is_cancelled() {
             return 0;
         }
-        let room = lock(&self.incoming_tx)
-            .as_ref()
-            .map_or(u32::MAX, Sink::room);
+        // No sink: nobody takes connections any more (the drain, or the application
+        // dropped its `Incoming` after its own suicide).
+        let room = lock(&self.incoming_tx).as_ref().map_or(0, Sink::room);
         self.max_connections
             .saturating_sub(self.counters.active.load(Ordering::SeqCst))
             .min(room)
@@ -1205,6 +1254,10 @@ async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
     };
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The application's progress: connections taken, and since when none was while
+    // some waited.
+    let mut taken_before = 0;
+    let mut waiting_since: Option<tokio::time::Instant> = None;
     loop {
         let tick = tokio::select! {
             _ = ticker.tick() => true,
@@ -1212,6 +1265,17 @@ async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
         };
         let Some(this) = inner.upgrade() else { return };
         if tick {
+            let (taken, queued) = this.taken_and_queued();
+            if queued == 0 || taken != taken_before {
+                waiting_since = None;
+            } else if waiting_since
+                .get_or_insert_with(tokio::time::Instant::now)
+                .elapsed()
+                >= NOT_TAKEN_AFTER
+            {
+                this.not_taken();
+            }
+            taken_before = taken;
             let beat = ToMaster::Heartbeat {
                 active: counters.active.load(Ordering::Relaxed),
                 served: counters.received.load(Ordering::Relaxed),
@@ -1229,6 +1293,12 @@ async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
         }
     }
 }
+
+/// How long connections may wait in the queue while the application takes none
+/// before the worker asks to be replaced (see `Inner::not_taken`). A slow application
+/// (every accept waits for a permit that a long request holds) takes one now and then
+/// and is not affected.
+const NOT_TAKEN_AFTER: Duration = Duration::from_secs(30);
 
 /// The longest `Suicide` reason sent, in bytes: a panic message or a reason can be
 /// any size, a frame cannot.
@@ -1312,7 +1382,13 @@ impl Drop for Incoming {
         let sink = {
             let mut slot = lock(&self.inner.incoming_tx);
             match &*slot {
-                Some(Sink::Queue(_)) => slot.take(),
+                Some(Sink::Queue(_)) => {
+                    // Said first: an `Ack` made meanwhile announces no room.
+                    if !self.inner.draining.is_cancelled() {
+                        self.inner.abandoned.cancel();
+                    }
+                    slot.take()
+                }
                 _ => None,
             }
         };
@@ -1680,6 +1756,19 @@ pub(crate) mod tests {
         Arc<crate::channel::ChannelWriter>,
         Worker,
     ) {
+        fake_master_beating(builder, offer, 60_000).await
+    }
+
+    /// [`fake_master_with`], with heartbeats every `heartbeat_ms`.
+    async fn fake_master_beating(
+        builder: WorkerBuilder,
+        offer: Option<&str>,
+        heartbeat_ms: u32,
+    ) -> (
+        crate::channel::ChannelReader,
+        Arc<crate::channel::ChannelWriter>,
+        Worker,
+    ) {
         use crate::protocol::{HELLO_VERSION, Hello, ListenerInfo, ListenerKind, ToWorker};
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let (reader, writer) =
@@ -1688,7 +1777,7 @@ pub(crate) mod tests {
             version: HELLO_VERSION,
             worker_id: 0,
             generation: 0,
-            heartbeat_ms: 60_000,
+            heartbeat_ms,
             listeners: vec![ListenerInfo {
                 kind: ListenerKind::Tcp,
                 address: "127.0.0.1:0".into(),
@@ -1872,6 +1961,42 @@ pub(crate) mod tests {
                 }
             ),
             "{ack:?}"
+        );
+    }
+
+    /// With the window the size of the queue's room, an application that holds its
+    /// `Incoming` and takes nothing (a deadlocked accept loop) would keep its window
+    /// shut and look healthy for good: after NOT_TAKEN_AFTER the worker says so.
+    #[tokio::test(start_paused = true)]
+    async fn connections_left_waiting_in_the_queue_end_the_worker() {
+        let (mut reader, writer, worker) =
+            fake_master_beating(Worker::builder().incoming_queue(4), Some("2"), 1_000).await;
+        let _incoming = worker.ready().await.expect("ready");
+        frame_where(&mut reader, is_ready).await;
+        let started = tokio::time::Instant::now();
+        let _clients = hand(&writer, 2).await;
+        let mut end = None;
+        for _ in 0..500 {
+            let next = tokio::time::timeout(Duration::from_secs(120), reader.recv::<ToMaster>())
+                .await
+                .expect("a frame in time")
+                .expect("a frame");
+            if let Some((msg, _)) = next {
+                if matches!(msg, ToMaster::Suicide { .. }) {
+                    end = Some(msg);
+                    break;
+                }
+            }
+        }
+        let end = end.expect("the worker says it is stuck");
+        assert!(
+            matches!(&end, ToMaster::Suicide { reason } if reason.contains("not taken")),
+            "{end:?}"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= NOT_TAKEN_AFTER && waited <= NOT_TAKEN_AFTER + Duration::from_secs(3),
+            "{waited:?}"
         );
     }
 

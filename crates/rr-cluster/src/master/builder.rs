@@ -146,6 +146,8 @@ pub(crate) struct Raw {
     pub(crate) workers: Option<usize>,
     pub(crate) command: Option<WorkerCommand>,
     pub(crate) common: Common,
+    /// `heartbeat_timeout` was set: otherwise the default follows the interval.
+    pub(crate) heartbeat_timeout_set: bool,
 }
 
 /// A validated configuration: [`Raw`] with its three values checked.
@@ -281,6 +283,7 @@ impl MasterBuilder {
     /// silence; one that is late is still taken out of rotation until it shows life.
     pub fn heartbeat_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.raw.common.policy.heartbeat_timeout = timeout;
+        self.raw.heartbeat_timeout_set = true;
         self
     }
 
@@ -396,7 +399,17 @@ impl MasterBuilder {
     }
 
     pub(crate) fn validate(self) -> Result<Settings, BuildError> {
-        let r = self.raw;
+        let mut r = self.raw;
+        // A timeout left at its default follows a longer interval (3 of them).
+        if !r.heartbeat_timeout_set {
+            let p = &mut r.common.policy;
+            let least = p
+                .heartbeat_interval
+                .saturating_mul(limits::HEARTBEAT_TIMEOUT_INTERVALS);
+            if let Some(t) = p.heartbeat_timeout.as_mut() {
+                *t = (*t).max(least);
+            }
+        }
         let invalid = |method: &'static str, reason: String| BuildError::Invalid { method, reason };
         if r.listen.is_empty() {
             return Err(invalid(
@@ -664,6 +677,28 @@ mod tests {
                 .is_some_and(|t| t >= p.heartbeat_interval * limits::HEARTBEAT_TIMEOUT_INTERVALS)
         );
         base().build().expect("defaults");
+    }
+
+    /// A longer interval alone is accepted: the default timeout (10 s) follows it.
+    #[test]
+    fn the_default_heartbeat_timeout_follows_a_long_interval() {
+        let settings = base()
+            .heartbeat_interval(Duration::from_secs(5))
+            .validate()
+            .expect("an interval alone");
+        assert_eq!(
+            settings.policy.heartbeat_timeout,
+            Some(Duration::from_secs(15))
+        );
+        let err = reason(
+            base()
+                .heartbeat_interval(Duration::from_secs(5))
+                .heartbeat_timeout(Some(Duration::from_secs(10))),
+        );
+        assert!(
+            err.contains("is too short for the heartbeat interval 5s"),
+            "{err}"
+        );
     }
 
     /// Review B8: a 1-byte limit replaced every worker every second, forever.
