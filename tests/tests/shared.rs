@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rr_cluster::{Balance, Event, Outcome};
 use rr_cluster_tests::{WAIT, ask, builder, kill, start_cluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_test-worker");
 
@@ -224,13 +225,15 @@ async fn a_stopping_shared_pool_refuses_new_clients_while_it_drains() {
     let mut cluster = start_cluster(b).await;
     cluster.wait_ready(1).await;
     let addr = cluster.addr;
-    assert!(active_is(&cluster, |n| n == 0).await, "nothing open yet");
-    // A slow request keeps the drain going for seconds.
-    let slow = tokio::spawn(async move { ask(addr, "sleep 4000").await });
-    assert!(
-        active_is(&cluster, |n| n > 0).await,
-        "the slow request reached the worker"
-    );
+    // A held connection keeps the drain going until the test lets it go.
+    let mut held = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    held.write_all(b"hold\n").await.expect("write");
+    let mut buf = [0u8; 32];
+    let n = tokio::time::timeout(WAIT, held.read(&mut buf))
+        .await
+        .expect("held in time")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"held"), "{:?}", &buf[..n]);
     cluster
         .handle
         .stop(rr_cluster::StopMode::Graceful)
@@ -250,15 +253,14 @@ async fn a_stopping_shared_pool_refuses_new_clients_while_it_drains() {
         }
     }
     assert!(refused, "new clients were taken in while the pool drained");
+    // The drain is still going (the held connection is open): let it end.
     assert!(
-        !slow.is_finished(),
-        "refused during the drain, not after it"
+        tokio::time::timeout(std::time::Duration::from_millis(50), cluster.handle.wait())
+            .await
+            .is_err(),
+        "the pool was still draining"
     );
-    let answer = tokio::time::timeout(WAIT, slow)
-        .await
-        .expect("in time")
-        .expect("answered");
-    assert!(answer.starts_with("done "), "{answer:?}");
+    drop(held);
     assert_eq!(
         tokio::time::timeout(WAIT, cluster.handle.wait())
             .await

@@ -63,8 +63,9 @@ pub(crate) struct RunArgs {
     /// gets no new connection until it shows life.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     heartbeat_interval: Option<Duration>,
-    /// A worker silent this long is killed and replaced (at least 3 heartbeat
-    /// intervals, at most 24h; "off": never killed, still out of rotation while late).
+    /// A worker silent this long is killed and replaced (default 10s, or 3 heartbeat
+    /// intervals when that is more; at least 3 intervals, at most 24h; "off": never
+    /// killed, still out of rotation while late).
     #[arg(long, value_name = "DURATION|off", value_parser = parse_heartbeat_timeout)]
     heartbeat_timeout: Option<HeartbeatTimeout>,
     /// More boot failures than this within the window is a give-up.

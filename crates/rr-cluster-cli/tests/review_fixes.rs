@@ -312,9 +312,15 @@ fn signals_are_caught_before_the_control_socket_exists() {
         Stdio::inherit(),
     );
     let deadline = Instant::now() + WAIT;
-    // Polled closely: the socket appears within milliseconds of the start.
+    // Polled closely (the socket appears within milliseconds of the start), and
+    // bounded in count as in time.
+    let mut polls = 0u64;
     while !control.exists() {
-        assert!(Instant::now() < deadline, "no control socket");
+        polls += 1;
+        assert!(
+            Instant::now() < deadline && polls < 100_000_000,
+            "no control socket"
+        );
         std::thread::yield_now();
     }
     let caught = caught_signals(pool.child.id()).expect("SigCgt");
@@ -491,19 +497,21 @@ fn top_quits_promptly_and_restores_the_terminal() {
     signal(pool.child.id(), Signal::STOP);
     tmux.run(&["send-keys", "-t", "hang", "r"]);
     tmux.run(&["send-keys", "-t", "hang", "q"]);
-    let asked = Instant::now();
-    let screen = tmux.wait_for("hang", WAIT, &|s| s.contains("TTY-"));
-    let took = asked.elapsed();
+    // Waited for less than the 10 s a request to the master may take: `q` does not
+    // wait for the reload's answer (the master stays stopped meanwhile).
+    let screen = tmux.wait_for("hang", Duration::from_secs(8), &|s| s.contains("TTY-"));
     if let Ok(None) = pool.child.try_wait() {
         signal(pool.child.id(), Signal::CONT);
     }
-    assert!(took < Duration::from_secs(5), "q took {took:?}");
     assert!(screen.contains("top exited 0"), "{screen}");
     assert!(screen.contains("TTY-COOKED"), "{screen}");
     pool.wait_ready();
 
     // SIGTERM from outside: the terminal is restored before top exits.
     let top = tmux.start_top("term", &control);
+    // Not our child (the tmux shell's): still top, just before the signal.
+    let comm = std::fs::read_to_string(format!("/proc/{top}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "rr-cluster", "pid {top} is still top");
     signal(top, Signal::TERM);
     let screen = tmux.wait_for("term", WAIT, &|s| s.contains("TTY-"));
     assert!(screen.contains("top exited 143"), "{screen}");

@@ -36,7 +36,7 @@
 //! ready = "30s"
 //! drain = "30s"
 //! heartbeat_interval = "1s"
-//! heartbeat_timeout = "10s"        # at least 3 intervals, or "off" (never kill)
+//! heartbeat_timeout = "10s"        # default 10s or 3 intervals if more; at least 3 intervals, or "off" (never kill)
 //! ```
 //!
 //! Unknown keys are errors, and every error names the key.

@@ -379,6 +379,9 @@ struct Counters {
     window_shut: AtomicBool,
     /// A connection closed while the window was shut: an `Ack` is due now.
     reopen: Notify,
+    /// Connections the application took from `Incoming` (written by `Incoming` alone,
+    /// so a load and a store; read by the heartbeat task's stuck-queue check).
+    taken: AtomicU64,
     /// Accept tasks (shared balancing) waiting for the worker to have room, and their
     /// wake-up when a connection closes.
     room_waiters: AtomicU32,
@@ -396,6 +399,7 @@ impl Default for Counters {
             ack_after: AtomicU64::new(ACK_EVERY),
             window_shut: AtomicBool::new(false),
             reopen: Notify::new(),
+            taken: AtomicU64::new(0),
             room_waiters: AtomicU32::new(0),
             room: Notify::new(),
             idle: Notify::new(),
@@ -802,13 +806,10 @@ impl Inner {
     }
 
     /// Connections the application has taken off the queue since the start, and how
-    /// many wait there now.
+    /// many wait there now (from the master's channel or a shared listener alike).
     fn taken_and_queued(&self) -> (u64, usize) {
         let queued = lock(&self.incoming_tx).as_ref().map_or(0, Sink::queued);
-        let received = self.counters.received.load(Ordering::Acquire);
-        let lost = self.counters.lost.load(Ordering::Relaxed);
-        let taken = received.saturating_sub(lost).saturating_sub(queued as u64);
-        (taken, queued)
+        (self.counters.taken.load(Ordering::Relaxed), queued)
     }
 
     /// Connections have waited in the queue for [`NOT_TAKEN_AFTER`] while the
@@ -1296,8 +1297,9 @@ async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
 
 /// How long connections may wait in the queue while the application takes none
 /// before the worker asks to be replaced (see `Inner::not_taken`). A slow application
-/// (every accept waits for a permit that a long request holds) takes one now and then
-/// and is not affected.
+/// that takes one now and then is not affected; one that stops taking connections for
+/// this long on purpose (every permit held by a long-lived connection) is replaced,
+/// gracefully: the drain still hands it the queued connections.
 const NOT_TAKEN_AFTER: Duration = Duration::from_secs(30);
 
 /// The longest `Suicide` reason sent, in bytes: a panic message or a reason can be
@@ -1364,6 +1366,9 @@ impl Incoming {
             // The last `Ack` said the queue was full (version 2): room again opens the
             // window at once, as a connection that closes does (`ActiveGuard`).
             Poll::Ready(Some(_)) => {
+                // One writer: no read-modify-write needed.
+                let taken = self.counters.taken.load(Ordering::Relaxed);
+                self.counters.taken.store(taken + 1, Ordering::Relaxed);
                 if self.counters.window_shut.load(Ordering::SeqCst)
                     && self.rx.capacity() >= self.reopen_at
                 {
@@ -1997,6 +2002,60 @@ pub(crate) mod tests {
         assert!(
             waited >= NOT_TAKEN_AFTER && waited <= NOT_TAKEN_AFTER + Duration::from_secs(3),
             "{waited:?}"
+        );
+    }
+
+    /// A slow application in shared mode, taking one connection every 10 s while
+    /// others wait in the queue, is not taken for a wedged one (connections accepted
+    /// from a shared listener are counted as taken when the application takes them).
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_application_in_shared_mode_is_not_taken_for_a_stuck_one() {
+        use std::os::fd::AsRawFd;
+        let (mut reader, writer, worker) =
+            fake_master_beating(Worker::builder().incoming_queue(4), Some("2"), 1_000).await;
+        let mut incoming = worker.ready().await.expect("ready");
+        frame_where(&mut reader, is_ready).await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("addr");
+        let frame = protocol::frame(&ToWorker::Listener { listener: 0 }).expect("frame");
+        writer
+            .send(&frame, &[listener.as_raw_fd()])
+            .await
+            .expect("send");
+        let _clients: Vec<_> = (0..8)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        // The frames the worker sends meanwhile, read by a task of their own.
+        let frames = tokio::spawn(async move {
+            let mut reasons = Vec::new();
+            while let Ok(Ok(Some((msg, _)))) =
+                tokio::time::timeout(Duration::from_secs(120), reader.recv::<ToMaster>()).await
+            {
+                if let ToMaster::Suicide { reason } = msg {
+                    reasons.push(reason);
+                }
+            }
+            reasons
+        });
+        for _ in 0..7 {
+            let conn = tokio::time::timeout(Duration::from_secs(60), incoming.accept())
+                .await
+                .expect("a connection in time");
+            assert!(conn.is_some());
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        drop(writer);
+        drop(incoming);
+        drop(worker);
+        let reasons = tokio::time::timeout(Duration::from_secs(300), frames)
+            .await
+            .expect("the channel ends")
+            .expect("join");
+        // The only one allowed: the end, when `Incoming` was dropped.
+        assert!(
+            reasons.iter().all(|r| r.contains("no longer taken")),
+            "a slow application taken for a stuck one: {reasons:?}"
         );
     }
 

@@ -276,8 +276,9 @@ impl MasterBuilder {
         self
     }
 
-    /// A worker silent for this long is killed and replaced (default 10 s, at most
-    /// 24 h, and at least 3 × [`MasterBuilder::heartbeat_interval`]: a worker is only
+    /// A worker silent for this long is killed and replaced (default 10 s, or 3
+    /// intervals when that is more; at most 24 h, and at least 3 ×
+    /// [`MasterBuilder::heartbeat_interval`]: a worker is only
     /// taken out of rotation after two intervals, and a heartbeat a little late must
     /// not cost a healthy worker its life). `None` never kills a worker for its
     /// silence; one that is late is still taken out of rotation until it shows life.
