@@ -318,6 +318,18 @@ async fn user_messages_go_both_ways() {
         .expect("in time")
         .expect("open");
     assert_eq!(m.payload, "{\"cut\":\"\u{fffd}\"}".as_bytes());
+    // A message longer than the limit is dropped, the worker kept: the next one
+    // arrives.
+    let (status, _, _) = get(cluster.addr, "/send-long").await.expect("answer");
+    assert_eq!(status, 200);
+    let (status, _, _) = get(cluster.addr, "/send?after=long").await.expect("answer");
+    assert_eq!(status, 200);
+    let m = tokio::time::timeout(WAIT, messages.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    let text = String::from_utf8_lossy(&m.payload);
+    assert!(text.contains("\"query\":\"?after=long\""), "{text}");
     for _ in 0..4 {
         let (status, _, _) = get(cluster.addr, "/").await.expect("answer");
         assert_eq!(status, 200);

@@ -72,6 +72,8 @@ const NODE_WINDOW: u64 = 128;
 
 const HTTP_GET_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: conformance\r\nConnection: close\r\n\r\n";
 const HTTP_GET: &[u8] = b"GET / HTTP/1.1\r\nHost: conformance\r\n\r\n";
+/// Why a 5xx after the Drain fails: the client would have to retry the request.
+const REFUSED_AFTER_DRAIN: &str = "; a 5xx: a request that arrives once the worker drains is still its to serve (answered, with Connection: close)";
 /// Why a keep-alive rule does not apply.
 const NO_KEEPALIVE: &str =
     "the worker does not keep connections alive (Connection: close before the Drain)";
@@ -2034,13 +2036,20 @@ async fn check_drain(cfg: &Config, harness: &Harness, worker: &Instance) -> Vec<
                     }
                     Err(e) => format!("then {e}"),
                 };
-                let evidence = format!(
+                let mut evidence = format!(
                     "second request at +100 ms on a keep-alive connection: {} at +{} ms, {}; {closed}",
                     head.status_line,
                     ms(answered_at),
                     head.closing()
                 );
-                Check::new("drain-keepalive-close", head.close, evidence)
+                if head.status >= 500 {
+                    evidence.push_str(REFUSED_AFTER_DRAIN);
+                }
+                Check::new(
+                    "drain-keepalive-close",
+                    head.close && head.status < 500,
+                    evidence,
+                )
             }
             Err(e) => Check::fail(
                 "drain-keepalive-close",
@@ -2061,6 +2070,16 @@ async fn check_drain(cfg: &Config, harness: &Harness, worker: &Instance) -> Vec<
                 // Answered after the Drain: with `Connection: close` (docs/PROTOCOL.md,
                 // Drain), or a body that the close itself ends.
                 Ok(()) => match HttpReader::new(r).read_response(deadline).await {
+                    Ok(head) if head.close && head.status >= 500 => {
+                        return Check::fail(
+                            "drain-queued",
+                            format!(
+                                "{prefix}: answered {} at +{} ms{REFUSED_AFTER_DRAIN}",
+                                head.status_line,
+                                ms(Instant::now())
+                            ),
+                        );
+                    }
                     Ok(head) if head.close => {
                         Ok(format!("{}, {}", head.status_line, head.closing()))
                     }
@@ -3162,13 +3181,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_in_flight_request_refused_with_a_5xx_fails() {
+    async fn a_request_refused_with_a_5xx_once_draining_fails() {
         let checks = drain_with(Fake {
             drain_status: 503,
             ..Fake::default()
         })
         .await;
         assert_eq!(verdict(&checks, "drain-in-flight"), Verdict::Fail);
+        assert_eq!(verdict(&checks, "drain-keepalive-close"), Verdict::Fail);
+        assert_eq!(verdict(&checks, "drain-queued"), Verdict::Fail);
+        assert_eq!(verdict(&checks, "drain-idle-grace"), Verdict::Pass);
     }
 
     #[tokio::test]

@@ -12,18 +12,23 @@
 //! made directly; only a sender that met a full socket waits for writability, through
 //! a short-lived registration of a duplicate descriptor ([`ChannelWriter::writable`]).
 //!
-//! Receiving: on Linux a `recvmsg` on a stream socket never reads past a segment that
-//! carried descriptors, and descriptors arrive no later than the first byte of the frame
-//! they travel with. The reader keeps a FIFO of received descriptors; each frame claims
-//! as many as its message names ([`Message::fd_count`]). A frame that claims more than
-//! arrived, or descriptors that no frame can claim, is a protocol error; stray
-//! descriptors are closed when dropped, never leaked.
+//! Receiving: a frame's descriptors travel with its first segment (one `sendmsg` per
+//! frame; a tail sent later carries none), and on Linux a `recvmsg` on a stream socket
+//! stops right after a segment that carried descriptors, or within it when the buffer
+//! is full. So the descriptors a read returns belong to the frame holding the read's
+//! last byte. The reader keeps them with that byte's offset in the stream; each frame
+//! takes the descriptors read with a byte of its own, and must take as many as its
+//! message names ([`Message::fd_count`]). Any other count, or descriptors read with
+//! no frame's byte, is a protocol error; stray descriptors are closed when dropped,
+//! never leaked.
 //!
 //! A truncated control message (`MSG_CTRUNC`: the receiver's descriptor table was
-//! full, so the kernel dropped descriptors) is not an error: the next frame that claims
-//! more descriptors than arrived gets those that did, and the shortfall is counted in
+//! full, so the kernel dropped descriptors) is not an error: the frame the read
+//! belongs to gets the descriptors that did arrive, and the shortfall is counted in
 //! [`ChannelReader::lost`]. The connections behind the dropped descriptors are lost,
-//! the channel is not.
+//! the channel is not, and no other frame's descriptors are taken for them (a frame
+//! split across reads, its first part read with its descriptors dropped, would
+//! otherwise be handed the next frame's).
 //!
 //! The Node.js dialect ([`crate::node`]) uses the same socket with newline-delimited
 //! JSON: [`ChannelReader::recv_line`].
@@ -182,7 +187,9 @@ impl ChannelReader {
 
     /// The next line of the Node.js dialect, without its newline; `Ok(None)` at a clean
     /// end of stream. Descriptors that arrive with lines are closed (a Node.js worker
-    /// has no business sending any to its master).
+    /// has no business sending any to its master). A line longer than `max` is
+    /// [`ChannelError::LineTooLong`], once, and is skipped: the next call returns the
+    /// line after it.
     ///
     /// Cancel-safe, like [`ChannelReader::recv`].
     pub async fn recv_line(&mut self, max: usize) -> Result<Option<Vec<u8>>, ChannelError> {
@@ -191,7 +198,7 @@ impl ChannelReader {
                 return Ok(Some(line));
             }
             let received = self.read_more().await?;
-            self.decoder.fds.clear();
+            self.decoder.clear_fds();
             if received.bytes == 0 {
                 if self.decoder.start != self.decoder.end {
                     return Err(ChannelError::TruncatedFrame {
@@ -501,10 +508,28 @@ struct FrameDecoder {
     start: usize,
     end: usize,
     fds: VecDeque<OwnedFd>,
-    /// A `recvmsg` since the last short-handed frame reported `MSG_CTRUNC`.
-    truncated: bool,
+    /// Which frame `fds` belong to, read by read, in order: every read that returned
+    /// descriptors or reported `MSG_CTRUNC`.
+    batches: VecDeque<FdBatch>,
+    /// The descriptors of `fds` that `batches` account for.
+    batched: usize,
+    /// The offset in the stream of `buf[0]`.
+    base: u64,
     /// Descriptors dropped by the kernel, in all.
     lost: u64,
+    /// The rest of a line too long is skipped (the Node.js dialect).
+    skipping: bool,
+}
+
+/// The descriptors one `recvmsg` returned.
+#[derive(Debug, Clone, Copy)]
+struct FdBatch {
+    /// The offset in the stream of the read's last byte: its frame's.
+    at: u64,
+    /// How many arrived.
+    count: usize,
+    /// The kernel dropped others (`MSG_CTRUNC`).
+    truncated: bool,
 }
 
 impl Default for FrameDecoder {
@@ -514,8 +539,11 @@ impl Default for FrameDecoder {
             start: 0,
             end: 0,
             fds: VecDeque::new(),
-            truncated: false,
+            batches: VecDeque::new(),
+            batched: 0,
+            base: 0,
             lost: 0,
+            skipping: false,
         }
     }
 }
@@ -534,52 +562,96 @@ impl FrameDecoder {
             return Ok(None);
         }
         let msg = decode(&avail[HEADER_LEN..HEADER_LEN + len])?;
-        self.start += HEADER_LEN + len;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        let claimed = msg.fd_count();
-        let available = self.fds.len();
-        let take = if claimed <= available {
-            claimed
-        } else if self.truncated {
-            // The kernel dropped the rest of this frame's descriptors (MSG_CTRUNC): its
-            // descriptors are the last ones that arrived, so every one still waiting
-            // is this frame's.
-            self.truncated = false;
-            self.lost += (claimed - available) as u64;
-            available
-        } else {
-            return Err(ChannelError::MissingFds { claimed, available });
+        let first = self.base + self.start as u64;
+        let after = first + (HEADER_LEN + len) as u64;
+        self.consume(HEADER_LEN + len);
+        // This frame's descriptors: those read with one of its bytes.
+        let batch = match self.batches.front() {
+            Some(b) if b.at < first => {
+                let count = self.fds.len();
+                self.clear_fds();
+                return Err(ChannelError::UnclaimedFds { count });
+            }
+            Some(b) if b.at < after => self.batches.pop_front(),
+            _ => None,
         };
-        let fds = self.fds.drain(..take).collect();
+        // One read's worth per frame (its first segment's).
+        if self.batches.front().is_some_and(|b| b.at < after) {
+            let count = self.fds.len();
+            self.clear_fds();
+            return Err(ChannelError::UnclaimedFds { count });
+        }
+        let (available, truncated) = batch.map_or((0, false), |b| (b.count, b.truncated));
+        let claimed = msg.fd_count();
+        if claimed < available {
+            let count = self.fds.len();
+            self.clear_fds();
+            return Err(ChannelError::UnclaimedFds { count });
+        }
+        if claimed > available {
+            if !truncated {
+                self.clear_fds();
+                return Err(ChannelError::MissingFds { claimed, available });
+            }
+            // The kernel dropped the rest (MSG_CTRUNC).
+            self.lost += (claimed - available) as u64;
+        }
+        self.batched -= available;
+        let fds = self.fds.drain(..available).collect();
         self.check_unclaimed()?;
         Ok(Some((msg, fds)))
     }
 
-    /// The next complete line (without its newline), if any.
+    /// Closes every descriptor waiting for a frame.
+    fn clear_fds(&mut self) {
+        self.fds.clear();
+        self.batches.clear();
+        self.batched = 0;
+    }
+
+    /// The next complete line (without its newline), if any. A line longer than `max`
+    /// is reported once and skipped, up to its newline.
     fn next_line(&mut self, max: usize) -> Result<Option<Vec<u8>>, ChannelError> {
+        if self.skipping {
+            let avail = &self.buf[self.start..self.end];
+            match avail.iter().position(|b| *b == b'\n') {
+                Some(pos) => {
+                    self.skipping = false;
+                    self.consume(pos + 1);
+                }
+                None => {
+                    self.consume(avail.len());
+                    return Ok(None);
+                }
+            }
+        }
         let avail = &self.buf[self.start..self.end];
         let Some(pos) = avail.iter().position(|b| *b == b'\n') else {
             if avail.len() > max {
-                return Err(ChannelError::LineTooLong {
-                    len: avail.len(),
-                    max,
-                });
+                let len = avail.len();
+                self.consume(len);
+                self.skipping = true;
+                return Err(ChannelError::LineTooLong { len, max });
             }
             return Ok(None);
         };
         if pos > max {
+            self.consume(pos + 1);
             return Err(ChannelError::LineTooLong { len: pos, max });
         }
         let line = avail[..pos].to_vec();
-        self.start += pos + 1;
+        self.consume(pos + 1);
+        Ok(Some(line))
+    }
+
+    /// Drops the first `n` bytes buffered.
+    fn consume(&mut self, n: usize) {
+        self.start += n;
         if self.start == self.end {
+            self.base += self.end as u64;
             self.start = 0;
             self.end = 0;
         }
-        Ok(Some(line))
     }
 
     /// With no partial frame buffered, no descriptor can be waiting: a frame's
@@ -587,7 +659,7 @@ impl FrameDecoder {
     fn check_unclaimed(&mut self) -> Result<(), ChannelError> {
         if self.start == self.end && !self.fds.is_empty() {
             let count = self.fds.len();
-            self.fds.clear();
+            self.clear_fds();
             return Err(ChannelError::UnclaimedFds { count });
         }
         Ok(())
@@ -597,6 +669,7 @@ impl FrameDecoder {
     fn read_target(&mut self) -> (&mut [u8], &mut VecDeque<OwnedFd>) {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
+            self.base += self.start as u64;
             self.end -= self.start;
             self.start = 0;
         }
@@ -616,12 +689,20 @@ impl FrameDecoder {
 
     fn filled(&mut self, received: sys::Received) -> Result<(), ChannelError> {
         self.end += received.bytes;
-        if received.truncated {
-            self.truncated = true;
+        let count = self.fds.len() - self.batched;
+        if count > 0 || received.truncated {
+            // The read's last byte (none at the end of the stream: no frame's).
+            let at = self.base + self.end as u64 - u64::from(received.bytes > 0);
+            self.batches.push_back(FdBatch {
+                at,
+                count,
+                truncated: received.truncated,
+            });
+            self.batched += count;
         }
         if self.fds.len() > MAX_PENDING_FDS {
             let count = self.fds.len();
-            self.fds.clear();
+            self.clear_fds();
             return Err(ChannelError::TooManyPendingFds {
                 count,
                 max: MAX_PENDING_FDS,
@@ -632,7 +713,7 @@ impl FrameDecoder {
 
     fn at_eof(&mut self) -> Result<(), ChannelError> {
         if self.start != self.end {
-            self.fds.clear();
+            self.clear_fds();
             return Err(ChannelError::TruncatedFrame {
                 buffered: self.end - self.start,
             });
@@ -841,6 +922,88 @@ mod tests {
         ));
     }
 
+    /// One `recvmsg` as the kernel would return it: `bytes`, with `fds` arrived.
+    fn read_into(d: &mut FrameDecoder, bytes: &[u8], fds: Vec<OwnedFd>, truncated: bool) {
+        let (spare, queue) = d.read_target();
+        spare[..bytes.len()].copy_from_slice(bytes);
+        queue.extend(fds);
+        d.filled(sys::Received {
+            bytes: bytes.len(),
+            truncated,
+        })
+        .expect("filled");
+    }
+
+    fn inode(fd: &OwnedFd) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::File::from(fd.try_clone().expect("dup"))
+            .metadata()
+            .expect("fstat")
+            .ino()
+    }
+
+    #[test]
+    fn a_frame_whose_descriptors_were_dropped_never_takes_the_next_frames() {
+        // Frame A is split across two reads (the buffer was full): its first part came
+        // with MSG_CTRUNC and none of its descriptor. The second read holds the rest
+        // of A, then all of B with B's descriptor (a read stops after a segment with
+        // descriptors, not before).
+        let a = frame(&ToWorker::Connections {
+            listener: 0,
+            count: 1,
+        })
+        .expect("encode");
+        let b = frame(&ToWorker::Connections {
+            listener: 1,
+            count: 1,
+        })
+        .expect("encode");
+        let (b_fd, _peer) = UnixStream::pair().expect("pair");
+        let b_fd = OwnedFd::from(b_fd);
+        let b_inode = inode(&b_fd);
+        let mut d = FrameDecoder::default();
+        read_into(&mut d, &a[..3], vec![], true);
+        let mut rest = a[3..].to_vec();
+        rest.extend_from_slice(&b);
+        read_into(&mut d, &rest, vec![b_fd], false);
+        let (msg, fds) = d
+            .next_frame(protocol::decode_payload::<ToWorker>)
+            .expect("ok")
+            .expect("frame");
+        assert!(matches!(msg, ToWorker::Connections { listener: 0, .. }));
+        assert!(
+            fds.is_empty(),
+            "A's descriptor was dropped; it must not get B's"
+        );
+        assert_eq!(d.lost, 1);
+        let (msg, fds) = d
+            .next_frame(protocol::decode_payload::<ToWorker>)
+            .expect("ok")
+            .expect("frame");
+        assert!(matches!(msg, ToWorker::Connections { listener: 1, .. }));
+        assert_eq!(fds.len(), 1);
+        assert_eq!(inode(&fds[0]), b_inode, "B gets its own descriptor");
+        assert_eq!(d.lost, 1);
+    }
+
+    #[test]
+    fn descriptors_with_a_frame_that_claims_none_are_an_error_at_once() {
+        // A peer that sends a descriptor with a message that carries none (a worker
+        // sending one to its master): refused with that frame, even while the next
+        // frame is still partial.
+        let ping = frame(&ToWorker::Ping).expect("encode");
+        let next = frame(&ToWorker::User(vec![7; 64])).expect("encode");
+        let mut d = FrameDecoder::default();
+        let fds = dev_null_fds(1).into_iter().map(OwnedFd::from).collect();
+        read_into(&mut d, &ping, fds, false);
+        read_into(&mut d, &next[..10], vec![], false);
+        assert!(matches!(
+            d.next_frame(protocol::decode_payload::<ToWorker>),
+            Err(ChannelError::UnclaimedFds { count: 1 })
+        ));
+        assert!(d.fds.is_empty() && d.batches.is_empty());
+    }
+
     #[tokio::test]
     async fn lines_are_read_whole_and_bounded() {
         use std::io::Write;
@@ -855,11 +1018,30 @@ mod tests {
             reader.recv_line(100).await.expect("ok"),
             Some(b"{\"b\":2}".to_vec())
         );
+        // A line too long is reported, then skipped to its newline: the next line
+        // is read whole, however the long one arrives.
         raw_a.write_all(&[b'x'; 200]).expect("write");
         assert!(matches!(
             reader.recv_line(100).await,
             Err(ChannelError::LineTooLong { .. })
         ));
+        raw_a.write_all(&[b'y'; 300]).expect("write");
+        raw_a.write_all(b"yy\n{\"c\":3}\n").expect("write");
+        assert_eq!(
+            reader.recv_line(100).await.expect("ok"),
+            Some(b"{\"c\":3}".to_vec())
+        );
+        raw_a
+            .write_all(&[&[b'z'; 150][..], b"\n{\"d\":4}\n"].concat())
+            .expect("write");
+        assert!(matches!(
+            reader.recv_line(100).await,
+            Err(ChannelError::LineTooLong { len: 150, .. })
+        ));
+        assert_eq!(
+            reader.recv_line(100).await.expect("ok"),
+            Some(b"{\"d\":4}".to_vec())
+        );
     }
 
     #[tokio::test]

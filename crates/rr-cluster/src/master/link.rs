@@ -454,6 +454,22 @@ async fn next(
             },
             Ok(None) => Ok(false),
             Err(ChannelError::Closed) => Ok(false),
+            // An application's message too long (Node's own are short): skipped to its
+            // newline by the reader, dropped like one that cannot be read.
+            Err(ChannelError::LineTooLong { len, max }) => {
+                let n = link.unreadable.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        worker = link.slot,
+                        id = link.id,
+                        dropped = n,
+                        len,
+                        max,
+                        "a message from the worker is longer than the limit; dropped"
+                    );
+                }
+                Ok(true)
+            }
             Err(e) => Err(e.to_string()),
         },
     }
