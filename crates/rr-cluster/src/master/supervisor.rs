@@ -529,7 +529,8 @@ impl Supervisor {
                 continue;
             }
             match state {
-                ProcState::Starting => {
+                // Killed by a forced stop before it was ready: no timeout to report.
+                ProcState::Starting if !killed => {
                     p.state = ProcState::Hung;
                     let timeout = self.policy.ready_timeout;
                     self.publish(Event::WorkerReadyTimeout { slot, id, timeout });
@@ -744,14 +745,14 @@ impl Supervisor {
         self.out.push(Action::Publish(event));
     }
 
-    fn new_proc(&mut self, now: Instant, slot: u32) -> u64 {
+    fn new_proc(&mut self, now: Instant, slot: u32, generation: u64) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.procs.insert(
             id,
             Proc {
                 slot,
-                generation: self.generation,
+                generation,
                 pid: None,
                 state: ProcState::Starting,
                 spawned_at: now,
@@ -774,13 +775,13 @@ impl Supervisor {
         self.out.push(Action::Spawn {
             slot,
             id,
-            generation: self.generation,
+            generation,
         });
         id
     }
 
     fn spawn_current(&mut self, now: Instant, slot: u32) -> u64 {
-        let id = self.new_proc(now, slot);
+        let id = self.new_proc(now, slot, self.generation);
         if let Some(s) = self.slots.get_mut(slot as usize) {
             s.current = Some(id);
             s.restart_at = None;
@@ -789,7 +790,25 @@ impl Supervisor {
     }
 
     fn spawn_successor(&mut self, now: Instant, slot: u32, purpose: Purpose) -> u64 {
-        let id = self.new_proc(now, slot);
+        // A recycle replaces a worker with one like it. While a reload runs, the
+        // configuration it rolls out is for the reload's own successors: a slot not
+        // rolled over yet keeps the one before, so that a failed reload leaves none of
+        // the new configuration behind.
+        let generation = match (&purpose, &self.reload) {
+            (Purpose::Recycle(_), Some(r)) if r.only.is_none() => {
+                let old = self.slots[slot as usize]
+                    .current
+                    .and_then(|id| self.procs.get(&id))
+                    .map(|p| p.generation);
+                if old == Some(r.generation) {
+                    r.generation
+                } else {
+                    r.previous_generation
+                }
+            }
+            _ => self.generation,
+        };
+        let id = self.new_proc(now, slot, generation);
         if let Some(s) = self.slots.get_mut(slot as usize) {
             s.successor = Some(Successor { id, purpose });
         }
@@ -1033,13 +1052,15 @@ impl Supervisor {
         };
         if s.current == Some(id) {
             s.current = None;
-            if let Some(next) = s.successor.take() {
+            if let Some(next) = self.take_live_successor(slot) {
                 // The replacement being prepared takes the slot now.
-                s.current = Some(next.id);
-                if let Some(p) = self.procs.get(&next.id) {
-                    if p.state == ProcState::Ready {
-                        self.sync_rotation(next.id);
-                    }
+                self.slots[slot as usize].current = Some(next);
+                if self
+                    .procs
+                    .get(&next)
+                    .is_some_and(|p| p.state == ProcState::Ready)
+                {
+                    self.sync_rotation(next);
                 }
             } else {
                 // The worker a reload waits for (it took the slot early): the reload
@@ -1136,16 +1157,16 @@ impl Supervisor {
             return;
         }
         if is_current {
-            if let Some(next) = self.slots[slot as usize].successor.take() {
+            if let Some(next) = self.take_live_successor(slot) {
                 // The replacement being prepared (reload or recycle) takes the slot
                 // now, as after a suicide: no second replacement.
-                self.slots[slot as usize].current = Some(next.id);
+                self.slots[slot as usize].current = Some(next);
                 if self
                     .procs
-                    .get(&next.id)
+                    .get(&next)
                     .is_some_and(|p| p.state == ProcState::Ready)
                 {
-                    self.sync_rotation(next.id);
+                    self.sync_rotation(next);
                 }
                 return;
             }
@@ -1166,6 +1187,18 @@ impl Supervisor {
             uptime = Some(Duration::MAX);
         }
         self.restart(now, slot, was_ready, uptime, false);
+    }
+
+    /// Takes `slot`'s successor to take the slot over: one starting or ready. One on
+    /// its way out (hung, lost, announced its end: a failed reload's new worker, say)
+    /// is only let go of: the slot is restarted instead, at once, and that worker's
+    /// exit counts for nothing.
+    fn take_live_successor(&mut self, slot: u32) -> Option<u64> {
+        let next = self.slots.get_mut(slot as usize)?.successor.take()?;
+        self.procs
+            .get(&next.id)
+            .is_some_and(|p| matches!(p.state, ProcState::Starting | ProcState::Ready))
+            .then_some(next.id)
     }
 
     /// The successor of `slot` (worker `id`) failed before it took over.
@@ -1222,7 +1255,9 @@ impl Supervisor {
         if let Some(stopped) = &r.gave_up_before {
             self.gave_up = true;
             for (s, was) in self.slots.iter_mut().zip(stopped) {
-                if *was && s.current.is_none() && s.successor.is_none() && s.restart_at.is_none() {
+                // A restart the reload's new worker scheduled is dropped with it.
+                if *was && s.current.is_none() && s.successor.is_none() {
+                    s.restart_at = None;
                     s.stopped = true;
                 }
             }
@@ -1372,6 +1407,14 @@ impl Supervisor {
                         (ProcState::Lost, _) => "the new worker's channel closed",
                         _ => "the new worker announced its end",
                     };
+                    // It will never take the slot over.
+                    if self.slots[slot as usize]
+                        .successor
+                        .as_ref()
+                        .is_some_and(|x| x.id == id)
+                    {
+                        self.slots[slot as usize].successor = None;
+                    }
                     self.reload_failed(now, slot, reason);
                     return;
                 }
@@ -1795,6 +1838,121 @@ mod tests {
         // A later reload re-arms the pool.
         h.reload();
         assert!(!h.sm.gave_up());
+    }
+
+    /// A reload's new worker whose channel closed (the reload failed) stayed the
+    /// slot's successor until reaped: a suicide of the slot's worker then handed the
+    /// slot to it, so nothing replaced that worker, and the dead one's exit counted as
+    /// a boot failure.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_reloads_dead_worker_never_takes_the_slot_over() {
+        let mut h = Harness::new(no_heartbeat_policy(), 1);
+        let a = h.last_spawn(0);
+        h.ready(a);
+        h.advance(Duration::from_secs(2)).await;
+        h.reload();
+        let b = h.last_spawn(0);
+        h.input(Input::ChannelClosed { id: b, error: None });
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::ReloadFailed { .. })),
+            1
+        );
+        h.input(Input::Suicide {
+            id: a,
+            reason: "leaving".to_owned(),
+        });
+        let c = h.last_spawn(0);
+        assert!(c != a && c != b, "a replacement at once");
+        assert_eq!(h.sm.slots[0].current, Some(c));
+        h.advance(Duration::from_secs(1)).await;
+        h.exit(b, None, Some(9));
+        assert_eq!(h.sm.restarts_in_window(Instant::now()), 0);
+        assert_eq!(h.sm.slots[0].current, Some(c));
+        assert_eq!(h.last_spawn(0), c, "no second replacement");
+    }
+
+    /// A recycle started while a reload ran got the reload's configuration; when the
+    /// reload failed, that worker kept the rejected configuration for good.
+    #[tokio::test(start_paused = true)]
+    async fn a_recycle_during_a_reload_keeps_the_configuration_in_effect_before() {
+        let mut h = Harness::new(no_heartbeat_policy(), 2);
+        let (a, b) = (h.last_spawn(0), h.last_spawn(1));
+        h.ready(a);
+        h.ready(b);
+        h.advance(Duration::from_secs(2)).await;
+        h.reload();
+        let n0 = h.last_spawn(0);
+        h.input(Input::Recycle {
+            id: b,
+            reason: "memory".to_owned(),
+        });
+        let r = h.last_spawn(1);
+        assert_ne!(r, b);
+        assert_eq!(h.sm.procs[&r].generation, 0);
+        h.crash(n0);
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::ReloadFailed { generation: 1, .. })),
+            1
+        );
+        h.ready(r);
+        assert_eq!(h.sm.slots[1].current, Some(r));
+        assert_eq!(h.sm.procs[&r].generation, 0);
+        assert!(h.has(|x| matches!(
+            x,
+            Action::Spawn {
+                id,
+                generation: 0,
+                ..
+            } if *id == r
+        )));
+    }
+
+    /// After a give-up (keep), a failed reload gave the give-up back, but a restart
+    /// the reload's own worker in a stopped slot had scheduled stayed, shown as a
+    /// backoff for a restart that never came.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_reload_after_a_give_up_drops_its_pending_restart() {
+        let policy = Policy {
+            on_give_up: GiveUpAction::Keep,
+            restart_limit: 1,
+            ..no_heartbeat_policy()
+        };
+        let mut h = Harness::new(policy, 2);
+        let (a, b) = (h.last_spawn(0), h.last_spawn(1));
+        h.ready(b);
+        h.crash(a);
+        h.advance(Duration::from_secs(1)).await;
+        let a2 = h.last_spawn(0);
+        h.crash(a2);
+        h.advance(Duration::from_secs(5)).await;
+        assert!(h.sm.gave_up());
+        h.reload();
+        // Slot 0 had nothing: its new worker is its own. Slot 1's is a successor.
+        let (n0, n1) = (h.last_spawn(0), h.last_spawn(1));
+        h.crash(n0);
+        assert!(h.sm.slots[0].restart_at.is_some());
+        h.crash(n1);
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::ReloadFailed { generation: 1, .. })),
+            1
+        );
+        assert!(h.sm.gave_up());
+        let rows = h.sm.status(Instant::now());
+        assert_eq!(rows[0].state, WorkerState::Stopped);
+        assert!(h.sm.slots[0].stopped);
+    }
+
+    /// A forced stop's kill of a worker still starting is no ready timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_stop_reports_no_ready_timeout() {
+        let mut h = Harness::new(quick_policy(), 1);
+        h.sm.stop(Instant::now(), false);
+        h.pump();
+        h.advance(Duration::from_secs(6)).await;
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::WorkerReadyTimeout { .. })),
+            0
+        );
     }
 
     #[tokio::test(start_paused = true)]
