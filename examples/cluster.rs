@@ -7,8 +7,12 @@
 //! curl http://127.0.0.1:3000/
 //! ```
 
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Response;
 use rr_cluster::{Event, Master, Worker, WorkerCommand};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -33,7 +37,11 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! {
             code = handle.wait() => std::process::exit(code),
             event = events.recv() => if let Ok(Event::WorkerReady { slot, .. }) = event {
-                handle.send(Some(slot), b"hello, worker".to_vec()).await?;
+                // A message can fail (the worker left meanwhile, the master stops):
+                // that is no reason to end the master.
+                if let Err(e) = handle.send(Some(slot), b"hello, worker".to_vec()).await {
+                    eprintln!("no hello for worker {slot}: {e}");
+                }
             },
             Some(msg) = messages.recv() => {
                 println!("worker {} says: {}", msg.slot, String::from_utf8_lossy(&msg.payload));
@@ -44,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn worker() -> anyhow::Result<()> {
     let worker = Worker::from_env().await?;
+    worker.install_panic_hook();
     let mut messages = worker.messages().expect("first call");
     let replier = worker.clone();
     tokio::spawn(async move {
@@ -52,21 +61,13 @@ async fn worker() -> anyhow::Result<()> {
             let _ = replier.send(reply.into_bytes()).await;
         }
     });
-    let id = worker.id();
-    let mut incoming = worker.ready().await?;
-    while let Some(mut conn) = incoming.accept().await {
-        tokio::spawn(async move {
-            // A minimal HTTP/1.0-style answer: read the request head, reply, close.
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf).await;
-            let body = format!("Hello from worker {id}\n");
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-        });
-    }
-    worker.drained().await;
+    // The library's drain-correct HTTP server (keep-alive, HTTP/2): no request is lost
+    // in a rolling reload or a stop.
+    let body = Bytes::from(format!("Hello from worker {}\n", worker.id()));
+    let service = hyper::service::service_fn(move |_req| {
+        let body = body.clone();
+        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+    });
+    rr_cluster::http::serve(worker, service).await?;
     Ok(())
 }

@@ -20,7 +20,10 @@ async fn main() -> Result<(), WorkerError> {
             let _ = tokio::io::copy(&mut read, &mut write).await;
         });
     }
-    // Drain notice (or the master is gone): let open connections finish.
+    // Drain notice (or the master is gone): let open connections finish. An echo
+    // connection has no natural end: one its client keeps open is cut at the drain
+    // deadline. A protocol with requests ends its connections between them instead,
+    // as `rr_cluster::http` does.
     worker.drained().await;
     Ok(())
 }

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! `GET /sleep/<ms>` answers after `ms` milliseconds (at most 60 s): a slow request
-//! for trying graceful stops and reloads.
+//! for trying graceful stops and reloads. Like any request, one still running at the
+//! drain deadline (`drain_timeout`, 30 s by default) is cut when the worker is killed.
 //!
 //! It serves through `rr_cluster::http`, the library's drain-correct server: on drain,
 //! requests that arrive on open keep-alive connections get `Connection: close`, idle

@@ -1052,7 +1052,7 @@ impl Supervisor {
         };
         if s.current == Some(id) {
             s.current = None;
-            if let Some(next) = self.take_live_successor(slot) {
+            if let Some(next) = self.take_live_successor(now, slot) {
                 // The replacement being prepared takes the slot now.
                 self.slots[slot as usize].current = Some(next);
                 if self
@@ -1157,7 +1157,7 @@ impl Supervisor {
             return;
         }
         if is_current {
-            if let Some(next) = self.take_live_successor(slot) {
+            if let Some(next) = self.take_live_successor(now, slot) {
                 // The replacement being prepared (reload or recycle) takes the slot
                 // now, as after a suicide: no second replacement.
                 self.slots[slot as usize].current = Some(next);
@@ -1191,14 +1191,17 @@ impl Supervisor {
 
     /// Takes `slot`'s successor to take the slot over: one starting or ready. One on
     /// its way out (hung, lost, announced its end: a failed reload's new worker, say)
-    /// is only let go of: the slot is restarted instead, at once, and that worker's
-    /// exit counts for nothing.
-    fn take_live_successor(&mut self, slot: u32) -> Option<u64> {
+    /// is let go of, its reload or recycle failed if that was not said yet: the slot is
+    /// restarted instead, and that worker's exit counts for nothing.
+    fn take_live_successor(&mut self, now: Instant, slot: u32) -> Option<u64> {
         let next = self.slots.get_mut(slot as usize)?.successor.take()?;
-        self.procs
-            .get(&next.id)
-            .is_some_and(|p| matches!(p.state, ProcState::Starting | ProcState::Ready))
-            .then_some(next.id)
+        let p = self.procs.get(&next.id)?;
+        if matches!(p.state, ProcState::Starting | ProcState::Ready) {
+            return Some(next.id);
+        }
+        let reason = end_reason(p);
+        self.successor_failed(now, slot, next.id, Some(next.purpose), reason);
+        None
     }
 
     /// The successor of `slot` (worker `id`) failed before it took over.
@@ -1401,12 +1404,7 @@ impl Supervisor {
                 if !matches!(p.state, ProcState::Starting | ProcState::Ready) {
                     // It left (Suicide), hung or lost its channel before it settled:
                     // it never will, and its exit would count as planned.
-                    let reason = match (p.state, p.ready_at) {
-                        (ProcState::Hung, None) => "the new worker did not get ready in time",
-                        (ProcState::Hung, Some(_)) => "the new worker stopped answering",
-                        (ProcState::Lost, _) => "the new worker's channel closed",
-                        _ => "the new worker announced its end",
-                    };
+                    let reason = end_reason(p);
                     // It will never take the slot over.
                     if self.slots[slot as usize]
                         .successor
@@ -1488,6 +1486,16 @@ impl Supervisor {
                 code: self.exit_code,
             });
         }
+    }
+}
+
+/// Why a new worker no longer in state `Starting` or `Ready` will never take over.
+fn end_reason(p: &Proc) -> &'static str {
+    match (p.state, p.ready_at) {
+        (ProcState::Hung, None) => "the new worker did not get ready in time",
+        (ProcState::Hung, Some(_)) => "the new worker stopped answering",
+        (ProcState::Lost, _) => "the new worker's channel closed",
+        _ => "the new worker announced its end",
     }
 }
 
@@ -1869,6 +1877,40 @@ mod tests {
         assert_eq!(h.sm.restarts_in_window(Instant::now()), 0);
         assert_eq!(h.sm.slots[0].current, Some(c));
         assert_eq!(h.last_spawn(0), c, "no second replacement");
+    }
+
+    /// A recycle's replacement that lost its channel, then the slot's worker crashed:
+    /// the dead replacement does not take the slot, the recycle fails, the slot is
+    /// restarted.
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_recycle_replacement_never_takes_the_slot_over() {
+        let mut h = Harness::new(no_heartbeat_policy(), 1);
+        let a = h.last_spawn(0);
+        h.ready(a);
+        h.advance(Duration::from_secs(2)).await;
+        h.input(Input::Recycle {
+            id: a,
+            reason: "memory".to_owned(),
+        });
+        let r = h.last_spawn(0);
+        assert_ne!(r, a);
+        h.input(Input::ChannelClosed { id: r, error: None });
+        h.crash(a);
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::RecycleFailed { .. })),
+            1
+        );
+        let c = h.last_spawn(0);
+        assert!(c != a && c != r, "a replacement at once");
+        assert_eq!(h.sm.slots[0].current, Some(c));
+        h.advance(Duration::from_secs(1)).await;
+        h.exit(r, None, Some(9));
+        assert_eq!(h.sm.slots[0].current, Some(c));
+        assert_eq!(h.last_spawn(0), c, "no second replacement");
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::RecycleFailed { .. })),
+            1
+        );
     }
 
     /// A recycle started while a reload ran got the reload's configuration; when the
