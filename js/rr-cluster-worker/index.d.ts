@@ -56,6 +56,8 @@ declare namespace rrClusterWorker {
 
     serve<S extends NetServer>(server: S, options?: ServeOptions): S;
     ready(): void;
+    /** A user message to the master. Throws a TypeError for a reserved value, a RangeError
+     *  for one whose JSON line (newline included) is longer than 64 KiB. */
     send(value: unknown, callback?: (err: Error | null) => void): boolean;
     shutdown(reason?: string): void;
 

@@ -27,6 +27,9 @@ const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10000;
 const DEFAULT_PORT = 3000;
 const SWEEP_INTERVAL_MS = 100;
 const MAX_PENDING_MESSAGES = 1000;
+// The master's limit on a line from the worker, newline included
+// (crates/rr-cluster/src/node.rs): it drops a longer one.
+const MAX_LINE_BYTES = 64 * 1024;
 // The backlog rr-cluster's master listens with (BACKLOG in
 // crates/rr-cluster/src/master/listen.rs); the kernel caps it at somaxconn. The Node
 // dialect does not carry it, so shared listening sockets are given this one back.
@@ -37,6 +40,14 @@ const SINGLETON = Symbol.for('rr-cluster-worker');
 // arriving).
 const IDLE_SINCE = Symbol('rr-cluster idle since');
 const READ_AT_IDLE = Symbol('rr-cluster bytes read when idle');
+// On a socket: the served server it was emitted on as a 'connection' (a second emit is
+// dropped), and the last response asked for on it (pipelined requests: the responses
+// before it are not the connection's last).
+const EMITTED_ON = Symbol('rr-cluster emitted on');
+const LATEST_RESPONSE = Symbol('rr-cluster latest response');
+// On a response: watched by the drain (see #watchResponse).
+const WATCHED = Symbol('rr-cluster watched');
+const REQUEST_EVENTS = new Set(['request', 'checkContinue', 'checkExpectation']);
 
 function stampIdle(socket, at = Date.now()) {
   socket[IDLE_SINCE] = at;
@@ -117,6 +128,7 @@ class RRClusterWorker extends EventEmitter {
   #isReady = false;
   #heartbeat = null;
   #draining = false;
+  #signalled = false;      // a SIGTERM/SIGINT came: the next one exits at once
   // After our own suicide: the master may have sent connections before it read it, and
   // its drain notice comes after them. No exit before that notice (or the channel's
   // end, or the deadline).
@@ -132,6 +144,9 @@ class RRClusterWorker extends EventEmitter {
   #processHandlers = false;
   #shutdownTimeoutMs = DEFAULT_SHUTDOWN_TIMEOUT_MS;
   #warnedListeners = new Set();
+  #warnedDuplicate = false;
+  #warnedUnclaimed = false;
+  #sharedClaimed = false;  // a listening socket received was taken (by serve() or the application)
 
   constructor() {
     super();
@@ -240,12 +255,12 @@ class RRClusterWorker extends EventEmitter {
     };
     this.#entries.push(entry);
 
+    this.#hookEmit(entry);
     server.on('connection', (socket) => this.#track(entry, socket));
     if (server instanceof https.Server) {
       server.on('secureConnection', (socket) => this.#trackHttp(entry, socket));
     }
-    // Nothing runs per request until the drain (see #startDrain): serving costs what
-    // the bare server costs.
+    // Until the drain, only #hookEmit's bookkeeping runs per request (see #startDrain).
     if (entry.http && this.isWorker) enableConnectionTracking(server);
 
     if (options.handleErrors !== false || options.handleSignals !== false) {
@@ -288,6 +303,8 @@ class RRClusterWorker extends EventEmitter {
    * Sends a user message (any JSON value; objects with an `rr` key or a NODE_ `cmd`
    * are reserved) to the master. Returns false when there is no master to send to, or
    * when the channel's write queue is long; `callback(err)` runs once it is written.
+   * Throws a RangeError for a value whose JSON line is longer than 64 KiB (newline
+   * included): the master would drop it.
    */
   send(value, callback) {
     if (isReserved(value)) {
@@ -295,6 +312,16 @@ class RRClusterWorker extends EventEmitter {
     }
     if (callback !== undefined && typeof callback !== 'function') {
       throw new TypeError('send(value, callback): callback must be a function');
+    }
+    // What Node writes: the JSON text and a newline. (A value JSON cannot represent
+    // is left to process.send to refuse.)
+    const json = JSON.stringify(value);
+    if (typeof json === 'string' && json.length * 3 + 1 > MAX_LINE_BYTES) {
+      const bytes = Buffer.byteLength(json) + 1;
+      if (bytes > MAX_LINE_BYTES) {
+        throw new RangeError(`send(): the message is ${bytes} bytes as a JSON line; the master ` +
+          `drops lines longer than ${MAX_LINE_BYTES} bytes`);
+      }
     }
     return this.#write(value, callback);
   }
@@ -403,13 +430,51 @@ class RRClusterWorker extends EventEmitter {
   #onListen(listener, server) {
     // First, whatever becomes of this copy: the backlog is the pool's.
     restoreBacklog(server, listener);
-    if (this.#entries.length === 0) return;
+    if (this.#entries.length === 0) {
+      // The application may accept on it itself, in its own process.on('message'):
+      // judged once every listener of this message has run (Node accepts nothing on
+      // the socket before the next poll).
+      setImmediate(() => this.#onUnclaimedListen(listener, server));
+      return;
+    }
+    this.#adoptListen(listener, server);
+  }
+
+  // A listening socket received while no server was served: unless the application
+  // took it, it would accept connections nobody serves.
+  #onUnclaimedListen(listener, server) {
+    if (server.listenerCount('connection') > 0) {
+      this.#sharedClaimed = true;
+      return;
+    }
+    if (this.#entries.length > 0) {
+      this.#adoptListen(listener, server);
+      return;
+    }
+    server.close();
+    // A pool in shared mode gives this worker no connection otherwise: leave it, so
+    // that the master sees and logs why (it drains this worker and starts another).
+    const leave = !this.#sharedClaimed && !this.#draining;
+    if (!this.#warnedUnclaimed) {
+      this.#warnedUnclaimed = true;
+      process.stderr.write(`rr-cluster-worker: shared listener ${listener}: nothing accepts on ` +
+        'the listening socket (no serve(), no \'connection\' listener on the {rr:\'listen\'} ' +
+        `handle); closed it${leave ? ', leaving the pool' : ''}\n`);
+    }
+    if (leave) {
+      this.#suicide(`shared listener ${listener}: nothing in the worker accepts on it ` +
+        '(call serve(server), or handle {rr:\'listen\'} messages)');
+    }
+  }
+
+  #adoptListen(listener, server) {
     const entry = this.#entryFor(listener);
     if (!entry || this.#draining) {
       if (!entry) this.#warnListener(listener);
       server.close();
       return;
     }
+    this.#sharedClaimed = true;
     entry.shared.push(server);
     server.on('connection', (socket) => {
       if (!this.#draining) this.#feed(entry, socket);
@@ -418,6 +483,44 @@ class RRClusterWorker extends EventEmitter {
     server.on('error', (err) => {
       process.stderr.write(`rr-cluster-worker: shared listener ${listener}: ${oneLine(err)}\n`);
     });
+  }
+
+  // The served server's emit, for two things every socket and request pass through:
+  // - a socket emitted as a 'connection' a second time (an application that still feeds
+  //   the master's connections itself, in its own process.on('message'), besides
+  //   serve()) would get a second HTTP parser on the same bytes: the duplicate is
+  //   dropped, whichever of the two came first;
+  // - the last request on each connection, for the drain's Connection: close.
+  #hookEmit(entry) {
+    const server = entry.server;
+    const emit = server.emit;
+    const worker = this;
+    server.emit = function emitServed(event, first, second) {
+      if (event === 'connection') {
+        if (first !== null && typeof first === 'object') {
+          if (first[EMITTED_ON] === this) {
+            worker.#warnDuplicate();
+            return true;
+          }
+          first[EMITTED_ON] = this;
+        }
+      } else if (entry.http && REQUEST_EVENTS.has(event) && first && second) {
+        const socket = first.socket;
+        if (socket) {
+          socket[LATEST_RESPONSE] = second;
+          if (worker.#draining) worker.#watchResponse(second, socket);
+        }
+      }
+      return Reflect.apply(emit, this, arguments);
+    };
+  }
+
+  #warnDuplicate() {
+    if (this.#warnedDuplicate) return;
+    this.#warnedDuplicate = true;
+    process.stderr.write('rr-cluster-worker: a connection was emitted twice on a served server: ' +
+      'serve() already feeds it the master\'s connections, remove the application\'s own ' +
+      'process.on(\'message\') code that emits them; the second emit is ignored\n');
   }
 
   #warnListener(listener) {
@@ -481,27 +584,20 @@ class RRClusterWorker extends EventEmitter {
         else entry.server.close();
       }
       if (entry.http) {
-        // From now on every response says Connection: close: requests that arrive
-        // later (this listener runs before the application's handler, so the header
-        // is in place before it writes its head), and those in flight whose head is
-        // not written yet (a socket's current response is its _httpMessage, which
-        // Node clears once the response is done).
-        // A socket is idle again once its response is flushed ('finish'): the grace
-        // counts from then, for a client that may send its next request at once.
-        entry.server.prependListener('request', (req, res) => {
-          if (!res.headersSent) res.setHeader('Connection', 'close');
-          const socket = req.socket;
-          res.once('finish', () => stampIdle(socket));
-        });
+        // From now on the last response of each connection says Connection: close:
+        // those of requests that arrive later (see #hookEmit), and those in flight
+        // whose head is not written yet (a socket's current response is its
+        // _httpMessage, which Node clears once the response is done; pipelined
+        // requests wait behind it, the last one asked for is LATEST_RESPONSE).
         const now = Date.now();
         for (const socket of entry.httpSockets) {
-          const res = socket._httpMessage;
-          if (res) {
-            if (!res.headersSent) res.setHeader('Connection', 'close');
-            res.once('finish', () => stampIdle(socket));
-          } else {
-            stampIdle(socket, now);
+          const current = socket._httpMessage;
+          const latest = socket[LATEST_RESPONSE];
+          if (current) this.#watchResponse(current, socket);
+          if (latest && latest !== current && !latest.writableFinished) {
+            this.#watchResponse(latest, socket);
           }
+          if (!current) stampIdle(socket, now);
         }
         const timer = setTimeout(() => {
           this.#sweep(entry);
@@ -529,6 +625,28 @@ class RRClusterWorker extends EventEmitter {
     setImmediate(() => this.#maybeExit());
   }
 
+  // During the drain, for each response: Connection: close if it is still the last one
+  // asked for on its connection when its head is written (a response before a
+  // pipelined request keeps the connection open: closing after it would lose the
+  // answers queued behind it). And the socket is idle again once its response is
+  // flushed ('finish'): the grace counts from then, for a client that may send its
+  // next request at once.
+  #watchResponse(res, socket) {
+    if (res[WATCHED]) return;
+    res[WATCHED] = true;
+    res.once('finish', () => stampIdle(socket));
+    if (res.headersSent) return;
+    // Every head goes through writeHead: explicit, or implicit (write(), end(),
+    // flushHeaders()). Headers passed to it still win over this one.
+    const writeHead = res.writeHead;
+    res.writeHead = function writeHeadDraining(...args) {
+      if (!this.headersSent && (socket[LATEST_RESPONSE] ?? this) === this) {
+        this.setHeader('Connection', 'close');
+      }
+      return Reflect.apply(writeHead, this, args);
+    };
+  }
+
   // Closes the sockets idle for the whole grace. Not server.closeIdleConnections():
   // it also destroys a socket whose response is ended but not yet flushed (cutting it
   // short), and one that went idle a moment ago.
@@ -547,7 +665,13 @@ class RRClusterWorker extends EventEmitter {
     }
   }
 
+  // Without a served server the connections are the application's: so is the exit.
+  #ownsExit() {
+    return this.#entries.length > 0;
+  }
+
   #armForceExit(deadlineMs) {
+    if (!this.#ownsExit()) return;
     // Leave before the master's SIGKILL: a tenth of the deadline, 20 ms to 1 s.
     const margin = Math.min(1000, Math.max(20, Math.floor(deadlineMs / 10)));
     this.#deadlineAt = Date.now() + deadlineMs;
@@ -564,7 +688,7 @@ class RRClusterWorker extends EventEmitter {
   }
 
   #maybeExit() {
-    if (!this.#draining || this.#exiting || this.#awaitingMaster) return;
+    if (!this.#draining || this.#exiting || this.#awaitingMaster || !this.#ownsExit()) return;
     if (this.#open.size > 0 || this.#hooksPending > 0) return;
     this.#exit();
   }
@@ -588,11 +712,14 @@ class RRClusterWorker extends EventEmitter {
     if (signals) {
       for (const signal of ['SIGTERM', 'SIGINT']) {
         process.on(signal, () => {
-          if (this.#draining) {
+          if (this.#signalled) {
             // A second signal: leave now, as Node would have on the first.
             process.exit(128 + (signal === 'SIGTERM' ? 15 : 2));
           }
-          this.#suicide(signal);
+          this.#signalled = true;
+          // Already draining (the master's drain, shutdown(), a crash): that drain goes
+          // on, within this deadline at the latest.
+          if (!this.#draining) this.#suicide(signal);
           this.#startDrain('signal', this.#shutdownTimeoutMs);
         });
       }

@@ -267,6 +267,20 @@ class RawHttp {
   }
 }
 
+/** Resolves once a connection to `port` is refused (nothing listens any more), at most `ms`. */
+async function refused(port, ms = 3000) {
+  const deadline = Date.now() + ms;
+  const attempt = () => within(1000, new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1');
+    s.on('connect', () => { s.destroy(); resolve(false); });
+    s.on('error', (err) => resolve(err.code === 'ECONNREFUSED'));
+  }), `connect to ${port}`);
+  while (!(await attempt())) {
+    if (Date.now() >= deadline) throw new Error(`timed out after ${ms} ms: connections to ${port} refused`);
+    await sleep(20);
+  }
+}
+
 /** GET on a fresh connection with Connection: close. */
 async function get(port, pathname = '/') {
   const c = await RawHttp.connect(port);
@@ -277,4 +291,4 @@ async function get(port, pathname = '/') {
   }
 }
 
-module.exports = { FakeMaster, FakeWorker, RawHttp, get, sleep, waitFor, within, PACKAGE, ROOT, FIXTURES };
+module.exports = { FakeMaster, FakeWorker, RawHttp, get, refused, sleep, waitFor, within, PACKAGE, ROOT, FIXTURES };

@@ -229,3 +229,64 @@ test('drain over TLS: a response in flight is not cut, an idle connection is clo
   assert.equal((await worker.waitExit(5000)).code, 0);
 });
 
+
+test('drain: pipelined requests are all answered; only the last response says Connection: close', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE) },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const c = await RawHttp.connect(master.port);
+  t.after(() => c.close());
+  assert.equal((await c.request('/')).status, 200);
+  // A in flight, B pipelined behind it; both heads are written after the drain.
+  c.socket.write('GET /slow?ms=500 HTTP/1.1\r\nHost: x\r\n\r\nGET /slow?ms=700 HTTP/1.1\r\nHost: x\r\n\r\n');
+  await sleep(150);
+  await worker.drain(5000);
+  const a = await c.response(3000);
+  assert.equal(a.status, 200);
+  assert.equal(a.body, 'slow done\n');
+  assert.equal(a.headers.connection, 'keep-alive', 'a response with another one behind it');
+  const b = await c.response(3000);
+  assert.equal(b.status, 200);
+  assert.equal(b.body, 'slow done\n');
+  assert.equal(b.headers.connection, 'close');
+  await within(2000, c.closed, 'closed after the last response');
+  assert.equal((await worker.waitExit(3000)).code, 0);
+});
+
+test('drain: a signal during the master\'s drain does not cut it short; a second one exits at once', async (t) => {
+  const master = await FakeMaster.start({ script: WORKER, workers: 1, heartbeatMs: 50 });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const c = await RawHttp.connect(master.port);
+  t.after(() => c.close());
+  const slow = c.request('/slow?ms=600');
+  await worker.waitMessage((m) => m.rr === 'heartbeat' && m.active === 1, 2000, 'the request open');
+  await worker.drain(5000);
+  if (worker.alive) worker.child.kill('SIGTERM');
+  const res = await slow;
+  assert.equal(res.status, 200);
+  assert.equal(res.body, 'slow done\n');
+  assert.equal(res.headers.connection, 'close');
+  assert.equal((await worker.waitExit(3000)).code, 0);
+
+  // Two signals: the first drains, the second leaves at once.
+  const second = await FakeMaster.start({ script: WORKER, workers: 1, heartbeatMs: 50 });
+  t.after(() => second.close());
+  const w = second.workers[0];
+  const d = await RawHttp.connect(second.port);
+  t.after(() => d.close());
+  const stuck = d.request('/slow?ms=10000', {}, 8000).catch((err) => err);
+  await w.waitMessage((m) => m.rr === 'heartbeat' && m.active === 1, 2000, 'the request open');
+  await w.drain(8000);
+  if (w.alive) w.child.kill('SIGTERM');
+  await sleep(300);
+  assert.equal(w.alive, true, 'the first signal after the drain does not exit');
+  const at = Date.now();
+  if (w.alive) w.child.kill('SIGTERM');
+  const exit = await w.waitExit(3000);
+  assert.equal(exit.code, 143);
+  assert.ok(exit.at - at < 1000, `exited ${exit.at - at} ms after the second signal`);
+  assert.ok((await stuck) instanceof Error);
+});

@@ -4,8 +4,9 @@
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
+const net = require('node:net');
 const path = require('node:path');
-const { FakeMaster, get, ROOT } = require('../test-support/helpers.js');
+const { FakeMaster, get, refused, within, ROOT } = require('../test-support/helpers.js');
 
 for (const name of ['app.js', 'plain.js']) {
   test(`examples/node/${name}: two workers answer as dispatched, then drain and exit 0`, async (t) => {
@@ -29,5 +30,32 @@ for (const name of ['app.js', 'plain.js']) {
       assert.equal(exit.code, 0, `${name} worker ${w.slot}: ${w.stderr}`);
       assert.ok(exit.at - drainAt < 1000, `${name} worker ${w.slot} left ${exit.at - drainAt} ms after the drain`);
     }
+  });
+}
+
+for (const name of ['app.js', 'plain.js']) {
+  test(`examples/node/${name}: shared mode: accepts on the listening socket, stops at the drain`, async (t) => {
+    const master = await FakeMaster.start({
+      script: path.join(ROOT, 'examples', 'node', name), workers: 1, dispatch: 'none',
+    });
+    t.after(() => master.close());
+    const worker = master.workers[0];
+    const listener = net.createServer();
+    await within(2000, new Promise((resolve) => listener.listen(0, '127.0.0.1', resolve)), 'listen');
+    const { port } = listener.address();
+    listener.on('connection', () => assert.fail('the master accepted a connection'));
+    await worker.sendListen(listener);
+    listener.close();
+
+    for (let i = 0; i < 3; i++) {
+      const res = await within(3000, get(port), `${name}: a connection accepted by the worker`);
+      assert.equal(res.status, 200);
+      assert.equal(res.body, `Hello from worker 0 (pid ${worker.pid})\n`);
+    }
+    const drainAt = await worker.drain(3000);
+    const exit = await worker.waitExit(3000);
+    assert.equal(exit.code, 0, `${name}: ${worker.stderr}`);
+    assert.ok(exit.at - drainAt < 1000, `${name} left ${exit.at - drainAt} ms after the drain`);
+    await refused(port);
   });
 }

@@ -4,7 +4,7 @@ const test = require('node:test');
 const assert = require('node:assert/strict');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
-const { FakeMaster, RawHttp, get, waitFor, within, FIXTURES, PACKAGE } = require('../test-support/helpers.js');
+const { FakeMaster, RawHttp, get, sleep, waitFor, within, FIXTURES, PACKAGE } = require('../test-support/helpers.js');
 
 const WORKER = path.join(FIXTURES, 'http-worker.js');
 
@@ -109,6 +109,47 @@ test('send() outside a pool returns false; reserved values are refused', () => {
   assert.equal(worker.draining, false);
 });
 
+test('send() refuses a value whose JSON line is longer than 64 KiB with a RangeError', () => {
+  const worker = require(PACKAGE);
+  // {"s":"…"} and the newline: 9 bytes around the string; 65536 in all fits.
+  const fits = { s: 'x'.repeat(65536 - 9) };
+  assert.equal(Buffer.byteLength(JSON.stringify(fits)) + 1, 65536);
+  assert.equal(worker.send(fits), false); // outside a pool: nothing to send to
+  assert.throws(() => worker.send({ s: 'x'.repeat(65536 - 8) }), RangeError);
+  // Bytes, not characters: '€' is 3 bytes in UTF-8.
+  assert.equal(worker.send('€'.repeat(21844)), false); // 3 * 21844 + 3 = 65535
+  assert.throws(() => worker.send('€'.repeat(21845)), /RangeError: send\(\): the message is 65538 bytes/);
+  // Reported before the callback could be.
+  let called = false;
+  assert.throws(() => worker.send({ s: 'x'.repeat(70000) }, () => { called = true; }), RangeError);
+  assert.equal(called, false);
+});
+
+for (const first of ['app', 'package']) {
+  test(`a connection fed both by serve() and by the application (${first} first) is served once`, async (t) => {
+    const master = await FakeMaster.start({
+      script: path.join(FIXTURES, 'double-feed-worker.js'), workers: 1,
+      env: { TEST_FEED_FIRST: first, TEST_HEADERS_TIMEOUT_MS: '300' },
+    });
+    t.after(() => master.close());
+    const worker = master.workers[0];
+    const c = await RawHttp.connect(master.port);
+    t.after(() => c.close());
+    const one = await c.request('/');
+    assert.equal(one.status, 200);
+    assert.equal(one.body, 'served 1\n');
+    // Past headersTimeout: a second parser on the socket would answer 408 by now.
+    await sleep(700);
+    assert.equal(c.buffer.length, 0, `unexpected bytes: ${c.buffer.toString('latin1')}`);
+    const two = await c.request('/');
+    assert.equal(two.status, 200);
+    assert.equal(two.body, 'served 2\n');
+    assert.equal(c.closedAt, null);
+    assert.equal(worker.stderr.match(/a connection was emitted twice on a served server/g)?.length, 1,
+      worker.stderr);
+  });
+}
+
 test('end of file on the channel without drain: the worker finishes in-flight work and exits 0', async (t) => {
   const master = await FakeMaster.start({ script: WORKER, workers: 1 });
   t.after(() => master.close());
@@ -150,7 +191,16 @@ test('outside a pool, serve() listens itself and SIGTERM drains and exits 0', as
   const port = Number((await waitFor(() => /listening (\d+)/.exec(out), 5000, 'listening'))[1]);
   const res = await get(port);
   assert.equal(res.body, `Hello from worker 0 (pid ${child.pid})\n`);
+  // A keep-alive connection: its request after the drain is answered with
+  // Connection: close.
+  const c = await RawHttp.connect(port);
+  t.after(() => c.close());
+  assert.equal((await c.request('/')).headers.connection, 'keep-alive');
   child.kill('SIGTERM');
+  await waitFor(() => out.includes('drain {"reason":"signal"'), 3000, 'the drain');
+  const late = await c.request('/');
+  assert.equal(late.status, 200);
+  assert.equal(late.headers.connection, 'close');
   const exit = await within(5000, exited, 'standalone exit');
   assert.deepEqual(exit, { code: 0, signal: null });
   assert.match(out, /drain \{"reason":"signal"/);

@@ -9,17 +9,9 @@ const { spawnSync } = require('node:child_process');
 const fs = require('node:fs');
 const net = require('node:net');
 const path = require('node:path');
-const { FakeMaster, RawHttp, get, within, FIXTURES } = require('../test-support/helpers.js');
+const { FakeMaster, RawHttp, get, refused, within, FIXTURES } = require('../test-support/helpers.js');
 
 const WORKER = path.join(FIXTURES, 'http-worker.js');
-
-function refused(port) {
-  return within(3000, new Promise((resolve) => {
-    const s = net.connect(port, '127.0.0.1');
-    s.on('connect', () => { s.destroy(); resolve(false); });
-    s.on('error', (err) => resolve(err.code === 'ECONNREFUSED'));
-  }), 'connect after the drain');
-}
 
 test('shared mode: workers accept on the listening socket; drain closes it first', async (t) => {
   const master = await FakeMaster.start({
@@ -56,9 +48,7 @@ test('shared mode: workers accept on the listening socket; drain closes it first
   await new Promise((resolve) => setTimeout(resolve, 50));
   const drains = await Promise.all(master.workers.map((w) => w.drain(3000)));
   // Every copy of the listening socket is closed: nobody accepts any more.
-  await within(2000, (async () => {
-    while (!(await refused(port))) await new Promise((resolve) => setTimeout(resolve, 20));
-  })(), 'connections refused after the drain');
+  await refused(port, 2000);
   const done = await slow;
   assert.equal(done.body, 'slow done\n');
   assert.equal(done.headers.connection, 'close');

@@ -1,0 +1,88 @@
+'use strict';
+
+// The package loaded without serve(): the application feeds the master's connections
+// to its server itself (process.on('message')) and uses the package for its messages
+// or its ready(). The connections, and so the exit, are the application's.
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const net = require('node:net');
+const path = require('node:path');
+const { FakeMaster, RawHttp, get, refused, waitFor, within, FIXTURES } = require('../test-support/helpers.js');
+
+const CLASSIC = path.join(FIXTURES, 'classic-worker.js');
+
+async function sharedListener() {
+  const listener = net.createServer();
+  await within(2000, new Promise((resolve) => listener.listen(0, '127.0.0.1', resolve)), 'listen');
+  listener.on('connection', () => assert.fail('the master accepted a connection'));
+  return listener;
+}
+
+for (const ready of ['process', 'package']) {
+  test(`without serve() (ready by ${ready}): the drain does not cut the application's requests`, async (t) => {
+    const master = await FakeMaster.start({ script: CLASSIC, workers: 1, env: { TEST_READY: ready } });
+    t.after(() => master.close());
+    const worker = master.workers[0];
+    const c = await RawHttp.connect(master.port);
+    t.after(() => c.close());
+    const slow = c.request('/slow?ms=500', { Connection: 'close' });
+    await waitFor(() => worker.stdout.includes('request /slow'), 2000, 'the request in the handler');
+
+    const drainAt = await worker.drain(5000);
+    const res = await slow;
+    assert.equal(res.status, 200);
+    assert.equal(res.body, 'slow done\n');
+    // The process ends by itself once the application's last connection has closed.
+    const exit = await worker.waitExit(3000);
+    assert.equal(exit.code, 0, worker.stderr);
+    assert.ok(exit.at - drainAt >= 300, `exited ${exit.at - drainAt} ms after the drain`);
+    assert.match(worker.stdout, /drain \{"reason":"master","deadlineMs":5000\}/);
+  });
+}
+
+test('without serve(): a shared listening socket nobody accepts on is closed, with a warning and a suicide', async (t) => {
+  const master = await FakeMaster.start({ script: CLASSIC, workers: 1, dispatch: 'none' });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const listener = await sharedListener();
+  const { port } = listener.address();
+  await worker.sendListen(listener);
+  listener.close();
+
+  const suicide = await worker.waitMessage((m) => m.rr === 'suicide', 3000, 'the suicide');
+  assert.match(suicide.msg.reason, /^shared listener 0: nothing in the worker accepts on it/);
+  // No copy accepts any more: a client is refused, not left hanging.
+  await refused(port);
+  await waitFor(() => /shared listener 0: nothing accepts on the listening socket/.test(worker.stderr), 2000,
+    'the warning');
+  // The master answers the suicide with its drain; the worker then ends by itself.
+  await worker.drain(3000);
+  assert.equal((await worker.waitExit(3000)).code, 0);
+  assert.equal(worker.stderr.match(/nothing accepts/g).length, 1, worker.stderr);
+  assert.equal(worker.rr('suicide').length, 1);
+});
+
+test('without serve(): a shared listening socket the application accepts on is left to it', async (t) => {
+  const master = await FakeMaster.start({
+    script: CLASSIC, workers: 1, dispatch: 'none', env: { TEST_HANDLE_LISTEN: '1', TEST_READY: 'package' },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const listener = await sharedListener();
+  const { port } = listener.address();
+  await worker.sendListen(listener);
+  listener.close();
+
+  const res = await get(port);
+  assert.equal(res.status, 200);
+  assert.equal(res.body, `classic ${worker.pid}\n`);
+  // A heartbeat written after the listening socket was judged: no suicide before it.
+  const seen = worker.messages.length;
+  await waitFor(() => worker.messages.slice(seen).some((m) => m.msg.rr === 'heartbeat'), 2000, 'a heartbeat');
+  assert.equal(worker.rr('suicide').length, 0);
+  assert.doesNotMatch(worker.stderr, /nothing accepts/);
+  await worker.drain(3000);
+  assert.equal((await worker.waitExit(3000)).code, 0, worker.stderr);
+  await refused(port);
+});
