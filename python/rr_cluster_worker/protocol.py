@@ -1,5 +1,5 @@
 """The rr-cluster channel protocol (docs/PROTOCOL.md): messages, their encoding, and the
-frame decoder with its descriptor FIFO.
+frame decoder that assigns received descriptors to their frames.
 
 Everything here is pure (no threads, no sockets of its own): the `Worker` class does the
 I/O. Both directions are implemented, so that a test (or a fake master) can play the
@@ -394,7 +394,7 @@ def peek_len(buf) -> Optional[int]:
     return length
 
 
-# --- the receiving side: bytes plus a FIFO of descriptors -----------------------------
+# --- the receiving side: bytes plus the descriptors of each read --------------------
 
 def _close_all(fds):
     for fd in fds:
@@ -404,10 +404,30 @@ def _close_all(fds):
             pass
 
 
+class _FdBatch(NamedTuple):
+    """The descriptors one `recvmsg` returned."""
+    at: int  # offset in the stream of the read's last byte: its frame's
+    count: int  # how many arrived
+    truncated: bool  # the kernel dropped others (MSG_CTRUNC)
+
+
 class FrameDecoder:
     """Bytes and descriptors received but not yet handed out as frames: the worker's
     half of docs/PROTOCOL.md#descriptors, without any I/O. Feed it what each `recvmsg`
     returned, then take frames until `next_frame()` returns None.
+
+    Which frame descriptors belong to: a frame's descriptors travel with its first
+    segment (one `sendmsg` per frame; a tail sent later carries none), and on Linux a
+    `recvmsg` on a stream socket stops right after a segment that carried descriptors
+    (or within it, when the buffer is full). So the descriptors one read returns, and
+    its MSG_CTRUNC flag, belong to the frame that holds the read's *last* byte. The
+    decoder keeps each read's descriptors with that byte's offset in the stream; a
+    frame takes the descriptors read with one of its own bytes, and they must be as
+    many as its message claims, or fewer after a MSG_CTRUNC of that same read (the
+    shortfall is counted in `lost`). Any other count, or descriptors read with no
+    frame's byte, is a protocol error. (Never "the next frame short of descriptors
+    takes what is waiting": a frame split across reads, whose first part came with
+    MSG_CTRUNC, would take the next frame's.)
 
     Descriptors are plain integers owned by the decoder until handed out with a frame;
     on any protocol error the descriptors concerned are closed.
@@ -416,9 +436,13 @@ class FrameDecoder:
     def __init__(self, version: int = PROTOCOL_VERSION):
         self.version = version
         self.buf = bytearray()
+        #: Descriptors received and not yet handed out, in order.
         self.fds: Deque[int] = collections.deque()
-        #: A `recvmsg` reported MSG_CTRUNC since the last short-handed frame.
-        self.truncated = False
+        # Which frame `fds` belong to, read by read, in order: every read that returned
+        # descriptors or reported MSG_CTRUNC.
+        self._batches: Deque[_FdBatch] = collections.deque()
+        # The offset in the stream of buf[0].
+        self._base = 0
         #: Descriptors the kernel dropped (MSG_CTRUNC), since the start.
         self.lost = 0
         #: Descriptors taken off the channel (handed out with frames, plus `lost`).
@@ -426,10 +450,13 @@ class FrameDecoder:
 
     def feed(self, data: bytes, fds: List[int] = (), truncated: bool = False):
         """One `recvmsg`'s bytes, descriptors (in order) and its MSG_CTRUNC flag."""
-        self.fds.extend(fds)
-        if truncated:
-            self.truncated = True
+        fds = list(fds)
         self.buf += data
+        if fds or truncated:
+            # The read's last byte (none at the end of the stream: no frame's).
+            at = self._base + len(self.buf) - (1 if data else 0)
+            self._batches.append(_FdBatch(at, len(fds), bool(truncated)))
+            self.fds.extend(fds)
         if len(self.fds) > MAX_PENDING_FDS:
             count = len(self.fds)
             self.close_pending()
@@ -437,7 +464,8 @@ class FrameDecoder:
                 f"too many pending descriptors: {count} waiting, at most {MAX_PENDING_FDS}")
 
     def next_frame(self, decode=None) -> Optional[Tuple[object, List[int]]]:
-        """The next complete frame as (message, descriptors), or None for more bytes."""
+        """The next complete frame as (message, descriptors), or None for more bytes.
+        `decode(payload, version)` decodes the payload (default: `decode_to_worker`)."""
         if decode is None:
             decode = decode_to_worker
         try:
@@ -451,27 +479,37 @@ class FrameDecoder:
         if len(self.buf) < 4 + length:
             return None
         payload = bytes(self.buf[4:4 + length])
+        first = self._base
+        after = first + 4 + length
         del self.buf[:4 + length]
+        self._base = after
         try:
             msg = decode(payload, self.version)
         except ProtocolError:
             self.close_pending()
             raise
+        # This frame's descriptors: those read with one of its bytes (one read's worth:
+        # its first segment's).
+        batch = None
+        if self._batches and self._batches[0].at < first:
+            self._unclaimed()  # read with the bytes of no frame
+        if self._batches and self._batches[0].at < after:
+            batch = self._batches.popleft()
+            if self._batches and self._batches[0].at < after:
+                self._unclaimed()
+        available = batch.count if batch is not None else 0
+        truncated = batch.truncated if batch is not None else False
         claimed = fd_count(msg)
-        available = len(self.fds)
-        if claimed <= available:
-            take = claimed
-        elif self.truncated:
-            # The kernel dropped the rest of this frame's descriptors (MSG_CTRUNC): its
-            # descriptors came last, so every one still waiting is this frame's.
-            self.truncated = False
+        if claimed < available:
+            self._unclaimed()
+        if claimed > available:
+            if not truncated:
+                self.close_pending()
+                raise ProtocolError(
+                    f"missing descriptors: a frame claims {claimed}, {available} arrived")
+            # The kernel dropped the rest of this frame's descriptors (MSG_CTRUNC).
             self.lost += claimed - available
-            take = available
-        else:
-            self.close_pending()
-            raise ProtocolError(
-                f"missing descriptors: a frame claims {claimed}, {available} arrived")
-        fds = [self.fds.popleft() for _ in range(take)]
+        fds = [self.fds.popleft() for _ in range(available)]
         if isinstance(msg, Connections):
             self.received += msg.count
         try:
@@ -489,16 +527,20 @@ class FrameDecoder:
             raise ProtocolError(f"truncated frame: end of stream with {buffered} bytes buffered")
         self._check_unclaimed()
 
+    def _unclaimed(self):
+        count = len(self.fds)
+        self.close_pending()
+        raise ProtocolError(f"unclaimed descriptors: {count} arrived that no frame claims")
+
     def _check_unclaimed(self):
         # With no partial frame buffered, no descriptor may wait: a frame's descriptors
         # arrive with its first byte.
         if not self.buf and self.fds:
-            count = len(self.fds)
-            self.close_pending()
-            raise ProtocolError(f"unclaimed descriptors: {count} arrived that no frame claims")
+            self._unclaimed()
 
     def close_pending(self):
         """Closes every descriptor still waiting (after an error, or at the end)."""
         fds = list(self.fds)
         self.fds.clear()
+        self._batches.clear()
         _close_all(fds)

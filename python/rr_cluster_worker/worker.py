@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from typing import Callable, List, Optional
 
 from . import protocol
@@ -229,15 +230,33 @@ class Worker:
         # their copies, and the other workers take what comes next.
         self._stop_accept = threading.Event()
         self._wakeups: List[socket.socket] = []
+        # Every socket of the accept threads (listening sockets, wake-up ends): a forked
+        # child closes its copies.
+        self._accept_socks: List[socket.socket] = []
         self._accept_threads: List[threading.Thread] = []
         self._watchdog: Optional[threading.Thread] = None
         self._hooks_installed = False
+        # handle_signals(): our handler, and the handlers it replaced (restored in a
+        # forked child).
+        self._signal_handler = None
+        self._previous_handlers = {}
+        # Set in a forked child (multiprocessing, os.fork in a handler): the object is
+        # the parent's, so it does nothing here (no Suicide, drain, hook or callback).
+        self._inert = False
 
         with _current_lock:
             _current = self
         # A forked child (multiprocessing, a pre-fork server) must not keep the channel
-        # open: the master would not see this worker's end.
-        os.register_at_fork(after_in_child=self._after_fork_in_child)
+        # open (the master would not see this worker's end), nor act as the worker. A
+        # weak reference: the hook outlives the worker.
+        ref = weakref.ref(self)
+
+        def after_fork_in_child():
+            worker = ref()
+            if worker is not None:
+                worker._after_fork_in_child()
+
+        os.register_at_fork(after_in_child=after_fork_in_child)
         if handle_errors:
             self.install_error_hooks()
         self._reader = threading.Thread(target=self._read_loop, name="rr-cluster-reader",
@@ -343,6 +362,8 @@ class Worker:
     def on_drain(self, callback: Callable[["Worker"], None]):
         """Calls `callback(worker)` once when the drain begins (at once if it has), on a
         thread of its own."""
+        if self._inert:
+            return
         with self._lock:
             if not self.draining.is_set():
                 self._drain_callbacks.append(callback)
@@ -378,6 +399,8 @@ class Worker:
         shared mode the worker stops accepting at once (its copies of the listening
         sockets are closed; connections already accepted are still served): the other
         workers take the new ones."""
+        if self._inert:
+            return  # a forked child: the worker is its parent
         with self._lock:
             first = self.suicide_reason is None
             if first:
@@ -392,16 +415,51 @@ class Worker:
             # process exits), and no connection to wait for.
             self._begin_drain("suicide before ready", 0.5, from_master=False)
             return
-        if not self._send(Suicide(_truncate_reason(reason)), timeout=0.5):
-            self._begin_drain("suicide (channel closed)", self.orphan_deadline, from_master=False)
-            return
+        msg = Suicide(_truncate_reason(reason))
+        if self._send(msg, timeout=0.5):
+            threading.Thread(target=self._await_drain, name="rr-cluster-suicide",
+                             daemon=True).start()
+        elif self._write_broken:
+            self._unannounced_end()
+        else:
+            # The channel is busy (another frame being written, or the master slow to
+            # read), not closed: the master still sends connections and the heartbeats
+            # keep this worker in rotation, so draining now would close connections it
+            # is still given. Keep trying; drain without the Suicide only if the write
+            # side breaks (or when the master's Drain or end of file comes first).
+            threading.Thread(target=self._send_suicide, args=(msg,), name="rr-cluster-suicide",
+                             daemon=True).start()
 
-        def fallback():
-            if not self.draining.wait(self.orphan_deadline):
-                log(f"no Drain {self.orphan_deadline:g} s after the Suicide: draining anyway")
-                self._begin_drain("suicide (unanswered)", self.orphan_deadline, from_master=False)
+    def _send_suicide(self, msg):
+        while not self.draining.is_set():
+            if self._send(msg, timeout=0.5):
+                self._await_drain()
+                return
+            if self._write_broken:
+                self._unannounced_end()
+                return
 
-        threading.Thread(target=fallback, name="rr-cluster-suicide", daemon=True).start()
+    def _await_drain(self):
+        """After our Suicide: the master answers with Drain; without one in time, drain
+        anyway."""
+        if not self.draining.wait(self.orphan_deadline):
+            log(f"no Drain {self.orphan_deadline:g} s after the Suicide: draining anyway")
+            self._begin_drain("suicide (unanswered)", self.orphan_deadline, from_master=False)
+
+    def _unannounced_end(self):
+        """Going down without a Suicide the master got (the write side is broken: the
+        master closed its end, or a frame was cut short): end the channel, so that the
+        master sees the end and sends nothing more here, then drain as an orphan (no
+        Drain will come). The Rust library does the same."""
+        self._shutdown_channel()
+        self._begin_drain("suicide (channel closed)", self.orphan_deadline, from_master=False)
+
+    def _shutdown_channel(self):
+        self._write_broken = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def install_error_hooks(self):
         """Uncaught exceptions (any thread) print their traceback as usual, then announce
@@ -415,13 +473,13 @@ class Worker:
 
         def sys_hook(exc_type, exc, tb):
             previous_sys(exc_type, exc, tb)
-            if issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+            if self._inert or issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
                 return
             self._crashed(exc_type, exc, main_thread=True)
 
         def thread_hook(args):
             previous_threading(args)
-            if args.exc_type is SystemExit:
+            if self._inert or args.exc_type is SystemExit:
                 return
             self._crashed(args.exc_type, args.exc_value, main_thread=False)
 
@@ -430,8 +488,16 @@ class Worker:
 
     def handle_signals(self):
         """SIGTERM (and SIGINT): leave gracefully (Suicide, drain, exit 0); a second one
-        exits at once. Call from the main thread."""
-        def handler(signum, _frame):
+        exits at once. Call from the main thread. A forked child gets the handlers back
+        that this replaced (the default ones, normally)."""
+        if self._inert:
+            return
+
+        def handler(signum, frame):
+            if os.getpid() != self.pid or self._inert:
+                # A forked child that still has our handler: do what it would do without.
+                _previous_signal_action(signum, frame, self._previous_handlers.get(signum))
+                return
             if self.suicide_reason is not None:
                 _flush_std()
                 os._exit(128 + signum)
@@ -441,7 +507,11 @@ class Worker:
                              daemon=True).start()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            if sig not in self._previous_handlers:
+                self._previous_handlers[sig] = previous
             signal.signal(sig, handler)
+        self._signal_handler = handler
 
     def exit(self, code: Optional[int] = None):
         """Flushes stdout/stderr and ends the process at once with `code` (default:
@@ -450,11 +520,37 @@ class Worker:
         os._exit(self.exit_code if code is None else code)
 
     def _after_fork_in_child(self):
+        # The child has one thread (this one); locks other threads of the parent held
+        # at the fork stay held here: fresh ones, before anything else.
+        self._inert = True
         self._write_broken = True
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._send_lock = threading.Lock()
+        self._ack_lock = threading.Lock()
+        self._beat_wake = threading.Condition(threading.Lock())
+        self._drain_callbacks = []
+        self._message_callback = None
+        # SIGTERM/SIGINT: the child's own (multiprocessing's terminate() must end it,
+        # not make it announce this worker's suicide and wait for a drain).
+        handler = self._signal_handler
+        for sig, previous in self._previous_handlers.items():
+            try:
+                if handler is not None and signal.getsignal(sig) is handler:
+                    signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+            except (OSError, ValueError, TypeError):
+                pass
+        # The parent's sockets: the channel, and (shared mode) the listening sockets and
+        # the accept threads' wake-up socketpairs (a write to one would wake the parent).
+        socks = [self._sock] + self._wakeups + self._accept_socks
+        self._wakeups = []
+        self._accept_socks = []
+        self._accept_threads = []
+        for sock in socks:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     # --- channel: writing ------------------------------------------------------------
 
@@ -512,16 +608,12 @@ class Worker:
         self._sock.settimeout(timeout)
         try:
             while True:
-                if len(self._decoder.buf) >= 4:
-                    length = protocol.peek_len(self._decoder.buf)
-                    if len(self._decoder.buf) >= 4 + length:
-                        payload = bytes(self._decoder.buf[4:4 + length])
-                        hello = protocol.decode_hello(payload)  # version first
-                        del self._decoder.buf[:4 + length]
-                        if self._decoder.fds:
-                            self._decoder.close_pending()
-                            raise ProtocolError("descriptors arrived with the Hello")
-                        return hello
+                # Version first (decode_hello); descriptors read with the Hello's bytes
+                # are a protocol error (unclaimed), like any frame's surplus.
+                item = self._decoder.next_frame(
+                    lambda payload, _version: protocol.decode_hello(payload))
+                if item is not None:
+                    return item[0]
                 if not self._recv_once():
                     raise ProtocolError("the channel closed before the master's Hello")
         except socket.timeout:
@@ -552,7 +644,13 @@ class Worker:
         try:
             while True:
                 while True:
-                    item = self._decoder.next_frame()
+                    with self._lock:
+                        # `received` (the decoder's) and `_active` go up in one step, so
+                        # that an Ack (heartbeat thread) never counts a connection as
+                        # received but not held, and over-announces its capacity.
+                        item = self._decoder.next_frame()
+                        if item is not None and isinstance(item[0], Connections):
+                            self._active += len(item[1])
                     if item is None:
                         break
                     self._handle(*item)
@@ -580,20 +678,17 @@ class Worker:
             return
         log(f"channel to the master failed: {error}")
         self.master_gone = True
-        if isinstance(error, ProtocolError):
-            # The stream cannot be trusted any more: say why, then close our end (the
-            # master kills a worker 1 s after its channel closed: be quick).
-            if self._ready:
-                self._send(Suicide(_truncate_reason(f"protocol error: {error}")), timeout=0.2)
-            self.exit_code = max(self.exit_code, 1)
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._begin_drain("protocol error", 0.9, from_master=False, tighten=True)
-        else:
-            self._begin_drain("the channel failed", self.orphan_deadline,
-                              from_master=False, tighten=True)
+        # Nothing reads the channel any more (the stream cannot be trusted after a
+        # protocol error; the reader failed otherwise): say why, then end the channel,
+        # so that the master sees the end and sends no more connections here, rather
+        # than keep sending (heartbeats would keep this worker in rotation). The master
+        # kills a worker 1 s after its channel closed: be quick.
+        what = "protocol error" if isinstance(error, ProtocolError) else "channel reader failed"
+        if self._ready:
+            self._send(Suicide(_truncate_reason(f"{what}: {error}")), timeout=0.2)
+        self.exit_code = max(self.exit_code, 1)
+        self._shutdown_channel()
+        self._begin_drain(what, 0.9, from_master=False, tighten=True)
 
     def _handle(self, msg, fds):
         if isinstance(msg, Connections):
@@ -601,7 +696,7 @@ class Worker:
             if lost:
                 log(f"descriptor table full: the kernel dropped {lost} connection(s) on "
                     f"their way to this worker ({self.lost} in all); raise RLIMIT_NOFILE")
-            self._deliver(msg.listener, fds)
+            self._deliver(msg.listener, fds, counted=True)
             if self.version >= 2 and self._decoder.received - self._acked >= self._ack_after:
                 self._send_ack()
         elif isinstance(msg, Ping):
@@ -626,14 +721,20 @@ class Worker:
         else:  # a second Hello
             log("unexpected second Hello from the master; ignored")
 
-    def _deliver(self, listener: int, fds: List[int]):
+    def _deliver(self, listener: int, fds: List[int], counted: bool = False):
+        """Queues connections; `counted`: `_active` already counts them (the reader
+        raised it with `received`)."""
         with self._lock:
             late = self._closed_incoming
-            if not late:
+            if late and counted:
+                self._active -= len(fds)
+            elif not late and not counted:
                 self._active += len(fds)
         if late:
             log(f"{len(fds)} connection(s) after the drain: closed")
             protocol._close_all(fds)
+            with self._cond:
+                self._cond.notify_all()
             return
         for fd in fds:
             try:
@@ -650,6 +751,8 @@ class Worker:
             self._incoming.put(conn)
 
     def _release(self):
+        if self._inert:
+            return  # a forked child closing its copy
         with self._cond:
             self._active -= 1
             if self._active <= 0:
@@ -679,6 +782,7 @@ class Worker:
             protocol._close_all([fd])
             return
         wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
         t = threading.Thread(target=self._accept_loop, args=(index, lsock, wake_r),
                              name=f"rr-cluster-accept-{index}", daemon=True)
         with self._lock:
@@ -689,6 +793,7 @@ class Worker:
             stopped = self._stop_accept.is_set()
             if not stopped:
                 self._wakeups.append(wake_w)
+                self._accept_socks.extend((lsock, wake_r))
                 self._accept_threads.append(t)
                 t.start()
         if stopped:
@@ -699,6 +804,8 @@ class Worker:
         """Shared mode: the accept threads stop taking connections and close their
         listening sockets. Returns once they have (at most 1 s each); a connection an
         accept thread took before it stopped is queued, not lost."""
+        if self._inert:
+            return  # a forked child: the accept threads are the parent's
         with self._lock:
             self._stop_accept.set()
             wakeups, self._wakeups = self._wakeups, []
@@ -722,6 +829,11 @@ class Worker:
                 events = poller.poll(1000)
                 if self._stop_accept.is_set():
                     break
+                if any(fd == wake.fileno() for fd, _ in events):
+                    # A wake-up without the stop (a stray byte: never leave it unread,
+                    # or every poll returns at once and the loop spins).
+                    if not _drain_wakeup(wake):
+                        poller.unregister(wake.fileno())  # its other end is closed
                 if not any(fd == lsock.fileno() for fd, _ in events):
                     continue
                 while not self._stop_accept.is_set():
@@ -754,6 +866,8 @@ class Worker:
 
     def _begin_drain(self, reason: str, seconds: float, *, from_master: bool,
                      tighten: bool = False):
+        if self._inert:
+            return  # a forked child: the drain is the parent's
         now = time.monotonic()
         seconds = max(0.0, seconds)
         with self._lock:
@@ -834,7 +948,9 @@ class Worker:
         interval = self.heartbeat_interval
         next_beat = time.monotonic()
         while True:
-            if not self._send(Heartbeat(min(self._active, 0xFFFFFFFF), self._decoder.received)):
+            with self._lock:
+                beat = Heartbeat(min(self._active, 0xFFFFFFFF), self._decoder.received)
+            if not self._send(beat):
                 return  # the channel is closed
             if self.version >= 2 and not self._send_ack():
                 return
@@ -863,6 +979,8 @@ class Worker:
                 traceback.print_exc()
 
     def _crashed(self, exc_type, exc, *, main_thread: bool):
+        if self._inert:
+            return
         try:
             text = f"{exc_type.__name__}: {exc}"
         except Exception:
@@ -893,6 +1011,31 @@ def start_worker(**options) -> Worker:
     except ProtocolError as e:
         log(f"cannot start: {e}")
         sys.exit(1)
+
+
+def _drain_wakeup(sock: socket.socket) -> bool:
+    """Reads every byte waiting on a non-blocking wake-up socket; False at its end."""
+    try:
+        while True:
+            if not sock.recv(4096):
+                return False
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+
+
+def _previous_signal_action(signum, frame, previous):
+    """What a process does with `signum` under the handler `previous` (a forked child
+    that kept the worker's handler): call it, or restore it and take the signal again."""
+    if callable(previous):
+        previous(signum, frame)
+        return
+    if previous == signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_IGN)
+        return
+    signal.signal(signum, signal.SIG_DFL)  # also when unknown (None): the default
+    os.kill(os.getpid(), signum)
 
 
 def _truncate_reason(reason: str) -> str:

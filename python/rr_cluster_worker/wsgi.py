@@ -53,6 +53,17 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 505: "HTTP Version Not Supported"}
 _LINGER = 1.0  # seconds a closed-for-writing connection waits for the client's FIN
+_WAIT = object()  # no whole request head yet, nothing more to read now: back to the selector
+
+
+def _send_all(sock: socket.socket, data):
+    """`sock.sendall(data)`, with the socket's timeout bounding each wait for room (a
+    stalled client), not the whole call: `sendall`'s timeout covers all of it (Python
+    3.5 and later), which cuts a large response to a client that reads steadily."""
+    with memoryview(data) as view, view.cast("B") as rest:
+        while rest:
+            n = sock.send(rest)
+            rest = rest[n:]
 
 
 class _BadRequest(Exception):
@@ -66,14 +77,17 @@ class _ClientGone(Exception):
 
 
 class _Conn:
-    __slots__ = ("sock", "buf", "idle_since", "linger_until", "listener", "peer", "local",
-                 "requests", "fd", "closed")
+    __slots__ = ("sock", "buf", "idle_since", "head_started", "linger_until", "listener",
+                 "peer", "local", "requests", "fd", "closed")
 
     def __init__(self, sock: socket.socket, listener: int):
         self.sock = sock
         self.fd = sock.fileno()
         self.buf = bytearray()
+        # The last traffic: the last response, or the last byte of a request head.
         self.idle_since = time.monotonic()
+        # When the first byte of a request head not yet complete arrived (None: none).
+        self.head_started: Optional[float] = None
         self.linger_until = 0.0
         self.listener = listener
         self.requests = 0
@@ -376,7 +390,7 @@ class _Exchange:
 
     def _send(self, data):
         try:
-            self.conn.sock.sendall(data)
+            _send_all(self.conn.sock, data)
         except socket.timeout:
             raise _ClientGone("write timed out") from None
         except OSError as e:
@@ -586,6 +600,11 @@ class WSGIServer:
                 since = conn.idle_since
                 limit = self.keepalive_timeout
             left = since + limit - now
+            if conn.head_started is not None:
+                # Part of a request head: the rest is due within request_timeout of its
+                # first byte (a client sending a byte now and then holds no thread, and
+                # not the connection forever either).
+                left = min(left, conn.head_started + self.request_timeout - now)
             if left <= 0:
                 del self._idle[fd]
                 self._unregister(conn)
@@ -677,6 +696,11 @@ class WSGIServer:
                 keep = False
                 self._close_now(conn)
                 return
+            if keep is _WAIT:
+                # No whole head yet (or only empty lines): the selector watches the
+                # connection; no thread waits for a slow or idle client.
+                self._post("idle", conn)
+                return
             if not keep:
                 self._start_linger(conn)
                 return
@@ -686,36 +710,59 @@ class WSGIServer:
                 return
             # A pipelined request is already here: serve it now.
 
-    def _read_head(self, conn: _Conn) -> Optional[bytes]:
+    def _read_head(self, conn: _Conn):
         """The request head (without its final CRLFCRLF); None if the client closed
-        before sending one."""
+        before sending one; `_WAIT` when no whole head has arrived and nothing more can
+        be read now (the connection goes back to the selector: a pool thread never
+        waits for a head). A head must be whole within `request_timeout` of its first
+        byte (408 after that)."""
         start = 0
+        got = False  # bytes were read in this call
         while True:
-            # Ignore empty lines before a request (RFC 9112, 2.2).
+            # Ignore empty lines before a request (RFC 9112, 2.2): they are not the
+            # start of a head, and alone they leave the connection idle (no traffic).
             while conn.buf[:2] == b"\r\n":
                 del conn.buf[:2]
+            if not conn.buf:
+                conn.head_started = None
+                start = 0
+            else:
+                if conn.head_started is None:
+                    conn.head_started = time.monotonic()
+                if got:
+                    conn.idle_since = time.monotonic()  # a head's bytes are traffic
             i = conn.buf.find(b"\r\n\r\n", start)
             if i > self.max_header_size:
                 raise _BadRequest(431, "request head too large")
             if i >= 0:
                 head = bytes(conn.buf[:i])
                 del conn.buf[:i + 4]
+                conn.head_started = None
                 return head
             if len(conn.buf) > self.max_header_size:
                 raise _BadRequest(431, "request head too large")
+            if conn.head_started is not None and \
+                    time.monotonic() - conn.head_started >= self.request_timeout:
+                raise _BadRequest(408, "the request head did not arrive in time")
+            if not _readable(conn.sock):
+                return _WAIT
             start = max(0, len(conn.buf) - 3)
             if not conn.recv_more():
                 if conn.buf.strip():
                     raise _ClientGone("the client closed inside a request head")
                 return None
+            got = True
 
     def _one_request(self, conn: _Conn) -> bool:
-        """Serves one request; whether the connection may serve another."""
+        """Serves one request; whether the connection may serve another (`_WAIT`: no
+        whole request head yet)."""
         try:
             head = self._read_head(conn)
         except _BadRequest as e:
             self._error(conn, e.status, str(e))
             return False
+        if head is _WAIT:
+            return _WAIT
         if head is None:
             self._close_now(conn)
             raise _ClientGone("closed")
@@ -786,7 +833,7 @@ class WSGIServer:
                 f"Date: {email.utils.formatdate(usegmt=True)}\r\n"
                 f"Connection: close\r\n\r\n").encode()
         try:
-            conn.sock.sendall(head + body)
+            _send_all(conn.sock, head + body)
         except OSError:
             pass
 
@@ -915,7 +962,7 @@ class WSGIServer:
             if version >= (1, 1) and (chunked or content_length):
                 def send_continue(conn=conn):
                     try:
-                        conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        _send_all(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
                     except OSError as e:
                         raise ConnectionError(f"cannot send 100 Continue: {e}") from None
         body = _Input(conn, content_length, chunked, send_continue)

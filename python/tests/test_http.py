@@ -1,6 +1,7 @@
 """The HTTP/1.1 layer of serve_wsgi, in process (no master): framing, bodies, HEAD,
 100-continue, pipelining, errors, and the drain's Connection: close / idle grace."""
 
+import select
 import socket
 import sys
 import threading
@@ -323,3 +324,123 @@ def test_slow_handlers_do_not_block_other_connections(server):
     assert time.monotonic() - t < 1.0  # 4 threads: one was free
     for c in slow:
         assert read_response(c).body == b"x"
+
+
+@pytest.fixture
+def make_server():
+    made = []
+
+    def make(app=app, **options):
+        worker = StubWorker()
+        srv = WSGIServer(app, worker, **options)
+        srv.start()
+        lst = Listener()
+        srv.stub = worker
+        srv.clients = []
+
+        def connect(rcvbuf=None, sndbuf=None):
+            client = socket.socket()
+            if rcvbuf:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            client.settimeout(5)
+            client.connect(lst.addr)
+            conn, _ = lst.sock.accept()
+            if sndbuf:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            srv.add(conn, 0)
+            srv.clients.append(client)
+            return client
+
+        srv.connect = connect
+        made.append((srv, lst))
+        return srv
+
+    yield make
+    for srv, lst in made:
+        for c in srv.clients:
+            c.close()
+        lst.close()
+        srv.close()
+
+
+def test_a_stray_crlf_after_a_request_holds_no_thread(make_server):
+    """Empty lines after a request (RFC 9112, 2.2) leave the connection idle: it goes
+    back to the selector, not to a thread waiting for the next request, and the drain
+    closes it after the grace, not at the request timeout."""
+    server = make_server(threads=1, idle_grace=1.0, request_timeout=60)
+    crlf = server.connect()
+    crlf.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n\r\n")
+    assert read_response(crlf).status == 200
+    other = server.connect()
+    request(other, "/")
+    assert read_response(other, timeout=10).status == 200  # the only thread is free
+    request(crlf, "/")  # and the connection still serves its next request
+    assert read_response(crlf, timeout=10).status == 200
+    crlf.sendall(b"\r\n\r\n")
+    server.stub.drain()
+    assert at_eof(crlf, 10), "the idle connection was not closed after the grace"
+    assert at_eof(other, 10)
+    assert server.wait_closed(10)
+
+
+def test_a_partial_request_head_holds_no_thread(make_server):
+    server = make_server(threads=1, idle_grace=1.0, request_timeout=60)
+    slow = server.connect()
+    slow.sendall(b"GET /partial HTTP/1.1\r\nHo")
+    time.sleep(0.2)  # let the only thread take it, as it did
+    other = server.connect()
+    request(other, "/")
+    assert read_response(other, timeout=10).status == 200
+    slow.sendall(b"st: t\r\n\r\n")  # the rest of the head: served as usual
+    assert read_response(slow, timeout=10).status == 200
+
+
+def test_a_request_head_trickling_in_is_cut_at_the_request_timeout(make_server):
+    """The head is due whole within request_timeout of its first byte: a byte now and
+    then (slowloris) does not hold the connection (nor a thread) for longer."""
+    server = make_server(threads=2, request_timeout=1.0)
+    c = server.connect()
+    c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+    got = bytearray()
+    ended = False
+    for _ in range(100):  # a byte every 0.2 s (each wait well under the timeout), 20 s
+        try:
+            c.sendall(b"a")
+        except OSError:
+            ended = True
+            break
+        if select.select([c], [], [], 0.2)[0]:
+            try:
+                data = c.recv(65536)
+            except OSError:
+                ended = True
+                break
+            if not data:
+                ended = True
+                break
+            got += data
+    assert ended, "the connection is still open after 20 s of a head that never ends"
+    assert not got or got.startswith(b"HTTP/1.1 408 "), bytes(got)
+
+
+def test_a_large_response_to_a_client_that_reads_steadily_is_not_cut(make_server):
+    """request_timeout bounds each wait for the client to take more of the response,
+    not the whole response (socket.sendall's timeout would)."""
+    body = b"x" * (8 << 20)
+
+    def big(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    server = make_server(app=big, threads=1, request_timeout=2.0)
+    c = server.connect(rcvbuf=65536, sndbuf=65536)
+    request(c, "/", keep_alive=False)
+    got = 0
+    c.settimeout(20)
+    for _ in range(100_000):  # at most ~1.6 MB/s: 5 s or more, each wait 20 ms
+        data = c.recv(32768)
+        if not data:
+            break
+        got += len(data)
+        time.sleep(0.02)
+    assert got > len(body), f"{got} bytes received, the body alone has {len(body)}"

@@ -175,7 +175,7 @@ def test_encoder_refuses_what_does_not_fit():
         p.encode_to_master("Ready")
 
 
-# --- the frame decoder and its descriptor FIFO ---------------------------------------
+# --- the frame decoder: which frame the descriptors of each read belong to -----------
 
 def fresh_fds(n):
     """n open descriptors (socket ends) to play the received ones."""
@@ -284,3 +284,63 @@ def test_decoder_too_many_pending_descriptors():
     with pytest.raises(p.ProtocolError, match="pending"):
         dec.feed(b"\x08", fds)
     assert not any(is_open(fd) for fd in fds)
+
+
+def test_decoder_a_frame_whose_descriptors_were_dropped_never_takes_the_next_frames():
+    # Frame A is split across two reads (the buffer was full): its first part came with
+    # MSG_CTRUNC and none of its descriptor. The second read holds the rest of A, then
+    # all of B with B's descriptor (a read stops after a segment with descriptors, not
+    # before): the descriptors of a read belong to the frame of its last byte.
+    a = p.encode_to_worker(p.Connections(0, 1))
+    b = p.encode_to_worker(p.Connections(1, 1))
+    (b_fd,) = fresh_fds(1)
+    b_inode = os.fstat(b_fd).st_ino
+    dec = p.FrameDecoder()
+    dec.feed(a[:3], [], truncated=True)
+    assert dec.next_frame() is None
+    dec.feed(a[3:] + b, [b_fd])
+    assert dec.next_frame() == (p.Connections(0, 1), []), "A's descriptor was dropped; not B's"
+    assert (dec.lost, dec.received) == (1, 1)
+    msg, fds = dec.next_frame()
+    assert msg == p.Connections(1, 1) and len(fds) == 1
+    assert os.fstat(fds[0]).st_ino == b_inode, "B gets its own descriptor"
+    assert (dec.lost, dec.received) == (1, 2)
+    dec.at_eof()
+    os.close(fds[0])
+
+
+def test_decoder_descriptors_with_a_frame_that_claims_none_are_an_error_at_once():
+    # Even while the next frame is still partial: they were read with the Ping's bytes.
+    fds = fresh_fds(1)
+    dec = p.FrameDecoder()
+    dec.feed(p.encode_to_worker(p.Ping()), fds)
+    dec.feed(p.encode_to_worker(p.User(b"x" * 64))[:10])
+    with pytest.raises(p.ProtocolError, match="unclaimed"):
+        dec.next_frame()
+    assert not is_open(fds[0])
+
+
+def test_decoder_descriptors_of_two_reads_for_one_frame_are_an_error():
+    # One frame's descriptors come with one read (its first segment's): a second batch
+    # read with bytes of the same frame belongs to no frame.
+    fds = fresh_fds(2)
+    frame = p.encode_to_worker(p.Connections(0, 2))
+    dec = p.FrameDecoder()
+    dec.feed(frame[:4], fds[:1])
+    dec.feed(frame[4:], fds[1:])
+    with pytest.raises(p.ProtocolError, match="unclaimed"):
+        dec.next_frame()
+    assert not any(is_open(fd) for fd in fds)
+
+
+def test_decoder_ctrunc_of_one_read_is_not_carried_to_a_later_frame():
+    # The MSG_CTRUNC belongs to the read's frame (which got all it claimed, 0): a later
+    # frame short of descriptors is a protocol error, not a loss.
+    fds = fresh_fds(1)
+    dec = p.FrameDecoder()
+    dec.feed(p.encode_to_worker(p.Ping()), [], truncated=True)
+    assert dec.next_frame() == (p.Ping(), [])
+    dec.feed(p.encode_to_worker(p.Connections(0, 2)), fds)
+    with pytest.raises(p.ProtocolError, match="missing"):
+        dec.next_frame()
+    assert not is_open(fds[0]) and dec.lost == 0

@@ -3,6 +3,7 @@
 import json
 import os
 import select
+import signal
 import socket
 import time
 
@@ -449,6 +450,66 @@ def test_shared_mode_stops_accepting_at_its_own_suicide(listener):
         for c in (keep, crash, late):
             c.close()
         lsock.close()
+
+
+def cpu_seconds(pid):
+    """User and system CPU time process `pid` used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def assert_not_spinning(pid, seconds=1.5):
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    used = cpu_seconds(pid) - before
+    # An idle worker uses next to nothing (heartbeats); a loop that spins, a whole core.
+    assert used < seconds / 3, f"the idle worker used {used:.2f} s of CPU in {seconds} s"
+
+
+def test_a_forked_child_is_not_the_worker(listener):
+    """A child the application forks (multiprocessing) gets the default SIGTERM back:
+    terminate() ends it at once. It announces no suicide, does not drain or wait for a
+    deadline, and does not wake the parent's accept threads (shared mode), whose loop
+    would then spin; the parent goes on serving as before."""
+    with FakeMaster([WSGI, "0.5"]) as fm:
+        start_ready(fm)
+        lsock = shared_listener()
+        fm.send(p.Listener(0), [lsock.fileno()])
+        c = socket.create_connection(lsock.getsockname(), timeout=5)
+        request(c, "/fork-term")
+        result = json.loads(read_response(c, timeout=60).body)
+        assert result["up"] is True, result
+        assert result["exitcode"] == -signal.SIGTERM, result
+        assert not result["closing"] and not result["draining"], result
+        assert_not_spinning(fm.proc.pid)
+        request(c, "/")
+        resp = read_response(c)
+        assert resp.status == 200 and resp.headers.get("connection") != "close", resp
+        assert not any(isinstance(m, p.Suicide) for _, m in list(fm.log))
+        c.close()
+        lsock.close()
+
+
+def test_a_stray_wake_up_does_not_make_the_accept_loop_spin(listener):
+    """A byte on an accept thread's wake-up socket without the stop (what a forked
+    child's copy used to write) is read and dropped, not left to make every poll
+    return at once."""
+    with FakeMaster([WSGI, "0.5"]) as fm:
+        start_ready(fm)
+        lsock = shared_listener()
+        fm.send(p.Listener(0), [lsock.fileno()])
+        c = socket.create_connection(lsock.getsockname(), timeout=5)
+        request(c, "/stray-wake")
+        assert read_response(c).body == b"1"
+        assert_not_spinning(fm.proc.pid)
+        request(c, "/")
+        assert read_response(c).status == 200
+        late = socket.create_connection(lsock.getsockname(), timeout=5)
+        request(late, "/", keep_alive=False)
+        assert read_response(late).status == 200  # still accepting
+        for s in (c, late, lsock):
+            s.close()
 
 
 def test_protocol_error_from_the_master_ends_the_worker(listener):

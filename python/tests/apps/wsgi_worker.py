@@ -4,18 +4,46 @@
 /env           JSON: the RR_CLUSTER_* variables left in os.environ, the channel's CLOEXEC
 /crash-thread  starts a thread that raises (an uncaught exception)
 /echo          echoes the request body (POST)
+/fork-term     forks a child (multiprocessing, "fork"), SIGTERMs it (terminate()) once it
+               runs, and answers with JSON: its exit code, and whether the worker is
+               draining
+/stray-wake    writes a byte on the wake-up socket of every shared-mode accept thread
 anything else  "hello"
 Messages from the master are echoed back (worker.on_message), unless TEST_NO_ECHO is set.
 argv: [idle_grace]
 """
 
 import json
+import multiprocessing
 import os
 import sys
 import threading
 import time
 
 from rr_cluster_worker import current_worker, serve_wsgi, start_worker
+
+
+def _child(conn):
+    conn.send("up")
+    time.sleep(60)
+
+
+def fork_term(worker):
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(child_end,))
+    proc.start()
+    up = parent_end.poll(20) and parent_end.recv() == "up"
+    proc.terminate()
+    proc.join(30)
+    if proc.exitcode is None:  # still alive after 30 s: end it (by its pid, alive)
+        proc.kill()
+        proc.join(5)
+        code = "alive"
+    else:
+        code = proc.exitcode
+    return {"up": up, "exitcode": code, "draining": worker.draining.is_set(),
+            "closing": worker.closing.is_set()}
 
 
 def app(environ, start_response):
@@ -42,6 +70,12 @@ def app(environ, start_response):
             raise RuntimeError("boom from a thread")
         threading.Thread(target=boom, name="crasher").start()
         body = b"crashing\n"
+    elif path == "/fork-term":
+        body = json.dumps(fork_term(worker)).encode()
+    elif path == "/stray-wake":
+        for w in list(worker._wakeups):
+            w.send(b"x")
+        body = str(len(worker._wakeups)).encode()
     elif path == "/echo":
         body = environ["wsgi.input"].read()
     else:
