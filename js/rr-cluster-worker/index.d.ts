@@ -57,7 +57,8 @@ declare namespace rrClusterWorker {
     serve<S extends NetServer>(server: S, options?: ServeOptions): S;
     ready(): void;
     /** A user message to the master. Throws a TypeError for a reserved value, a RangeError
-     *  for one whose JSON line (newline included) is longer than 64 KiB. */
+     *  for one whose JSON is longer than 64 KiB, 65536 bytes (the newline after it not
+     *  counted): the master would drop it. */
     send(value: unknown, callback?: (err: Error | null) => void): boolean;
     shutdown(reason?: string): void;
 

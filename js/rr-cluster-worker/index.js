@@ -27,13 +27,18 @@ const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10000;
 const DEFAULT_PORT = 3000;
 const SWEEP_INTERVAL_MS = 100;
 const MAX_PENDING_MESSAGES = 1000;
-// The master's limit on a line from the worker, newline included
-// (crates/rr-cluster/src/node.rs): it drops a longer one.
+// The master's limit on a line from the worker, its newline not counted
+// (MAX_LINE in crates/rr-cluster/src/node.rs): it drops a longer one.
 const MAX_LINE_BYTES = 64 * 1024;
 // The backlog rr-cluster's master listens with (BACKLOG in
 // crates/rr-cluster/src/master/listen.rs); the kernel caps it at somaxconn. The Node
 // dialect does not carry it, so shared listening sockets are given this one back.
 const SHARED_BACKLOG = 4096;
+// Without serve(), how long a received listening socket that nothing accepts on yet is
+// given before it is closed, for an application that takes it a little late (in a
+// timer, after an await). The connections it accepts meanwhile are held, then handed
+// over (or closed): short, since they wait, and a sibling could have taken them.
+const LATE_CLAIM_MS = 50;
 const SINGLETON = Symbol.for('rr-cluster-worker');
 // Once draining, on each socket: when it last went idle (its last response flushed, or
 // the drain's start), and how many bytes it had read then (more since: a request is
@@ -41,17 +46,28 @@ const SINGLETON = Symbol.for('rr-cluster-worker');
 const IDLE_SINCE = Symbol('rr-cluster idle since');
 const READ_AT_IDLE = Symbol('rr-cluster bytes read when idle');
 // On a socket: the served server it was emitted on as a 'connection' (a second emit is
-// dropped), and the last response asked for on it (pipelined requests: the responses
-// before it are not the connection's last).
+// dropped), how many requests came on it, and the response of the last one while it
+// waits behind another (pipelining; cleared once it is done). On a response: the number
+// of its request on the socket. Numbers, not references: a socket idle in keep-alive
+// must keep no response, request or what the application hung on them.
 const EMITTED_ON = Symbol('rr-cluster emitted on');
-const LATEST_RESPONSE = Symbol('rr-cluster latest response');
+const REQUESTS = Symbol('rr-cluster requests');
+const QUEUED_RESPONSE = Symbol('rr-cluster queued response');
+const SEQUENCE = Symbol('rr-cluster request number');
 // On a response: watched by the drain (see #watchResponse).
 const WATCHED = Symbol('rr-cluster watched');
 const REQUEST_EVENTS = new Set(['request', 'checkContinue', 'checkExpectation']);
 
+// Sets one of this package's marks on an object the application may have passed: one
+// that takes no new property (Object.preventExtensions, seal, freeze) is left
+// untouched, not made to throw (it is then not tracked).
+function mark(object, key, value) {
+  return Reflect.set(object, key, value);
+}
+
 function stampIdle(socket, at = Date.now()) {
-  socket[IDLE_SINCE] = at;
-  socket[READ_AT_IDLE] = socket.bytesRead;
+  mark(socket, IDLE_SINCE, at);
+  mark(socket, READ_AT_IDLE, socket.bytesRead);
 }
 
 function noop() {}
@@ -99,6 +115,27 @@ function restoreBacklog(server, listener) {
     process.stderr.write(`rr-cluster-worker: shared listener ${listener}: cannot restore the ` +
       `backlog to ${SHARED_BACKLOG} (error ${err}); it stays at Node's 511 for the whole pool\n`);
   }
+}
+
+// The server a listening handle delivers its connections to: Node keeps it on the
+// handle under its internal owner_symbol, and another server's listen(handle) takes
+// the handle over (its connections then go to that server, never to the one the handle
+// came with). undefined when it cannot be read.
+function handleOwner(server) {
+  const handle = server._handle;
+  if (handle === null || typeof handle !== 'object') return undefined;
+  const owner = Object.getOwnPropertySymbols(handle).find((s) => s.description === 'owner_symbol');
+  return owner === undefined ? undefined : handle[owner];
+}
+
+// Whether something other than `holder` accepts on a received listening socket: a
+// 'connection' listener, or another server that took its handle over. When that cannot
+// be told (no handle: the application closed it; an owner Node no longer keeps where we
+// look), yes: such a socket is never closed on a guess.
+function acceptedElsewhere(server, holder) {
+  if (server.listeners('connection').some((fn) => fn !== holder)) return true;
+  const owner = handleOwner(server);
+  return owner === undefined || owner !== server;
 }
 
 function isHttpServer(server) {
@@ -303,8 +340,8 @@ class RRClusterWorker extends EventEmitter {
    * Sends a user message (any JSON value; objects with an `rr` key or a NODE_ `cmd`
    * are reserved) to the master. Returns false when there is no master to send to, or
    * when the channel's write queue is long; `callback(err)` runs once it is written.
-   * Throws a RangeError for a value whose JSON line is longer than 64 KiB (newline
-   * included): the master would drop it.
+   * Throws a RangeError for a value whose JSON text is longer than 64 KiB (65536 bytes,
+   * the newline after it not counted): the master would drop it.
    */
   send(value, callback) {
     if (isReserved(value)) {
@@ -313,13 +350,14 @@ class RRClusterWorker extends EventEmitter {
     if (callback !== undefined && typeof callback !== 'function') {
       throw new TypeError('send(value, callback): callback must be a function');
     }
-    // What Node writes: the JSON text and a newline. (A value JSON cannot represent
-    // is left to process.send to refuse.)
+    // What Node writes: the JSON text and a newline, which the master's limit does not
+    // count. (A value JSON cannot represent is left to process.send to refuse.) A UTF-16
+    // unit is at most 3 bytes of UTF-8: only a text over 21845 units is measured.
     const json = JSON.stringify(value);
-    if (typeof json === 'string' && json.length * 3 + 1 > MAX_LINE_BYTES) {
-      const bytes = Buffer.byteLength(json) + 1;
+    if (typeof json === 'string' && json.length * 3 > MAX_LINE_BYTES) {
+      const bytes = Buffer.byteLength(json);
       if (bytes > MAX_LINE_BYTES) {
-        throw new RangeError(`send(): the message is ${bytes} bytes as a JSON line; the master ` +
+        throw new RangeError(`send(): the message is ${bytes} bytes of JSON; the master ` +
           `drops lines longer than ${MAX_LINE_BYTES} bytes`);
       }
     }
@@ -441,9 +479,11 @@ class RRClusterWorker extends EventEmitter {
   }
 
   // A listening socket received while no server was served: unless the application
-  // took it, it would accept connections nobody serves.
+  // took it (a 'connection' listener on it, or its own server's listen(handle)), it
+  // would accept connections nobody serves. Not taken yet: it gets LATE_CLAIM_MS more,
+  // holding what it accepts meanwhile, then it is judged once more.
   #onUnclaimedListen(listener, server) {
-    if (server.listenerCount('connection') > 0) {
+    if (acceptedElsewhere(server, null)) {
       this.#sharedClaimed = true;
       return;
     }
@@ -451,6 +491,59 @@ class RRClusterWorker extends EventEmitter {
       this.#adoptListen(listener, server);
       return;
     }
+    const held = new Map(); // socket -> its 'close' listener
+    let timer = null;
+    const settle = () => {
+      clearTimeout(timer);
+      server.removeListener('connection', holder);
+      const sockets = [];
+      for (const [socket, onClose] of held) {
+        socket.removeListener('error', noop);
+        socket.removeListener('close', onClose);
+        if (!socket.destroyed) sockets.push(socket);
+      }
+      held.clear();
+      if (acceptedElsewhere(server, null)) {
+        this.#sharedClaimed = true;
+        // Handed over in order: to the application's listeners, or to the server that
+        // took the handle over (what Node does with a connection it accepts for it).
+        const owner = handleOwner(server);
+        const target = server.listenerCount('connection') > 0 ? server :
+          owner && typeof owner.emit === 'function' ? owner : null;
+        for (const socket of sockets) {
+          if (target) target.emit('connection', socket);
+          else socket.destroy();
+        }
+        return;
+      }
+      if (this.#entries.length > 0) {
+        // serve() came meanwhile.
+        const adopted = this.#adoptListen(listener, server);
+        for (const socket of sockets) {
+          if (adopted) server.emit('connection', socket);
+          else socket.destroy();
+        }
+        return;
+      }
+      for (const socket of sockets) socket.destroy();
+      this.#closeUnclaimed(listener, server);
+    };
+    const holder = (socket) => {
+      // The application's own listener came: it gets this socket itself, after us.
+      if (acceptedElsewhere(server, holder)) {
+        settle();
+        return;
+      }
+      const onClose = () => held.delete(socket); // the client left before the hand-over
+      held.set(socket, onClose);
+      socket.on('error', noop);
+      socket.once('close', onClose);
+    };
+    server.on('connection', holder);
+    timer = setTimeout(settle, LATE_CLAIM_MS);
+  }
+
+  #closeUnclaimed(listener, server) {
     server.close();
     // A pool in shared mode gives this worker no connection otherwise: leave it, so
     // that the master sees and logs why (it drains this worker and starts another).
@@ -459,7 +552,7 @@ class RRClusterWorker extends EventEmitter {
       this.#warnedUnclaimed = true;
       process.stderr.write(`rr-cluster-worker: shared listener ${listener}: nothing accepts on ` +
         'the listening socket (no serve(), no \'connection\' listener on the {rr:\'listen\'} ' +
-        `handle); closed it${leave ? ', leaving the pool' : ''}\n`);
+        `handle, no server.listen(handle)); closed it${leave ? ', leaving the pool' : ''}\n`);
     }
     if (leave) {
       this.#suicide(`shared listener ${listener}: nothing in the worker accepts on it ` +
@@ -472,7 +565,7 @@ class RRClusterWorker extends EventEmitter {
     if (!entry || this.#draining) {
       if (!entry) this.#warnListener(listener);
       server.close();
-      return;
+      return false;
     }
     this.#sharedClaimed = true;
     entry.shared.push(server);
@@ -483,6 +576,7 @@ class RRClusterWorker extends EventEmitter {
     server.on('error', (err) => {
       process.stderr.write(`rr-cluster-worker: shared listener ${listener}: ${oneLine(err)}\n`);
     });
+    return true;
   }
 
   // The served server's emit, for two things every socket and request pass through:
@@ -502,17 +596,32 @@ class RRClusterWorker extends EventEmitter {
             worker.#warnDuplicate();
             return true;
           }
-          first[EMITTED_ON] = this;
+          // One that takes no new property is not tracked: served as often as it comes.
+          if (Object.isExtensible(first)) mark(first, EMITTED_ON, this);
         }
       } else if (entry.http && REQUEST_EVENTS.has(event) && first && second) {
         const socket = first.socket;
         if (socket) {
-          socket[LATEST_RESPONSE] = second;
+          worker.#countRequest(socket, second);
           if (worker.#draining) worker.#watchResponse(second, socket);
         }
       }
       return Reflect.apply(emit, this, arguments);
     };
+  }
+
+  // Numbers the request of `res` on its socket. Node gives a request the socket at
+  // once (it becomes the socket's _httpMessage) unless another response is still open
+  // on it: then it waits in a queue the drain cannot see, so the socket points to it
+  // until it is done (only with pipelining).
+  #countRequest(socket, res) {
+    const seq = (socket[REQUESTS] ?? 0) + 1;
+    if (!mark(socket, REQUESTS, seq)) return; // not tracked: see #watchResponse
+    mark(res, SEQUENCE, seq);
+    if (socket._httpMessage === res || !mark(socket, QUEUED_RESPONSE, res)) return;
+    res.once('finish', () => {
+      if (socket[QUEUED_RESPONSE] === res) mark(socket, QUEUED_RESPONSE, null);
+    });
   }
 
   #warnDuplicate() {
@@ -588,23 +697,21 @@ class RRClusterWorker extends EventEmitter {
         // those of requests that arrive later (see #hookEmit), and those in flight
         // whose head is not written yet (a socket's current response is its
         // _httpMessage, which Node clears once the response is done; pipelined
-        // requests wait behind it, the last one asked for is LATEST_RESPONSE).
+        // requests wait behind it, the last one asked for is QUEUED_RESPONSE).
         const now = Date.now();
         for (const socket of entry.httpSockets) {
           const current = socket._httpMessage;
-          const latest = socket[LATEST_RESPONSE];
+          const queued = socket[QUEUED_RESPONSE];
           if (current) this.#watchResponse(current, socket);
-          if (latest && latest !== current && !latest.writableFinished) {
-            this.#watchResponse(latest, socket);
+          if (queued && queued !== current && !queued.writableFinished) {
+            this.#watchResponse(queued, socket);
           }
           if (!current) stampIdle(socket, now);
         }
-        const timer = setTimeout(() => {
-          this.#sweep(entry);
-          entry.sweeper = setInterval(() => this.#sweep(entry), SWEEP_INTERVAL_MS);
-          entry.sweeper.unref();
-        }, entry.idleGraceMs);
-        timer.unref();
+        // From the drain on (not only once a grace has passed), so that bytes that
+        // arrive on an idle connection restart its grace from about when they came.
+        entry.sweeper = setInterval(() => this.#sweep(entry), SWEEP_INTERVAL_MS);
+        entry.sweeper.unref();
       }
     }
 
@@ -633,14 +740,16 @@ class RRClusterWorker extends EventEmitter {
   // next request at once.
   #watchResponse(res, socket) {
     if (res[WATCHED]) return;
-    res[WATCHED] = true;
+    mark(res, WATCHED, true);
     res.once('finish', () => stampIdle(socket));
     if (res.headersSent) return;
     // Every head goes through writeHead: explicit, or implicit (write(), end(),
     // flushHeaders()). Headers passed to it still win over this one.
     const writeHead = res.writeHead;
     res.writeHead = function writeHeadDraining(...args) {
-      if (!this.headersSent && (socket[LATEST_RESPONSE] ?? this) === this) {
+      // The last request asked for on the socket (on one that is not tracked, every
+      // response is taken for the last).
+      if (!this.headersSent && socket[REQUESTS] === this[SEQUENCE]) {
         this.setHeader('Connection', 'close');
       }
       return Reflect.apply(writeHead, this, args);
@@ -657,9 +766,13 @@ class RRClusterWorker extends EventEmitter {
       if (!socket.parser) continue;
       // A response is open on it (Node clears _httpMessage once it is flushed).
       if (socket._httpMessage) continue;
+      // Bytes arrived since it went idle (a request on its way, or the rest of a body
+      // its answer did not wait for): traffic, so the grace begins again from now.
+      if (socket.bytesRead !== socket[READ_AT_IDLE]) {
+        stampIdle(socket, now);
+        continue;
+      }
       if (now - (socket[IDLE_SINCE] ?? now) < entry.idleGraceMs) continue;
-      // Bytes arrived since it went idle: a request is on its way.
-      if (socket.bytesRead !== socket[READ_AT_IDLE]) continue;
       if (socket.writableLength > 0) continue;
       socket.destroy();
     }

@@ -151,6 +151,29 @@ test('drain: the idle grace counts from when a connection went idle, not from th
   assert.equal((await worker.waitExit(5000)).code, 0);
 });
 
+test('drain: a connection whose answer came before the rest of its body is closed after the grace, not at the deadline', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE) },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const a = await RawHttp.connect(master.port);
+  t.after(() => a.close());
+  // Answered at once (the handler does not read the body), 4 of its 10 body bytes sent.
+  a.socket.write('POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n1234');
+  const res = await a.response();
+  assert.equal(res.status, 200);
+  assert.equal(res.headers.connection, 'keep-alive');
+  const drainAt = await worker.drain(10000);
+  // The rest of the body, after the drain: traffic, then silence.
+  await sleep(100);
+  a.socket.write('567890');
+  const closedAt = await within(5000, a.closed, 'A closed after the grace');
+  assert.ok(closedAt - drainAt < 100 + GRACE + 2000, `closed ${closedAt - drainAt} ms after the drain (deadline 10000)`);
+  assert.ok(closedAt - drainAt >= 100 + GRACE - 20, `closed ${closedAt - drainAt} ms after the drain: not a grace after its last bytes`);
+  assert.equal((await worker.waitExit(5000)).code, 0);
+});
+
 test('drain: an idle sweep never cuts a response that is ended but not yet flushed', async (t) => {
   const master = await FakeMaster.start({
     script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE) },
