@@ -223,6 +223,9 @@ class Worker:
         #: Exit status the serve_* functions use: 1 after an uncaught exception.
         self.exit_code = 0
         self.suicide_reason: Optional[str] = None
+        # A Suicide went out whole: the master reads it before anything after it (the
+        # end of the channel included), and takes this worker for leaving.
+        self._suicide_sent = False
         self._drain_callbacks: List[Callable] = []
         self._message_callback: Optional[Callable] = None
         # Shared balancing: set once this worker takes no more connections from the
@@ -417,6 +420,7 @@ class Worker:
             return
         msg = Suicide(_truncate_reason(reason))
         if self._send(msg, timeout=0.5):
+            self._suicide_sent = True
             threading.Thread(target=self._await_drain, name="rr-cluster-suicide",
                              daemon=True).start()
         elif self._write_broken:
@@ -433,6 +437,7 @@ class Worker:
     def _send_suicide(self, msg):
         while not self.draining.is_set():
             if self._send(msg, timeout=0.5):
+                self._suicide_sent = True
                 self._await_drain()
                 return
             if self._write_broken:
@@ -454,10 +459,10 @@ class Worker:
         self._shutdown_channel()
         self._begin_drain("suicide (channel closed)", self.orphan_deadline, from_master=False)
 
-    def _shutdown_channel(self):
+    def _shutdown_channel(self, how: int = socket.SHUT_RDWR):
         self._write_broken = True
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.shutdown(how)
         except OSError:
             pass
 
@@ -680,15 +685,26 @@ class Worker:
         self.master_gone = True
         # Nothing reads the channel any more (the stream cannot be trusted after a
         # protocol error; the reader failed otherwise): say why, then end the channel,
-        # so that the master sees the end and sends no more connections here, rather
-        # than keep sending (heartbeats would keep this worker in rotation). The master
-        # kills a worker 1 s after its channel closed: be quick.
+        # so that the master sends no more connections here, rather than keep sending
+        # (heartbeats would keep this worker in rotation).
         what = "protocol error" if isinstance(error, ProtocolError) else "channel reader failed"
-        if self._ready:
-            self._send(Suicide(_truncate_reason(f"{what}: {error}")), timeout=0.2)
+        sent = self._ready and self._send(Suicide(_truncate_reason(f"{what}: {error}")),
+                                          timeout=0.2)
         self.exit_code = max(self.exit_code, 1)
-        self._shutdown_channel()
-        self._begin_drain(what, 0.9, from_master=False, tighten=True)
+        if sent or self._suicide_sent or self._deadline_from_master:
+            # The master reads the Suicide before the end of the channel (or it sent its
+            # Drain already): the worker is leaving, and the end is no loss to it; it
+            # waits for the drain's deadline. Only the write side is shut: a send of the
+            # master's failing on a channel shut both ways could make it take the end
+            # for a lost worker before it reads the Suicide. Drain as an orphan would.
+            self._shutdown_channel(socket.SHUT_WR)
+            self._begin_drain(what, self.orphan_deadline, from_master=False,
+                              tighten=not self._deadline_from_master)
+        else:
+            # The master sees the end without a Suicide: a lost worker, killed 1 s after
+            # its channel closed. Be quick.
+            self._shutdown_channel()
+            self._begin_drain(what, 0.9, from_master=False, tighten=True)
 
     def _handle(self, msg, fds):
         if isinstance(msg, Connections):

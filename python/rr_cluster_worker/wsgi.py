@@ -56,14 +56,46 @@ _LINGER = 1.0  # seconds a closed-for-writing connection waits for the client's 
 _WAIT = object()  # no whole request head yet, nothing more to read now: back to the selector
 
 
-def _send_all(sock: socket.socket, data):
+#: The slowest a client may take a response, bytes per second on average: one call of
+#: `_send_all` (a response head, a body chunk) gets max(request_timeout, its length /
+#: MIN_SEND_RATE) seconds in all, then the connection is closed. (8 KiB/s: 64 kbit/s, the
+#: speed of a poor mobile link; the kernel's socket buffers come on top.)
+MIN_SEND_RATE = 8192
+
+
+def _send_all(sock: socket.socket, data, min_rate: float = MIN_SEND_RATE):
     """`sock.sendall(data)`, with the socket's timeout bounding each wait for room (a
     stalled client), not the whole call: `sendall`'s timeout covers all of it (Python
-    3.5 and later), which cuts a large response to a client that reads steadily."""
+    3.5 and later), which cuts a large response to a client that reads steadily. The
+    whole call is bounded too, by max(timeout, len(data) / min_rate) seconds: a client
+    taking a byte now and then (each wait just under the timeout) does not hold the
+    thread for ever. Raises `socket.timeout` after either."""
     with memoryview(data) as view, view.cast("B") as rest:
-        while rest:
-            n = sock.send(rest)
-            rest = rest[n:]
+        total = len(rest)
+        if not total:
+            return
+        start = time.monotonic()
+        n = sock.send(rest)
+        if n >= total:
+            return  # the usual case: all of it at once
+        rest = rest[n:]
+        wait = sock.gettimeout()
+        end = start + max(wait or 0.0, total / min_rate)
+        changed = False
+        try:
+            while rest:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout(f"the client took {total - len(rest)} of {total} "
+                                         f"bytes in {end - start:.1f} s")
+                if wait is None or left < wait:
+                    sock.settimeout(left)  # the last wait ends with the whole call's time
+                    changed = True
+                n = sock.send(rest)
+                rest = rest[n:]
+        finally:
+            if changed:
+                sock.settimeout(wait)
 
 
 class _BadRequest(Exception):
@@ -77,8 +109,8 @@ class _ClientGone(Exception):
 
 
 class _Conn:
-    __slots__ = ("sock", "buf", "idle_since", "head_started", "linger_until", "listener",
-                 "peer", "local", "requests", "fd", "closed")
+    __slots__ = ("sock", "buf", "idle_since", "head_started", "seen_readable",
+                 "linger_until", "listener", "peer", "local", "requests", "fd", "closed")
 
     def __init__(self, sock: socket.socket, listener: int):
         self.sock = sock
@@ -88,6 +120,9 @@ class _Conn:
         self.idle_since = time.monotonic()
         # When the first byte of a request head not yet complete arrived (None: none).
         self.head_started: Optional[float] = None
+        # When the selector saw bytes (or the end) waiting, if that is why a pool thread
+        # has the connection now (None otherwise): they arrived by then.
+        self.seen_readable: Optional[float] = None
         self.linger_until = 0.0
         self.listener = listener
         self.requests = 0
@@ -108,6 +143,25 @@ class _Conn:
             data = self.sock.recv(65536)
         except socket.timeout:
             raise _ClientGone("timed out") from None
+        except OSError as e:
+            raise _ClientGone(str(e)) from None
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def recv_now(self) -> Optional[bool]:
+        """Appends what the socket has now, without waiting: True if bytes came, False
+        at end of stream, None when nothing is waiting. One read(2): a socket with a
+        timeout is non-blocking underneath (its own recv() would poll first)."""
+        if self.sock.gettimeout() is None:  # a blocking descriptor: ask first
+            if not _readable(self.sock):
+                return None
+            return self.recv_more()
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return None
         except OSError as e:
             raise _ClientGone(str(e)) from None
         if not data:
@@ -390,7 +444,7 @@ class _Exchange:
 
     def _send(self, data):
         try:
-            _send_all(self.conn.sock, data)
+            _send_all(self.conn.sock, data, self.server.min_send_rate)
         except socket.timeout:
             raise _ClientGone("write timed out") from None
         except OSError as e:
@@ -439,15 +493,19 @@ class WSGIServer:
     def __init__(self, app, worker, *, threads: int = 32, idle_grace: float = 2.0,
                  keepalive_timeout: float = 75.0, request_timeout: float = 30.0,
                  max_header_size: int = 64 * 1024, max_discard: int = 1 << 20,
-                 server_header: Optional[str] = "rr-cluster-python", access_log: bool = False):
+                 server_header: Optional[str] = "rr-cluster-python", access_log: bool = False,
+                 min_send_rate: float = MIN_SEND_RATE):
         if threads < 1:
             raise ValueError("threads must be at least 1")
+        if not min_send_rate > 0:
+            raise ValueError("min_send_rate must be positive")
         self.app = app
         self.worker = worker
         self.threads = threads
         self.idle_grace = max(0.0, idle_grace)
         self.keepalive_timeout = keepalive_timeout
         self.request_timeout = request_timeout
+        self.min_send_rate = min_send_rate
         self.max_header_size = max_header_size
         self.max_discard = max_discard
         self.server_header = server_header
@@ -561,6 +619,7 @@ class WSGIServer:
                 events = sel.select(timeout)
             except InterruptedError:
                 continue
+            now = time.monotonic()
             for key, _ in events:
                 if key.data is None:
                     try:
@@ -575,6 +634,7 @@ class WSGIServer:
                     if conn is None:
                         continue
                     self._unregister(conn)
+                    conn.seen_readable = now
                     self._tasks.put(conn)
                 else:
                     conn = self._lingering.get(fd)
@@ -608,8 +668,15 @@ class WSGIServer:
             if left <= 0:
                 del self._idle[fd]
                 self._unregister(conn)
+                overdue = conn.head_started is not None and \
+                    now - conn.head_started >= self.request_timeout
                 if _readable(conn.sock):
-                    self._tasks.put(conn)  # a request arrived at the last moment: serve it
+                    conn.seen_readable = now  # a request arrived at the last moment
+                    self._tasks.put(conn)
+                elif overdue:
+                    # Part of a head, and its time is up: a thread answers 408 (as when
+                    # it sees the deadline itself), reading first what came meanwhile.
+                    self._tasks.put(conn)
                 else:
                     self._start_linger(conn, unregistered=True)
             else:
@@ -715,9 +782,11 @@ class WSGIServer:
         before sending one; `_WAIT` when no whole head has arrived and nothing more can
         be read now (the connection goes back to the selector: a pool thread never
         waits for a head). A head must be whole within `request_timeout` of its first
-        byte (408 after that)."""
+        byte's arrival (408 after that); what arrived meanwhile is read before that is
+        checked, so time spent queued for a busy pool never counts against the client."""
+        seen, conn.seen_readable = conn.seen_readable, None
         start = 0
-        got = False  # bytes were read in this call
+        arrived = None  # the bytes just read were here by then (None: no read yet)
         while True:
             # Ignore empty lines before a request (RFC 9112, 2.2): they are not the
             # start of a head, and alone they leave the connection idle (no traffic).
@@ -728,8 +797,8 @@ class WSGIServer:
                 start = 0
             else:
                 if conn.head_started is None:
-                    conn.head_started = time.monotonic()
-                if got:
+                    conn.head_started = time.monotonic() if arrived is None else arrived
+                if arrived is not None:
                     conn.idle_since = time.monotonic()  # a head's bytes are traffic
             i = conn.buf.find(b"\r\n\r\n", start)
             if i > self.max_header_size:
@@ -741,17 +810,21 @@ class WSGIServer:
                 return head
             if len(conn.buf) > self.max_header_size:
                 raise _BadRequest(431, "request head too large")
-            if conn.head_started is not None and \
-                    time.monotonic() - conn.head_started >= self.request_timeout:
-                raise _BadRequest(408, "the request head did not arrive in time")
-            if not _readable(conn.sock):
-                return _WAIT
             start = max(0, len(conn.buf) - 3)
-            if not conn.recv_more():
+            more = conn.recv_now()
+            # The bytes just read were here by now; the first read's first one by the
+            # time the selector saw it (the pool may have been busy since).
+            arrived = seen if seen is not None else time.monotonic()
+            seen = None
+            if more is None:  # nothing more now: the head is late, or not yet
+                if conn.head_started is not None and \
+                        time.monotonic() - conn.head_started >= self.request_timeout:
+                    raise _BadRequest(408, "the request head did not arrive in time")
+                return _WAIT
+            if not more:
                 if conn.buf.strip():
                     raise _ClientGone("the client closed inside a request head")
                 return None
-            got = True
 
     def _one_request(self, conn: _Conn) -> bool:
         """Serves one request; whether the connection may serve another (`_WAIT`: no
@@ -833,7 +906,7 @@ class WSGIServer:
                 f"Date: {email.utils.formatdate(usegmt=True)}\r\n"
                 f"Connection: close\r\n\r\n").encode()
         try:
-            _send_all(conn.sock, head + body)
+            _send_all(conn.sock, head + body, self.min_send_rate)
         except OSError:
             pass
 
@@ -1012,7 +1085,8 @@ def serve_wsgi(app, *, threads: int = 32, idle_grace: float = 2.0,
                keepalive_timeout: float = 75.0, request_timeout: float = 30.0,
                worker=None, handle_signals: bool = True, exit: bool = True,
                on_drain=None, server_header: Optional[str] = "rr-cluster-python",
-               access_log: bool = False, **worker_options):
+               access_log: bool = False, min_send_rate: float = MIN_SEND_RATE,
+               **worker_options):
     """Serves the WSGI application `app` on the connections the master passes, with a
     pool of `threads` threads, until the drain is done; then exits the process (status
     0; 1 after an uncaught exception), or returns the status with `exit=False`.
@@ -1020,6 +1094,8 @@ def serve_wsgi(app, *, threads: int = 32, idle_grace: float = 2.0,
     `idle_grace`: during the drain, idle keep-alive connections are closed after this
     long (seconds). `keepalive_timeout`: outside the drain, after this long.
     `request_timeout`: the longest wait for a request's bytes or the client's reading.
+    `min_send_rate`: a response (each head, body chunk) gets max(request_timeout, its
+    length / min_send_rate) seconds to go out in all; after that the connection is closed.
     `on_drain(worker)`: called (on a thread of its own) when the drain begins.
     Other keyword arguments go to `Worker` (when `worker` is not given).
     """
@@ -1027,7 +1103,8 @@ def serve_wsgi(app, *, threads: int = 32, idle_grace: float = 2.0,
         worker = start_worker(**worker_options)
     server = WSGIServer(app, worker, threads=threads, idle_grace=idle_grace,
                         keepalive_timeout=keepalive_timeout, request_timeout=request_timeout,
-                        server_header=server_header, access_log=access_log)
+                        server_header=server_header, access_log=access_log,
+                        min_send_rate=min_send_rate)
     server.start()
     if handle_signals and threading.current_thread() is threading.main_thread():
         worker.handle_signals()

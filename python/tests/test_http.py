@@ -444,3 +444,102 @@ def test_a_large_response_to_a_client_that_reads_steadily_is_not_cut(make_server
         got += len(data)
         time.sleep(0.02)
     assert got > len(body), f"{got} bytes received, the body alone has {len(body)}"
+
+
+def test_a_head_in_two_segments_is_not_late_for_a_busy_pool(make_server):
+    """The rest of a head that arrived in time is read before the deadline is checked:
+    time spent waiting for a busy pool does not count against the client (it got 408)."""
+
+    def slow_app(environ, start_response):
+        if environ["PATH_INFO"] == "/slow":
+            time.sleep(2.0)
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    server = make_server(app=slow_app, threads=1, request_timeout=1.0)
+    b = server.connect()
+    a = server.connect()
+    b.sendall(b"GET /b HTTP/1.1\r\nHost: t\r\n")  # the only thread reads this part
+    time.sleep(0.2)
+    request(a, "/slow")  # the pool is busy for 2 s, twice the request timeout
+    time.sleep(0.1)
+    b.sendall(b"X-Rest: 1\r\n\r\n")  # B's head is whole 0.3 s after its first byte
+    assert read_response(a, timeout=10).status == 200
+    assert read_response(b, timeout=10).status == 200
+
+
+def test_a_head_read_after_the_selector_saw_it_costs_no_extra_poll(make_server, monkeypatch):
+    """A connection the selector found readable is read at once, not asked again
+    whether it is readable (a poll(2) per request, on top of recv's own)."""
+    from rr_cluster_worker import wsgi
+
+    calls = []
+    readable = wsgi._readable
+
+    def counted(sock):
+        calls.append(1)
+        return readable(sock)
+
+    monkeypatch.setattr(wsgi, "_readable", counted)
+    server = make_server(threads=2, request_timeout=30)
+    c = server.connect()
+    for _ in range(50):
+        request(c, "/")
+        assert read_response(c).status == 200
+    c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" * 20)  # pipelined
+    buf = bytearray()
+    for _ in range(20):
+        assert read_response(c, buf=buf).status == 200
+    assert len(calls) == 0, f"{len(calls)} readability polls for 70 requests"
+
+
+def test_a_head_that_stops_coming_gets_a_408(make_server):
+    """Part of a head, then nothing: at the deadline the client gets 408 with
+    Connection: close, as when a thread sees the deadline (the selector closed the
+    connection without a word)."""
+    server = make_server(threads=2, request_timeout=1.0)
+    c = server.connect()
+    c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+    r = read_response(c, timeout=10)
+    assert r.status == 408
+    assert r.headers["connection"] == "close"
+    assert at_eof(c, 10)
+
+
+def test_a_client_taking_a_response_too_slowly_is_cut_and_frees_its_thread(make_server):
+    """Each wait for the client is under request_timeout, but the whole response must
+    go out at min_send_rate at least: the connection is closed after max(request_timeout,
+    length / min_send_rate), and the thread serves others again."""
+    body = b"x" * (8 << 20)
+
+    def big(environ, start_response):
+        if environ["PATH_INFO"] == "/big":
+            start_response("200 OK", [("Content-Length", str(len(body)))])
+            return [body]
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    # 8 MiB at 2 MiB/s at least: 4 s in all. The client takes 16 KiB every 0.2 s
+    # (80 KiB/s: 100 s for the body), each wait well under the 1 s request timeout.
+    server = make_server(app=big, threads=1, request_timeout=1.0, min_send_rate=2 << 20)
+    slow = server.connect(rcvbuf=32768, sndbuf=32768)
+    request(slow, "/big")
+    got = 0
+    ended = False
+    slow.settimeout(10)
+    for _ in range(100):  # 20 s at most
+        try:
+            data = slow.recv(16384)
+        except OSError:
+            ended = True
+            break
+        if not data:
+            ended = True
+            break
+        got += len(data)
+        time.sleep(0.2)
+    assert ended, f"still sending after {got} bytes: the thread is held for ever"
+    assert got < len(body)
+    other = server.connect()
+    request(other, "/")
+    assert read_response(other, timeout=10).status == 200

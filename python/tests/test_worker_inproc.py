@@ -193,3 +193,42 @@ def test_a_reader_that_fails_ends_the_channel(make_worker, failure):
     assert end.eof.wait(5), "the channel was not ended: the master would keep sending"
     assert worker.draining.wait(5)
     assert worker.exit_code == 1
+
+
+def test_a_reader_that_fails_after_its_suicide_went_out_drains_to_the_usual_deadline(make_worker):
+    """The master reads the Suicide before the end of the channel and gives the worker
+    its drain deadline: the in-flight requests get the orphan deadline, not 0.9 s (that
+    is for a worker the master takes for lost), and only the write side is shut (a send
+    of the master's failing could make it take the end for a lost worker)."""
+    worker, end = make_worker(heartbeat_ms=50, orphan_deadline=10.0)
+
+    def fail():
+        raise OSError(errno.EIO, "I/O error")
+
+    worker._recv_once = fail
+    end.send(p.Ping())
+    end.expect(p.Suicide, skip=(p.Heartbeat, p.Ack, p.Pong))
+    assert end.eof.wait(5)
+    assert worker.draining.wait(5)
+    assert worker.deadline - worker.drain_started > 5.0, \
+        f"drains for {worker.deadline - worker.drain_started:.1f} s"
+    end.send(p.Ping())  # the master's sends still go through (no EPIPE)
+
+
+def test_a_reader_that_fails_without_its_suicide_drains_quickly(make_worker):
+    """No Suicide went out: the master takes the end for a lost worker and kills it 1 s
+    later; the worker drains within 0.9 s."""
+    worker, end = make_worker(heartbeat_ms=50, orphan_deadline=10.0)
+
+    def fail():
+        raise OSError(errno.EIO, "I/O error")
+
+    worker._send_lock.acquire()  # the Suicide cannot go out
+    try:
+        worker._recv_once = fail
+        end.send(p.User(b"x"))  # wakes the reader (a message it answers nothing)
+        assert worker.draining.wait(5)
+        assert worker.deadline - worker.drain_started < 1.0
+    finally:
+        worker._send_lock.release()
+    assert end.eof.wait(5)
