@@ -47,13 +47,12 @@ const IDLE_SINCE = Symbol('rr-cluster idle since');
 const READ_AT_IDLE = Symbol('rr-cluster bytes read when idle');
 // On a socket: the served server it was emitted on as a 'connection' (a second emit is
 // dropped), how many requests came on it, and the response of the last one while it
-// waits behind another (pipelining; cleared once it is done). On a response: the number
-// of its request on the socket. Numbers, not references: a socket idle in keep-alive
-// must keep no response, request or what the application hung on them.
+// waits behind another (pipelining; cleared once it is done). Numbers, not references:
+// a socket idle in keep-alive must keep no response, request or what the application
+// hung on them.
 const EMITTED_ON = Symbol('rr-cluster emitted on');
 const REQUESTS = Symbol('rr-cluster requests');
 const QUEUED_RESPONSE = Symbol('rr-cluster queued response');
-const SEQUENCE = Symbol('rr-cluster request number');
 // On a response: watched by the drain (see #watchResponse).
 const WATCHED = Symbol('rr-cluster watched');
 const REQUEST_EVENTS = new Set(['request', 'checkContinue', 'checkExpectation']);
@@ -597,31 +596,40 @@ class RRClusterWorker extends EventEmitter {
             return true;
           }
           // One that takes no new property is not tracked: served as often as it comes.
-          if (Object.isExtensible(first)) mark(first, EMITTED_ON, this);
+          // The marks requests update are set here too, so that a socket's shape does
+          // not change with every request.
+          if (Object.isExtensible(first)) {
+            mark(first, EMITTED_ON, this);
+            mark(first, REQUESTS, 0);
+            mark(first, QUEUED_RESPONSE, null);
+          }
         }
       } else if (entry.http && REQUEST_EVENTS.has(event) && first && second) {
         const socket = first.socket;
         if (socket) {
-          worker.#countRequest(socket, second);
-          if (worker.#draining) worker.#watchResponse(second, socket);
+          const seq = worker.#countRequest(socket, second);
+          if (worker.#draining) worker.#watchResponse(second, socket, seq);
         }
       }
       return Reflect.apply(emit, this, arguments);
     };
   }
 
-  // Numbers the request of `res` on its socket. Node gives a request the socket at
-  // once (it becomes the socket's _httpMessage) unless another response is still open
-  // on it: then it waits in a queue the drain cannot see, so the socket points to it
-  // until it is done (only with pipelining).
+  // Numbers the request of `res` on its socket, and returns its number (undefined on a
+  // socket that is not tracked). Node gives a request the socket at once (it becomes
+  // the socket's _httpMessage) unless another response is still open on it: then it
+  // waits in a queue the drain cannot see, so the socket points to it until it is done
+  // (only with pipelining). The response itself is not marked: a property added to
+  // every response would change the shape of Node's own hot objects (a few µs per
+  // request, measured).
   #countRequest(socket, res) {
     const seq = (socket[REQUESTS] ?? 0) + 1;
-    if (!mark(socket, REQUESTS, seq)) return; // not tracked: see #watchResponse
-    mark(res, SEQUENCE, seq);
-    if (socket._httpMessage === res || !mark(socket, QUEUED_RESPONSE, res)) return;
+    if (!mark(socket, REQUESTS, seq)) return undefined; // not tracked: see #watchResponse
+    if (socket._httpMessage === res || !mark(socket, QUEUED_RESPONSE, res)) return seq;
     res.once('finish', () => {
       if (socket[QUEUED_RESPONSE] === res) mark(socket, QUEUED_RESPONSE, null);
     });
+    return seq;
   }
 
   #warnDuplicate() {
@@ -702,9 +710,13 @@ class RRClusterWorker extends EventEmitter {
         for (const socket of entry.httpSockets) {
           const current = socket._httpMessage;
           const queued = socket[QUEUED_RESPONSE];
-          if (current) this.#watchResponse(current, socket);
+          // The last response asked for has the socket's last request number; one
+          // before a pipelined request none that can still be its last.
           if (queued && queued !== current && !queued.writableFinished) {
-            this.#watchResponse(queued, socket);
+            if (current) this.#watchResponse(current, socket, -1);
+            this.#watchResponse(queued, socket, socket[REQUESTS]);
+          } else if (current) {
+            this.#watchResponse(current, socket, socket[REQUESTS]);
           }
           if (!current) stampIdle(socket, now);
         }
@@ -738,18 +750,19 @@ class RRClusterWorker extends EventEmitter {
   // answers queued behind it). And the socket is idle again once its response is
   // flushed ('finish'): the grace counts from then, for a client that may send its
   // next request at once.
-  #watchResponse(res, socket) {
+  #watchResponse(res, socket, seq) {
     if (res[WATCHED]) return;
     mark(res, WATCHED, true);
     res.once('finish', () => stampIdle(socket));
     if (res.headersSent) return;
     // Every head goes through writeHead: explicit, or implicit (write(), end(),
-    // flushHeaders()). Headers passed to it still win over this one.
+    // flushHeaders()). Headers passed to it still win over this one. `seq`: the number
+    // of its request on the socket (-1: one before a pipelined request).
     const writeHead = res.writeHead;
     res.writeHead = function writeHeadDraining(...args) {
       // The last request asked for on the socket (on one that is not tracked, every
       // response is taken for the last).
-      if (!this.headersSent && socket[REQUESTS] === this[SEQUENCE]) {
+      if (!this.headersSent && socket[REQUESTS] === seq) {
         this.setHeader('Connection', 'close');
       }
       return Reflect.apply(writeHead, this, args);
