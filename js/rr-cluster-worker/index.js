@@ -39,6 +39,8 @@ const SHARED_BACKLOG = 4096;
 // timer, after an await). The connections it accepts meanwhile are held, then handed
 // over (or closed): short, since they wait, and a sibling could have taken them.
 const LATE_CLAIM_MS = 50;
+// How often a held socket is looked at for a claim that sends no event (a takeover).
+const CLAIM_POLL_MS = 5;
 const SINGLETON = Symbol.for('rr-cluster-worker');
 // Once draining, on each socket: when it last went idle (its last response flushed, or
 // the drain's start), and how many bytes it had read then (more since: a request is
@@ -64,9 +66,47 @@ function mark(object, key, value) {
   return Reflect.set(object, key, value);
 }
 
+// The idle state of a socket that takes no new property: kept here instead, so that it
+// is swept like the others.
+const idleOf = new WeakMap();
+
 function stampIdle(socket, at = Date.now()) {
-  mark(socket, IDLE_SINCE, at);
-  mark(socket, READ_AT_IDLE, socket.bytesRead);
+  if (mark(socket, IDLE_SINCE, at) && mark(socket, READ_AT_IDLE, socket.bytesRead)) return;
+  idleOf.set(socket, { since: at, read: socket.bytesRead });
+}
+
+// [when it went idle, bytes read then] (undefined: not stamped).
+function idleState(socket) {
+  const kept = idleOf.get(socket);
+  return kept ? [kept.since, kept.read] : [socket[IDLE_SINCE], socket[READ_AT_IDLE]];
+}
+
+// What Node's own onconnection (lib/net.js) gives a connection the server accepts:
+// the server's socket options.
+function applyServerOptions(server, socket) {
+  socket.allowHalfOpen = Boolean(server.allowHalfOpen);
+  if (server.noDelay) socket.setNoDelay(true);
+  if (server.keepAlive) socket.setKeepAlive(true, (server.keepAliveInitialDelay || 0) * 1000);
+}
+
+// A connection `from` accepted (and counts), handed to the server that took its
+// listening handle over: as if that server had accepted it (its options, its count,
+// socket.server), which is what Node does with the connections it accepts for it.
+function handOver(from, to, socket) {
+  if (to.maxConnections && to._connections >= to.maxConnections) {
+    socket.destroy();
+    return;
+  }
+  applyServerOptions(to, socket);
+  if (socket._server === from && typeof from._connections === 'number' &&
+      typeof to._connections === 'number') {
+    from._connections--;
+    to._connections++;
+    socket.server = to;
+    socket._server = to;
+    if (typeof from._emitCloseIfDrained === 'function') from._emitCloseIfDrained();
+  }
+  to.emit('connection', socket);
 }
 
 function noop() {}
@@ -183,6 +223,7 @@ class RRClusterWorker extends EventEmitter {
   #warnedDuplicate = false;
   #warnedUnclaimed = false;
   #sharedClaimed = false;  // a listening socket received was taken (by serve() or the application)
+  #holds = new Set();      // settle() of each received listening socket held (no exit meanwhile)
 
   constructor() {
     super();
@@ -458,9 +499,7 @@ class RRClusterWorker extends EventEmitter {
   #feed(entry, socket) {
     const server = entry.server;
     // A socket received over IPC has the defaults; an accepted one the server's options.
-    socket.allowHalfOpen = Boolean(server.allowHalfOpen);
-    if (server.noDelay) socket.setNoDelay(true);
-    if (server.keepAlive) socket.setKeepAlive(true, (server.keepAliveInitialDelay || 0) * 1000);
+    applyServerOptions(server, socket);
     server.emit('connection', socket);
   }
 
@@ -480,7 +519,8 @@ class RRClusterWorker extends EventEmitter {
   // A listening socket received while no server was served: unless the application
   // took it (a 'connection' listener on it, or its own server's listen(handle)), it
   // would accept connections nobody serves. Not taken yet: it gets LATE_CLAIM_MS more,
-  // holding what it accepts meanwhile, then it is judged once more.
+  // holding what it accepts meanwhile, and is settled at the first sign of a claim (a
+  // 'connection' listener, a takeover, serve()), at the drain, or once that time is up.
   #onUnclaimedListen(listener, server) {
     if (acceptedElsewhere(server, null)) {
       this.#sharedClaimed = true;
@@ -492,9 +532,20 @@ class RRClusterWorker extends EventEmitter {
     }
     const held = new Map(); // socket -> its 'close' listener
     let timer = null;
+    let settled = false;
+    const startedAt = Date.now();
+    // An accept error (EMFILE...) while nobody listens for it would be thrown.
+    const onError = (err) => {
+      process.stderr.write(`rr-cluster-worker: shared listener ${listener}: ${oneLine(err)}\n`);
+    };
     const settle = () => {
-      clearTimeout(timer);
+      if (settled) return;
+      settled = true;
+      this.#holds.delete(settle);
+      clearInterval(timer);
       server.removeListener('connection', holder);
+      server.removeListener('newListener', onNewListener);
+      server.removeListener('error', onError);
       const sockets = [];
       for (const [socket, onClose] of held) {
         socket.removeListener('error', noop);
@@ -507,25 +558,32 @@ class RRClusterWorker extends EventEmitter {
         // Handed over in order: to the application's listeners, or to the server that
         // took the handle over (what Node does with a connection it accepts for it).
         const owner = handleOwner(server);
-        const target = server.listenerCount('connection') > 0 ? server :
-          owner && typeof owner.emit === 'function' ? owner : null;
-        for (const socket of sockets) {
-          if (target) target.emit('connection', socket);
-          else socket.destroy();
+        if (server.listenerCount('connection') > 0) {
+          for (const socket of sockets) server.emit('connection', socket);
+        } else if (owner && typeof owner.emit === 'function') {
+          for (const socket of sockets) handOver(server, owner, socket);
+        } else {
+          for (const socket of sockets) socket.destroy();
         }
-        return;
-      }
-      if (this.#entries.length > 0) {
-        // serve() came meanwhile.
-        const adopted = this.#adoptListen(listener, server);
-        for (const socket of sockets) {
-          if (adopted) server.emit('connection', socket);
-          else socket.destroy();
+      } else if (this.#entries.length > 0) {
+        // serve() came meanwhile. During the drain, the connections accepted before it
+        // are served (as those the master sent before it), and the socket is closed.
+        const entry = this.#entryFor(listener);
+        if (this.#draining && entry) {
+          server.close();
+          for (const socket of sockets) this.#feed(entry, socket);
+        } else {
+          const adopted = this.#adoptListen(listener, server);
+          for (const socket of sockets) {
+            if (adopted) server.emit('connection', socket);
+            else socket.destroy();
+          }
         }
-        return;
+      } else {
+        for (const socket of sockets) socket.destroy();
+        this.#closeUnclaimed(listener, server);
       }
-      for (const socket of sockets) socket.destroy();
-      this.#closeUnclaimed(listener, server);
+      setImmediate(() => this.#maybeExit());
     };
     const holder = (socket) => {
       // The application's own listener came: it gets this socket itself, after us.
@@ -538,8 +596,26 @@ class RRClusterWorker extends EventEmitter {
       socket.on('error', noop);
       socket.once('close', onClose);
     };
+    // The application's 'connection' listener: settled once it is added.
+    const onNewListener = (event) => {
+      if (event === 'connection') process.nextTick(settle);
+    };
     server.on('connection', holder);
-    timer = setTimeout(settle, LATE_CLAIM_MS);
+    server.on('error', onError);
+    server.on('newListener', onNewListener);
+    this.#holds.add(settle);
+    if (this.#draining) {
+      settle();
+      return;
+    }
+    // A takeover (server.listen(handle)) or serve() sends no event: looked for a few
+    // times within the hold.
+    timer = setInterval(() => {
+      if (Date.now() - startedAt >= LATE_CLAIM_MS || this.#entries.length > 0 ||
+          handleOwner(server) !== server) {
+        settle();
+      }
+    }, CLAIM_POLL_MS);
   }
 
   #closeUnclaimed(listener, server) {
@@ -667,6 +743,12 @@ class RRClusterWorker extends EventEmitter {
   // https: the TLS socket over an accepted one (see #track).
   #trackHttp(entry, socket) {
     entry.httpSockets.add(socket);
+    // The marks its requests update, set now (see #hookEmit): its shape then does not
+    // change at its first request.
+    if (Object.isExtensible(socket) && !Object.prototype.hasOwnProperty.call(socket, REQUESTS)) {
+      mark(socket, REQUESTS, 0);
+      mark(socket, QUEUED_RESPONSE, null);
+    }
     if (this.#draining) stampIdle(socket);
     socket.once('close', () => entry.httpSockets.delete(socket));
   }
@@ -690,6 +772,9 @@ class RRClusterWorker extends EventEmitter {
     this.#draining = true;
     this.#drainInfo = { reason, deadlineMs };
     this.#armForceExit(deadlineMs);
+    // Listening sockets held for a late claim: settled now (no more accepts; what they
+    // accepted before the drain is handed over, or served).
+    for (const settle of [...this.#holds]) settle();
 
     for (const entry of this.#entries) {
       // Stop taking connections: the shared listening sockets first.
@@ -755,6 +840,19 @@ class RRClusterWorker extends EventEmitter {
     mark(res, WATCHED, true);
     res.once('finish', () => stampIdle(socket));
     if (res.headersSent) return;
+    if (!Object.isExtensible(res)) {
+      // Its writeHead cannot be wrapped: if it is the last one asked for now, it says
+      // Connection: close at once (a request pipelined after it later would then find
+      // the connection closing; rare enough).
+      if (socket[REQUESTS] === seq) {
+        try {
+          res.setHeader('Connection', 'close');
+        } catch {
+          // frozen: left as it is
+        }
+      }
+      return;
+    }
     // Every head goes through writeHead: explicit, or implicit (write(), end(),
     // flushHeaders()). Headers passed to it still win over this one. `seq`: the number
     // of its request on the socket (-1: one before a pipelined request).
@@ -781,11 +879,12 @@ class RRClusterWorker extends EventEmitter {
       if (socket._httpMessage) continue;
       // Bytes arrived since it went idle (a request on its way, or the rest of a body
       // its answer did not wait for): traffic, so the grace begins again from now.
-      if (socket.bytesRead !== socket[READ_AT_IDLE]) {
+      const [since, readAtIdle] = idleState(socket);
+      if (socket.bytesRead !== readAtIdle) {
         stampIdle(socket, now);
         continue;
       }
-      if (now - (socket[IDLE_SINCE] ?? now) < entry.idleGraceMs) continue;
+      if (now - (since ?? now) < entry.idleGraceMs) continue;
       if (socket.writableLength > 0) continue;
       socket.destroy();
     }
@@ -815,7 +914,7 @@ class RRClusterWorker extends EventEmitter {
 
   #maybeExit() {
     if (!this.#draining || this.#exiting || this.#awaitingMaster || !this.#ownsExit()) return;
-    if (this.#open.size > 0 || this.#hooksPending > 0) return;
+    if (this.#open.size > 0 || this.#hooksPending > 0 || this.#holds.size > 0) return;
     this.#exit();
   }
 

@@ -9,7 +9,7 @@ const assert = require('node:assert/strict');
 const net = require('node:net');
 const path = require('node:path');
 const fs = require('node:fs');
-const { FakeMaster, RawHttp, get, refused, waitFor, within, FIXTURES } = require('../test-support/helpers.js');
+const { FakeMaster, RawHttp, get, refused, sleep, waitFor, within, FIXTURES } = require('../test-support/helpers.js');
 
 const CLASSIC = path.join(FIXTURES, 'classic-worker.js');
 
@@ -98,6 +98,11 @@ for (const [mode, how] of TAKERS) {
     const early = await get(port);
     assert.equal(early.status, 200);
     assert.equal(early.body, `classic ${worker.pid}\n`);
+    if (mode.includes('takeover')) {
+      // Held or not, set up as the server's own connections: an http server's options
+      // (allowHalfOpen, noDelay), socket.server, counted in its connections.
+      assert.equal(early.headers['x-socket'], 'halfOpen=true noDelay=true server=true connections=1');
+    }
     const res = await get(port);
     assert.equal(res.status, 200);
     // A heartbeat written well after the listening socket was judged (twice): no
@@ -132,4 +137,52 @@ test('without serve(): a shared listening socket whose server cannot be told is 
   assert.ok(listenerOpen(port), 'the listening socket was closed');
   await worker.drain(3000);
   assert.equal((await worker.waitExit(3000)).code, 0, worker.stderr);
+});
+
+test('without serve(): a drain while a shared listening socket is held serves what it held (serve() came meanwhile)', async (t) => {
+  const master = await FakeMaster.start({
+    script: CLASSIC, workers: 1, dispatch: 'none', env: { TEST_HANDLE_LISTEN: 'serve-at-drain', TEST_READY: 'package' },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  await worker.waitReady();
+  const listener = await sharedListener();
+  const { port } = listener.address();
+  await worker.sendListen(listener);
+  listener.close();
+  const c = await RawHttp.connect(port);
+  t.after(() => c.close());
+  const answer = c.request('/slow?ms=300', { Connection: 'close' });
+  answer.catch(() => {}); // awaited below
+  // Held (accepted, nobody serves it yet): then the drain, within the hold.
+  await waitFor(() => worker.stdout.includes('held 1'), 2000, 'the connection held');
+  const drainAt = await worker.drain(5000);
+  // The held socket stops accepting at the drain.
+  await refused(port);
+  const res = await answer.catch((e) => { throw new Error(`${e.message}: ${worker.stdout} | ${worker.stderr}`); });
+  assert.equal(res.status, 200);
+  assert.equal(res.body, 'slow done\n');
+  const exit = await worker.waitExit(3000);
+  assert.equal(exit.code, 0, worker.stderr);
+  assert.ok(exit.at - drainAt >= 200, `exited ${exit.at - drainAt} ms after the drain, before the response`);
+  assert.equal(worker.rr('suicide').length, 0);
+});
+
+test('without serve(): an accept error on a held shared listening socket is reported, not thrown', async (t) => {
+  const master = await FakeMaster.start({
+    script: CLASSIC, workers: 1, dispatch: 'none', env: { TEST_HANDLE_LISTEN: 'accept-error', TEST_READY: 'package' },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  await worker.waitReady();
+  const listener = await sharedListener();
+  await worker.sendListen(listener);
+  listener.close();
+  // Nothing claims it: closed, with the usual suicide, the process still up.
+  await worker.waitMessage((m) => m.rr === 'suicide', 3000, 'the suicide');
+  await waitFor(() => /shared listener 0: Error: accept EMFILE/.test(worker.stderr), 2000, 'the accept error reported');
+  assert.ok(worker.alive, worker.stderr);
+  await worker.drain(3000);
+  assert.equal((await worker.waitExit(3000)).code, 0, worker.stderr);
+  assert.doesNotMatch(worker.stderr, /Unhandled 'error' event/);
 });

@@ -313,3 +313,39 @@ test('drain: a signal during the master\'s drain does not cut it short; a second
   assert.ok(exit.at - at < 1000, `exited ${exit.at - at} ms after the second signal`);
   assert.ok((await stuck) instanceof Error);
 });
+
+test('drain: a connection that takes no new property is still closed after the grace, not at the deadline', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE), TEST_SEAL_SOCKETS: '1' },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const a = await RawHttp.connect(master.port);
+  t.after(() => a.close());
+  assert.equal((await a.request('/')).status, 200);
+  const drainAt = await worker.drain(10000);
+  const closedAt = await within(5000, a.closed, 'the idle connection closed');
+  assert.ok(closedAt - drainAt < GRACE + 2000, `closed ${closedAt - drainAt} ms after the drain (deadline 10000)`);
+  const exit = await worker.waitExit(5000);
+  assert.equal(exit.code, 0, worker.stderr);
+});
+
+test('drain: a response that takes no new property is answered with Connection: close, without a throw', async (t) => {
+  const master = await FakeMaster.start({
+    script: WORKER, workers: 1, env: { TEST_IDLE_GRACE_MS: String(GRACE) },
+  });
+  t.after(() => master.close());
+  const worker = master.workers[0];
+  const a = await RawHttp.connect(master.port);
+  t.after(() => a.close());
+  const answer = a.request('/sealed-slow?ms=400');
+  await worker.waitMessage((m) => m.rr === 'heartbeat' && m.active === 1, 2000, 'the request open');
+  await worker.drain(10000);
+  const res = await answer;
+  assert.equal(res.status, 200);
+  assert.equal(res.body, 'sealed done\n');
+  assert.equal(res.headers.connection, 'close');
+  const exit = await worker.waitExit(5000);
+  assert.equal(exit.code, 0, worker.stderr);
+  assert.doesNotMatch(worker.stderr, /TypeError/);
+});
