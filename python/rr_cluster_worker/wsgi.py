@@ -58,18 +58,20 @@ _WAIT = object()  # no whole request head yet, nothing more to read now: back to
 
 #: The slowest a client may take a response, bytes per second on average: one call of
 #: `_send_all` (a response head, a body chunk) gets max(request_timeout, its length /
-#: MIN_SEND_RATE) seconds in all, then the connection is closed. (8 KiB/s: 64 kbit/s, the
-#: speed of a poor mobile link; the kernel's socket buffers come on top.)
-MIN_SEND_RATE = 8192
+#: MIN_SEND_RATE) seconds in all, then the connection is closed. (1 KiB/s: well below a
+#: throttled mobile link; the kernel's socket buffers come on top. Kestrel's minimum
+#: response rate is 240 bytes/s.) None or 0: no such limit, only each wait's.
+MIN_SEND_RATE = 1024
 
 
-def _send_all(sock: socket.socket, data, min_rate: float = MIN_SEND_RATE):
+def _send_all(sock: socket.socket, data, min_rate: Optional[float] = MIN_SEND_RATE):
     """`sock.sendall(data)`, with the socket's timeout bounding each wait for room (a
     stalled client), not the whole call: `sendall`'s timeout covers all of it (Python
     3.5 and later), which cuts a large response to a client that reads steadily. The
     whole call is bounded too, by max(timeout, len(data) / min_rate) seconds: a client
     taking a byte now and then (each wait just under the timeout) does not hold the
-    thread for ever. Raises `socket.timeout` after either."""
+    thread for ever (unless `min_rate` is None or 0). Raises `socket.timeout` after
+    either."""
     with memoryview(data) as view, view.cast("B") as rest:
         total = len(rest)
         if not total:
@@ -80,7 +82,7 @@ def _send_all(sock: socket.socket, data, min_rate: float = MIN_SEND_RATE):
             return  # the usual case: all of it at once
         rest = rest[n:]
         wait = sock.gettimeout()
-        end = start + max(wait or 0.0, total / min_rate)
+        end = start + max(wait or 0.0, total / min_rate) if min_rate else float("inf")
         changed = False
         try:
             while rest:
@@ -494,11 +496,11 @@ class WSGIServer:
                  keepalive_timeout: float = 75.0, request_timeout: float = 30.0,
                  max_header_size: int = 64 * 1024, max_discard: int = 1 << 20,
                  server_header: Optional[str] = "rr-cluster-python", access_log: bool = False,
-                 min_send_rate: float = MIN_SEND_RATE):
+                 min_send_rate: Optional[float] = MIN_SEND_RATE):
         if threads < 1:
             raise ValueError("threads must be at least 1")
-        if not min_send_rate > 0:
-            raise ValueError("min_send_rate must be positive")
+        if min_send_rate is not None and min_send_rate < 0:
+            raise ValueError("min_send_rate must be positive, 0 or None")
         self.app = app
         self.worker = worker
         self.threads = threads
@@ -1085,7 +1087,7 @@ def serve_wsgi(app, *, threads: int = 32, idle_grace: float = 2.0,
                keepalive_timeout: float = 75.0, request_timeout: float = 30.0,
                worker=None, handle_signals: bool = True, exit: bool = True,
                on_drain=None, server_header: Optional[str] = "rr-cluster-python",
-               access_log: bool = False, min_send_rate: float = MIN_SEND_RATE,
+               access_log: bool = False, min_send_rate: Optional[float] = MIN_SEND_RATE,
                **worker_options):
     """Serves the WSGI application `app` on the connections the master passes, with a
     pool of `threads` threads, until the drain is done; then exits the process (status
@@ -1095,7 +1097,8 @@ def serve_wsgi(app, *, threads: int = 32, idle_grace: float = 2.0,
     long (seconds). `keepalive_timeout`: outside the drain, after this long.
     `request_timeout`: the longest wait for a request's bytes or the client's reading.
     `min_send_rate`: a response (each head, body chunk) gets max(request_timeout, its
-    length / min_send_rate) seconds to go out in all; after that the connection is closed.
+    length / min_send_rate) seconds to go out in all; after that the connection is closed
+    (None or 0: no such limit).
     `on_drain(worker)`: called (on a thread of its own) when the drain begins.
     Other keyword arguments go to `Worker` (when `worker` is not given).
     """

@@ -543,3 +543,49 @@ def test_a_client_taking_a_response_too_slowly_is_cut_and_frees_its_thread(make_
     other = server.connect()
     request(other, "/")
     assert read_response(other, timeout=10).status == 200
+
+
+def test_min_send_rate_none_or_zero_turns_the_overall_limit_off():
+    """`_send_all` with min_rate 0 (or None) bounds each wait only; with a rate, the
+    whole call too. A reader taking 1 MiB in about 1.6 s, each wait well under the 1 s
+    timeout: cut with a rate that allows only 1 s in all, whole without one."""
+    import socket as socketlib
+    import threading
+    from rr_cluster_worker.wsgi import _send_all
+
+    def run(min_rate):
+        a, b = socketlib.socketpair()
+        for s in (a, b):
+            s.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_SNDBUF, 32768)
+            s.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, 32768)
+        got = []
+
+        def reader():
+            b.settimeout(5)
+            for _ in range(200):  # bounded: 1 MiB in 64 KiB reads, 0.1 s apart
+                try:
+                    data = b.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                got.append(len(data))
+                time.sleep(0.1)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        a.settimeout(1.0)
+        try:
+            _send_all(a, b"x" * (1 << 20), min_rate)
+            cut = False
+        except socketlib.timeout:
+            cut = True
+        a.close()
+        t.join(10)
+        b.close()
+        return cut, sum(got)
+
+    assert run(1 << 30)[0], "a rate that allows 1 s in all cuts a 1.6 s send"
+    for off in (0, None):
+        cut, got = run(off)
+        assert not cut and got == 1 << 20, f"min_rate={off!r}: cut={cut}, {got} bytes"
