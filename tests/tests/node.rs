@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rr_cluster::{Event, GiveUpAction, Master, Outcome, Protocol, WorkerCommand};
-use rr_cluster_tests::{Cluster, WAIT, alive, kill, start_cluster};
+use rr_cluster_tests::{Cluster, WAIT, alive, start_cluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn repo() -> PathBuf {
@@ -32,7 +32,7 @@ fn node() -> Option<String> {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: `node` is not installed (the Node.js dialect needs it)");
+        rr_cluster_tests::missing_tool("`node` is not installed (the Node.js dialect needs it)");
     }
     ok.then(|| "node".to_owned())
 }
@@ -130,7 +130,10 @@ async fn a_killed_node_worker_is_replaced() {
     let s = cluster.wait_ready(2).await;
     let victim = s.workers[0].pid.expect("pid");
     cluster.drain_events(|_| None::<()>);
-    kill(victim);
+    assert!(
+        cluster.kill_worker(victim).await,
+        "worker {victim} is ours and alive"
+    );
     let (slot, pid) = cluster
         .next_event(|e| match e {
             Event::WorkerReady { slot, pid, .. } => Some((*slot, *pid)),
@@ -339,4 +342,100 @@ async fn user_messages_go_both_ways() {
         |s: &rr_cluster::control::Status| s.workers.iter().map(|w| w.pid).collect::<Vec<_>>();
     assert_eq!(pids(&before), pids(&after), "no worker was dropped");
     assert_eq!(cluster.stop().await, 0);
+}
+
+/// Node keeps the descriptor of its latest read that brought one for the next complete
+/// handle line. After 64 KiB of other lines, a 64 KiB read ended inside the first
+/// connection's line; the read that completed it also held the second connection's
+/// line and descriptor, which replaced the first: the first line got the second
+/// client, the second line none (NACK), and the first client hung. The worker blocks
+/// its event loop (reads nothing) until everything is on its channel, so that its
+/// first read is exactly that 64 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_line_cut_by_a_node_read_keeps_its_own_socket() {
+    let Some(_) = node() else { return };
+    let dir = std::env::temp_dir().join(format!("rr-node-exposed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (ready, read) = (dir.join("ready"), dir.join("read"));
+    let _ = std::fs::remove_file(&ready);
+    let _ = std::fs::remove_file(&read);
+    let script = dir.join("worker.js");
+    std::fs::write(
+        &script,
+        r#"const http = require('node:http');
+const fs = require('node:fs');
+const pause = new Int32Array(new SharedArrayBuffer(4));
+// Blocks the event loop until `path` exists (30 s at most): nothing is read meanwhile.
+const waitFor = (path) => {
+  for (let i = 0; i < 3000 && !fs.existsSync(path); i++) Atomics.wait(pause, 0, 0, 10);
+};
+let messages = 0;
+const server = http.createServer((req, res) => res.end(`${req.socket.seen}`));
+process.on('message', (m, handle) => {
+  if (typeof m === 'string') messages += 1;
+  if (m && m.rr === 'connection') {
+    // How many application messages came before this connection.
+    handle.seen = messages;
+    server.emit('connection', handle);
+  }
+});
+waitFor(process.argv[2]);
+process.send({ rr: 'ready' });
+waitFor(process.argv[3]);
+"#,
+    )
+    .expect("write");
+    let b = Master::builder()
+        .listen("127.0.0.1:0")
+        .workers(1)
+        .command(
+            WorkerCommand::new("node")
+                .arg(script.display().to_string())
+                .arg(ready.display().to_string())
+                .arg(read.display().to_string())
+                .protocol(Protocol::Node),
+        )
+        .ready_timeout(Duration::from_secs(20))
+        .drain_timeout(Duration::from_secs(10))
+        .heartbeat_interval(Duration::from_secs(2))
+        .heartbeat_timeout(Some(Duration::from_secs(10)));
+    let cluster = start_cluster(b).await;
+    // One line of 65 500 bytes, written before the worker is ready (so before any
+    // connection); the first connection's line (81 bytes) then spans byte 65 536.
+    let text = format!("\"{}\"", "x".repeat(65_497));
+    let sent = cluster
+        .handle
+        .send(None, text.into_bytes())
+        .await
+        .expect("send");
+    assert_eq!(sent, 1);
+    std::fs::write(&ready, b"").expect("ready marker");
+    cluster.wait_ready(1).await;
+    let addr = cluster.addr;
+    let clients = [tokio::spawn(get(addr, "/")), tokio::spawn(get(addr, "/"))];
+    // Both connections on the channel, or the second held back.
+    let mut settled = false;
+    for _ in 0..2000 {
+        let status = cluster.handle.status().await.expect("status");
+        // Held by the guard: accepted, not sent (`queued` counts exactly those).
+        let held = status.queued == 1;
+        let dispatched = status.workers.iter().map(|w| w.dispatched).sum::<u64>();
+        if status.accepted == 2 && (dispatched == 2 || (dispatched == 1 && held)) {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(settled, "the connections never reached dispatch");
+    std::fs::write(&read, b"").expect("read marker");
+    for client in clients {
+        let (status, _, body) = client.await.expect("join").expect("answered");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "1"),
+            "served, after the application message"
+        );
+    }
+    assert_eq!(cluster.stop().await, 0);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -31,16 +31,29 @@
 //! otherwise be handed the next frame's).
 //!
 //! The Node.js dialect ([`crate::node`]) uses the same socket with newline-delimited
-//! JSON: [`ChannelReader::recv_line`].
+//! JSON: [`ChannelReader::recv_line`]. Node's reader does not place descriptors by
+//! offset: it keeps the descriptors of its latest read that brought any (one handle)
+//! for the next complete `NODE_HANDLE` line. A handle line that a read cuts in two (a
+//! read of 64 KiB ends inside it, which takes at least ~64 KiB of lines without
+//! descriptors in front of it) is delivered with its own descriptor, but only if no
+//! other handle line follows in the read that completes it: the later descriptor would
+//! replace the first (the first line gets the second connection, the second none).
+//! So a writer set up with [`ChannelWriter::guard_exposed_handles`] calls a send with
+//! descriptors that follows [`EXPOSED_AFTER`] bytes or more without any "exposed", and
+//! sends no other descriptor until the peer acknowledged it
+//! ([`ChannelWriter::ack_handle`]); handle lines back to back, or after shorter runs,
+//! are never cut (each read ends right after a segment that carried descriptors).
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use crate::protocol::{self, HEADER_LEN, MAX_FRAME_LEN, Message, ProtocolError};
 use crate::sys;
@@ -60,6 +73,16 @@ const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 /// Retries of [`BUSY_RETRY`] in a row (10 s) before the background flush gives a
 /// frame's tail up, and the channel with it.
 const MAX_BUSY_RETRIES: u32 = 1000;
+
+/// Bytes without descriptors after which a guarded writer's next send with
+/// descriptors is exposed ([`ChannelWriter::guard_exposed_handles`]): half of Node's
+/// 64 KiB read, so that a handle line after a shorter run always ends the read that
+/// holds its first byte.
+pub(crate) const EXPOSED_AFTER: u64 = 32 * 1024;
+
+/// The longest start of a line too long that the reader keeps
+/// ([`ChannelReader::too_long_line_head`]).
+const LINE_HEAD: usize = 32;
 
 /// Errors of a channel.
 #[derive(Debug, thiserror::Error)]
@@ -116,8 +139,9 @@ pub enum ChannelError {
 /// caller still owns the descriptors.
 #[derive(Debug)]
 pub enum TrySendError {
-    /// The socket buffer is full (or a previous frame is still being flushed): retry
-    /// once the channel is writable.
+    /// The socket buffer is full (or a previous frame is still being flushed, or,
+    /// for a guarded writer, an exposed send with descriptors waits for its
+    /// acknowledgement): retry once the channel is writable.
     Full,
     /// The send failed for a reason that says nothing about the peer (`ETOOMANYREFS`:
     /// too many descriptors in flight for this user; `ENOBUFS`, `ENOMEM`): retry a
@@ -152,6 +176,12 @@ pub fn split(stream: ChannelStream) -> (ChannelReader, Arc<ChannelWriter>) {
         Arc::new(ChannelWriter {
             stream,
             pending: Mutex::new(Pending::default()),
+            fds_sent: AtomicU64::new(0),
+            guarded: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+            exposed: AtomicU64::new(0),
+            long_run: AtomicBool::new(false),
+            handle_acked: Notify::new(),
         }),
     )
 }
@@ -185,9 +215,23 @@ impl ChannelReader {
         self.decoder.lost
     }
 
+    /// Whether descriptors came with the line [`ChannelReader::recv_line`] returned or
+    /// reported too long last (they were closed): a read that brought descriptors ended
+    /// inside it.
+    pub(crate) fn line_came_with_fds(&self) -> bool {
+        self.decoder.last_line_fds
+    }
+
+    /// The first bytes (up to 32) of the line [`ChannelReader::recv_line`] reported too
+    /// long last.
+    pub(crate) fn too_long_line_head(&self) -> &[u8] {
+        &self.decoder.long_head[..self.decoder.long_head_len]
+    }
+
     /// The next line of the Node.js dialect, without its newline; `Ok(None)` at a clean
     /// end of stream. Descriptors that arrive with lines are closed (a Node.js worker
-    /// has no business sending any to its master). A line longer than `max` is
+    /// has no business sending any to its master; [`ChannelReader::line_came_with_fds`]
+    /// tells which line they came with). A line longer than `max` is
     /// [`ChannelError::LineTooLong`], once, and is skipped: the next call returns the
     /// line after it.
     ///
@@ -198,7 +242,7 @@ impl ChannelReader {
                 return Ok(Some(line));
             }
             let received = self.read_more().await?;
-            self.decoder.clear_fds();
+            self.decoder.close_line_fds();
             if received.bytes == 0 {
                 if self.decoder.start != self.decoder.end {
                     return Err(ChannelError::TruncatedFrame {
@@ -277,6 +321,23 @@ impl ChannelReader {
 pub struct ChannelWriter {
     stream: Arc<AsyncFd<UnixStream>>,
     pending: Mutex<Pending>,
+    /// Descriptors handed to the kernel, counted (under `pending`) just before the
+    /// `sendmsg` that carries them, so that the peer cannot acknowledge one that is not
+    /// counted yet; taken back if that `sendmsg` fails.
+    fds_sent: AtomicU64,
+    /// Exposed sends with descriptors are held ([`ChannelWriter::guard_exposed_handles`]).
+    guarded: AtomicBool,
+    /// Guarded: acknowledgements taken ([`ChannelWriter::ack_handle`]), at most
+    /// `fds_sent`.
+    acked: AtomicU64,
+    /// Guarded: `fds_sent` just after the last exposed send (0: none yet). Nothing with
+    /// descriptors goes while `acked` is below it.
+    exposed: AtomicU64,
+    /// Guarded: the run of bytes without descriptors since the last send with some has
+    /// reached [`EXPOSED_AFTER`]: the next such send is exposed.
+    long_run: AtomicBool,
+    /// Guarded: an acknowledgement took `acked` up to `exposed`.
+    handle_acked: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -288,6 +349,8 @@ struct Pending {
     /// [`ChannelWriter::shutdown_write`] came while `bytes` waited: half-close once
     /// they are out.
     shut_write: bool,
+    /// Guarded writer: bytes sent without descriptors since the last send with some.
+    run: u64,
     /// Errors the next flushes meet instead of sending (tests of failures the kernel
     /// will not produce on demand).
     #[cfg(test)]
@@ -300,14 +363,27 @@ impl ChannelWriter {
     /// On success the kernel holds the descriptors (the caller may close its copies) and
     /// the frame will arrive whole: an unsent tail is flushed by a background task
     /// before any later frame.
+    ///
+    /// A guarded writer ([`ChannelWriter::guard_exposed_handles`]) reports a send with
+    /// descriptors [`TrySendError::Full`] while an exposed one waits for its
+    /// acknowledgement.
     pub fn try_send(self: &Arc<Self>, frame: &[u8], fds: &[RawFd]) -> Result<(), TrySendError> {
         let mut pending = self.lock();
+        let guarded = self.guarded.load(Ordering::Relaxed);
+        if guarded && !fds.is_empty() && self.exposed_unacked() {
+            return Err(TrySendError::Full);
+        }
         if !pending.bytes.is_empty() {
             match self.flush_locked(&mut pending) {
                 Ok(true) => {}
                 Ok(false) => return Err(TrySendError::Full),
                 Err(e) => return Err(TrySendError::from_io(e)),
             }
+        }
+        let fds_before = self.fds_sent.load(Ordering::Relaxed);
+        if !fds.is_empty() {
+            self.fds_sent
+                .store(fds_before + fds.len() as u64, Ordering::Release);
         }
         let written = loop {
             let socket = self.stream.get_ref().as_fd();
@@ -319,9 +395,15 @@ impl ChannelWriter {
             match result {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(TrySendError::from_io(e)),
+                Err(e) => {
+                    self.fds_sent.store(fds_before, Ordering::Release);
+                    return Err(TrySendError::from_io(e));
+                }
             }
         };
+        if guarded {
+            self.track_run(&mut pending, frame.len(), fds.len(), fds_before);
+        }
         if written < frame.len() {
             pending.bytes.extend_from_slice(&frame[written..]);
             if !pending.flushing {
@@ -333,10 +415,98 @@ impl ChannelWriter {
         Ok(())
     }
 
+    /// Guarded writer: one more send went out (`fds` descriptors, `len` bytes).
+    fn track_run(&self, pending: &mut Pending, len: usize, fds: usize, fds_before: u64) {
+        if fds == 0 {
+            pending.run = pending.run.saturating_add(len as u64);
+        } else {
+            if pending.run >= EXPOSED_AFTER {
+                self.exposed
+                    .store(fds_before + fds as u64, Ordering::SeqCst);
+            }
+            pending.run = 0;
+        }
+        let long = pending.run >= EXPOSED_AFTER;
+        if long != self.long_run.load(Ordering::Relaxed) {
+            self.long_run.store(long, Ordering::Relaxed);
+        }
+    }
+
+    /// Holds back sends with descriptors that could reach a Node.js reader in the same
+    /// read as another's (see the module documentation): from now on, a send with
+    /// descriptors after [`EXPOSED_AFTER`] bytes without any is exposed, and until
+    /// [`ChannelWriter::ack_handle`] has taken its acknowledgement no other send with
+    /// descriptors goes. For a peer that acknowledges each send with descriptors, in
+    /// order, and gets one descriptor per send.
+    pub(crate) fn guard_exposed_handles(&self) {
+        self.guarded.store(true, Ordering::Relaxed);
+    }
+
+    /// Descriptors handed to the kernel so far (an upper bound on what the peer can
+    /// have received: each is counted just before its `sendmsg`).
+    pub(crate) fn fds_sent(&self) -> u64 {
+        self.fds_sent.load(Ordering::Acquire)
+    }
+
+    /// Takes the peer's acknowledgement of a send with descriptors (Node's
+    /// `NODE_HANDLE_ACK` or `NACK`, which come in order). `None` when none is owed (the
+    /// acknowledgement is ignored); otherwise whether it was that of the exposed send
+    /// that held the others back. Called by one task (the channel's reader).
+    pub(crate) fn ack_handle(&self) -> Option<bool> {
+        let acked = self.acked.load(Ordering::Relaxed);
+        if acked >= self.fds_sent() {
+            return None;
+        }
+        // SeqCst: the store-buffering pattern with `WorkerLink::wait_for_room`, which
+        // reads this after setting its flag, where the caller takes the flag after
+        // this.
+        self.acked.store(acked + 1, Ordering::SeqCst);
+        let cleared = acked + 1 == self.exposed.load(Ordering::SeqCst);
+        if cleared {
+            self.handle_acked.notify_waiters();
+        }
+        Some(cleared)
+    }
+
+    /// An exposed send with descriptors waits for its acknowledgement.
+    fn exposed_unacked(&self) -> bool {
+        self.exposed.load(Ordering::SeqCst) > self.acked.load(Ordering::SeqCst)
+    }
+
+    /// How many sends with descriptors may go now, as far as the guard is concerned:
+    /// 0 while an exposed one waits for its acknowledgement, 1 when the next would be
+    /// exposed, otherwise any number. Three loads, no lock.
+    pub(crate) fn handle_room(&self) -> u64 {
+        if self.exposed_unacked() {
+            0
+        } else if self.long_run.load(Ordering::Relaxed) {
+            1
+        } else {
+            u64::MAX
+        }
+    }
+
+    /// Completes when no exposed send with descriptors waits for its acknowledgement.
+    async fn wait_handle_room(&self) {
+        loop {
+            let acked = self.handle_acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            if !self.exposed_unacked() {
+                return;
+            }
+            acked.await;
+        }
+    }
+
     /// Sends one frame, waiting while the channel is full (or busy: then it retries
-    /// every 10 ms).
+    /// every 10 ms; or, guarded, while an exposed send with descriptors waits for its
+    /// acknowledgement, if this one has descriptors).
     pub async fn send(self: &Arc<Self>, frame: &[u8], fds: &[RawFd]) -> Result<(), ChannelError> {
         loop {
+            if !fds.is_empty() && self.guarded.load(Ordering::Relaxed) {
+                self.wait_handle_room().await;
+            }
             match self.try_send(frame, fds) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Full) => self.writable().await?,
@@ -519,6 +689,20 @@ struct FrameDecoder {
     lost: u64,
     /// The rest of a line too long is skipped (the Node.js dialect).
     skipping: bool,
+    /// Lines: bytes after `start` known to hold no newline (the next search starts
+    /// there, so that a line that arrives in many reads is scanned once).
+    scanned: usize,
+    /// Lines: the offset in the stream of the last byte of the latest read that brought
+    /// descriptors (they were closed), until the line that holds it is handed out.
+    fd_mark: Option<u64>,
+    /// Lines: an earlier read that brought descriptors ended inside the line in
+    /// progress.
+    line_fds: bool,
+    /// Lines: descriptors came with the line handed out (or reported too long) last.
+    last_line_fds: bool,
+    /// Lines: the first bytes of the line reported too long last.
+    long_head: [u8; LINE_HEAD],
+    long_head_len: usize,
 }
 
 /// The descriptors one `recvmsg` returned.
@@ -544,6 +728,12 @@ impl Default for FrameDecoder {
             base: 0,
             lost: 0,
             skipping: false,
+            scanned: 0,
+            fd_mark: None,
+            line_fds: false,
+            last_line_fds: false,
+            long_head: [0; LINE_HEAD],
+            long_head_len: 0,
         }
     }
 }
@@ -617,31 +807,70 @@ impl FrameDecoder {
             match avail.iter().position(|b| *b == b'\n') {
                 Some(pos) => {
                     self.skipping = false;
-                    self.consume(pos + 1);
+                    self.consume_line(pos + 1);
                 }
                 None => {
-                    self.consume(avail.len());
+                    self.consume_line(avail.len());
                     return Ok(None);
                 }
             }
         }
-        let avail = &self.buf[self.start..self.end];
-        let Some(pos) = avail.iter().position(|b| *b == b'\n') else {
-            if avail.len() > max {
-                let len = avail.len();
-                self.consume(len);
+        let from = self.start + self.scanned;
+        let found = self.buf[from..self.end].iter().position(|b| *b == b'\n');
+        let Some(pos) = found.map(|p| self.scanned + p) else {
+            let len = self.end - self.start;
+            if len > max {
+                self.keep_long_head();
+                self.last_line_fds = self.consume_line(len);
                 self.skipping = true;
                 return Err(ChannelError::LineTooLong { len, max });
             }
+            self.scanned = len;
             return Ok(None);
         };
         if pos > max {
-            self.consume(pos + 1);
+            self.keep_long_head();
+            self.last_line_fds = self.consume_line(pos + 1);
             return Err(ChannelError::LineTooLong { len: pos, max });
         }
-        let line = avail[..pos].to_vec();
-        self.consume(pos + 1);
+        let line = self.buf[self.start..self.start + pos].to_vec();
+        self.last_line_fds = self.consume_line(pos + 1);
         Ok(Some(line))
+    }
+
+    /// Lines: drops the first `n` bytes buffered, the end of a line (or part of one
+    /// skipped); whether descriptors came with that line.
+    fn consume_line(&mut self, n: usize) -> bool {
+        let after = self.base + (self.start + n) as u64;
+        let mut fds = std::mem::take(&mut self.line_fds);
+        if self.fd_mark.is_some_and(|at| at < after) {
+            self.fd_mark = None;
+            fds = true;
+        }
+        self.scanned = 0;
+        self.consume(n);
+        fds
+    }
+
+    /// Lines: keeps the start of the line in progress, reported too long.
+    fn keep_long_head(&mut self) {
+        let n = (self.end - self.start).min(LINE_HEAD);
+        self.long_head[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.long_head_len = n;
+    }
+
+    /// Lines: after a read, closes the descriptors it brought (a Node.js worker has no
+    /// business sending any to its master) and keeps where they came. Reads are made
+    /// only while no complete line is buffered, so an earlier mark still kept is inside
+    /// the line in progress.
+    fn close_line_fds(&mut self) {
+        if let Some(batch) = self.batches.back() {
+            if self.fd_mark.is_some() {
+                self.line_fds = true;
+            }
+            self.fd_mark = Some(batch.at);
+        }
+        self.clear_fds();
     }
 
     /// Drops the first `n` bytes buffered.
@@ -1042,6 +1271,118 @@ mod tests {
             reader.recv_line(100).await.expect("ok"),
             Some(b"{\"d\":4}".to_vec())
         );
+    }
+
+    /// A line that arrives a byte at a time was searched for its newline from its start
+    /// on every read: a 64 KiB line cost some 2^31 comparisons.
+    #[test]
+    fn a_line_in_many_reads_is_scanned_once() {
+        let mut d = FrameDecoder::default();
+        for i in 0..1000 {
+            read_into(&mut d, b"x", Vec::new(), false);
+            assert_eq!(d.next_line(4096).expect("ok"), None);
+            assert_eq!(d.scanned, i + 1, "the search goes on where it stopped");
+        }
+        read_into(&mut d, b"\n{}\n", Vec::new(), false);
+        assert_eq!(d.next_line(4096).expect("ok"), Some(vec![b'x'; 1000]));
+        assert_eq!(d.next_line(4096).expect("ok"), Some(b"{}".to_vec()));
+        assert_eq!(d.scanned, 0);
+    }
+
+    #[test]
+    fn a_line_knows_whether_descriptors_came_with_it() {
+        let mut d = FrameDecoder::default();
+        let files = dev_null_fds(2);
+        let mut files = files.into_iter().map(OwnedFd::from);
+        // A read that brought a descriptor ends inside the second line.
+        read_into(
+            &mut d,
+            b"{}\n{\"a\"",
+            vec![files.next().expect("fd")],
+            false,
+        );
+        d.close_line_fds();
+        assert!(d.fds.is_empty(), "closed at once");
+        assert_eq!(d.next_line(100).expect("ok"), Some(b"{}".to_vec()));
+        assert!(!d.last_line_fds);
+        assert_eq!(d.next_line(100).expect("ok"), None);
+        read_into(&mut d, b":1}\n[]\n", Vec::new(), false);
+        d.close_line_fds();
+        assert_eq!(d.next_line(100).expect("ok"), Some(b"{\"a\":1}".to_vec()));
+        assert!(d.last_line_fds);
+        assert_eq!(d.next_line(100).expect("ok"), Some(b"[]".to_vec()));
+        assert!(!d.last_line_fds);
+        // One too long: reported with its start.
+        let long = [&br#"{"cmd":"NODE_HANDLE","type":"#[..], &[b'x'; 200][..]].concat();
+        read_into(&mut d, &long, vec![files.next().expect("fd")], false);
+        d.close_line_fds();
+        assert!(matches!(
+            d.next_line(100),
+            Err(ChannelError::LineTooLong { .. })
+        ));
+        assert!(d.last_line_fds);
+        assert_eq!(&d.long_head[..d.long_head_len], &long[..LINE_HEAD]);
+    }
+
+    /// Node keeps the descriptors of a read for the next complete handle line: two
+    /// handles in the read that completes the first, cut by the read before, swap
+    /// descriptors. A handle after a long run of lines without one goes alone.
+    #[tokio::test]
+    async fn an_exposed_handle_holds_back_the_next_until_its_ack() {
+        let (_ra, _reader, writer, _rb) = pair();
+        let files = dev_null_fds(4);
+        let fd = |i: usize| [files[i].as_raw_fd()];
+        let handle = b"{\"cmd\":\"NODE_HANDLE\"}\n";
+        // Unguarded (the binary dialect): nothing held.
+        writer.try_send(&[b' '; 40_000], &[]).expect("sent");
+        writer.try_send(handle, &fd(0)).expect("sent");
+        writer.try_send(handle, &fd(1)).expect("sent");
+        assert_eq!(writer.fds_sent(), 2);
+
+        let (_ra, _reader, writer, _rb) = pair();
+        writer.guard_exposed_handles();
+        // Back to back, or after a short run: no limit.
+        writer.try_send(handle, &fd(0)).expect("sent");
+        writer.try_send(&[b' '; 1000], &[]).expect("sent");
+        writer.try_send(handle, &fd(1)).expect("sent");
+        assert_eq!(writer.handle_room(), u64::MAX);
+        // A long run: the next handle goes, and then none until it is acknowledged.
+        for _ in 0..33 {
+            writer.try_send(&[b' '; 1000], &[]).expect("sent");
+        }
+        assert_eq!(writer.handle_room(), 1);
+        writer.try_send(handle, &fd(2)).expect("sent");
+        assert_eq!(writer.handle_room(), 0);
+        assert!(matches!(
+            writer.try_send(handle, &fd(3)),
+            Err(TrySendError::Full)
+        ));
+        writer.try_send(b"{}\n", &[]).expect("lines without go");
+        let w = Arc::clone(&writer);
+        let later = tokio::spawn(async move {
+            let files = dev_null_fds(1);
+            w.send(b"{\"cmd\":\"NODE_HANDLE\"}\n", &[files[0].as_raw_fd()])
+                .await
+        });
+        tokio::task::yield_now().await;
+        assert!(!later.is_finished());
+        assert_eq!(writer.fds_sent(), 3, "it waits");
+        assert_eq!(writer.ack_handle(), Some(false));
+        assert_eq!(writer.ack_handle(), Some(false));
+        assert_eq!(writer.handle_room(), 0);
+        assert_eq!(writer.ack_handle(), Some(true), "the exposed one");
+        tokio::time::timeout(std::time::Duration::from_secs(10), later)
+            .await
+            .expect("sent once acknowledged")
+            .expect("join")
+            .expect("sent");
+        assert_eq!(writer.fds_sent(), 4);
+        writer.try_send(handle, &fd(3)).expect("sent");
+        // Acknowledgements for no handle are refused.
+        for _ in 0..2 {
+            assert!(writer.ack_handle().is_some());
+        }
+        assert_eq!(writer.ack_handle(), None);
     }
 
     #[tokio::test]

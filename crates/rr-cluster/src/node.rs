@@ -18,6 +18,10 @@ use serde_json::Value;
 /// Longest line either side may send (64 KiB, as a binary frame).
 pub const MAX_LINE: usize = 64 * 1024;
 
+/// How every handle message Node writes starts (`cmd` first): a line the master drops
+/// (too long, or nested too deep to read) that starts so is still acknowledged.
+pub const HANDLE_PREFIX: &[u8] = br#"{"cmd":"NODE_HANDLE","#;
+
 /// Errors of the Node.js dialect.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]

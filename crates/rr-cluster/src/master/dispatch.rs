@@ -8,8 +8,14 @@
 //! take stay with the caller, which stops accepting until [`Dispatcher::subscribe`]
 //! says a worker has room.
 //!
-//! The cost per connection does not grow with the number of workers for round-robin:
-//! per-worker scratch space lives in the dispatcher and only touched entries are reset.
+//! The cost per connection does not grow with the number of workers for round-robin
+//! while workers have room: per-worker scratch space lives in the dispatcher and only
+//! touched entries are reset. A worker whose in-flight window is used up is passed over
+//! when it is picked, before any socket is grouped for it: its window is read (two
+//! loads), nothing is sent, and it is marked as waited for once
+//! ([`WorkerLink::wait_for_room`]) until an `Ack` reopens it. So when every window is
+//! shut and each `Ack` frees a slot, a connection costs reads of the windows passed
+//! over on the way to the open one, not a failed send to each worker.
 
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -28,9 +34,10 @@ use crate::protocol::{self, MAX_FDS_PER_FRAME, Protocol};
 const BUSY_RETRY: Duration = Duration::from_millis(10);
 /// Descriptors per worker an accept loop aims for in one batch at saturation.
 const PER_WORKER_BATCH: usize = 16;
-/// Most connections one batch holds (a larger pool gets smaller shares per worker).
-/// The master holds these descriptors until they are sent; 256 keeps it far below a
-/// 1024-descriptor limit.
+/// Most accepted connections the accept loops hold together, whatever the number of
+/// listeners (a larger pool gets smaller shares per worker). The master holds these
+/// descriptors until they are sent; 256 keeps it far below a 1024-descriptor limit.
+/// See [`Dispatcher::reserve`].
 const MAX_BATCH: usize = 256;
 
 /// How the master picks a worker for a connection.
@@ -42,7 +49,7 @@ pub enum Balance {
     #[default]
     RoundRobin,
     /// The worker with the fewest open connections, from its heartbeats plus what
-    /// was sent to it since. A worker that never sent a heartbeat (a Node.js worker
+    /// it had not taken off its channel then and what was sent to it since. A worker that never sent a heartbeat (a Node.js worker
     /// without the package) counts as loaded as the least-loaded one that did, and
     /// such workers take turns (round-robin among themselves).
     LeastConnections,
@@ -103,15 +110,23 @@ pub(crate) struct Accepted {
 pub(crate) struct DispatchStats {
     /// Connections accepted from every listener.
     pub(crate) accepted: AtomicU64,
-    /// Accepted connections waiting for a worker.
+    /// Accepted connections waiting for a worker: those a dispatch could not place,
+    /// in all accept loops together ([`Dispatcher::queue`]); never more than
+    /// [`MAX_BATCH`]. Neither the room an accept loop reserved for the batch it is
+    /// taking off its backlog nor that batch before its dispatch counts here.
     pub(crate) queued: AtomicUsize,
     /// Sends that failed because the worker was gone (the sockets went elsewhere).
     pub(crate) send_failures: AtomicU64,
     /// Sends that failed for a passing reason (`ETOOMANYREFS`, `ENOBUFS`); retried.
     pub(crate) send_busy: AtomicU64,
-    /// Sends skipped because a worker's channel was full.
+    /// Sends stopped because a worker's channel (its socket buffer) was full: once
+    /// per worker per dispatch that met it (the channel is then watched until
+    /// writable). Not a Node.js link held by the exposed-handle guard (see `channel`).
     pub(crate) channel_full: AtomicU64,
-    /// Sends skipped because a worker had as many connections in flight as it may.
+    /// Times a worker was passed over because it had as many connections in flight
+    /// as it may: once each time its window runs out (dispatch then waits for it to
+    /// grow), not once per connection that found it shut. Not a Node.js link held by
+    /// the exposed-handle guard while its window has room.
     pub(crate) window_full: AtomicU64,
     /// Accept errors (EMFILE and the like).
     pub(crate) accept_errors: AtomicU64,
@@ -123,6 +138,15 @@ pub(crate) struct Dispatcher {
     state: Mutex<State>,
     wake: watch::Sender<u64>,
     retry_scheduled: AtomicBool,
+    /// Workers in rotation (`State::links.len()`), read without the lock.
+    in_rotation: AtomicUsize,
+    /// Sockets the accept loops hold (waiting for a worker, or accepted and not yet
+    /// dispatched) plus the room they reserved for the batch they are accepting; at
+    /// most [`MAX_BATCH`]. See [`Dispatcher::reserve`].
+    held: AtomicUsize,
+    /// An accept loop found [`MAX_BATCH`] sockets held and waits for
+    /// [`Dispatcher::release`] to wake it.
+    held_waiter: AtomicBool,
     /// A worker reached its `max_requests`.
     recycle: tokio::sync::Notify,
     /// The connection line of each listener (Node.js dialect), built once.
@@ -143,6 +167,11 @@ struct State {
     by_slot: Vec<Option<usize>>,
     /// Links excluded in the current call, to reset.
     excluded_list: Vec<usize>,
+    /// Workers found out of window and marked as waited for in the current call.
+    shut_found: u64,
+    /// Calls of [`State::pick`], each a walk over the rotation at worst (tests).
+    #[cfg(test)]
+    picks: u64,
     /// Scratch: the sockets being assigned, the groups of the current round, and
     /// spare group buffers. Groups keep each socket's peer, for a retry after a
     /// failed send.
@@ -162,12 +191,18 @@ impl Dispatcher {
                 excluded: Vec::new(),
                 by_slot: Vec::new(),
                 excluded_list: Vec::new(),
+                shut_found: 0,
+                #[cfg(test)]
+                picks: 0,
                 pending: Vec::new(),
                 groups: Vec::new(),
                 spare: Vec::new(),
             }),
             wake: watch::Sender::new(0),
             retry_scheduled: AtomicBool::new(false),
+            in_rotation: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+            held_waiter: AtomicBool::new(false),
             recycle: tokio::sync::Notify::new(),
             node_lines: Mutex::new(Vec::new()),
             stats: DispatchStats::default(),
@@ -187,7 +222,7 @@ impl Dispatcher {
         let mut st = self.lock();
         if !st.links.iter().any(|l| l.id == link.id) {
             st.links.push(link);
-            st.reindex();
+            self.reindex(&mut st);
         }
         drop(st);
         self.notify();
@@ -197,7 +232,7 @@ impl Dispatcher {
     pub(crate) fn remove(&self, id: u64) {
         let mut st = self.lock();
         st.links.retain(|l| l.id != id);
-        st.reindex();
+        self.reindex(&mut st);
         let none_left = st.links.is_empty();
         drop(st);
         if none_left {
@@ -211,6 +246,12 @@ impl Dispatcher {
         self.lock().links.len()
     }
 
+    /// Rebuilds the per-link scratch space after the rotation changed.
+    fn reindex(&self, st: &mut State) {
+        st.reindex();
+        self.in_rotation.store(st.links.len(), Ordering::Relaxed);
+    }
+
     /// How many connections an accept loop takes off the backlog before it
     /// dispatches: enough that at saturation each worker's share of a batch fills a
     /// frame of [`PER_WORKER_BATCH`] descriptors (one `sendmsg`, at most one wake-up
@@ -218,7 +259,68 @@ impl Dispatcher {
     /// [`MAX_FDS_PER_FRAME`] and [`MAX_BATCH`]. Below saturation the backlog empties
     /// first and batches stay small.
     pub(crate) fn batch_limit(&self) -> usize {
-        (self.lock().links.len() * PER_WORKER_BATCH).clamp(MAX_FDS_PER_FRAME, MAX_BATCH)
+        (self.in_rotation.load(Ordering::Relaxed) * PER_WORKER_BATCH)
+            .clamp(MAX_FDS_PER_FRAME, MAX_BATCH)
+    }
+
+    /// Room for the accept loop's next batch: up to [`Dispatcher::batch_limit`]
+    /// sockets, within what the accept loops together may hold ([`MAX_BATCH`]), taken
+    /// at once (`held`; `stats.queued` reports only sockets left waiting,
+    /// [`Dispatcher::queue`]). 0 when they hold that many already: the loop then waits
+    /// ([`Dispatcher::wait_for_held_room`]). The caller gives back what it did not
+    /// accept, and what it sent at once, with [`Dispatcher::release`]. Per batch, one
+    /// compare-and-swap; the limit is read without the dispatcher's lock
+    /// (`in_rotation`).
+    pub(crate) fn reserve(&self) -> usize {
+        let limit = self.batch_limit();
+        self.held
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                (held < MAX_BATCH).then(|| held + limit.min(MAX_BATCH - held))
+            })
+            .map_or(0, |held| limit.min(MAX_BATCH - held))
+    }
+
+    /// Gives back `n` of the room taken by [`Dispatcher::reserve`] (sockets sent at
+    /// once, or never accepted), and wakes the accept loops if one waits for room
+    /// under [`MAX_BATCH`].
+    pub(crate) fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        // SeqCst, with `wait_for_held_room`: the store-buffering pattern of
+        // `WorkerLink::wait_for_room`. Either that load sees this decrement, or this
+        // load sees its flag.
+        self.held.fetch_sub(n, Ordering::SeqCst);
+        if self.held_waiter.load(Ordering::SeqCst) && self.held_waiter.swap(false, Ordering::SeqCst)
+        {
+            self.notify();
+        }
+    }
+
+    /// `n` sockets of an accept loop's batch found no worker and wait in the loop
+    /// (counted in `stats.queued`; their room stays taken). Only when some are left
+    /// over, not per connection.
+    pub(crate) fn queue(&self, n: usize) {
+        if n > 0 {
+            self.stats.queued.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` of the sockets [`Dispatcher::queue`] counted were sent or closed: they
+    /// wait no more, and their room is given back ([`Dispatcher::release`]).
+    pub(crate) fn dequeue(&self, n: usize) {
+        if n > 0 {
+            self.stats.queued.fetch_sub(n, Ordering::Relaxed);
+            self.release(n);
+        }
+    }
+
+    /// [`Dispatcher::reserve`] found no room: asks [`Dispatcher::release`] to wake the
+    /// accept loops when some is given back. `true` when there is room already. The
+    /// caller marks its [`Dispatcher::subscribe`] receiver seen before this call.
+    pub(crate) fn wait_for_held_room(&self) -> bool {
+        self.held_waiter.store(true, Ordering::SeqCst);
+        self.held.load(Ordering::SeqCst) < MAX_BATCH
     }
 
     /// A receiver that changes whenever a worker may have room again.
@@ -269,8 +371,15 @@ impl Dispatcher {
             // Assign each socket to a worker that is not excluded.
             let mut pending = std::mem::take(&mut st.pending);
             std::mem::swap(batch, &mut pending);
-            for accepted in pending.drain(..) {
-                // Least-connections counts a socket once it is sent (`send_group`);
+            let mut rest = pending.drain(..);
+            for accepted in rest.by_ref() {
+                // Every worker is excluded (each window shut, say): the rest stays, in
+                // order, without a walk over the rotation for each.
+                if st.excluded_list.len() == st.links.len() {
+                    batch.push(accepted);
+                    break;
+                }
+                // Least-connections counts a socket once it is sent (`dispatched`);
                 // until then `pick` adds the group's length.
                 let Some(pick) = st.pick(balance, accepted.peer) else {
                     batch.push(accepted);
@@ -286,18 +395,15 @@ impl Dispatcher {
                     st.groups[g].1.push(accepted);
                 }
             }
+            batch.extend(rest);
             st.pending = pending;
             // One send per worker (Node.js: one per socket); what fails goes back.
             while let Some((i, mut fds)) = st.groups.pop() {
                 st.group_of[i] = usize::MAX;
                 let link = Arc::clone(&st.links[i]);
-                let assigned = fds.len();
+                // Least-connections counts what was sent (`dispatched`, raised per
+                // send): what goes back is counted where it goes.
                 let result = self.send_group(&link, listener, &mut fds, &mut busy);
-                if balance == Balance::LeastConnections {
-                    // Only what was sent: what goes back is counted where it goes.
-                    let sent = u32::try_from(assigned - fds.len()).unwrap_or(u32::MAX);
-                    link.since_heartbeat.fetch_add(sent, Ordering::Relaxed);
-                }
                 if let Some(is_gone) = result {
                     st.exclude(i);
                     gone |= is_gone;
@@ -309,9 +415,15 @@ impl Dispatcher {
         while let Some(i) = st.excluded_list.pop() {
             st.excluded[i] = false;
         }
+        if st.shut_found > 0 {
+            self.stats
+                .window_full
+                .fetch_add(st.shut_found, Ordering::Relaxed);
+            st.shut_found = 0;
+        }
         if gone {
             st.links.retain(|l| !l.gone.is_cancelled());
-            st.reindex();
+            self.reindex(st);
         }
         drop(guard);
         if busy {
@@ -330,7 +442,11 @@ impl Dispatcher {
     ) -> Option<bool> {
         let budget = usize::try_from(link.budget()).unwrap_or(usize::MAX);
         if budget < fds.len() {
-            self.stats.window_full.fetch_add(1, Ordering::Relaxed);
+            // The window shrank since `pick` (an `Ack` with less capacity), or the
+            // exposed-handle guard (Node.js) holds the link: only the first counts.
+            if link.window() < fds.len() as u64 {
+                self.stats.window_full.fetch_add(1, Ordering::Relaxed);
+            }
             // Re-check: an acknowledgement may have raised the window meanwhile.
             if link.wait_for_room() {
                 self.notify();
@@ -373,12 +489,38 @@ impl Dispatcher {
         fds.drain(..sent);
         let is_gone = match failure {
             None => false,
-            Some(TrySendError::Full) => {
+            Some(e) => self.send_failed(link, e, busy),
+        };
+        if fds.is_empty() { None } else { Some(is_gone) }
+    }
+
+    /// What a failed send means for the worker: `true` when it is gone.
+    fn send_failed(
+        self: &Arc<Self>,
+        link: &Arc<WorkerLink>,
+        e: TrySendError,
+        busy: &mut bool,
+    ) -> bool {
+        match e {
+            TrySendError::Full
+                if link.protocol == Protocol::Node && link.writer.handle_room() == 0 =>
+            {
+                // Not the socket buffer but the exposed-handle guard: application
+                // messages written since `budget` made this group's first line an
+                // exposed one. No full channel, nothing to watch (it is writable): the
+                // ACK that clears the guard wakes the accept loops (`wait_for_room`
+                // asks it to, or says it came already).
+                if link.wait_for_room() {
+                    self.notify();
+                }
+                false
+            }
+            TrySendError::Full => {
                 self.stats.channel_full.fetch_add(1, Ordering::Relaxed);
                 self.watch_writable(link);
                 false
             }
-            Some(TrySendError::Busy(e)) => {
+            TrySendError::Busy(e) => {
                 let n = self.stats.send_busy.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(worker = link.slot, id = link.id, error = %e, count = n, "send to worker failed for now; retrying");
@@ -386,14 +528,13 @@ impl Dispatcher {
                 *busy = true;
                 false
             }
-            Some(TrySendError::Closed(e)) => {
+            TrySendError::Closed(e) => {
                 tracing::warn!(worker = link.slot, id = link.id, error = %e, "worker's channel closed; its sockets go to another worker");
                 self.stats.send_failures.fetch_add(1, Ordering::Relaxed);
                 link.mark_gone(format!("send failed: {e}"));
                 true
             }
-        };
-        if fds.is_empty() { None } else { Some(is_gone) }
+        }
     }
 
     /// Wakes the accept loops once `link` can take bytes again.
@@ -437,6 +578,45 @@ impl State {
         }
     }
 
+    /// Whether link `i` may take one more socket in the current call: its window's
+    /// budget exceeds what the call assigned it so far. One that may not is excluded
+    /// for the rest of the call and, unless it already is, marked as waited for
+    /// ([`WorkerLink::wait_for_room`]: its next `Ack` wakes the accept loops), counted
+    /// in `shut_found` unless its window has room (a Node.js link that the
+    /// exposed-handle guard holds until its ACK: not a shut window). The budget can only shrink under dispatch's feet by an `Ack`
+    /// with less capacity; `send_group` checks it again.
+    ///
+    /// Once marked, a shut worker costs dispatch its two window loads and the flag's
+    /// until it reopens: the flag stays set until `WorkerLink::set_limit` takes it,
+    /// when the window grows, and wakes the accept loops (which mark their receiver
+    /// seen before they dispatch, so a flag read stale here comes with a wake-up).
+    fn has_room(&mut self, i: usize) -> bool {
+        let g = self.group_of[i];
+        let assigned = if g == usize::MAX {
+            0
+        } else {
+            self.groups[g].1.len() as u64
+        };
+        let link = &self.links[i];
+        if link.budget() > assigned {
+            return true;
+        }
+        if !link.blocked.load(Ordering::Relaxed) {
+            // A Node.js link whose window has room is held by the exposed-handle
+            // guard (see `channel`): waited for the same way, not a shut window.
+            if link.window() <= assigned {
+                self.shut_found += 1;
+            }
+            // `true`: the window grew meanwhile (the flag stays set: a later growth
+            // wakes the loops for nothing, once).
+            if link.wait_for_room() && link.budget() > assigned {
+                return true;
+            }
+        }
+        self.exclude(i);
+        false
+    }
+
     /// Rebuilds the per-link scratch space after the rotation changed.
     fn reindex(&mut self) {
         let n = self.links.len();
@@ -462,15 +642,20 @@ impl State {
         }
     }
 
-    /// The worker for the next socket, skipping excluded ones.
+    /// The worker for the next socket, skipping excluded ones and those without room
+    /// in their window ([`State::has_room`]).
     fn pick(&mut self, balance: Balance, peer: Option<IpAddr>) -> Option<usize> {
+        #[cfg(test)]
+        {
+            self.picks += 1;
+        }
         let n = self.links.len();
         match balance {
             Balance::RoundRobin | Balance::Shared => {
                 for _ in 0..n {
                     let i = self.cursor % n;
                     self.cursor = (i + 1) % n;
-                    if !self.excluded[i] {
+                    if !self.excluded[i] && self.has_room(i) {
                         return Some(i);
                     }
                 }
@@ -483,7 +668,7 @@ impl State {
                 let mut silent: Option<(usize, usize)> = None;
                 for k in 0..n {
                     let i = (self.cursor + k) % n;
-                    if self.excluded[i] {
+                    if self.excluded[i] || !self.has_room(i) {
                         continue;
                     }
                     let Some(load) = self.links[i].load() else {
@@ -537,7 +722,7 @@ impl State {
                 for _ in 0..16 {
                     let slot = jump_hash(key, slots) as usize;
                     if let Some(i) = self.by_slot[slot] {
-                        if !self.excluded[i] {
+                        if !self.excluded[i] && self.has_room(i) {
                             return Some(i);
                         }
                     }
@@ -549,17 +734,28 @@ impl State {
     }
 }
 
-/// FNV-1a over the address bytes, mixed.
+/// FNV-1a over the address bytes (an IPv4-mapped IPv6 address as its IPv4 one), on
+/// the stack.
 fn hash_ip(ip: IpAddr) -> u64 {
-    let bytes: Vec<u8> = match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
+    let mut buf = [0u8; 16];
+    let bytes: &[u8] = match ip {
+        IpAddr::V4(v4) => {
+            buf[..4].copy_from_slice(&v4.octets());
+            &buf[..4]
+        }
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.octets().to_vec(),
-            None => v6.octets().to_vec(),
+            Some(v4) => {
+                buf[..4].copy_from_slice(&v4.octets());
+                &buf[..4]
+            }
+            None => {
+                buf = v6.octets();
+                &buf
+            }
         },
     };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
+    for &b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -876,12 +1072,8 @@ mod tests {
         d.dispatch(0, &mut batch);
         assert!(batch.is_empty());
         assert_eq!((sent(&l1), sent(&l2)), (2, 8));
-        assert_eq!(
-            l1.since_heartbeat.load(Ordering::Relaxed),
-            2,
-            "not the 5 assigned"
-        );
-        assert_eq!(l2.since_heartbeat.load(Ordering::Relaxed), 8);
+        assert_eq!(l1.load(), Some(2), "not the 5 assigned");
+        assert_eq!(l2.load(), Some(8));
     }
 
     #[tokio::test]
@@ -947,12 +1139,10 @@ mod tests {
         for l in [&l0, &l1, &l2] {
             d.add(Arc::clone(l));
         }
+        // Dispatch passes over slot 0 (no window): its home is found from the hash.
         let ip = (0..=255u8)
             .map(|i| IpAddr::from([10, 1, i, 7]))
-            .find(|ip| {
-                let mut st = d.lock();
-                st.pick(Balance::ClientIp, Some(*ip)) == Some(0)
-            })
+            .find(|ip| jump_hash(hash_ip(*ip), 3) == 0)
             .expect("an address of slot 0");
         let mut batch: Vec<Accepted> = sockets(6)
             .into_iter()
@@ -982,8 +1172,187 @@ mod tests {
         }
     }
 
+    /// Regression: with every window shut but one, each connection (each `Ack` frees a
+    /// slot and wakes the accept loop) was grouped for worker after worker and failed in
+    /// `send_group` for each: about one failed send, with its atomics, per worker in
+    /// rotation, per connection.
+    #[tokio::test]
+    async fn shut_windows_are_passed_over_not_sent_to_one_by_one() {
+        let d = Dispatcher::new(Balance::RoundRobin);
+        let mut links = Vec::new();
+        let mut workers = Vec::new();
+        for id in 0..256 {
+            let (l, w) = link_with(id, id as u32, false);
+            links.push(l);
+            workers.push(w);
+        }
+        let (open, mut open_worker) = link(256);
+        writable(&[&open]).await;
+        links.insert(128, Arc::clone(&open));
+        for l in &links {
+            d.add(Arc::clone(l));
+        }
+        // The first two connections (one turn of the rotation) find the shut windows
+        // and mark each as waited for.
+        for _ in 0..2 {
+            let mut one = sockets(1);
+            d.dispatch(0, &mut one);
+            assert!(one.is_empty());
+        }
+        assert_eq!(
+            links
+                .iter()
+                .filter(|l| l.blocked.load(Ordering::Relaxed))
+                .count(),
+            256,
+            "every shut worker is waited for"
+        );
+        let before = d.stats.window_full.load(Ordering::Relaxed);
+        for _ in 0..20 {
+            let mut one = sockets(1);
+            d.dispatch(0, &mut one);
+            assert!(one.is_empty());
+        }
+        let more = d.stats.window_full.load(Ordering::Relaxed) - before;
+        assert!(
+            more <= 2,
+            "20 connections found {more} shut windows (256 shut workers)"
+        );
+        assert_eq!(received(&mut open_worker).await, 22);
+        assert!(links.iter().all(|l| Arc::ptr_eq(l, &open) || sent(l) == 0));
+        drop(workers);
+    }
+
+    #[tokio::test]
+    async fn the_accept_loops_together_hold_at_most_max_batch() {
+        let d = Dispatcher::new(Balance::RoundRobin);
+        let mut wake = d.subscribe();
+        // No worker: each loop may take a frame's worth.
+        let mut rooms = Vec::new();
+        for _ in 0..5 {
+            rooms.push(d.reserve());
+        }
+        assert_eq!(rooms, [64, 64, 64, 64, 0]);
+        assert_eq!(d.held.load(Ordering::Relaxed), MAX_BATCH);
+        wake.borrow_and_update();
+        assert!(!d.wait_for_held_room(), "full");
+        // A loop that sends or closes some wakes the one waiting.
+        d.release(10);
+        tokio::time::timeout(Duration::from_secs(5), wake.changed())
+            .await
+            .expect("woken")
+            .expect("open");
+        assert_eq!(d.reserve(), 10);
+        d.release(MAX_BATCH);
+        assert_eq!(d.held.load(Ordering::Relaxed), 0);
+        // Nobody waits: no wake-up.
+        wake.borrow_and_update();
+        d.release(0);
+        assert_eq!(d.reserve(), 64);
+        d.release(64);
+        assert!(!wake.has_changed().expect("open"));
+    }
+
+    /// Regression: `queued` (status, `accept_queue_length`) counted the whole room an
+    /// accept loop reserved for its batch, 64 or 256 while 0 or 1 socket waited.
+    #[tokio::test]
+    async fn reserved_room_is_not_reported_as_queued() {
+        let d = Dispatcher::new(Balance::RoundRobin);
+        let queued = || d.stats.queued.load(Ordering::Relaxed);
+        let room = d.reserve();
+        assert_eq!(room, 64);
+        assert_eq!(queued(), 0, "reserved, nothing accepted yet");
+        // 3 accepted, none placed (no worker): they wait, in their room.
+        let mut batch = sockets(3);
+        d.dispatch(0, &mut batch);
+        d.release(room - batch.len());
+        d.queue(batch.len());
+        assert_eq!(queued(), 3);
+        assert_eq!(d.held.load(Ordering::Relaxed), 3);
+        // A worker takes 2 of them (its window), then the last.
+        let (l, _w) = link_with(1, 1, false);
+        writable(&[&l]).await;
+        l.open_window_for_tests(2);
+        d.add(Arc::clone(&l));
+        let before = batch.len();
+        d.dispatch(0, &mut batch);
+        d.dequeue(before - batch.len());
+        assert_eq!((queued(), d.held.load(Ordering::Relaxed)), (1, 1));
+        l.open_window_for_tests(3);
+        d.dispatch(0, &mut batch);
+        d.dequeue(1);
+        assert!(batch.is_empty());
+        assert_eq!((queued(), d.held.load(Ordering::Relaxed)), (0, 0));
+    }
+
+    /// Regression: once every worker was excluded (each window shut), each socket
+    /// left still walked the whole rotation: 256 x 256 window checks per wake-up.
+    #[tokio::test]
+    async fn once_every_worker_is_excluded_the_rest_of_the_batch_stays_unpicked() {
+        let d = Dispatcher::new(Balance::RoundRobin);
+        let mut links = Vec::new();
+        for id in 0..8 {
+            let (l, w) = link_with(id, id as u32, false);
+            d.add(Arc::clone(&l));
+            links.push((l, w));
+        }
+        let mut batch = sockets(100);
+        let order: Vec<RawFd> = batch.iter().map(|a| a.fd.as_raw_fd()).collect();
+        for balance in [
+            Balance::RoundRobin,
+            Balance::LeastConnections,
+            Balance::ClientIp,
+        ] {
+            d.set_balance(balance);
+            d.lock().picks = 0;
+            d.dispatch(0, &mut batch);
+            let kept: Vec<RawFd> = batch.iter().map(|a| a.fd.as_raw_fd()).collect();
+            assert_eq!(kept, order, "{balance}: kept, in order");
+            // One pick (client-ip's falls back to a round-robin one), not one per socket.
+            let picks = d.lock().picks;
+            assert!(picks <= 2, "{balance}: {picks} walks over the rotation");
+        }
+    }
+
+    /// The exposed-handle guard of a Node.js link refusing a send is no full
+    /// channel: counted as one, it also spawned a writability watch that woke the
+    /// accept loops at once (the channel is writable), for nothing.
+    #[tokio::test]
+    async fn a_send_the_handle_guard_holds_is_not_a_full_channel() {
+        let d = Dispatcher::new(Balance::RoundRobin);
+        let (l, _w) = node_link(1);
+        writable(&[&l]).await;
+        // A long run of lines without a handle, then an exposed handle line.
+        let line = node::user_line(format!("\"{}\"", "m".repeat(1021)).as_bytes()).expect("line");
+        for _ in 0..33 {
+            l.writer.try_send(&line, &[]).expect("sent");
+        }
+        let fd = sockets(1).pop().expect("one");
+        l.writer
+            .try_send(&node::connection_line(0), &[fd.fd.as_raw_fd()])
+            .expect("the exposed one goes");
+        assert_eq!(l.writer.handle_room(), 0);
+        let mut busy = false;
+        let held = l
+            .writer
+            .try_send(&node::connection_line(0), &[fd.fd.as_raw_fd()]);
+        let e = held.expect_err("held by the guard");
+        assert!(matches!(e, TrySendError::Full));
+        assert!(!d.send_failed(&l, e, &mut busy), "not gone");
+        assert_eq!(d.stats.channel_full.load(Ordering::Relaxed), 0);
+        assert!(!l.watching.load(Ordering::Relaxed), "no writability watch");
+        assert!(l.blocked.load(Ordering::Relaxed), "its ACK wakes dispatch");
+        assert!(!busy);
+    }
+
     #[test]
     fn jump_hash_moves_only_the_new_share() {
+        // An IPv4-mapped IPv6 address is its IPv4 address.
+        let v4 = std::net::Ipv4Addr::new(192, 0, 2, 7);
+        assert_eq!(
+            hash_ip(IpAddr::V4(v4)),
+            hash_ip(IpAddr::V6(v4.to_ipv6_mapped()))
+        );
         let keys: Vec<u64> = (0..10_000u64)
             .map(|k| hash_ip(IpAddr::from((k as u32).to_be_bytes())))
             .collect();

@@ -24,6 +24,12 @@ use crate::wake::WakeFlag;
 const BACKLOG: u32 = 4096;
 /// Pause after an accept failed for lack of descriptors or memory.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
+/// Transient accept errors in a row (`ECONNABORTED`, `EPERM`...), across batches, after
+/// which the loop backs off as for any other error, and again at each one until a
+/// connection is accepted: one that repeats without taking a connection off the
+/// backlog (a seccomp filter that fails `accept4` with `EPERM`) would otherwise never
+/// let the loop wait.
+const TRANSIENT_IN_A_ROW: usize = 16;
 /// Pause between attempts to listen again after a pause, when one failed.
 const RESUME_RETRY: Duration = Duration::from_secs(1);
 /// How long a stopping accept loop waits for a worker to have room for the sockets it
@@ -170,15 +176,61 @@ pub(crate) struct Listener {
     socket: AsyncFd<Socket>,
     local: LocalAddr,
     owned_path: Option<SocketFile>,
+    /// Passed by another process (systemd), which keeps its own descriptor of the
+    /// same socket: it must be left listening when the master lets go of it.
+    inherited: bool,
+    /// Errors `accept` returns instead of accepting (tests).
+    #[cfg(test)]
+    faults: Option<Arc<AcceptFaults>>,
 }
 
-/// A Unix socket file this master created; removed when the master stops.
+/// A Unix socket file this master created; removed when the master stops, if it is
+/// still the one `bind` made: the path may have been deleted meanwhile and another
+/// master bound there, whose live socket must stay. A file whose inode changed since
+/// (a `chmod` of our socket, say) is left too: a socket file nobody answers at is
+/// replaced by the next master anyway (as the control socket's, `control.rs`).
 #[derive(Debug)]
-struct SocketFile(PathBuf);
+struct SocketFile {
+    path: PathBuf,
+    /// The file's identity just after `bind` (`None`: it could not be read, and the
+    /// file is left alone).
+    id: Option<FileId>,
+}
+
+/// Device, inode and change time of a file: an inode number freed by a deletion may
+/// come back at once for the next file on the same device, not with the same change
+/// time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    /// Seconds and nanoseconds.
+    ctime: (i64, i64),
+}
+
+impl SocketFile {
+    /// The file `bind` just made at `path`.
+    fn new(path: PathBuf) -> SocketFile {
+        let id = file_id(&path);
+        SocketFile { path, id }
+    }
+}
+
+/// The identity of the file at `path` (not following a symlink).
+fn file_id(path: &std::path::Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -207,9 +259,7 @@ impl Listener {
     /// woken by its connections) and is kept only to hand copies to workers.
     pub(crate) fn into_shared(self) -> SharedListener {
         let Listener {
-            socket,
-            local: _,
-            owned_path,
+            socket, owned_path, ..
         } = self;
         SharedListener {
             socket: socket.into_inner(),
@@ -229,6 +279,9 @@ impl Listener {
             socket,
             local,
             owned_path,
+            inherited,
+            #[cfg(test)]
+            faults,
         } = self;
         let mut socket = socket.into_inner();
         loop {
@@ -238,6 +291,9 @@ impl Listener {
                         socket: registered,
                         local,
                         owned_path,
+                        inherited,
+                        #[cfg(test)]
+                        faults,
                     });
                 }
                 Err((back, e)) => {
@@ -294,6 +350,9 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<Listener> {
         socket: sys::register_owned(Socket::Tcp(listener))?,
         local,
         owned_path: None,
+        inherited: false,
+        #[cfg(test)]
+        faults: None,
     })
 }
 
@@ -331,7 +390,10 @@ fn bind_unix(path: PathBuf) -> io::Result<Listener> {
     Ok(Listener {
         socket: sys::register_owned(Socket::Unix(listener))?,
         local: LocalAddr::Unix(path.clone()),
-        owned_path: Some(SocketFile(path)),
+        owned_path: Some(SocketFile::new(path)),
+        inherited: false,
+        #[cfg(test)]
+        faults: None,
     })
 }
 
@@ -374,7 +436,8 @@ pub fn socket_activated() -> bool {
 
 /// Wraps an inherited listening socket, TCP or Unix, found out by its local address.
 /// Anything else (a connected socket, as systemd passes with `Accept=yes`; a datagram
-/// socket) is refused: every accept on it would fail.
+/// socket) is refused: every accept on it would fail. The master leaves an inherited
+/// socket listening when it stops (see [`accept_loop`]).
 pub(crate) fn listener_from_fd(fd: OwnedFd) -> io::Result<Listener> {
     if !sys::is_listening_stream(fd.as_fd())? {
         return Err(io::Error::new(
@@ -394,6 +457,9 @@ pub(crate) fn listener_from_fd(fd: OwnedFd) -> io::Result<Listener> {
             socket: sys::register_owned(Socket::Tcp(tcp))?,
             local: LocalAddr::Tcp(addr),
             owned_path: None,
+            inherited: true,
+            #[cfg(test)]
+            faults: None,
         });
     }
     let unix = std::os::unix::net::UnixListener::from(OwnedFd::from(tcp));
@@ -407,16 +473,27 @@ pub(crate) fn listener_from_fd(fd: OwnedFd) -> io::Result<Listener> {
         socket: sys::register_owned(Socket::Unix(unix))?,
         local: LocalAddr::Unix(path),
         owned_path: None,
+        inherited: true,
+        #[cfg(test)]
+        faults: None,
     })
 }
 
-/// Accepts until the listener would block (up to a frame's worth of sockets), hands
-/// the batch to the dispatcher, and stops accepting while sockets wait for a worker.
+/// Accepts until the listener would block (up to [`Dispatcher::reserve`]'s room: at
+/// most [`Dispatcher::batch_limit`], and what all accept loops together hold stays
+/// within `MAX_BATCH`), hands the batch to the dispatcher at once, and stops accepting
+/// while sockets wait for a worker. An accept error other than a connection's own
+/// (`ECONNABORTED`...) backs off for [`RESOURCE_BACKOFF`], after the sockets accepted
+/// before it were dispatched; so do [`TRANSIENT_IN_A_ROW`] of those in a row (counted
+/// across batches, until an accept succeeds).
 ///
 /// While `paused` is true (no worker left after a give-up) a TCP listener is shut down
 /// for reading: the kernel refuses connection attempts (and resets those waiting in the
 /// backlog) instead of leaving clients hanging; it listens again when `paused` turns
-/// false. Other listeners just stop accepting.
+/// false. Other listeners just stop accepting. A stop that comes while a TCP listener
+/// is shut leaves an inherited one (systemd's, whose own descriptor is the same
+/// socket) listening again, so that the port keeps taking connections for the next
+/// master; one the master bound itself is just closed.
 pub(crate) async fn accept_loop(
     mut listener: Listener,
     index: u16,
@@ -437,6 +514,12 @@ pub(crate) async fn accept_loop(
         paused.clone(),
         Arc::clone(&control),
     ));
+    // The TCP listener is shut down for reading (paused) and not listening again yet.
+    let mut shut = false;
+    // Transient accept errors since the last connection accepted, across batches: a
+    // loop with little room (other loops hold nearly `MAX_BATCH`) ends each batch
+    // before 16, and a count per batch would never back off.
+    let mut transient = 0;
     loop {
         // Checked here, not only in the selects below: those poll the listener first,
         // which under constant load is always ready.
@@ -446,12 +529,15 @@ pub(crate) async fn accept_loop(
         if *paused.borrow_and_update() {
             let tcp = matches!(listener.local, LocalAddr::Tcp(_));
             if tcp {
-                if let Err(e) = sys::pause_listening(listener.socket.get_ref().as_fd()) {
-                    tracing::warn!(listener = %listener.local, error = %e, "cannot pause the listener");
+                match sys::pause_listening(listener.socket.get_ref().as_fd()) {
+                    Ok(()) => shut = true,
+                    Err(e) => {
+                        tracing::warn!(listener = %listener.local, error = %e, "cannot pause the listener");
+                    }
                 }
             }
             // Queued sockets have nowhere to go: close them (the clients see a reset).
-            stats.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+            dispatcher.dequeue(batch.len());
             batch.clear();
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -460,11 +546,14 @@ pub(crate) async fn accept_loop(
             if tcp {
                 // Until it listens again (another process may hold the port now): a
                 // socket that is not listening would fail every accept.
-                let mut resumed = false;
-                while !resumed {
+                let mut listening = false;
+                loop {
                     let socket = listener.socket.get_ref();
                     match sys::resume_listening(socket.as_fd(), BACKLOG as i32) {
-                        Ok(()) => resumed = true,
+                        Ok(()) => {
+                            listening = true;
+                            break;
+                        }
                         Err(e) => {
                             tracing::error!(listener = %listener.local, error = %e, "cannot listen again; retrying");
                             tokio::select! {
@@ -474,9 +563,10 @@ pub(crate) async fn accept_loop(
                         }
                     }
                 }
-                if !resumed {
-                    break;
+                if !listening {
+                    break; // stopped meanwhile (`shut` still says so, if it was)
                 }
+                shut = false;
                 let socket = listener.socket.get_ref();
                 if let Socket::Tcp(l) = socket {
                     if l.local_addr().ok() != listener.local.tcp() {
@@ -491,26 +581,33 @@ pub(crate) async fn accept_loop(
                     Some(l) => l,
                     None => {
                         forwarder.abort();
-                        return; // stopped meanwhile; nothing is held
+                        return; // stopped meanwhile; nothing is held, and it listens
                     }
                 };
             }
             continue;
         }
         if !batch.is_empty() {
-            wake.borrow_and_update();
-            let before = batch.len();
-            dispatcher.dispatch(index, &mut batch);
-            let after = batch.len();
-            stats.queued.fetch_sub(before - after, Ordering::Relaxed);
-            if !batch.is_empty() {
-                // The kernel backlog holds new connections meanwhile.
-                tokio::select! {
-                    () = std::future::poll_fn(|cx| control.poll_raised(cx)) => {}
-                    changed = wake.changed() => if changed.is_err() { break },
+            // Sockets wait for a worker (the kernel backlog holds new connections
+            // meanwhile). The receiver was marked seen before they were dispatched: a
+            // wake-up since ends this wait at once.
+            let woken = tokio::select! {
+                () = std::future::poll_fn(|cx| control.poll_raised(cx)) => false,
+                changed = wake.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    true
                 }
-                continue;
+            };
+            if woken {
+                wake.borrow_and_update();
+                let before = batch.len();
+                dispatcher.dispatch(index, &mut batch);
+                dispatcher.dequeue(before - batch.len());
             }
+            // A stop or a pause first; then wait again, or accept.
+            continue;
         }
         // The listener first. `poll_read_ready` keeps the task's waker in the
         // registration's own slot, where `readable()` would queue a waiter per wait.
@@ -530,31 +627,65 @@ pub(crate) async fn accept_loop(
             }
             None => continue,
         };
+        let room = dispatcher.reserve();
+        if room == 0 {
+            // The accept loops hold as many sockets as they may: wait until some are
+            // sent or closed (the kernel backlog holds new connections meanwhile).
+            drop(guard);
+            wake.borrow_and_update();
+            if !dispatcher.wait_for_held_room() {
+                tokio::select! {
+                    () = std::future::poll_fn(|cx| control.poll_raised(cx)) => {}
+                    changed = wake.changed() => if changed.is_err() { break },
+                }
+            }
+            continue;
+        }
         let mut backoff = false;
-        let limit = dispatcher.batch_limit();
-        let mut taken = 0;
-        while batch.len() < limit {
-            match guard.try_io(|socket| socket.get_ref().accept()) {
+        // Every attempt counts against the room, a failed one too.
+        let mut attempts = 0;
+        #[cfg(test)]
+        let faults = listener.faults.as_deref();
+        while attempts < room {
+            attempts += 1;
+            let result = guard.try_io(|socket| {
+                #[cfg(test)]
+                if let Some(e) = faults.and_then(AcceptFaults::next) {
+                    return Err(e);
+                }
+                socket.get_ref().accept()
+            });
+            match result {
                 Ok(Ok(accepted)) => {
+                    transient = 0;
                     batch.push(accepted);
-                    taken += 1;
                     // Below saturation the backlog is usually empty after a few: ask
                     // `poll` rather than an `accept` doomed to `EAGAIN`. Clearing the
                     // readiness loses nothing: a connection that came meanwhile is
                     // reported by the reactor's next turn. After `POLLED_ACCEPTS` this
                     // is a flood: accept on without asking.
-                    if taken < sys::POLLED_ACCEPTS
-                        && batch.len() < limit
+                    if batch.len() < sys::POLLED_ACCEPTS
+                        && attempts < room
                         && !sys::connection_waiting(guard.get_inner().as_fd())
                     {
                         guard.clear_ready();
                         break;
                     }
                 }
-                Ok(Err(e)) if sys::is_transient_accept_error(&e) => continue,
+                Ok(Err(e)) if sys::is_transient_accept_error(&e) => {
+                    transient += 1;
+                    if transient < TRANSIENT_IN_A_ROW {
+                        continue;
+                    }
+                    let errors = stats.accept_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    if errors == 1 || errors.is_multiple_of(100) {
+                        tracing::error!(listener = %listener.local, error = %e, errors, in_a_row = transient, "accept keeps failing; backing off");
+                    }
+                    backoff = true;
+                    break;
+                }
                 Ok(Err(e)) => {
-                    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                    let errors = stats.accept_errors.load(Ordering::Relaxed);
+                    let errors = stats.accept_errors.fetch_add(1, Ordering::Relaxed) + 1;
                     // Every failure is counted; the log says the first, then one in
                     // a hundred (a long EMFILE would say it 20 times a second).
                     let say = errors == 1 || errors.is_multiple_of(100);
@@ -572,10 +703,18 @@ pub(crate) async fn accept_loop(
             }
         }
         drop(guard);
-        stats
-            .accepted
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        stats.queued.fetch_add(batch.len(), Ordering::Relaxed);
+        if !batch.is_empty() {
+            stats
+                .accepted
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            // Sent at once, before any backoff: after an `EMFILE` the descriptors
+            // held are the shortage.
+            wake.borrow_and_update();
+            dispatcher.dispatch(index, &mut batch);
+        }
+        // What was reserved and not accepted, and what was sent; what is left waits.
+        dispatcher.release(room - batch.len());
+        dispatcher.queue(batch.len());
         if backoff {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -584,6 +723,13 @@ pub(crate) async fn accept_loop(
         }
     }
     forwarder.abort();
+    if shut && listener.inherited {
+        // Shut down for reading, the socket is closed for systemd's descriptor too:
+        // the next master would be refused it, and clients meanwhile.
+        if let Err(e) = sys::resume_listening(listener.socket.get_ref().as_fd(), BACKLOG as i32) {
+            tracing::error!(listener = %listener.local, error = %e, "stopping while paused: cannot leave the inherited listener listening");
+        }
+    }
     // Stopping: the listener closes now, and accepted sockets get their last chance.
     // The driver drains the workers only once every accept loop has ended, so they are
     // still in rotation; one that is full may make room within FINAL_DISPATCH.
@@ -608,7 +754,40 @@ pub(crate) async fn accept_loop(
             "stopping: no worker had room for connections already accepted; closed"
         );
     }
-    stats.queued.fetch_sub(before, Ordering::Relaxed);
+    dispatcher.dequeue(before);
+}
+
+/// Injected accept results (tests): `pass` accepts go through, then `fail` accepts
+/// return `errno`, then all go through.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct AcceptFaults {
+    errno: i32,
+    counts: std::sync::Mutex<(usize, usize)>,
+}
+
+#[cfg(test)]
+impl AcceptFaults {
+    fn new(pass: usize, errno: i32, fail: usize) -> Arc<AcceptFaults> {
+        Arc::new(AcceptFaults {
+            errno,
+            counts: std::sync::Mutex::new((pass, fail)),
+        })
+    }
+
+    fn next(&self) -> Option<io::Error> {
+        let mut counts = self.counts.lock().expect("faults");
+        let (pass, fail) = &mut *counts;
+        if *pass > 0 {
+            *pass -= 1;
+            None
+        } else if *fail > 0 {
+            *fail -= 1;
+            Some(io::Error::from_raw_os_error(self.errno))
+        } else {
+            None
+        }
+    }
 }
 
 /// Raises `control` whenever `stop` is cancelled or `paused` changes; ends after the
@@ -638,7 +817,10 @@ async fn forward_control(
 
 #[cfg(test)]
 mod tests {
+    use super::super::dispatch::Balance;
+    use super::super::link::WorkerLink;
     use super::*;
+    use crate::protocol::Protocol;
 
     #[tokio::test]
     async fn only_listening_stream_sockets_are_adopted() {
@@ -783,12 +965,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_pause_and_a_resume_the_accept_loop_waits_again() {
         // An explicit port: a port-0 socket gets a new port when it listens again.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let spec = format!("127.0.0.1:{port}");
-        let mut listeners = bind_all(&[spec.parse().expect("spec")]).expect("bind");
+        let (port, mut listeners) = on_a_free_port(bind_port);
         let listener = listeners.pop().expect("one listener");
         // A second descriptor of the same socket, to see whether it listens.
         let probe = listener
@@ -847,6 +1024,287 @@ mod tests {
             .expect("no panic");
     }
 
+    /// `bind` on a port nobody listened on a moment ago (for a socket that must keep
+    /// its port when it listens again: an explicit port). A probe finds the port; a
+    /// parallel test may bind it before `bind` does, so another is tried then.
+    fn on_a_free_port<T>(bind: impl Fn(u16) -> io::Result<T>) -> (u16, T) {
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            match bind(port) {
+                Ok(bound) => return (port, bound),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
+            }
+        }
+        panic!("every free port tried was taken before it could be bound");
+    }
+
+    /// [`bind_all`] on 127.0.0.1:`port`.
+    fn bind_port(port: u16) -> io::Result<Vec<Listener>> {
+        let spec = format!("127.0.0.1:{port}").parse().expect("spec");
+        bind_all(&[spec]).map_err(|(_, e)| e)
+    }
+
+    /// A worker in rotation with an open window that reads nothing, and its end.
+    fn worker_link(id: u64) -> (Arc<WorkerLink>, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (_, writer) = crate::channel::split(crate::channel::from_std(a).expect("tokio"));
+        let link = Arc::new(WorkerLink::new(id, id as u32, Protocol::Binary, writer));
+        link.open_window_for_tests(u64::MAX);
+        (link, b)
+    }
+
+    /// Waits (bounded) until `done`, letting the other tasks run in between.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not in 5 s: {what}");
+    }
+
+    /// Regression: with `--listen systemd` and `on_give_up = keep`, a stop while paused
+    /// (no worker left) closed the listener still shut down for reading. The socket is
+    /// systemd's too: it stayed closed, clients were refused, and the restarted master
+    /// exited ("descriptor 3 is not a listening stream socket").
+    #[tokio::test]
+    async fn a_stop_while_paused_leaves_an_inherited_listener_listening() {
+        let (port, socket) =
+            on_a_free_port(|port| std::net::TcpListener::bind(("127.0.0.1", port)));
+        // systemd keeps its own descriptor of the socket it passes.
+        let systemd = OwnedFd::from(socket.try_clone().expect("dup"));
+        let listening = || sys::is_listening_stream(systemd.as_fd()).expect("SO_ACCEPTCONN");
+        let listener = listener_from_fd(OwnedFd::from(socket)).expect("adopted");
+        let stop = CancellationToken::new();
+        let (_paused_tx, paused) = watch::channel(true);
+        let dispatcher = Dispatcher::new(Balance::RoundRobin);
+        let task = tokio::spawn(accept_loop(listener, 0, dispatcher, stop.clone(), paused));
+        until("the listener pauses", || !listening()).await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop ends after the stop")
+            .expect("no panic");
+        assert!(
+            listening(),
+            "systemd's socket is left listening for the next master"
+        );
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("into the backlog");
+        listener_from_fd(systemd).expect("the next master adopts it");
+    }
+
+    #[tokio::test]
+    async fn a_stop_while_paused_closes_a_listener_the_master_bound() {
+        let (port, mut listeners) = on_a_free_port(bind_port);
+        let listener = listeners.pop().expect("one listener");
+        let stop = CancellationToken::new();
+        let (_paused_tx, paused) = watch::channel(true);
+        let dispatcher = Dispatcher::new(Balance::RoundRobin);
+        let task = tokio::spawn(accept_loop(listener, 0, dispatcher, stop.clone(), paused));
+        let refused = || std::net::TcpStream::connect(("127.0.0.1", port)).is_err();
+        until("the listener pauses", refused).await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop ends after the stop")
+            .expect("no panic");
+        assert!(refused(), "closed, not listening again on its way out");
+    }
+
+    /// Regression: the sockets accepted before an `EMFILE` waited through the 50 ms
+    /// backoff before they were dispatched, holding descriptors during the shortage.
+    #[tokio::test]
+    async fn sockets_accepted_before_an_accept_error_are_dispatched_before_the_backoff() {
+        let mut listeners = bind_all(&["127.0.0.1:0".parse().expect("spec")]).expect("bind");
+        let mut listener = listeners.pop().expect("one listener");
+        let addr = listener.local_addr().tcp().expect("tcp");
+        listener.faults = Some(AcceptFaults::new(
+            3,
+            rustix::io::Errno::MFILE.raw_os_error(),
+            1,
+        ));
+        let _clients: Vec<_> = (0..5)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let dispatcher = Dispatcher::new(Balance::RoundRobin);
+        let (link, _worker) = worker_link(1);
+        link.writer.writable().await.expect("writable");
+        dispatcher.add(Arc::clone(&link));
+        let stop = CancellationToken::new();
+        let (_paused_tx, paused) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(
+            listener,
+            0,
+            Arc::clone(&dispatcher),
+            stop.clone(),
+            paused,
+        ));
+        // One thread: this task runs only while the accept loop waits, and after the
+        // error it waits nowhere but in the backoff.
+        let mut turns = 0;
+        while dispatcher.stats.accept_errors.load(Ordering::Relaxed) == 0 {
+            turns += 1;
+            assert!(turns < 100_000, "the accept error comes");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            link.dispatched.load(Ordering::Relaxed),
+            3,
+            "the 3 accepted before the EMFILE are sent before the backoff"
+        );
+        assert_eq!(dispatcher.stats.queued.load(Ordering::Relaxed), 0);
+        until("the other 2 after the backoff", || {
+            link.dispatched.load(Ordering::Relaxed) == 5
+        })
+        .await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop ends after the stop")
+            .expect("no panic");
+    }
+
+    /// Regression: a transient accept error (`EPERM`, `ECONNABORTED`...) was retried
+    /// at once, without a wait: one that repeats without taking a connection (a
+    /// seccomp filter failing `accept4` with `EPERM`) spun the accept loop for ever and
+    /// stopped every other task of a current-thread runtime (the CLI's).
+    #[test]
+    fn a_transient_accept_error_that_never_ends_backs_off() {
+        backs_off_from_an_endless_transient_error(Dispatcher::new(Balance::RoundRobin));
+    }
+
+    /// Regression: the transient errors in a row were counted per batch: a loop with
+    /// room for fewer than 16 (the other loops held more than 240 sockets) ended every
+    /// batch below 16 and never backed off, spinning on the readable listener.
+    #[test]
+    fn a_transient_accept_error_backs_off_a_loop_with_little_room() {
+        let dispatcher = Dispatcher::new(Balance::RoundRobin);
+        // Other loops hold all but 10 of the 256 the loops may hold together.
+        for _ in 0..4 {
+            assert_eq!(dispatcher.reserve(), 64);
+        }
+        dispatcher.release(10);
+        backs_off_from_an_endless_transient_error(dispatcher);
+    }
+
+    /// Runs an accept loop whose every accept fails with `EPERM`, while a connection
+    /// waits, on a runtime of its own; asserts that within 5 s it backed off twice and
+    /// let the runtime's other tasks run.
+    fn backs_off_from_an_endless_transient_error(dispatcher: Arc<Dispatcher>) {
+        let stop = CancellationToken::new();
+        let turns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // The loop's runtime on a thread of its own: this one watches it (a loop that
+        // never waits would stop a timeout on its own runtime too).
+        let runtime = {
+            let (dispatcher, stop, turns) =
+                (Arc::clone(&dispatcher), stop.clone(), Arc::clone(&turns));
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let mut listeners =
+                        bind_all(&["127.0.0.1:0".parse().expect("spec")]).expect("bind");
+                    let mut listener = listeners.pop().expect("one listener");
+                    let addr = listener.local_addr().tcp().expect("tcp");
+                    listener.faults = Some(AcceptFaults::new(
+                        0,
+                        rustix::io::Errno::PERM.raw_os_error(),
+                        usize::MAX,
+                    ));
+                    // A connection waits: the listener stays readable.
+                    let _client = std::net::TcpStream::connect(addr).expect("connect");
+                    let (_paused_tx, paused) = watch::channel(false);
+                    let task =
+                        tokio::spawn(accept_loop(listener, 0, dispatcher, stop.clone(), paused));
+                    let ticker = tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            turns.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                    stop.cancelled().await;
+                    task.await.expect("no panic");
+                    ticker.abort();
+                });
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let backed_off = || dispatcher.stats.accept_errors.load(Ordering::Relaxed) >= 2;
+        while !(backed_off() && turns.load(Ordering::Relaxed) > 0) {
+            if std::time::Instant::now() >= deadline {
+                stop.cancel();
+                let _ = runtime.join();
+                panic!(
+                    "in 5 s the accept loop backed off {} times and the runtime ran others {} times",
+                    dispatcher.stats.accept_errors.load(Ordering::Relaxed),
+                    turns.load(Ordering::Relaxed)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.cancel();
+        runtime.join().expect("the runtime ends");
+    }
+
+    /// Regression: each accept loop held up to 256 sockets waiting for a worker, so
+    /// that 4 listeners held 1024, the whole of a default descriptor limit.
+    #[tokio::test]
+    async fn the_accept_loops_together_hold_at_most_max_batch() {
+        let dispatcher = Dispatcher::new(Balance::RoundRobin);
+        let stop = CancellationToken::new();
+        let (_paused_tx, paused) = watch::channel(false);
+        let mut clients = Vec::new();
+        let mut tasks = Vec::new();
+        // No worker: each loop takes 64 at a time, and 5 of them would hold 320.
+        for index in 0..5u16 {
+            let mut listeners = bind_all(&["127.0.0.1:0".parse().expect("spec")]).expect("bind");
+            let listener = listeners.pop().expect("one listener");
+            let addr = listener.local_addr().tcp().expect("tcp");
+            for _ in 0..70 {
+                clients.push(std::net::TcpStream::connect(addr).expect("connect"));
+            }
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                index,
+                Arc::clone(&dispatcher),
+                stop.clone(),
+                paused.clone(),
+            )));
+        }
+        let accepted = || dispatcher.stats.accepted.load(Ordering::Relaxed);
+        until("the loops take what they may", || accepted() >= 256).await;
+        // Every loop has had its turns (all were readable from the start).
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(accepted(), 256, "held by the 5 loops together");
+        assert_eq!(dispatcher.stats.queued.load(Ordering::Relaxed), 256);
+        // A worker comes: everything goes through, the loop that waited for room too.
+        let (link, _worker) = worker_link(1);
+        link.writer.writable().await.expect("writable");
+        dispatcher.add(Arc::clone(&link));
+        until("all 350 dispatched", || {
+            link.dispatched.load(Ordering::Relaxed) == 350
+        })
+        .await;
+        assert_eq!(accepted(), 350);
+        assert_eq!(dispatcher.stats.queued.load(Ordering::Relaxed), 0);
+        stop.cancel();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("each loop ends after the stop")
+                .expect("no panic");
+        }
+    }
+
     #[tokio::test]
     async fn binds_port_zero_and_accepts() {
         let listeners = bind_all(&["127.0.0.1:0".parse().expect("spec")]).expect("bind");
@@ -863,10 +1321,19 @@ mod tests {
         );
     }
 
+    /// An empty directory `<temp>/<name>-<pid>`: one left by an earlier run that had
+    /// this pid (a container's pids repeat; a failed run leaves its directory) is
+    /// removed first.
+    fn fresh_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
     #[tokio::test]
     async fn unix_socket_file_is_replaced_when_stale_and_removed_on_drop() {
-        let dir = std::env::temp_dir().join(format!("rr-listen-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = fresh_dir("rr-listen");
         let path = dir.join("a.sock");
         drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
         assert!(path.exists());
@@ -879,12 +1346,28 @@ mod tests {
         let _ = std::fs::remove_dir(&dir);
     }
 
+    /// Regression: a `unix:` listener's file was removed when the master stopped
+    /// whatever was at the path by then: after it had been deleted and another master
+    /// had bound there, stopping this one deleted the other's live socket.
+    #[tokio::test]
+    async fn a_socket_file_replaced_by_another_is_left_alone() {
+        let dir = fresh_dir("rr-listen-replaced");
+        let path = dir.join("a.sock");
+        let ours = bind_all(&[ListenSpec::Unix(path.clone())]).expect("bind");
+        std::fs::remove_file(&path).expect("rm");
+        let theirs = std::os::unix::net::UnixListener::bind(&path).expect("another master");
+        drop(ours);
+        assert!(path.exists(), "the other master's socket file stays");
+        std::os::unix::net::UnixStream::connect(&path).expect("and answers");
+        drop(theirs);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Regression (v0.1, issue 9.11): `--control some.toml` or `--listen unix:PATH`
     /// deleted whatever regular file or symlink was at the path.
     #[test]
     fn only_a_dead_socket_file_is_ever_removed() {
-        let dir = std::env::temp_dir().join(format!("rr-stale-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = fresh_dir("rr-stale");
         let file = dir.join("rr-cluster.toml");
         std::fs::write(&file, "workers = 2\n").expect("write");
         let err = clear_stale_socket(&file, "in use").expect_err("a regular file");
@@ -901,12 +1384,7 @@ mod tests {
     async fn a_paused_tcp_listener_refuses_then_listens_again_on_the_same_port() {
         // An explicit port (a port-0 socket gets a new ephemeral port when it listens
         // again, as the kernel does not hold an automatic port for a closed socket).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let spec = format!("127.0.0.1:{port}");
-        let listeners = bind_all(&[spec.parse().expect("spec")]).expect("bind");
+        let (_, listeners) = on_a_free_port(bind_port);
         let addr = listeners[0].local_addr().tcp().expect("tcp");
         let fd = listeners[0].socket.get_ref().as_fd();
         sys::pause_listening(fd).expect("pause");

@@ -77,12 +77,12 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
     );
     registry.register(
         "dispatch_channel_full",
-        "Sends skipped because a worker's channel was full",
+        "Sends stopped because a worker's channel (its socket buffer) was full",
         counter(totals.channel_full),
     );
     registry.register(
         "dispatch_window_full",
-        "Sends skipped because a worker had as many connections in flight as it may take",
+        "Times a worker was passed over because its in-flight window was used up (once each time it runs out, not per connection)",
         counter(totals.window_full),
     );
     registry.register(
@@ -135,7 +135,7 @@ pub(crate) fn render(status: &Status, totals: &Totals) -> String {
     };
     registry.register(
         "accept_queue_length",
-        "Accepted connections waiting for an eligible worker",
+        "Accepted connections a dispatch left waiting for an eligible worker",
         gauge(status.queued as i64),
     );
     registry.register(
