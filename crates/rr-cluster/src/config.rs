@@ -21,15 +21,16 @@
 //!
 //! [logs]
 //! capture = true                   # worker stdout/stderr through the master
-//! stdout = "/var/log/app/out.log"  # reopened on SIGUSR1
-//! stderr = "/var/log/app/err.log"
+//! stdout = "/var/log/app/out.log"  # reopened on SIGUSR1; needs capture, and must
+//! stderr = "/var/log/app/err.log"  # be writable (opened when the master is built)
 //!
 //! [restart]
-//! limit = 10                       # more than `limit` restarts within `window`: give up
+//! limit = 10                       # more than `limit` boot failures within `window`: give up
 //! window = "60s"
-//! backoff_base = "100ms"
+//! backoff_base = "100ms"           # at least 1ms
 //! backoff_max = "10s"
-//! min_uptime = "1s"                # also each slot's wait in a rolling reload
+//! min_uptime = "1s"                # healthy after this (never under 1s); also each
+//!                                  # slot's wait in a rolling reload
 //! on_give_up = "exit"              # or "keep"
 //!
 //! [timeouts]                       # bounds: see rr_cluster::master::limits
@@ -146,11 +147,13 @@ pub struct RecycleSection {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct LogsSection {
-    /// Capture worker stdout and stderr through the master (default true).
+    /// Capture worker stdout and stderr through the master (default true). `false`
+    /// with `stdout` or `stderr` set is refused.
     pub capture: Option<bool>,
-    /// Append worker stdout to this file.
+    /// Append worker stdout to this file (opened, created if need be, when the master
+    /// is built: one it cannot write is refused).
     pub stdout: Option<PathBuf>,
-    /// Append worker stderr to this file.
+    /// Append worker stderr to this file (checked like `stdout`).
     pub stderr: Option<PathBuf>,
 }
 
@@ -219,7 +222,7 @@ pub struct RestartSection {
         serialize_with = "ser_duration"
     )]
     pub window: Option<Duration>,
-    /// First backoff delay.
+    /// First backoff delay (at least 1 ms).
     #[serde(
         default,
         deserialize_with = "duration",
@@ -233,7 +236,8 @@ pub struct RestartSection {
         serialize_with = "ser_duration"
     )]
     pub backoff_max: Option<Duration>,
-    /// Uptime that resets the backoff.
+    /// Uptime that resets the backoff (healthy after it, and never under 1 s); also
+    /// each slot's settle time in a rolling reload.
     #[serde(
         default,
         deserialize_with = "duration",
@@ -410,6 +414,7 @@ pub fn key_for(method: &'static str) -> &'static str {
         "command" => "worker.command",
         "stdout_log" => "logs.stdout",
         "stderr_log" => "logs.stderr",
+        "capture_output" => "logs.capture",
         other => other,
     }
 }
@@ -594,8 +599,15 @@ stdout = "/tmp/out.log"
         assert_eq!(c.timeouts.heartbeat_timeout, Some(None));
         assert_eq!(c.recycle.max_memory, Some(512 * 1024 * 1024));
         assert_eq!(c.recycle.max_requests, Some(1000));
-        let b = c.apply(MasterBuilder::default()).expect("apply");
-        b.build().expect("valid master");
+        // `build` creates the log file: one of this test's own, not /tmp/out.log.
+        let log = std::env::temp_dir().join(format!("rr-config-full-{}.log", std::process::id()));
+        let b = c
+            .apply(MasterBuilder::default())
+            .expect("apply")
+            .stdout_log(Some(log.clone()));
+        let built = b.build().map(|_| ());
+        let _ = std::fs::remove_file(&log);
+        built.expect("valid master");
     }
 
     #[test]
@@ -664,6 +676,43 @@ stdout = "/tmp/out.log"
         assert_eq!(
             ConfigError::from(err).to_string(),
             "invalid logs.stdout: /nonexistent-dir: no such directory"
+        );
+        let build = |text: &str| {
+            parse(text)
+                .expect("parses")
+                .apply(MasterBuilder::default())
+                .expect("applies")
+                .build()
+                .map_err(|e| ConfigError::from(e).to_string())
+        };
+        let head = "listen = [\"127.0.0.1:0\"]\n[worker]\ncommand = [\"x\"]\n";
+        // Review (fifth round): log paths with capture off were ignored, a log file the
+        // master cannot open passed, and a zero backoff took every backoff away.
+        let err = build(&format!(
+            "{head}[logs]\ncapture = false\nstdout = \"/tmp/out.log\"\n"
+        ))
+        .expect_err("paths without capture");
+        assert!(
+            err.starts_with(
+                "invalid logs.stdout: /tmp/out.log is set, but worker output is not captured"
+            ),
+            "{err}"
+        );
+        let err = build(&format!(
+            "{head}[logs]\nstderr = \"/proc/self/rr-test.log\"\n"
+        ))
+        .expect_err("cannot be created");
+        assert!(
+            err.starts_with(
+                "invalid logs.stderr: cannot create /proc/self/rr-test.log: directory /proc/self: "
+            ),
+            "{err}"
+        );
+        let err =
+            build(&format!("{head}[restart]\nbackoff_base = \"0s\"\n")).expect_err("zero backoff");
+        assert_eq!(
+            err,
+            "invalid restart.backoff_base: 0s is out of range 1ms..=1h"
         );
         let err = Config::from_file(Path::new("/dev/zero")).expect_err("endless");
         assert!(err.to_string().contains("larger than 1 MiB"), "{err}");

@@ -1,13 +1,13 @@
 //! The operating-system calls of the crate, through `rustix`'s safe wrappers, plus the
 //! five things that have no safe wrapper: adopting a descriptor number named by the
 //! environment, the hook that runs in a forked child before `exec`, registering a
-//! socket with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio
-//! 1.52 for I/O safety; two blocks), a `recv` into the uninitialized part of a tokio
-//! `ReadBuf` (two blocks: the buffer's unfilled part, then marking what `recv` filled),
-//! and borrowing the descriptor numbers a frame carries for `sendmsg`. Those seven
-//! blocks are the crate's only `unsafe` code, each with its safety argument. The rest
-//! of the crate is `#![deny(unsafe_code)]` and sees only functions taking `OwnedFd` and
-//! `BorrowedFd`.
+//! socket or a pidfd with tokio's reactor (`AsyncFd::register_with_interest`, unsafe
+//! since tokio 1.52 for I/O safety; three blocks), a `recv` into the uninitialized part
+//! of a tokio `ReadBuf` (two blocks: the buffer's unfilled part, then marking what
+//! `recv` filled), and borrowing the descriptor numbers a frame carries for `sendmsg`.
+//! Those eight blocks are the crate's only `unsafe` code, each with its safety
+//! argument. The rest of the crate is `#![deny(unsafe_code)]` and sees only functions
+//! taking `OwnedFd` and `BorrowedFd`.
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -146,22 +146,63 @@ pub(crate) fn adopt_inherited_socket(raw: RawFd) -> io::Result<OwnedFd> {
 /// Arranges for a worker child, between `fork` and `exec`, to
 /// - receive SIGKILL when the thread that spawned it dies (`PR_SET_PDEATHSIG`), and
 ///   fail the spawn if the master already died before that was set;
-/// - inherit `channel` (which is close-on-exec in the master) across `exec`.
+/// - inherit no descriptor of the master's but its standard streams and `channel`:
+///   every descriptor from 3 up is made close-on-exec (what the master itself opens
+///   already is; this catches what it inherited without the flag: a lock file, a
+///   readiness pipe, sockets of a service manager it did not adopt), found in
+///   `/proc/self/fd` (without `/proc`, nothing is changed);
+/// - inherit `channel` (which is close-on-exec in the master) across `exec`, as
+///   descriptor [`WORKER_CHANNEL_FD`] (3) whatever its number in the master: a master
+///   with many descriptors has its channels at numbers above a worker's soft limit
+///   (below), where a program that uses `select` could not use them. The number the
+///   channel has in the master is closed at `exec` like the rest;
+/// - get back the soft `RLIMIT_NOFILE` the master had before
+///   [`raise_nofile_limit`] raised it (a program that uses `select` cannot take
+///   descriptors above 1023; a worker raises its own limit if it wants more).
 ///
 /// The caller spawns from a thread that lives as long as the master: the death signal
-/// follows the spawning thread, not the process.
+/// follows the spawning thread, not the process. It keeps the returned
+/// [`ChannelSlot`] until the spawn has returned.
 pub(crate) fn prepare_worker_command(
     cmd: &mut tokio::process::Command,
     channel: BorrowedFd<'_>,
     master_pid: u32,
-) {
+) -> ChannelSlot {
+    use std::mem::ManuallyDrop;
+    // The spawn makes a close-on-exec pipe for the child to report a failed `exec`
+    // on; were the child's end of it at 3, the `dup2` below would replace it (the
+    // spawn would pass for a success, and the child would write its `exec` error
+    // into the channel). With 3 taken in the master while the spawn runs (by a copy
+    // of the channel, if 3 was free), no descriptor the spawn makes is 3. Best
+    // effort: without it, 3 was in use already.
+    let slot = ChannelSlot {
+        _reserved: rustix::io::fcntl_dupfd_cloexec(channel, WORKER_CHANNEL_FD)
+            .ok()
+            .filter(|copy| copy.as_raw_fd() == WORKER_CHANNEL_FD),
+    };
     let fd = channel.as_raw_fd();
     let master = Pid::from_raw(master_pid as i32);
+    let nofile = NOFILE_SOFT_BEFORE_RAISE.get().map(|&soft| {
+        let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+        rustix::process::Rlimit {
+            current: Some(hard.map_or(soft, |hard| soft.min(hard))),
+            maximum: hard,
+        }
+    });
     // SAFETY: the closure runs in the forked child before exec. It makes only raw
-    // system calls through rustix's linux_raw backend (prctl, getppid, fcntl), which
-    // are async-signal-safe, allocates nothing (errors are built from raw OS codes) and
-    // takes no lock. `fd` is open in the child: the master keeps its copy open until
-    // `spawn` returns, and the child's table is a copy of the master's.
+    // system calls through rustix's linux_raw backend (prctl, getppid, open, getdents64,
+    // fcntl, dup2, close, prlimit64), which are async-signal-safe, allocates nothing
+    // (the directory is read into a buffer on the stack, its path is a literal C
+    // string, errors are built from raw OS codes) and takes no lock. `fd` is open in
+    // the child: the master keeps its copy open until `spawn` returns, and the child's
+    // table is a copy of the master's. Each number borrowed from `/proc/self/fd` is
+    // open in the child while it is borrowed: nothing in the child closes a
+    // descriptor meanwhile (the child runs this one thread), and only its flags are
+    // changed. Descriptor 3 is borrowed (and owned, without ever being closed:
+    // `ManuallyDrop`) only once it is known open: `F_DUPFD_CLOEXEC` from 3 up gave a
+    // higher number, or `dup2` just made it. Whatever 3 was before is not needed:
+    // 0 to 2 are the standard streams, every other descriptor is close-on-exec (the
+    // loop above; the spawn's own are too), and none of the spawn's is 3 (`slot`).
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
@@ -170,12 +211,86 @@ pub(crate) fn prepare_worker_command(
                 // The master died before the death signal was armed.
                 return Err(io::Error::from_raw_os_error(Errno::SRCH.raw_os_error()));
             }
-            let channel = BorrowedFd::borrow_raw(fd);
-            rustix::io::fcntl_setfd(channel, rustix::io::FdFlags::empty())
-                .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
+            if let Ok(dir) = rustix::fs::open(
+                c"/proc/self/fd",
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ) {
+                let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+                let mut entries = rustix::fs::RawDir::new(&dir, &mut buf);
+                while let Some(Ok(entry)) = entries.next() {
+                    if let Some(n) = fd_number(entry.file_name().to_bytes()) {
+                        if n > 2 {
+                            let _ = rustix::io::fcntl_setfd(
+                                BorrowedFd::borrow_raw(n),
+                                rustix::io::FdFlags::CLOEXEC,
+                            );
+                        }
+                    }
+                }
+            }
+            let os = |e: Errno| io::Error::from_raw_os_error(e.raw_os_error());
+            if fd != WORKER_CHANNEL_FD {
+                let channel = BorrowedFd::borrow_raw(fd);
+                // The lowest free number from 3 up: 3 itself if it is free.
+                let copy =
+                    rustix::io::fcntl_dupfd_cloexec(channel, WORKER_CHANNEL_FD).map_err(os)?;
+                if copy.as_raw_fd() == WORKER_CHANNEL_FD {
+                    let _ = ManuallyDrop::new(copy); // kept: it is the channel now
+                } else {
+                    // 3 is open: replaced by the channel (atomically, with `dup2`).
+                    drop(copy);
+                    let mut three = ManuallyDrop::new(OwnedFd::from_raw_fd(WORKER_CHANNEL_FD));
+                    rustix::io::dup2(channel, &mut three).map_err(os)?;
+                }
+            }
+            // Inherited across `exec`: neither `dup2` onto the channel's own number
+            // nor `F_DUPFD_CLOEXEC` clears close-on-exec.
+            rustix::io::fcntl_setfd(
+                BorrowedFd::borrow_raw(WORKER_CHANNEL_FD),
+                rustix::io::FdFlags::empty(),
+            )
+            .map_err(os)?;
+            if let Some(limit) = nofile {
+                // Best effort: the worker runs with the raised limit otherwise.
+                let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit);
+            }
             Ok(())
         });
     }
+    slot
+}
+
+/// The descriptor number a worker finds its channel at (`RR_CLUSTER_CHANNEL_FD`,
+/// `NODE_CHANNEL_FD`), the first after the standard streams, whatever number the
+/// channel has in the master.
+pub(crate) const WORKER_CHANNEL_FD: RawFd = 3;
+
+/// Descriptor 3 of the master, taken (by a copy of the channel) while a worker is
+/// spawned if it was free: see [`prepare_worker_command`]. Dropped once the spawn has
+/// returned.
+#[must_use = "held until the spawn returns"]
+#[derive(Debug)]
+pub(crate) struct ChannelSlot {
+    _reserved: Option<OwnedFd>,
+}
+
+/// A descriptor number from its name in `/proc/self/fd` (`None` for `.` and `..`).
+/// Allocation-free: it runs in a forked child.
+fn fd_number(name: &[u8]) -> Option<RawFd> {
+    if name.is_empty() || name.len() > 10 {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &b in name {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + i64::from(b - b'0');
+    }
+    RawFd::try_from(n).ok()
 }
 
 /// Writes all of `bytes` to a non-blocking socket from a context that cannot await
@@ -422,6 +537,22 @@ pub(crate) fn executable(path: &std::path::Path) -> bool {
     rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
 }
 
+/// Whether this process may write to the file at `path` (`access(W_OK)`: the mode
+/// bits for this process's user and groups, and a read-only file system; for root,
+/// only the latter).
+pub(crate) fn writable(path: &std::path::Path) -> io::Result<()> {
+    Ok(rustix::fs::access(path, rustix::fs::Access::WRITE_OK)?)
+}
+
+/// Whether this process may create a file in the directory `dir` (`access(W_OK |
+/// X_OK)`, as [`writable`]).
+pub(crate) fn can_create_in(dir: &std::path::Path) -> io::Result<()> {
+    Ok(rustix::fs::access(
+        dir,
+        rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+    )?)
+}
+
 /// This process's real user id.
 pub(crate) fn getuid() -> u32 {
     rustix::process::getuid().as_raw()
@@ -435,6 +566,63 @@ pub(crate) fn getpid() -> u32 {
 /// The soft limit on open descriptors (`RLIMIT_NOFILE`), if there is one.
 pub(crate) fn nofile_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// The soft `RLIMIT_NOFILE` of the process before [`raise_nofile_limit`] first raised
+/// it: what worker processes are given back.
+static NOFILE_SOFT_BEFORE_RAISE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// What [`raise_nofile_limit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NofileRaise {
+    /// The soft limit was raised from `from` to the hard limit `to`.
+    Raised { from: u64, to: u64 },
+    /// The soft limit is the hard limit already (`None`: no limit).
+    AtHardLimit(Option<u64>),
+}
+
+/// Raises the soft limit on open descriptors (`RLIMIT_NOFILE`) to the hard limit: a
+/// master holds a few descriptors per worker (its channel, a pidfd, the output
+/// pipes) besides the connections it passes on, and the usual soft limit is 1024.
+/// Workers get the soft limit from before back ([`prepare_worker_command`]).
+pub(crate) fn raise_nofile_limit() -> io::Result<NofileRaise> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) if soft < hard => {
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(hard),
+                    maximum: Some(hard),
+                },
+            )?;
+            let _ = NOFILE_SOFT_BEFORE_RAISE.set(soft);
+            Ok(NofileRaise::Raised {
+                from: soft,
+                to: hard,
+            })
+        }
+        (soft, _) => Ok(NofileRaise::AtHardLimit(soft)),
+    }
+}
+
+/// Whether the peer of a connected Unix stream socket has closed it altogether
+/// (`POLLHUP`), not only shut down its writing side (then only end-of-file is read,
+/// and an answer written still reaches it).
+pub(crate) fn peer_hung_up(socket: BorrowedFd<'_>) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        &socket,
+        rustix::event::PollFlags::empty(),
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::ERR)
 }
 
 /// Registers a socket object with tokio's reactor, for reading and writing.
@@ -621,13 +809,23 @@ impl ProcessHandle {
 
     /// Returns once the process has exited (a zombie, not reaped).
     async fn exited(&self) {
-        if let Some(pidfd) = &self.inner.pidfd {
-            // A pidfd is readable once its process has exited.
-            if let Ok(fd) = pidfd.try_clone() {
-                if let Ok(fd) = register_owned_for(fd, tokio::io::Interest::READABLE) {
-                    let _ = fd.readable().await;
-                    return;
-                }
+        if self.inner.pidfd.is_some() {
+            // A pidfd is readable once its process has exited. The handle's own pidfd
+            // is watched (no copy: a master holds enough descriptors per worker).
+            let watch = PidfdWatch(std::sync::Arc::clone(&self.inner));
+            // SAFETY: `PidfdWatch` holds the `ProcessInner` that owns the pidfd, which
+            // is never replaced nor closed while an `Arc` to it lives: the number
+            // `as_raw_fd` returns is open, the same file, and the same number for as
+            // long as the AsyncFd holds the watch.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    watch,
+                    tokio::io::Interest::READABLE,
+                )
+            };
+            if let Ok(fd) = registered {
+                let _ = fd.readable().await;
+                return;
             }
         }
         // No pidfd to poll: asked again at each SIGCHLD (the stream is made before the
@@ -646,6 +844,16 @@ impl ProcessHandle {
                 None => tick.await,
             }
         }
+    }
+}
+
+/// A process's pidfd, as the reactor watches it: borrowed from the handle's
+/// `ProcessInner`, which it keeps alive. Made only for a process with a pidfd.
+struct PidfdWatch(std::sync::Arc<ProcessInner>);
+
+impl AsRawFd for PidfdWatch {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
     }
 }
 
@@ -776,13 +984,185 @@ mod tests {
         assert_eq!(send_failure(&e(Errno::NOBUFS)), SendFailure::Busy);
     }
 
+    #[tokio::test]
+    async fn a_reaped_child_cannot_be_signalled() {
+        let child = tokio::process::Command::new("true")
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let handle = ProcessHandle::open(child.id().expect("pid")).expect("pidfd");
+        // Reaped through the handle (a `wait` of its own would leave the handle
+        // believing the pid, and its process group id, still the worker's).
+        let status = tokio::time::timeout(Duration::from_secs(10), handle.reap(child))
+            .await
+            .expect("reaped in time")
+            .expect("reaped");
+        assert!(status.success());
+        assert!(*handle.reaped(), "the handle knows");
+        // Whatever now runs under that pid, or leads that group, the handle reaches
+        // nothing: `kill` returns before any signal.
+        handle.kill().expect("a no-op");
+    }
+
+    /// The descriptors of this process that are pidfds of `pid` (`Pid:` in fdinfo).
+    fn pidfds_of(pid: u32) -> usize {
+        std::fs::read_dir("/proc/self/fdinfo")
+            .expect("fdinfo")
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path())
+                    .is_ok_and(|info| info.lines().any(|l| l == format!("Pid:\t{pid}")))
+            })
+            .count()
+    }
+
+    /// The handle watches its own pidfd for the exit: a master holds no copy of it
+    /// per worker.
+    #[tokio::test]
+    async fn waiting_for_the_exit_copies_no_descriptor() {
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", "read line"])
+            .stdin(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let stdin = child.stdin.take().expect("stdin");
+        let pid = child.id().expect("pid");
+        let handle = ProcessHandle::open(pid).expect("pidfd");
+        assert!(handle.inner.pidfd.is_some(), "a kernel with pidfds");
+        // The handle's, and any that tokio's `Child` holds for itself.
+        let before = pidfds_of(pid);
+        let mut exited = std::pin::pin!(handle.exited());
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(exited.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "the child waits for its input");
+        // The exit is being waited for now.
+        let while_waiting = pidfds_of(pid);
+        drop(stdin); // the child reads end-of-file and exits
+        tokio::time::timeout(Duration::from_secs(10), exited)
+            .await
+            .expect("exited in time");
+        tokio::time::timeout(Duration::from_secs(10), handle.reap(child))
+            .await
+            .expect("reaped in time")
+            .expect("reaped");
+        assert_eq!(
+            while_waiting, before,
+            "pidfds of the child while its exit is awaited"
+        );
+    }
+
     #[test]
-    fn a_reaped_child_cannot_be_signalled() {
-        let mut child = std::process::Command::new("true").spawn().expect("spawn");
-        let handle = ProcessHandle::open(child.id()).expect("pidfd");
-        child.wait().expect("reap");
-        // Whatever now runs under that pid, the handle reaches nothing.
-        handle.kill().expect("a gone process is not an error");
+    fn descriptor_numbers_are_read_from_their_names() {
+        assert_eq!(fd_number(b"0"), Some(0));
+        assert_eq!(fd_number(b"1023"), Some(1023));
+        assert_eq!(fd_number(b"2147483647"), Some(i32::MAX));
+        assert_eq!(fd_number(b"2147483648"), None);
+        assert_eq!(fd_number(b"."), None);
+        assert_eq!(fd_number(b".."), None);
+        assert_eq!(fd_number(b""), None);
+        assert_eq!(fd_number(b"99999999999"), None);
+    }
+
+    /// Held by the tests that lower the soft descriptor limit (others only raise it).
+    static NOFILE_LOWERED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Lowers the soft descriptor limit below the hard one (as systemd's 1024 of
+    /// 524288), by one: parallel tests keep what they have. `None` without limits.
+    /// The caller holds [`NOFILE_LOWERED`].
+    fn lower_the_soft_nofile_limit() -> Option<u64> {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let hard = getrlimit(Resource::Nofile).maximum?;
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard - 1),
+                maximum: Some(hard),
+            },
+        )
+        .expect("lower the soft limit");
+        Some(hard)
+    }
+
+    /// Regression: the master kept the usual soft limit of 1024 descriptors, and a
+    /// few hundred workers (each costs it a channel, pidfds, output pipes) ran it out
+    /// of descriptors: boot failures, then a give-up.
+    #[test]
+    fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
+        let _lowered = NOFILE_LOWERED.blocking_lock();
+        let Some(hard) = lower_the_soft_nofile_limit() else {
+            return; // no hard limit: nothing to raise to
+        };
+        let raised = raise_nofile_limit().expect("raise");
+        // Another test's master may have raised it first.
+        assert!(
+            raised
+                == NofileRaise::Raised {
+                    from: hard - 1,
+                    to: hard
+                }
+                || raised == NofileRaise::AtHardLimit(Some(hard)),
+            "{raised:?}"
+        );
+        assert_eq!(nofile_limit(), Some(hard));
+        assert_eq!(
+            raise_nofile_limit().expect("again"),
+            NofileRaise::AtHardLimit(Some(hard))
+        );
+    }
+
+    /// Regression: descriptors the master inherited without close-on-exec (a lock
+    /// file, a readiness pipe, sockets of a service manager it did not adopt) leaked
+    /// into every worker. The channel stays open, and the worker gets the soft
+    /// descriptor limit from before the master raised its own.
+    ///
+    /// Regression (review, sixth round): the worker got its channel at the master's
+    /// number for it, which in a master holding over a thousand descriptors is above
+    /// the worker's (restored) soft limit, of no use to `select`. It is at 3 now, and
+    /// the master's number is closed.
+    #[tokio::test]
+    async fn a_worker_inherits_its_channel_and_no_other_descriptor() {
+        let inherited = std::fs::File::open("/dev/null").expect("open");
+        rustix::io::fcntl_setfd(&inherited, rustix::io::FdFlags::empty()).expect("no cloexec");
+        let (_ours, theirs) = UnixStream::pair().expect("pair");
+        let _lowered = NOFILE_LOWERED.lock().await;
+        let hard = lower_the_soft_nofile_limit();
+        raise_nofile_limit().expect("raise");
+        // As in a master with many descriptors (where the limit allows).
+        let theirs = rustix::io::fcntl_dupfd_cloexec(&theirs, 1500)
+            .or_else(|_| rustix::io::fcntl_dupfd_cloexec(&theirs, 10))
+            .expect("dup");
+        let (leak, channel) = (inherited.as_raw_fd(), theirs.as_raw_fd());
+        let socket = inode(theirs.as_fd()).expect("inode");
+        let script = format!(
+            "for fd in {leak} {channel}; do \
+               if [ -e /proc/self/fd/$fd ]; then echo open; else echo closed; fi; \
+             done; readlink /proc/$$/fd/{WORKER_CHANNEL_FD}; ulimit -Sn"
+        );
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .process_group(0);
+        let slot = prepare_worker_command(&mut cmd, theirs.as_fd(), getpid());
+        let out = tokio::time::timeout(Duration::from_secs(10), cmd.output())
+            .await
+            .expect("in time")
+            .expect("ran");
+        drop(slot);
+        drop(inherited);
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = out.lines().collect();
+        let at_three = format!("socket:[{socket}]");
+        assert_eq!(
+            lines.get(..3),
+            Some(&["closed", "closed", at_three.as_str()][..]),
+            "descriptors {leak} and {channel}, then 3: {out}"
+        );
+        if let (Some(hard), Some(before)) = (hard, NOFILE_SOFT_BEFORE_RAISE.get()) {
+            assert_eq!(nofile_limit(), Some(hard), "the master's own, raised");
+            assert!(*before < hard);
+            assert_eq!(lines.get(3), Some(&before.to_string().as_str()), "{out}");
+        }
     }
 
     #[test]

@@ -41,6 +41,17 @@ pub mod limits {
     /// `max_memory`: at least 1 MiB (no worker process lives in less: a smaller limit
     /// would replace every worker every second).
     pub const MIN_MAX_MEMORY: u64 = 1024 * 1024;
+    /// `backoff_base`: at least 1 ms (0 would take every backoff away, and a worker
+    /// that fails at once would be respawned without pause).
+    pub const MIN_BACKOFF_BASE: Duration = Duration::from_millis(1);
+    /// A worker that said `Ready` counts as healthy (its replacement starts at once,
+    /// its slot's backoff resets) after `min_uptime`, but never before this: 1 s.
+    /// `min_uptime` is also a reload's settle time, often set to 0 for fast reloads;
+    /// a worker that says `Ready` and exits at once still backs off then.
+    pub const MIN_HEALTHY_UPTIME: Duration = Duration::from_secs(1);
+    /// `event_capacity`: at most 65,536 events (the channel allocates its capacity up
+    /// front, a slot of some 70 bytes per event; a larger value is lowered to this).
+    pub const MAX_EVENT_CAPACITY: usize = 1 << 16;
 }
 
 /// A function that produces the configuration for a reload (the binary re-reads its
@@ -238,21 +249,26 @@ impl MasterBuilder {
     }
 
     /// Delay before the first quick restart of a slot; the n-th waits
-    /// `base * 2^(n-1)`, at most [`MasterBuilder::backoff_max`] (default 100 ms). A
-    /// worker that was ready waits at most one second.
+    /// `base * 2^(n-1)`, at most [`MasterBuilder::backoff_max`] (default 100 ms; 1 ms to
+    /// 1 h: 0 is refused, it would respawn a failing worker without pause). A worker
+    /// that was ready waits at most one second.
     pub fn backoff_base(mut self, base: Duration) -> Self {
         self.raw.common.policy.backoff_base = base;
         self
     }
 
-    /// The longest restart delay (default 10 s, at most 1 h).
+    /// The longest restart delay (default 10 s; 1 ms to 1 h, and at least
+    /// [`MasterBuilder::backoff_base`]).
     pub fn backoff_max(mut self, max: Duration) -> Self {
         self.raw.common.policy.backoff_max = max;
         self
     }
 
-    /// A worker ready for this long was healthy: its slot's backoff resets (default
-    /// 1 s, at most 24 h).
+    /// A worker ready for this long was healthy: it is replaced at once when it ends,
+    /// and its slot's backoff resets (default 1 s, at most 24 h). Never less than
+    /// [`limits::MIN_HEALTHY_UPTIME`] (1 s) for this: with `min_uptime` 0, a worker that
+    /// ends within a second of `Ready` still waits a backoff (at most a second) before
+    /// its replacement.
     ///
     /// It is also how long each slot waits during a rolling reload: the new worker
     /// serves beside the old one for `min_uptime` before the old one drains, so a
@@ -329,7 +345,9 @@ impl MasterBuilder {
 
     /// Captures worker stdout and stderr through the master, line by line with the
     /// worker's slot and pid (default `true`); `false` lets workers write to the
-    /// master's own stdout and stderr.
+    /// master's own stdout and stderr. `false` with a [`MasterBuilder::stdout_log`] or
+    /// [`MasterBuilder::stderr_log`] is refused by [`MasterBuilder::build`] (nothing
+    /// would be written to the file).
     pub fn capture_output(mut self, capture: bool) -> Self {
         self.raw.common.output.capture = capture;
         self
@@ -344,13 +362,20 @@ impl MasterBuilder {
 
     /// Appends captured worker stdout (and, with [`MasterBuilder::stderr_log`] unset,
     /// stderr too) to a file, reopened on [`MasterSignal::ReopenLogs`](super::MasterSignal)
-    /// (SIGUSR1).
+    /// (SIGUSR1). [`MasterBuilder::build`] refuses a path the master cannot write
+    /// (`access(W_OK)` on the file, or on its directory when the file does not exist
+    /// yet), without creating anything: the file is created when the master starts.
+    /// A socket, character device or FIFO (`/dev/stdout` under systemd, whose
+    /// standard output is a socket to the journal; `/dev/null`) is accepted as it is;
+    /// one the master then cannot open (a socket cannot be) is logged, and that
+    /// output goes to the master's own stdout or stderr.
     pub fn stdout_log(mut self, path: Option<PathBuf>) -> Self {
         self.raw.common.output.stdout = path;
         self
     }
 
-    /// Appends captured worker stderr to a file.
+    /// Appends captured worker stderr to a file (checked like
+    /// [`MasterBuilder::stdout_log`]).
     pub fn stderr_log(mut self, path: Option<PathBuf>) -> Self {
         self.raw.common.output.stderr = path;
         self
@@ -362,8 +387,11 @@ impl MasterBuilder {
         self
     }
 
-    /// Application messages from workers kept for [`MasterHandle::messages`] at most
-    /// (default 4096; more are dropped and counted).
+    /// How much of the application messages from workers is kept for
+    /// [`MasterHandle::messages`] while it is not read (default 4096): a byte budget of
+    /// `n` × 1 KiB, at least 64 KiB and at most 64 MiB, where each message costs its
+    /// payload plus 64 bytes. So `n` messages of up to 960 bytes fit, more smaller
+    /// ones, fewer larger ones; a message that does not fit is dropped and counted.
     ///
     /// [`MasterHandle::messages`]: super::MasterHandle::messages
     pub fn message_queue(mut self, n: usize) -> Self {
@@ -372,16 +400,27 @@ impl MasterBuilder {
     }
 
     /// Lifecycle events kept for a slow [`Master::events`] subscriber (default 4096;
-    /// a subscriber that falls further behind skips events).
+    /// a subscriber that falls further behind skips events). At least 16 and at most
+    /// [`limits::MAX_EVENT_CAPACITY`] (65,536): the channel allocates its capacity up
+    /// front, and a value out of that range is brought into it.
     pub fn event_capacity(mut self, n: usize) -> Self {
-        self.raw.common.event_capacity = n.max(16);
+        self.raw.common.event_capacity = n.clamp(16, limits::MAX_EVENT_CAPACITY);
         self
     }
 
     /// Called on every reload request (SIGHUP, control `reload`) for the new
     /// configuration; without a hook a reload restarts the workers as they are. The
     /// new configuration may not change the listen addresses or the control socket
-    /// (the reload is refused: restart the master to change them).
+    /// (the reload is refused: restart the master to change them), and its worker
+    /// command must pass [`WorkerCommand::check`] (otherwise the reload is refused
+    /// and nothing is started).
+    ///
+    /// The hook runs on the master's supervising task, synchronously: while it runs,
+    /// no worker exit, heartbeat, timeout or control request is dealt with (on a
+    /// current-thread runtime, nothing else runs at all). It must not block: read a
+    /// file and parse it, but do not wait on the network, a lock held elsewhere or a
+    /// user. Work that may take long belongs before the reload is asked for (have the
+    /// hook return what was prepared).
     pub fn on_reload<F>(mut self, hook: F) -> Self
     where
         F: Fn() -> Result<MasterBuilder, String> + Send + Sync + 'static,
@@ -391,10 +430,20 @@ impl MasterBuilder {
     }
 
     /// Checks the configuration and returns a master ready to
-    /// [`Master::start`](super::Master::start).
+    /// [`Master::start`](super::Master::start). The worker log files, if any, are
+    /// checked for writing without being opened or created (see
+    /// [`MasterBuilder::stdout_log`]).
     pub fn build(self) -> Result<Master, BuildError> {
         let capacity = self.raw.common.event_capacity;
         let settings = self.validate()?;
+        // Only here, not in `validate`: a reload keeps the log files it has.
+        for (method, path) in [
+            ("stdout_log", &settings.output.stdout),
+            ("stderr_log", &settings.output.stderr),
+        ] {
+            let Some(path) = path else { continue };
+            check_log_path(path).map_err(|reason| BuildError::Invalid { method, reason })?;
+        }
         let (events, _) = tokio::sync::broadcast::channel::<Event>(capacity);
         Ok(Master { settings, events })
     }
@@ -478,13 +527,13 @@ impl MasterBuilder {
         within(
             "backoff_base",
             p.backoff_base,
-            Duration::ZERO,
+            limits::MIN_BACKOFF_BASE,
             limits::BACKOFF,
         )?;
         within(
             "backoff_max",
             p.backoff_max,
-            Duration::ZERO,
+            limits::MIN_BACKOFF_BASE,
             limits::BACKOFF,
         )?;
         if p.backoff_base > p.backoff_max {
@@ -537,8 +586,28 @@ impl MasterBuilder {
         if let Some(age) = r.common.recycle.max_age {
             within("max_age", age, Duration::from_secs(1), limits::MAX_AGE)?;
         }
+        // Without capture, workers write to the master's own stdout and stderr: a log
+        // file would never be written.
+        let o = &r.common.output;
+        if !o.capture {
+            if let Some((method, path)) = [("stdout_log", &o.stdout), ("stderr_log", &o.stderr)]
+                .into_iter()
+                .find_map(|(m, p)| p.as_ref().map(|p| (m, p)))
+            {
+                return Err(invalid(
+                    method,
+                    format!(
+                        "{} is set, but worker output is not captured (capture is off): \
+                         workers write to the master's own stdout and stderr, never to \
+                         the file; remove the path or turn capture on",
+                        path.display()
+                    ),
+                ));
+            }
+        }
         // A log file is opened (created) once the master runs; a path that cannot be
-        // one is refused now, not logged then.
+        // one is refused now, not logged then (`build` also checks that the master
+        // may write it).
         for (method, path) in [
             ("stdout_log", &r.common.output.stdout),
             ("stderr_log", &r.common.output.stderr),
@@ -565,6 +634,38 @@ impl MasterBuilder {
             command,
             common: r.common,
         })
+    }
+}
+
+/// Whether the master can write a worker log at `path`, checked without opening or
+/// creating anything (`build` runs before the master binds and starts: a start that
+/// fails later leaves no empty file behind). An existing file must be writable by
+/// this process; a missing one, its directory. A socket, character device or FIFO
+/// is taken as it is: `/dev/stdout` under systemd is a socket to the journal, which
+/// cannot be opened as a file (the master's own stdout is used then).
+fn check_log_path(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let kind = meta.file_type();
+            if kind.is_socket() || kind.is_char_device() || kind.is_fifo() {
+                return Ok(());
+            }
+            if kind.is_dir() {
+                return Err(format!("{shown} is a directory"));
+            }
+            crate::sys::writable(path).map_err(|e| format!("cannot write to {shown}: {e}"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            crate::sys::can_create_in(dir)
+                .map_err(|e| format!("cannot create {shown}: directory {}: {e}", dir.display()))
+        }
+        Err(e) => Err(format!("cannot check {shown}: {e}")),
     }
 }
 
@@ -753,6 +854,130 @@ mod tests {
             ("systemd", "127.0.0.1:8080"),
         ] {
             two(a, b).build().unwrap_or_else(|e| panic!("{a} {b}: {e}"));
+        }
+    }
+
+    /// Review (fifth round): `backoff_base = 0` took every backoff away, the young
+    /// worker's too: a worker that failed at once was respawned without pause.
+    #[test]
+    fn a_zero_backoff_is_refused() {
+        assert_eq!(
+            reason(base().backoff_base(Duration::ZERO)),
+            "backoff_base(): 0s is out of range 1ms..=1h"
+        );
+        assert_eq!(
+            reason(base().backoff_max(Duration::ZERO)),
+            "backoff_max(): 0s is out of range 1ms..=1h"
+        );
+        base()
+            .backoff_base(limits::MIN_BACKOFF_BASE)
+            .backoff_max(limits::MIN_BACKOFF_BASE)
+            .build()
+            .expect("1 ms");
+    }
+
+    /// Review (fifth round): `event_capacity(usize::MAX)` panicked in tokio's
+    /// broadcast channel, and `1 << 32` allocated that many slots up front.
+    #[test]
+    fn the_event_capacity_is_bounded() {
+        for n in [usize::MAX, 1 << 32, limits::MAX_EVENT_CAPACITY + 1] {
+            let b = base().event_capacity(n);
+            assert_eq!(b.raw.common.event_capacity, limits::MAX_EVENT_CAPACITY);
+            b.build().expect("built, not a panic");
+        }
+        assert_eq!(base().event_capacity(0).raw.common.event_capacity, 16);
+        assert_eq!(base().event_capacity(100).raw.common.event_capacity, 100);
+    }
+
+    /// Review (fifth round): log paths with capture off were ignored without a word,
+    /// and a log file the master cannot write passed validation (its worker output
+    /// then went to the master's stdout).
+    #[test]
+    fn log_files_need_capture_and_must_be_writable() {
+        let dir = std::env::temp_dir().join(format!("rr-builder-logs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let out = dir.join("out.log");
+        let err = reason(base().capture_output(false).stderr_log(Some(out.clone())));
+        assert!(
+            err.starts_with(&format!(
+                "stderr_log(): {} is set, but worker output is not captured",
+                out.display()
+            )),
+            "{err}"
+        );
+        assert!(!out.exists(), "nothing created for a refused configuration");
+        // The directory exists, but no file can be made in it, root or not.
+        let err = reason(base().stdout_log(Some("/proc/self/rr-cluster-test.log".into())));
+        assert!(
+            err.starts_with(
+                "stdout_log(): cannot create /proc/self/rr-cluster-test.log: directory /proc/self: "
+            ),
+            "{err}"
+        );
+        base()
+            .stdout_log(Some(out.clone()))
+            .build()
+            .expect("a writable path");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Regression (review, sixth round): `build` opened (created) each log file to
+    /// check it. `stdout = "/dev/stdout"` under systemd, whose stdout is a socket to
+    /// the journal, then failed (ENXIO: a socket cannot be opened) where the master
+    /// used to log to its own stdout; and a start that failed later (a port in use)
+    /// left empty log files behind.
+    #[test]
+    fn log_paths_are_checked_without_opening_or_creating_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rr-builder-nolog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        // What `/dev/stdout` is under systemd's StandardOutput=journal.
+        let journal = dir.join("journal.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&journal).expect("bind");
+        let (out, err) = (dir.join("out.log"), dir.join("err.log"));
+        let built = base()
+            .stdout_log(Some(out.clone()))
+            .stderr_log(Some(err.clone()))
+            .build();
+        let created = (out.exists(), err.exists());
+        let cases = [
+            ("/dev/stdout".into(), "/dev/null".into()),
+            ("/dev/null".into(), "/dev/stderr".into()),
+            (journal.clone(), journal.clone()),
+        ];
+        let special: Vec<_> = cases
+            .into_iter()
+            .map(|(o, e): (PathBuf, PathBuf)| {
+                let shown = format!("{} {}", o.display(), e.display());
+                (
+                    shown,
+                    base().stdout_log(Some(o)).stderr_log(Some(e)).build(),
+                )
+            })
+            .collect();
+        // A directory this process may not write to (root may write anywhere).
+        let locked = dir.join("locked");
+        std::fs::create_dir(&locked).expect("dir");
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o500)).expect("chmod");
+        let refused = (crate::sys::getuid() != 0)
+            .then(|| reason(base().stderr_log(Some(locked.join("err.log")))));
+        let _ = std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700));
+        let _ = std::fs::remove_dir_all(&dir);
+        built.expect("writable paths");
+        assert_eq!(created, (false, false), "files created by build()");
+        for (shown, built) in special {
+            built.unwrap_or_else(|e| panic!("{shown}: {e}"));
+        }
+        if let Some(err) = refused {
+            assert!(
+                err.starts_with(&format!(
+                    "stderr_log(): cannot create {}: directory {}: ",
+                    locked.join("err.log").display(),
+                    locked.display()
+                )) && err.contains("Permission denied"),
+                "{err}"
+            );
         }
     }
 }

@@ -82,6 +82,24 @@ pub(crate) async fn start(
     events: broadcast::Sender<Event>,
 ) -> Result<MasterHandle, MasterError> {
     settings.command.check().map_err(MasterError::Command)?;
+    match sys::raise_nofile_limit() {
+        Ok(sys::NofileRaise::Raised { from, to }) => {
+            tracing::debug!(
+                from,
+                to,
+                "raised the soft limit on open descriptors to the hard limit"
+            );
+        }
+        Ok(sys::NofileRaise::AtHardLimit(limit)) => {
+            tracing::debug!(
+                ?limit,
+                "the soft limit on open descriptors is the hard limit"
+            );
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot raise the soft limit on open descriptors");
+        }
+    }
     let listeners = listen::bind_all(&settings.listen)
         .map_err(|(addr, source)| MasterError::Bind { addr, source })?;
     let addrs: Vec<LocalAddr> = listeners.iter().map(|l| l.local_addr().clone()).collect();
@@ -92,23 +110,6 @@ pub(crate) async fn start(
     // Cancelled once the control socket's file is gone (at once without one).
     let control_closed = CancellationToken::new();
     let tasks = TaskTracker::new();
-    if settings.control.is_none() {
-        control_closed.cancel();
-    }
-    if let Some(path) = &settings.control {
-        let listener = control::bind(path).map_err(|source| MasterError::Control {
-            path: path.clone(),
-            source,
-        })?;
-        tasks.spawn(control::serve(
-            listener,
-            path.clone(),
-            commands_tx.clone(),
-            control_stop.clone(),
-            control_closed.clone(),
-            tasks.clone(),
-        ));
-    }
     let (output, writer_done) = if settings.output.capture {
         let (sink, done) = OutputSink::start(
             settings.output.format,
@@ -123,6 +124,29 @@ pub(crate) async fn start(
 
     let (reports_tx, reports) = mpsc::unbounded_channel();
     let spawner = Spawner::start(reports_tx).map_err(MasterError::Start)?;
+    #[cfg(test)]
+    if tests::FAIL_AFTER_THREADS.get() {
+        return Err(MasterError::Start(std::io::Error::other("injected")));
+    }
+    // The control socket last: nothing after it can fail, and nothing would stop a
+    // server started before a failure (its socket would answer "stopping" for the
+    // runtime's life, and a retried start would find it live).
+    match &settings.control {
+        Some(path) => {
+            let socket = control::bind(path).map_err(|source| MasterError::Control {
+                path: path.clone(),
+                source,
+            })?;
+            tasks.spawn(control::serve(
+                socket,
+                commands_tx.clone(),
+                control_stop.clone(),
+                control_closed.clone(),
+                tasks.clone(),
+            ));
+        }
+        None => control_closed.cancel(),
+    }
     let (inputs_tx, inputs) = mpsc::unbounded_channel();
     let dispatcher = Dispatcher::new(settings.balance);
     let accept_stop = CancellationToken::new();
@@ -395,6 +419,25 @@ impl Driver {
             w.exited.cancel();
         }
         self.control_stop.cancel();
+        // Commands still queued are answered, not dropped: a `stop --wait` that came
+        // as the last worker went gets the exit code, anything else "stopping".
+        self.commands.close();
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Stop { wait: Some(w), .. } => self.stop_waiters.push(w),
+                Command::Reload { reply, .. } | Command::Scale { reply, .. } => {
+                    let _ = reply.send(Err(Refusal::Stopping));
+                }
+                Command::Send { reply, .. } => {
+                    let _ = reply.send(Err(Refusal::Stopping));
+                }
+                // Dropped: the asker is told the master is stopping.
+                Command::Status(_)
+                | Command::Metrics(_)
+                | Command::Stop { wait: None, .. }
+                | Command::Signal(_) => {}
+            }
+        }
         // Answered once the control socket is gone: `stop --wait && rr-cluster run`
         // must not find it there.
         let waiters = std::mem::take(&mut self.stop_waiters);
@@ -696,9 +739,13 @@ impl Driver {
             }
             Command::Reload { wait, reply } => match self.reload(now) {
                 Ok(Outcome::Reloading { generation }) if wait => {
+                    self.forget_gone_reload_waiters();
                     self.reload_waiters.push((Some(generation), reply));
                 }
-                Ok(Outcome::ReloadQueued) if wait => self.reload_waiters.push((None, reply)),
+                Ok(Outcome::ReloadQueued) if wait => {
+                    self.forget_gone_reload_waiters();
+                    self.reload_waiters.push((None, reply));
+                }
                 other => {
                     let _ = reply.send(other);
                 }
@@ -721,6 +768,12 @@ impl Driver {
             }
             Command::Signal(sig) => self.signal(now, sig),
         }
+    }
+
+    /// Drops the reload waiters whose asker went away (a control client that gave up
+    /// and retries would otherwise pile them up until the reload ends).
+    fn forget_gone_reload_waiters(&mut self) {
+        self.reload_waiters.retain(|(_, reply)| !reply.is_closed());
     }
 
     fn send(&self, slot: Option<u32>, payload: &[u8]) -> Result<usize, Refusal> {
@@ -786,11 +839,15 @@ impl Driver {
                 // A refusal is published (and logged) as an event.
                 let _ = self.reload(now);
             }
-            MasterSignal::IncreaseWorkers => {
-                let _ = self.scale(now, ScaleTo::By(1));
-            }
-            MasterSignal::DecreaseWorkers => {
-                let _ = self.scale(now, ScaleTo::By(-1));
+            MasterSignal::IncreaseWorkers | MasterSignal::DecreaseWorkers => {
+                let by = if sig == MasterSignal::IncreaseWorkers {
+                    1
+                } else {
+                    -1
+                };
+                if let Err(refusal) = self.scale(now, ScaleTo::By(by)) {
+                    tracing::warn!(signal = ?sig, %refusal, "scale by signal refused");
+                }
             }
             MasterSignal::ReopenLogs => {
                 if let Some(sink) = &self.output {
@@ -1033,8 +1090,17 @@ fn listeners_json(listeners: &[ListenerInfo]) -> String {
     serde_json::Value::Array(items).to_string()
 }
 
+/// Lines of a `/proc/<pid>/net/tcp` table read at most (its listening sockets).
+const MAX_LISTEN_LINES: usize = 16_384;
+
 /// The TCP ports the process listens on itself, from /proc (its socket inodes against
 /// the LISTEN entries of its network namespace).
+///
+/// Runs on the driver, so it reads only the head of each table: the kernel lists a
+/// namespace's listening sockets first (`tcp_seq_start`/`tcp_seq_next` walk the
+/// listening hash, which holds only sockets in LISTEN, before the established hash),
+/// so the first line in another state ends them. Under `Connection: close` load the
+/// rest of the table (TIME_WAIT sockets) can be tens of megabytes.
 fn listening_tcp_ports(pid: u32) -> Vec<u16> {
     let mut ports = Vec::new();
     let mut inodes = std::collections::HashSet::new();
@@ -1054,32 +1120,260 @@ fn listening_tcp_ports(pid: u32) -> Vec<u16> {
         }
     }
     for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // local_address is "IP:PORT" in hex; st 0A is LISTEN; inode is field 9.
-            if f.len() > 9 && f[3] == "0A" {
-                let inode: u64 = f[9].parse().unwrap_or(0);
-                if inodes.contains(&inode) {
-                    if let Some(port) = f[1]
-                        .rsplit(':')
-                        .next()
-                        .and_then(|p| u16::from_str_radix(p, 16).ok())
-                    {
-                        ports.push(port);
-                    }
-                }
-            }
+        if let Ok(file) = std::fs::File::open(format!("/proc/{pid}/net/{table}")) {
+            listening_ports_in(std::io::BufReader::new(file), &inodes, &mut ports);
         }
     }
     ports
 }
 
+/// Adds to `ports` the ports of the LISTEN entries of a `/proc/net/tcp`-style table
+/// whose inode is in `inodes`. Stops at the first entry in another state (the
+/// listening sockets come first), or after [`MAX_LISTEN_LINES`].
+fn listening_ports_in(
+    table: impl std::io::BufRead,
+    inodes: &std::collections::HashSet<u64>,
+    ports: &mut Vec<u16>,
+) {
+    for line in table.lines().skip(1).take(MAX_LISTEN_LINES) {
+        let Ok(line) = line else { return };
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // local_address is "IP:PORT" in hex; st 0A is LISTEN; inode is field 9.
+        if f.len() <= 9 || f[3] != "0A" {
+            return;
+        }
+        let inode: u64 = f[9].parse().unwrap_or(0);
+        if inodes.contains(&inode) {
+            if let Some(port) = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::master::{Master, WorkerCommand};
+
+    thread_local! {
+        /// `start` fails once its threads run, before the control socket (a failure
+        /// there cannot be caused otherwise: a thread that cannot be started).
+        pub(super) static FAIL_AFTER_THREADS: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+    }
+
+    /// A driver for `settings`, as `start` makes it, without listeners, workers,
+    /// threads or a control socket; and the sender of its commands.
+    fn test_driver(settings: Settings) -> (Driver, mpsc::Sender<Command>) {
+        let (commands_tx, commands) = mpsc::channel(64);
+        let (inputs_tx, inputs) = mpsc::unbounded_channel();
+        let (_, reports) = mpsc::unbounded_channel();
+        let (paused, _) = watch::channel(false);
+        let control_closed = CancellationToken::new();
+        control_closed.cancel();
+        let mut sm = Supervisor::new(settings.policy.clone(), settings.workers);
+        sm.start(Instant::now());
+        let settings = Arc::new(settings);
+        let driver = Driver {
+            sm,
+            listeners: Vec::new(),
+            shared: Vec::new(),
+            addrs: Vec::new(),
+            workers: HashMap::new(),
+            dispatcher: Dispatcher::new(settings.balance),
+            inputs_tx,
+            inputs,
+            reports,
+            commands,
+            spawner: None,
+            events: broadcast::channel(16).0,
+            messages: Arc::new(MessageQueue::new(settings.message_queue)),
+            output: None,
+            accept_stop: CancellationToken::new(),
+            accept_loops: Vec::new(),
+            deferred: Vec::new(),
+            stopping_accept: false,
+            control_stop: CancellationToken::new(),
+            control_closed,
+            paused,
+            tasks: TaskTracker::new(),
+            started: Instant::now(),
+            configured_workers: settings.workers,
+            generations: BTreeMap::from([(0, Arc::clone(&settings))]),
+            in_effect: 0,
+            gone: BTreeMap::new(),
+            reload_waiters: Vec::new(),
+            stop_waiters: Vec::new(),
+            master_samples: (None, None),
+            recycles: BTreeMap::new(),
+            accepted_before: (Instant::now(), 0),
+            connections_per_sec: 0.0,
+        };
+        (driver, commands_tx)
+    }
+
+    fn master(workers: usize) -> Master {
+        Master::builder()
+            .listen("127.0.0.1:0")
+            .workers(workers)
+            .command(WorkerCommand::new("true"))
+            .build()
+            .expect("valid")
+    }
+
+    /// What a tracing subscriber was given: one line per event, its level and fields.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Logs {
+        fn lines(&self) -> Vec<String> {
+            self.0.lock().expect("logs").clone()
+        }
+    }
+
+    impl tracing::Subscriber for Logs {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Line(String);
+            impl tracing::field::Visit for Line {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    self.0.push_str(&format!(" {}={value:?}", field.name()));
+                }
+            }
+            let mut line = Line(event.metadata().level().to_string());
+            event.record(&mut line);
+            self.0.lock().expect("logs").push(line.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// Regression: the control server was started before the output and spawner
+    /// threads; when one of those failed, it kept the socket bound and answering
+    /// "stopping" for the runtime's life, and a retried start found it live.
+    #[tokio::test]
+    async fn a_start_that_fails_leaves_no_control_socket_behind() {
+        let dir = std::env::temp_dir().join(format!("rr-driver-fail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("ctl.sock");
+        let _ = std::fs::remove_file(&path);
+        let with_control = || {
+            Master::builder()
+                .listen("127.0.0.1:0")
+                .command(WorkerCommand::new("true"))
+                .control_socket(&path)
+                .build()
+                .expect("valid")
+        };
+        FAIL_AFTER_THREADS.set(true);
+        let failed = with_control().start().await;
+        FAIL_AFTER_THREADS.set(false);
+        assert!(
+            matches!(failed, Err(MasterError::Start(_))),
+            "{:?}",
+            failed.map(|_| ())
+        );
+        let connected = tokio::net::UnixStream::connect(&path).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            connected.is_err(),
+            "a control socket still served after the failed start"
+        );
+    }
+
+    /// Regression: commands queued when the driver ended were dropped: a
+    /// `stop --wait` that came as the last worker went was told "the master is
+    /// stopping" and exited 1, though the master stopped with 0.
+    #[tokio::test]
+    async fn commands_queued_at_the_end_are_answered() {
+        let (mut driver, commands) = test_driver(master(1).settings);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        commands
+            .try_send(Command::Stop {
+                mode: StopMode::Graceful,
+                wait: Some(stop_tx),
+            })
+            .expect("queued");
+        let (reload_tx, reload_rx) = oneshot::channel();
+        commands
+            .try_send(Command::Reload {
+                wait: true,
+                reply: reload_tx,
+            })
+            .expect("queued");
+        driver.shutdown(3);
+        drop(driver);
+        let code = tokio::time::timeout(Duration::from_secs(5), stop_rx)
+            .await
+            .expect("in time");
+        assert_eq!(code, Ok(3), "the stop waiter gets the exit code");
+        assert_eq!(reload_rx.await.expect("answered"), Err(Refusal::Stopping));
+        assert!(
+            commands
+                .try_send(Command::Signal(MasterSignal::Terminate))
+                .is_err(),
+            "nothing is queued after the end"
+        );
+    }
+
+    /// A `reload --wait` whose client went away (it timed out, and retries) is not
+    /// kept waiting until the reload ends.
+    #[tokio::test]
+    async fn reload_waiters_whose_asker_went_are_forgotten() {
+        let (mut driver, _commands) = test_driver(master(1).settings);
+        for _ in 0..3 {
+            let (reply, rx) = oneshot::channel();
+            driver.command(Command::Reload { wait: true, reply });
+            drop(rx); // the client gave up
+        }
+        let (reply, mut rx) = oneshot::channel();
+        driver.command(Command::Reload { wait: true, reply });
+        assert!(rx.try_recv().is_err(), "waits for the reload");
+        assert_eq!(driver.reload_waiters.len(), 1);
+    }
+
+    /// Regression: a SIGTTIN or SIGTTOU that could not be carried out (out of range,
+    /// or while stopping) left no trace.
+    #[test]
+    fn a_refused_scale_by_signal_is_logged() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _entered = rt.enter();
+        let (mut driver, _commands) = test_driver(master(1).settings);
+        let logs = Logs::default();
+        tracing::subscriber::with_default(logs.clone(), || {
+            // One worker: one fewer is out of range.
+            driver.signal(Instant::now(), MasterSignal::DecreaseWorkers);
+            driver.sm.stop(Instant::now(), true);
+            driver.signal(Instant::now(), MasterSignal::IncreaseWorkers);
+        });
+        let refused: Vec<String> = logs
+            .lines()
+            .into_iter()
+            .filter(|l| l.starts_with("WARN") && l.contains("refused"))
+            .collect();
+        assert_eq!(refused.len(), 2, "{:?}", logs.lines());
+        assert!(refused[0].contains("out of range"), "{refused:?}");
+        assert!(refused[1].contains("stopping"), "{refused:?}");
+    }
 
     #[test]
     fn jitter_stays_within_bounds_and_varies() {
@@ -1089,6 +1383,63 @@ mod tests {
         assert_eq!(jitter(0, 7), 0);
         // Any bound a flag takes (`max + 1` overflowed: a division by zero).
         let _ = jitter(u64::MAX, 7);
+    }
+
+    /// A `/proc/net/tcp` table: a header, `listen` LISTEN entries (inodes 1000..),
+    /// then `others` TIME_WAIT entries, made as they are read; counts the lines read.
+    struct Table {
+        listen: usize,
+        others: usize,
+        made: usize,
+        pending: Vec<u8>,
+    }
+
+    impl std::io::Read for Table {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.pending.is_empty() {
+                let n = self.made;
+                let line = if n == 0 {
+                    "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n".to_owned()
+                } else if n <= self.listen {
+                    format!(
+                        "{n:4}: 0100007F:{:04X} 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 {} 1 0000000000000000 100 0 0 10 0\n",
+                        8000 + n,
+                        999 + n
+                    )
+                } else if n <= self.listen + self.others {
+                    format!(
+                        "{n:4}: 0100007F:1F90 0100007F:{:04X} 06 00000000:00000000 03:00000F4B 00000000     0        0 0 3 0000000000000000\n",
+                        n % 60_000
+                    )
+                } else {
+                    return Ok(0);
+                };
+                self.made += 1;
+                self.pending = line.into_bytes();
+            }
+            let k = buf.len().min(self.pending.len());
+            buf[..k].copy_from_slice(&self.pending[..k]);
+            self.pending.drain(..k);
+            Ok(k)
+        }
+    }
+
+    /// Regression: the hint read the whole table on the driver (tens of megabytes of
+    /// TIME_WAIT entries under `Connection: close` load), stalling every accept.
+    #[test]
+    fn the_listening_scan_stops_after_the_listening_entries() {
+        let mut table = Table {
+            listen: 3,
+            others: 1_000_000,
+            made: 0,
+            pending: Vec::new(),
+        };
+        let inodes = std::collections::HashSet::from([1000, 1002]);
+        let mut ports = Vec::new();
+        listening_ports_in(std::io::BufReader::new(&mut table), &inodes, &mut ports);
+        assert_eq!(ports, vec![8001, 8003]);
+        // The header, the listeners, what one buffer holds beyond them.
+        assert!(table.made < 200, "read {} lines", table.made);
     }
 
     #[test]

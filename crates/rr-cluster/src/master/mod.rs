@@ -211,8 +211,10 @@ impl MasterHandle {
 
     /// The application messages workers send (Node's `worker.on('message')`), on their
     /// own channel: lagging lifecycle events never cost a message. `None` after the
-    /// first call. Until it is called, messages are not kept; once it is, at most
-    /// [`MasterBuilder::message_queue`] of them wait (more are dropped and counted).
+    /// first call. Until it is called, messages are not kept; once it is, unread
+    /// messages wait within the byte budget [`MasterBuilder::message_queue`] sets
+    /// (`n` × 1 KiB, 64 KiB to 64 MiB, each message counted as its payload + 64
+    /// bytes); one that does not fit is dropped and counted.
     pub fn messages(&self) -> Option<Messages> {
         self.messages.take()
     }

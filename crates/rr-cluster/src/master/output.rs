@@ -159,10 +159,14 @@ impl OutputSink {
                 exited.cancelled().await;
                 tokio::time::sleep(LINGER).await;
             };
+            // The linger first: a stream that always has data (a detached descendant
+            // writing fast) makes `read_lines` use up the task's cooperative budget at
+            // each poll, and a `Sleep` polled after it, with no budget left, would stay
+            // pending for good (the master would never exit).
             tokio::select! {
                 biased;
-                () = sink.read_lines(source, slot, pid, stream) => {}
                 () = linger => {}
+                () = sink.read_lines(source, slot, pid, stream) => {}
             }
         });
     }
@@ -625,6 +629,35 @@ mod tests {
         tokio::time::timeout(LINGER * 2, tasks.wait())
             .await
             .expect("let go after the linger");
+        assert!(started.elapsed() >= LINGER);
+    }
+
+    /// Regression: a stream that never runs dry (a detached descendant of the worker
+    /// writing fast) used up the task's budget in `read_lines` at each poll, and the
+    /// linger's `Sleep`, polled after it, never fired: the master never exited.
+    #[tokio::test]
+    async fn a_stream_that_never_runs_dry_is_let_go_after_the_linger() {
+        let tasks = TaskTracker::new();
+        let (tx, _rx) = std::sync::mpsc::sync_channel(16);
+        let sink = OutputSink {
+            tx,
+            stats: Arc::new(OutputStats::default()),
+        };
+        let exited = CancellationToken::new();
+        sink.capture(
+            &tasks,
+            tokio::io::repeat(b'y'),
+            0,
+            1,
+            Stream::Stdout,
+            exited.clone(),
+        );
+        tasks.close();
+        exited.cancel();
+        let started = std::time::Instant::now();
+        tokio::time::timeout(LINGER + Duration::from_secs(1), tasks.wait())
+            .await
+            .expect("let go within the linger");
         assert!(started.elapsed() >= LINGER);
     }
 

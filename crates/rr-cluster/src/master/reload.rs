@@ -12,9 +12,14 @@ use crate::event::Event;
 
 impl Driver {
     /// A reload: re-reads the configuration through the hook (a bad one is rejected
-    /// and the pool is left alone), checks it, and rolls the workers over to it. A
-    /// reload requested while another runs is queued; the configuration is read when
-    /// it starts.
+    /// and the pool is left alone), checks it (the worker command too:
+    /// [`WorkerCommand::check`](super::WorkerCommand::check)), and rolls the workers
+    /// over to it. A reload requested while another runs is queued; the configuration
+    /// is read when it starts.
+    ///
+    /// A change of `workers` is applied (as a scale) before the rollout starts, and
+    /// stays if the new generation then fails and rolls back: only the generation
+    /// rolls back, not the worker count.
     pub(crate) fn reload(&mut self, now: Instant) -> Result<Outcome, Refusal> {
         if self.sm.stopping() {
             return Err(Refusal::Stopping);
@@ -37,6 +42,12 @@ impl Driver {
                 }
             }
         };
+        // A command that cannot start (a typo in `cwd`, a program gone) would only
+        // crash-loop the new generation: refused before anything is started.
+        if let Err(reason) = fresh.command.check() {
+            let reason = format!("cannot start the worker command: {reason}");
+            return Err(self.reject(Refusal::ConfigRejected { reason }));
+        }
         if fresh.listen != current.listen {
             return Err(self.reject(Refusal::CannotChange {
                 what: "the listen addresses",

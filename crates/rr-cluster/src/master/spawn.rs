@@ -10,7 +10,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -107,11 +107,29 @@ impl WorkerCommand {
         self.protocol
     }
 
-    /// Checks that the program can be started at all: it exists (in `PATH` when it
-    /// has no slash: the command's own `PATH` if it sets one, as `exec` does), is a
-    /// file, and is executable by this process. A master refuses to start with a
-    /// command that fails this, instead of crash-looping on it.
+    /// Checks that the program can be started at all: no NUL byte in the program,
+    /// its arguments, its environment or its working directory (`exec` cannot pass
+    /// one), and no environment variable with an empty name or an `=` in it; the
+    /// working directory, when set, is a directory this process can enter; the
+    /// program exists (in `PATH` when it has no slash: the command's own `PATH` if it
+    /// sets one, as `exec` does), is a file, and is executable by this process. A
+    /// master refuses to start with a command that fails this, and a reload that
+    /// brings one is refused, instead of crash-looping on it.
     pub fn check(&self) -> Result<PathBuf, String> {
+        self.check_strings()?;
+        if let Some(dir) = &self.cwd {
+            let shown = dir.display();
+            let meta =
+                std::fs::metadata(dir).map_err(|e| format!("working directory {shown}: {e}"))?;
+            if !meta.is_dir() {
+                return Err(format!("working directory {shown}: not a directory"));
+            }
+            if !sys::executable(dir) {
+                return Err(format!(
+                    "working directory {shown}: this process may not enter it (no search permission)"
+                ));
+            }
+        }
         let program = Path::new(&self.program);
         let shown = program.display();
         let resolve = |p: &Path| -> Option<PathBuf> {
@@ -153,6 +171,50 @@ impl WorkerCommand {
             return Err(format!("{}: not executable", path.display()));
         }
         Ok(path)
+    }
+}
+
+impl WorkerCommand {
+    /// The strings `exec` is given: none may hold a NUL byte (the spawn would fail
+    /// with a message that names none of them), and environment names must be names.
+    fn check_strings(&self) -> Result<(), String> {
+        let nul = |s: &std::ffi::OsStr| s.as_encoded_bytes().contains(&0);
+        let lossy = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
+        if nul(&self.program) {
+            return Err(format!(
+                "the program {:?} contains a NUL byte",
+                lossy(&self.program)
+            ));
+        }
+        if let Some((i, arg)) = self.args.iter().enumerate().find(|(_, a)| nul(a)) {
+            return Err(format!(
+                "argument {} ({:?}) contains a NUL byte",
+                i + 1,
+                lossy(arg)
+            ));
+        }
+        for (key, value) in &self.env {
+            let name = lossy(key);
+            if key.is_empty() || key.as_encoded_bytes().contains(&b'=') || nul(key) {
+                return Err(format!(
+                    "environment variable name {name:?} is not a name (empty, or with '=' or a NUL byte)"
+                ));
+            }
+            if nul(value) {
+                return Err(format!(
+                    "environment variable {name}: the value contains a NUL byte"
+                ));
+            }
+        }
+        if let Some(dir) = &self.cwd {
+            if nul(dir.as_os_str()) {
+                return Err(format!(
+                    "working directory {:?} contains a NUL byte",
+                    lossy(dir.as_os_str())
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -223,7 +285,8 @@ fn run(
     master_pid: u32,
 ) {
     let command = &job.command;
-    let fd = job.channel.as_raw_fd().to_string();
+    // The child finds its channel at this number, whatever the channel's number here.
+    let fd = sys::WORKER_CHANNEL_FD.to_string();
     let mut cmd = tokio::process::Command::new(&command.program);
     cmd.args(&command.args)
         .envs(command.env.iter().map(|(k, v)| (k, v)))
@@ -267,9 +330,11 @@ fn run(
     if let Some(dir) = &command.cwd {
         cmd.current_dir(dir);
     }
-    sys::prepare_worker_command(&mut cmd, job.channel.as_fd(), master_pid);
+    let slot = sys::prepare_worker_command(&mut cmd, job.channel.as_fd(), master_pid);
     let id = job.id;
-    match cmd.spawn() {
+    let spawned = cmd.spawn();
+    drop(slot);
+    match spawned {
         Ok(mut child) => {
             let pid = child.id().unwrap_or(0);
             // Not reaped before this: the Child is ours and nobody waits on it yet.
@@ -309,7 +374,16 @@ fn run(
             });
         }
         Err(e) => {
-            let error = format!("{}: {e}", command.program.to_string_lossy());
+            // A chdir failure reads as the program's own ("node: No such file or
+            // directory"): name the directory too.
+            let error = match &command.cwd {
+                Some(dir) => format!(
+                    "{} (in {}): {e}",
+                    command.program.to_string_lossy(),
+                    dir.display()
+                ),
+                None => format!("{}: {e}", command.program.to_string_lossy()),
+            };
             let _ = reports.send(Report::Input(Input::SpawnFailed { id, error }));
         }
     }
@@ -319,6 +393,7 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn commands_that_cannot_start_are_named() {
@@ -360,5 +435,108 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(checked, Ok(second.join(name)));
         assert!(without.is_err(), "{without:?}");
+    }
+
+    /// Regression (review, sixth round): a worker was told its channel's number in
+    /// the master (`RR_CLUSTER_CHANNEL_FD`, `NODE_CHANNEL_FD`), above its soft
+    /// descriptor limit in a master holding many descriptors. Every worker finds its
+    /// channel at 3 and is told so, in both dialects.
+    #[tokio::test]
+    async fn a_worker_finds_its_channel_at_3_and_is_told_so() {
+        use tokio::io::AsyncReadExt;
+        let (reports_tx, mut reports) = mpsc::unbounded_channel();
+        let spawner = Spawner::start(reports_tx).expect("spawner");
+        for (id, protocol) in [(1, Protocol::Binary), (2, Protocol::Node)] {
+            let (_ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+            let channel = OwnedFd::from(theirs);
+            let socket = sys::inode(channel.as_fd()).expect("inode");
+            let script = "echo \"${RR_CLUSTER_CHANNEL_FD-unset} ${NODE_CHANNEL_FD-unset}\"; \
+                          readlink /proc/$$/fd/3";
+            let job = Job {
+                id,
+                slot: 0,
+                generation: 0,
+                command: WorkerCommand::new("sh")
+                    .args(["-c", script])
+                    .protocol(protocol),
+                heartbeat_ms: 1000,
+                listeners_json: "[]".into(),
+                capture: true,
+                channel,
+            };
+            assert!(spawner.spawn(job), "the spawner runs");
+            let stdout = loop {
+                let report = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+                    .await
+                    .expect("in time")
+                    .expect("the spawner runs");
+                match report {
+                    Report::Spawned {
+                        id: got, stdout, ..
+                    } if got == id => break stdout,
+                    Report::Input(Input::SpawnFailed { error, .. }) => panic!("{error}"),
+                    _ => {} // the previous worker's exit
+                }
+            };
+            let mut out = String::new();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                stdout.expect("captured").read_to_string(&mut out),
+            )
+            .await
+            .expect("in time")
+            .expect("read");
+            let told = match protocol {
+                Protocol::Binary => "3 unset",
+                _ => "unset 3",
+            };
+            assert_eq!(out, format!("{told}\nsocket:[{socket}]\n"), "{protocol:?}");
+        }
+    }
+
+    /// Review (fifth round): a typo in `cwd` passed the check, and every spawn then
+    /// failed at chdir reported as "node: No such file or directory" until the pool
+    /// gave up; a NUL byte failed every spawn the same way.
+    #[test]
+    fn the_working_directory_and_nul_bytes_are_checked() {
+        let err = WorkerCommand::new("sh")
+            .current_dir("/nonexistent")
+            .check()
+            .expect_err("no such directory");
+        assert!(
+            err.starts_with("working directory /nonexistent: ") && err.contains("No such file"),
+            "{err}"
+        );
+        let err = WorkerCommand::new("sh")
+            .current_dir("/bin/sh")
+            .check()
+            .expect_err("a file");
+        assert_eq!(err, "working directory /bin/sh: not a directory");
+        assert!(WorkerCommand::new("sh").current_dir("/").check().is_ok());
+        let cases = [
+            (
+                WorkerCommand::new("s\0h"),
+                "the program \"s\\0h\" contains a NUL byte",
+            ),
+            (
+                WorkerCommand::new("sh").arg("-c").arg("a\0b"),
+                "argument 2 (\"a\\0b\") contains a NUL byte",
+            ),
+            (
+                WorkerCommand::new("sh").env("A", "x\0y"),
+                "environment variable A: the value contains a NUL byte",
+            ),
+            (
+                WorkerCommand::new("sh").env("A=B", "x"),
+                "environment variable name \"A=B\" is not a name (empty, or with '=' or a NUL byte)",
+            ),
+            (
+                WorkerCommand::new("sh").current_dir("/tm\0p"),
+                "working directory \"/tm\\0p\" contains a NUL byte",
+            ),
+        ];
+        for (command, expected) in cases {
+            assert_eq!(command.check().expect_err(expected), expected);
+        }
     }
 }

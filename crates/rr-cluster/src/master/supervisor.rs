@@ -39,6 +39,10 @@ const REKILL_AFTER: Duration = Duration::from_secs(5);
 const CHANNEL_CLOSED_GRACE: Duration = Duration::from_secs(1);
 /// A ready worker that died young waits at most this long before its restart.
 const READY_BACKOFF_CAP: Duration = Duration::from_secs(1);
+/// A ready worker counts as healthy (replaced at once, its slot's backoff reset) once
+/// it was ready for `max(min_uptime, HEALTHY_UPTIME_FLOOR)` (see
+/// [`limits::MIN_HEALTHY_UPTIME`](super::limits::MIN_HEALTHY_UPTIME)).
+const HEALTHY_UPTIME_FLOOR: Duration = super::limits::MIN_HEALTHY_UPTIME;
 
 /// What the master does when the restart limit is hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -148,8 +152,8 @@ pub(crate) enum Action {
     Publish(Event),
     /// Close the listeners' accept loops.
     StopAccepting,
-    /// Refuse (`true`) or take again (`false`) connections: no worker is left after a
-    /// give-up with `on_give_up = keep`.
+    /// Refuse (`true`) or take again (`false`) connections: no worker is left `Ready`
+    /// (late or stalled ones count as left) after a give-up with `on_give_up = keep`.
     Pause(bool),
     /// A reload was requested while another ran, and that one is over: start it now
     /// (the driver re-reads the configuration).
@@ -561,15 +565,20 @@ impl Supervisor {
 
     /// After every input and tick: move a reload on, pause or resume the listeners,
     /// and finish a stop.
+    ///
+    /// The listeners are paused only when no worker is left `Ready` after a give-up. A
+    /// `Ready` worker that is late or stalled still counts: it is out of rotation, but
+    /// may come back any moment (a GC pause), and pausing would close the sockets the
+    /// accept loop holds for it, as nothing does without a give-up.
     fn settle(&mut self, now: Instant) {
         self.step_reload(now);
         if self.stopping.is_none() {
-            let serving = self.procs.values().any(Proc::serving);
-            if self.gave_up && !serving && !self.paused {
+            let left = self.procs.values().any(|p| p.state == ProcState::Ready);
+            if self.gave_up && !left && !self.paused {
                 self.paused = true;
                 self.out.push(Action::Pause(true));
                 self.publish(Event::ListenersPaused { paused: true });
-            } else if self.paused && serving {
+            } else if self.paused && left {
                 self.paused = false;
                 self.out.push(Action::Pause(false));
                 self.publish(Event::ListenersPaused { paused: false });
@@ -1303,8 +1312,9 @@ impl Supervisor {
     ///
     /// Only boot failures count toward the limit (the worker never became ready:
     /// a crash loop at start, as gunicorn halts on boot errors). A worker that became
-    /// ready is always replaced: at once when it served for `min_uptime` or was killed
-    /// from outside, after a short backoff (at most a second) when it died young.
+    /// ready is always replaced: at once when it served for `min_uptime` (at least
+    /// [`HEALTHY_UPTIME_FLOOR`]) or was killed from outside, after a short backoff (at
+    /// most a second) when it died young.
     fn restart(
         &mut self,
         now: Instant,
@@ -1337,7 +1347,8 @@ impl Supervisor {
             self.restart_log.push_back(now);
         }
         self.restarts_total += 1;
-        let healthy = was_ready && uptime.is_some_and(|u| u >= self.policy.min_uptime);
+        let healthy_after = self.policy.min_uptime.max(HEALTHY_UPTIME_FLOOR);
+        let healthy = was_ready && uptime.is_some_and(|u| u >= healthy_after);
         let s = &mut self.slots[slot as usize];
         s.restarts += 1;
         let delay = if healthy {
@@ -1808,6 +1819,49 @@ mod tests {
         assert!(h.actions.contains(&Action::Pause(false)));
     }
 
+    /// Review (fifth round): after a give-up with `keep`, the last worker being only
+    /// late on its heartbeats (a GC pause) or stalled paused the listeners, which
+    /// closed the sockets the accept loop held for it; without a give-up the same
+    /// stall just queues. Only a pool with no `Ready` worker left is paused.
+    #[tokio::test(start_paused = true)]
+    async fn give_up_keep_never_pauses_for_a_late_or_stalled_worker() {
+        let policy = Policy {
+            on_give_up: GiveUpAction::Keep,
+            restart_limit: 0,
+            heartbeat_timeout: None,
+            ..quick_policy()
+        };
+        let mut h = Harness::new(policy, 2);
+        let (a, b) = (h.last_spawn(0), h.last_spawn(1));
+        h.ready(b);
+        // Limit 0: the first boot failure gives up.
+        h.crash(a);
+        assert_eq!(h.count_events(|e| matches!(e, Event::GiveUp { .. })), 1);
+        let paused = |h: &Harness| h.has(|a| matches!(a, Action::Pause(true)));
+        // Stalled (descriptors unacknowledged): out of rotation, not paused.
+        h.input(Input::Stalled {
+            id: b,
+            reason: "descriptors unacknowledged".into(),
+        });
+        assert!(!h.rotating(b));
+        assert!(!paused(&h), "a stalled worker paused the listeners");
+        h.input(Input::Resumed { id: b });
+        assert!(h.rotating(b));
+        // Late: no heartbeat for 2 intervals + 100 ms.
+        h.advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::WorkerStalled { id, .. } if *id == b)),
+            2
+        );
+        assert!(!h.rotating(b));
+        assert!(!paused(&h), "a late worker paused the listeners");
+        h.input(Input::Heartbeat { id: b, active: 0 });
+        assert!(h.rotating(b));
+        // Gone: nothing is left, the listeners are paused.
+        h.crash(b);
+        assert!(paused(&h));
+    }
+
     /// After a give-up (keep), a reload that failed before it reached the stopped
     /// slots left them empty with no restart due, and the pool no longer said it had
     /// given up.
@@ -2056,6 +2110,50 @@ mod tests {
             h.events().last(),
             Some(Event::RestartScheduled { delay, .. }) if *delay == Duration::from_millis(100)
         ));
+    }
+
+    /// Review (fifth round): with `min_uptime` 0 (set for fast reloads) every ready
+    /// worker counted as healthy: one that said Ready and exited at once was
+    /// respawned without delay, forever. Health is judged against at least
+    /// `limits::MIN_HEALTHY_UPTIME` (1 s).
+    #[tokio::test(start_paused = true)]
+    async fn ready_then_dead_at_once_backs_off_even_with_min_uptime_zero() {
+        let policy = Policy {
+            min_uptime: Duration::ZERO,
+            ..no_heartbeat_policy()
+        };
+        let mut h = Harness::new(policy, 1);
+        let delays = |h: &Harness| -> Vec<Duration> {
+            h.events()
+                .iter()
+                .filter_map(|e| match e {
+                    Event::RestartScheduled { delay, .. } => Some(*delay),
+                    _ => None,
+                })
+                .collect()
+        };
+        for _ in 0..3 {
+            let id = h.last_spawn(0);
+            h.ready(id);
+            h.crash(id);
+            h.advance(READY_BACKOFF_CAP).await;
+            assert_ne!(h.last_spawn(0), id, "replaced within the cap");
+        }
+        assert_eq!(
+            delays(&h),
+            [100, 200, 400].map(Duration::from_millis),
+            "backoff doubles"
+        );
+        assert_eq!(h.sm.restarts_total(), 3);
+        assert_eq!(h.sm.status(Instant::now())[0].restarts, 3);
+        // Ready workers never count toward the give-up limit.
+        assert_eq!(h.count_events(|e| matches!(e, Event::GiveUp { .. })), 0);
+        // One that served for the floor is healthy again: replaced at once.
+        let id = h.last_spawn(0);
+        h.ready(id);
+        h.advance(Duration::from_secs(1)).await;
+        h.crash(id);
+        assert_eq!(delays(&h).last(), Some(&Duration::ZERO));
     }
 
     #[tokio::test(start_paused = true)]
