@@ -16,6 +16,11 @@
 //! - [`Server::serve`] returns once every connection is closed, or at the master's
 //!   deadline; return from `main` then.
 //!
+//! A handler may answer before it has read the request's body (a `413` to a large
+//! upload): the connection, closed after that answer, lingers if the body is still
+//! coming in (what the client still sends is read and discarded, for up to 2 s), so
+//! that the client gets the answer rather than a reset.
+//!
 //! ```no_run
 //! use std::convert::Infallible;
 //! use rr_cluster::{Worker, http};
@@ -250,20 +255,18 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let service = DrainAware {
-        inner: service,
-        drain: Arc::clone(&drain),
-        peer: if connect_info { conn.peer_addr() } else { None },
-    };
-    serve_io(conn, service, &builders, &drain, idle_grace).await;
+    let peer = if connect_info { conn.peer_addr() } else { None };
+    serve_io(conn, service, peer, &builders, &drain, idle_grace).await;
 }
 
-/// Serves one connection (any byte stream) with the drain rules.
+/// Serves one connection (any byte stream) with the drain rules; `service` sees
+/// `peer` as the client's address.
 async fn serve_io<I, S, B>(
     io: I,
-    service: DrainAware<S>,
+    service: S,
+    peer: Option<SocketAddr>,
     builders: &(http1::Builder, http2::Builder<TokioExecutor>),
-    drain: &Drain,
+    drain: &Arc<Drain>,
     idle_grace: Duration,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -276,6 +279,12 @@ async fn serve_io<I, S, B>(
 {
     let wake = drain.register();
     let mut io = ReadAhead::new(io, Arc::clone(&wake.slot));
+    let service = DrainAware {
+        inner: service,
+        drain: Arc::clone(drain),
+        peer,
+        slot: &wake.slot,
+    };
     // Which protocol: the first bytes tell. A connection that says nothing before the
     // drain gets the idle grace to do so, like an idle keep-alive connection. Before
     // the drain it may wait for ever, as with hyper alone (and hyper-util's `auto`):
@@ -468,6 +477,10 @@ where
                 return Poll::Pending;
             }
         }
+        // Idle through a whole grace, an HTTP/1 connection has no request under way,
+        // and hyper kept it open: its last body was read to the end. Closed now, it
+        // has nothing to linger for (a pooled client may never close its end).
+        this.slot.body_left.store(false, Ordering::Relaxed);
         shutdown(this.http.as_mut());
         this.http.poll(cx).map(|_| ())
     }
@@ -517,6 +530,8 @@ struct ReadAhead<I> {
     handed: usize,
     /// The connection said end of file while the protocol was told.
     eof: bool,
+    /// The lingering close under way (allocated only for it).
+    linger: Option<Pin<Box<Linger>>>,
 }
 
 impl<I> ReadAhead<I> {
@@ -527,7 +542,87 @@ impl<I> ReadAhead<I> {
             buf: Vec::new(),
             handed: 0,
             eof: false,
+            linger: None,
         }
+    }
+}
+
+/// How long a lingering close reads what the client still sends, at most.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How many bytes a lingering close reads (and discards), at most.
+const LINGER_BYTES: usize = 8 << 20;
+
+/// Bytes a lingering close asks the kernel for at a time.
+const LINGER_READ: usize = 16 * 1024;
+
+pin_project_lite::pin_project! {
+    /// A lingering close: the answer is out and the sending side shut down (the client
+    /// reads the end of file after the answer); then what the client still sends is
+    /// read and discarded until it closes its side too, for [`LINGER`] or
+    /// [`LINGER_BYTES`] at most.
+    ///
+    /// A handler may answer before it has read the request's body (a `413` to a large
+    /// upload, a `401`): hyper then reads a little of the body and stops reading, and
+    /// the connection closes once the answer is written. Closed with unread input, a
+    /// TCP socket is reset (RST), and the kernel discards what of the answer the client
+    /// has not read yet: a client that sends its whole body before it reads (most do)
+    /// gets `ECONNRESET` (or `EPIPE`) instead of the answer. In a drain, where every
+    /// connection closes after its answer, that is every such request.
+    ///
+    /// Only a connection whose last HTTP/1 request came with a body ([`Slot::body_left`])
+    /// lingers, and a request without a body costs nothing more. A connection the drain
+    /// closes because it stayed idle through its grace has read its last body to the
+    /// end (hyper keeps a connection open only then): it closes at once, though a
+    /// pooled client may never close its end. Another close after a body (the client
+    /// asked for it, or the handler answered without reading all of it) lingers until
+    /// the client's end of file, which comes at once from a client that read the
+    /// answer, or the time or byte budget is out.
+    #[derive(Debug)]
+    struct Linger {
+        #[pin]
+        until: tokio::time::Sleep,
+        // Bytes that may still be read.
+        left: usize,
+        buf: [u8; LINGER_READ],
+    }
+}
+
+impl Linger {
+    /// A linger that may read `left` bytes more.
+    fn new(left: usize) -> Pin<Box<Linger>> {
+        Box::pin(Linger {
+            until: tokio::time::sleep(LINGER),
+            left,
+            buf: [0; LINGER_READ],
+        })
+    }
+
+    /// Reads and discards until the client's end of file (or an error), the byte
+    /// budget or the time is used up.
+    fn poll_drain<I: tokio::io::AsyncRead + Unpin>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        io: &mut I,
+    ) -> Poll<()> {
+        let mut this = self.project();
+        // Bounded: every turn reads at least one byte of the budget, or ends.
+        while *this.left > 0 {
+            let mut read = tokio::io::ReadBuf::new(&mut this.buf[..]);
+            match Pin::new(&mut *io).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                    *this.left = this.left.saturating_sub(read.filled().len());
+                }
+                Poll::Ready(_) => *this.left = 0, // the end of file, or the socket failed
+                Poll::Pending => {
+                    if this.until.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    *this.left = 0;
+                }
+            }
+        }
+        Poll::Ready(())
     }
 }
 
@@ -591,7 +686,9 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadAhead<I> {
     }
 }
 
-impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadAhead<I> {
+impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for ReadAhead<I>
+{
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -626,8 +723,21 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadAhead<I> {
         Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
+    /// Shuts the sending side down; then, if the last request came with a body,
+    /// completes only once the [`Linger`] is over.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let linger = match &mut this.linger {
+            Some(linger) => linger,
+            None => {
+                std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+                if !this.slot.body_left.load(Ordering::Relaxed) {
+                    return Poll::Ready(Ok(()));
+                }
+                this.linger.insert(Linger::new(LINGER_BYTES))
+            }
+        };
+        linger.as_mut().poll_drain(cx, &mut this.io).map(Ok)
     }
 }
 
@@ -660,6 +770,11 @@ struct Slot {
     /// draining. Counted by the connection's task alone, with a plain load and store
     /// (no locked instruction); an atomic so that the slot may be shared.
     traffic: AtomicUsize,
+    /// The last HTTP/1 request came with a body (set by [`DrainAware`] for each
+    /// request): some of it may be left unread when the connection closes, and the
+    /// close then reads once without waiting, and lingers ([`Linger`]) if that read
+    /// found input. Cleared when the slot is freed.
+    body_left: AtomicBool,
 }
 
 impl Slot {
@@ -694,6 +809,9 @@ impl Drop for Registration<'_> {
         // Emptied before the slot is freed: a free slot may serve the next connection
         // at once, and its waker must not be taken.
         drop(self.slot.waker.take());
+        // Not carried over to the next connection, nor to a tunnel (the application's
+        // shutdown of an upgraded connection does not linger).
+        self.slot.body_left.store(false, Ordering::Relaxed);
         let mut slots = self.drain.slots();
         // A tunnel (an upgraded connection, in the application's hands) still counts
         // its traffic in the slot: the slot goes with it, a new one takes its place.
@@ -745,16 +863,18 @@ impl Drain {
 }
 
 /// Marks responses to requests that arrive once draining `Connection: close`
-/// (HTTP/1; not a tunnel's `101` or CONNECT `2xx`), and hands handlers the client's
-/// address.
+/// (HTTP/1; not a tunnel's `101` or CONNECT `2xx`), hands handlers the client's
+/// address, and tells the connection's [`Slot`] whether the last HTTP/1 request came
+/// with a body (which the handler may leave unread: see [`Linger`]).
 #[derive(Debug, Clone)]
-struct DrainAware<S> {
+struct DrainAware<'a, S> {
     inner: S,
     drain: Arc<Drain>,
     peer: Option<SocketAddr>,
+    slot: &'a Slot,
 }
 
-impl<S, B> Service<Request<IncomingBody>> for DrainAware<S>
+impl<S, B> Service<Request<IncomingBody>> for DrainAware<'_, S>
 where
     S: Service<Request<IncomingBody>, Response = Response<B>>,
 {
@@ -764,6 +884,16 @@ where
 
     fn call(&self, mut req: Request<IncomingBody>) -> Self::Future {
         let h1 = req.version() < Version::HTTP_2;
+        if h1 {
+            // A request without a body (every GET) costs a test of the body's kind and
+            // a store. hyper reads the next request only once this one's body is done:
+            // whatever an earlier body left is behind us. A tunnel's bytes after its
+            // `101` or `2xx` are the application's, not a body to discard.
+            let body = !req.body().is_end_stream()
+                && req.method() != http::Method::CONNECT
+                && !req.headers().contains_key(http::header::UPGRADE);
+            self.slot.body_left.store(body, Ordering::Relaxed);
+        }
         if let Some(peer) = self.peer {
             req.extensions_mut().insert(PeerAddr(peer));
             #[cfg(feature = "axum")]
@@ -1146,7 +1276,9 @@ mod tests {
         client
     }
 
-    /// What the client gets for one request (until the server closes, 10 s at most).
+    /// What the client gets for one request, until the server closes the connection
+    /// (its end of file, or a reset); a panic if it does not within 10 s (a connection
+    /// left hanging is neither answered nor closed).
     async fn answer(client: std::net::TcpStream) -> Vec<u8> {
         tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
@@ -1154,9 +1286,17 @@ mod tests {
             client
                 .set_read_timeout(Some(Duration::from_secs(10)))
                 .expect("timeout");
+            // A connection closed at once may refuse the request: what it answers counts.
             let _ = client.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
             let mut got = Vec::new();
-            let _ = client.read_to_end(&mut got);
+            match client.read_to_end(&mut got) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => panic!(
+                    "neither answered nor closed: {e} (after {:?})",
+                    String::from_utf8_lossy(&got)
+                ),
+            }
             got
         })
         .await
@@ -1286,22 +1426,268 @@ mod tests {
             .expect("ok");
     }
 
+    /// Answers `413` at once, the request's body unread.
+    fn too_large() -> impl Service<
+        Request<IncomingBody>,
+        Response = Response<http_body_util::Full<bytes::Bytes>>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        hyper::service::service_fn(|_req: Request<IncomingBody>| async move {
+            let mut resp = Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"too large",
+            )));
+            *resp.status_mut() = http::StatusCode::PAYLOAD_TOO_LARGE;
+            Ok::<_, std::convert::Infallible>(resp)
+        })
+    }
+
+    /// A handler that answers at once without reading a large body (a `413` to a 1 MiB
+    /// upload): hyper read a little of it and closed the connection once the answer was
+    /// out, the kernel reset it for the unread input, and the client, which sends its
+    /// whole body before it reads, got ECONNRESET or EPIPE, never the answer. The close
+    /// lingers now.
+    #[tokio::test]
+    async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut client = std::net::TcpStream::connect(addr).expect("connect");
+            let timeout = Some(Duration::from_secs(10));
+            client.set_read_timeout(timeout).expect("timeout");
+            client.set_write_timeout(timeout).expect("timeout");
+            let body = vec![b'x'; 1 << 20];
+            let head = format!(
+                "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            client
+                .write_all(head.as_bytes())
+                .and_then(|()| client.write_all(&body))
+                .map_err(|e| format!("sending the body: {e}"))?;
+            let mut got = Vec::new();
+            client
+                .read_to_end(&mut got)
+                .map_err(|e| format!("reading the answer: {e}"))?;
+            Ok::<_, String>(got)
+        });
+        let (server, _) = listener.accept().await.expect("accept");
+        let drain = Arc::new(Drain::default());
+        let served = spawn_serve_with(server, too_large(), &drain, Duration::from_secs(2));
+        let got = match client.await.expect("client") {
+            Ok(got) => got,
+            Err(e) => panic!("no answer: {e}"),
+        };
+        assert!(
+            got.starts_with(b"HTTP/1.1 413"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the connection ends once the client closed")
+            .expect("served");
+    }
+
+    /// Sends a request with a 100 MiB body that [`too_large`] leaves unread, and as
+    /// much of the body as `send` says (written by a task of its own, which returns how
+    /// much it sent); reads the answer until the server's end of file. The client's
+    /// reading half comes back: the client's end is open until both are dropped.
+    async fn upload(
+        client: tokio::io::DuplexStream,
+        send: usize,
+    ) -> (
+        tokio::task::JoinHandle<usize>,
+        tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    ) {
+        let (mut rx, mut tx) = tokio::io::split(client);
+        let writer = tokio::spawn(async move {
+            let head = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n";
+            tx.write_all(head).await.expect("head");
+            let chunk = [b'x'; 64 * 1024];
+            let send = send.min(64 << 20);
+            let mut sent = 0;
+            // Bounded: `send` bytes (64 MiB at most), or until the server closes.
+            while sent < send {
+                let n = chunk.len().min(send - sent);
+                if tx.write_all(&chunk[..n]).await.is_err() {
+                    break;
+                }
+                sent += n;
+            }
+            sent
+        });
+        let mut got = Vec::new();
+        // Until the answer's end: the server shut its side down.
+        let mut buf = [0u8; 1024];
+        for _ in 0..100 {
+            let n = rx.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 413"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        (writer, rx)
+    }
+
+    /// The lingering close costs a request without a body nothing: a `Connection:
+    /// close` GET's connection ends as soon as its answer is out, while the client
+    /// still holds its end. One whose body was left unread ends when the client closes
+    /// its side, after [`LINGER`] if it never does, and after [`LINGER_BYTES`] if it
+    /// sends without end.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_body_left_unread_makes_the_close_linger_and_not_for_ever() {
+        let exchange = async {
+            let drain = Arc::new(Drain::default());
+            let grace = Duration::from_secs(2);
+
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve(server, &drain, grace);
+            let started = tokio::time::Instant::now();
+            client
+                .write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read");
+            assert!(got.ends_with(b"/x"), "{}", String::from_utf8_lossy(&got));
+            served.await.expect("served");
+            assert_eq!(
+                started.elapsed(),
+                Duration::ZERO,
+                "no linger without a body"
+            );
+            drop(client);
+
+            // The client closes its side once it has the answer: the linger ends.
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve_with(server, too_large(), &drain, grace);
+            let started = tokio::time::Instant::now();
+            let (writer, rx) = upload(client, 256 * 1024).await;
+            assert_eq!(writer.await.expect("writer"), 256 * 1024, "all sent");
+            drop(rx);
+            served.await.expect("served");
+            assert_eq!(started.elapsed(), Duration::ZERO, "until the client's end");
+
+            // The client holds its end open and sends nothing more: `LINGER`.
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve_with(server, too_large(), &drain, grace);
+            let started = tokio::time::Instant::now();
+            let (writer, rx) = upload(client, 100 * 1024).await;
+            assert_eq!(writer.await.expect("writer"), 100 * 1024, "all sent");
+            served.await.expect("served");
+            assert_eq!(started.elapsed(), LINGER, "at most LINGER");
+            drop(rx);
+
+            // The client sends without end: `LINGER_BYTES`, then closed.
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve_with(server, too_large(), &drain, grace);
+            let started = tokio::time::Instant::now();
+            let (writer, rx) = upload(client, usize::MAX).await;
+            served.await.expect("served");
+            assert!(started.elapsed() < LINGER, "{:?}", started.elapsed());
+            let sent = writer.await.expect("writer");
+            assert!(
+                (LINGER_BYTES..LINGER_BYTES + 1024 * 1024).contains(&sent),
+                "{sent}"
+            );
+            drop(rx);
+        };
+        tokio::time::timeout(Duration::from_secs(60), exchange)
+            .await
+            .expect("in time");
+    }
+
+    /// Reads the request's body to its end, then answers with its length.
+    fn read_body() -> impl Service<
+        Request<IncomingBody>,
+        Response = Response<http_body_util::Full<bytes::Bytes>>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        hyper::service::service_fn(|req: Request<IncomingBody>| async move {
+            use http_body_util::BodyExt;
+            let len = match req.into_body().collect().await {
+                Ok(body) => body.to_bytes().len(),
+                Err(_) => usize::MAX,
+            };
+            let said = bytes::Bytes::from(format!("read {len} bytes"));
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(said)))
+        })
+    }
+
+    /// Regression: the close lingered after every request that came with a body, read
+    /// to its end or not. In a drain, the keep-alive connection of a pooled client
+    /// (which never closes an idle connection) was closed `LINGER` after its idle
+    /// grace, not at its end, and every worker's drain took as much longer.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_read_to_its_end_leaves_the_close_nothing_to_linger_for() {
+        let exchange = async {
+            let drain = Arc::new(Drain::default());
+            let grace = Duration::from_secs(2);
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve_with(server, read_body(), &drain, grace);
+            client
+                .write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+                .await
+                .expect("write");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            // Until the whole answer is in (a keep-alive one: the connection stays).
+            for _ in 0..100 {
+                if got.ends_with(b"read 5 bytes") {
+                    break;
+                }
+                let n = client.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(
+                got.starts_with(b"HTTP/1.1 200") && got.ends_with(b"read 5 bytes"),
+                "{}",
+                String::from_utf8_lossy(&got)
+            );
+            // The client holds its end open, and neither sends nor reads.
+            let started = tokio::time::Instant::now();
+            drain.start();
+            served.await.expect("served");
+            assert_eq!(started.elapsed(), grace, "closed at the idle grace's end");
+            drop(client);
+        };
+        tokio::time::timeout(Duration::from_secs(60), exchange)
+            .await
+            .expect("in time");
+    }
+
     /// How long [`path_service`] takes to answer `/slow`.
     const SLOW: Duration = Duration::from_secs(2);
 
     /// Answers with the request's path (`/slow` after [`SLOW`], `/slower` after twice
     /// that).
-    fn path_service() -> DrainAware<
-        impl Service<
-            Request<IncomingBody>,
-            Response = Response<http_body_util::Full<bytes::Bytes>>,
-            Error = std::convert::Infallible,
-            Future: Send,
-        > + Clone
-        + Send
-        + 'static,
-    > {
-        let inner = hyper::service::service_fn(|req: Request<IncomingBody>| async move {
+    fn path_service() -> impl Service<
+        Request<IncomingBody>,
+        Response = Response<http_body_util::Full<bytes::Bytes>>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        hyper::service::service_fn(|req: Request<IncomingBody>| async move {
             match req.uri().path() {
                 "/slow" => tokio::time::sleep(SLOW).await,
                 "/slower" => tokio::time::sleep(2 * SLOW).await,
@@ -1309,12 +1695,7 @@ mod tests {
             }
             let path = bytes::Bytes::from(req.uri().path().to_owned());
             Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(path)))
-        });
-        DrainAware {
-            inner,
-            drain: Arc::new(Drain::default()),
-            peer: None,
-        }
+        })
     }
 
     /// Serves `io` as the worker serves a connection; the task ends with it.
@@ -1323,17 +1704,18 @@ mod tests {
         drain: &Arc<Drain>,
         idle_grace: Duration,
     ) -> tokio::task::JoinHandle<()> {
-        spawn_serve_with(io, path_service().inner, drain, idle_grace)
+        spawn_serve_with(io, path_service(), drain, idle_grace)
     }
 
     /// [`spawn_serve`] with a service of the test's.
-    fn spawn_serve_with<S, B>(
-        io: tokio::io::DuplexStream,
+    fn spawn_serve_with<I, S, B>(
+        io: I,
         inner: S,
         drain: &Arc<Drain>,
         idle_grace: Duration,
     ) -> tokio::task::JoinHandle<()>
     where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
@@ -1341,18 +1723,13 @@ mod tests {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let service = DrainAware {
-            inner,
-            drain: Arc::clone(drain),
-            peer: None,
-        };
         let drain = Arc::clone(drain);
         tokio::spawn(async move {
             let builders = (
                 http1::Builder::new(),
                 http2::Builder::new(TokioExecutor::new()),
             );
-            serve_io(io, service, &builders, &drain, idle_grace).await;
+            serve_io(io, inner, None, &builders, &drain, idle_grace).await;
         })
     }
 

@@ -65,6 +65,10 @@ pub const ENV_GENERATION: &str = "RR_CLUSTER_GENERATION";
 /// derives its connection capacity from `RLIMIT_NOFILE`.
 const FD_RESERVE: u64 = 64;
 
+/// The longest incoming and message queues ([`WorkerBuilder::incoming_queue`],
+/// [`WorkerBuilder::message_queue`]): tokio's channels panic beyond `usize::MAX >> 3`.
+const MAX_QUEUE: usize = 1 << 20;
+
 /// The channel is adopted once per process.
 static ADOPTED: AtomicBool = AtomicBool::new(false);
 
@@ -144,25 +148,27 @@ impl Default for WorkerBuilder {
 
 impl WorkerBuilder {
     /// Connections received but not yet taken by [`Incoming::accept`], at most
-    /// (default 256). With protocol version 2 the capacity the worker announces never
-    /// exceeds the free places (the master sends the rest elsewhere, and the reader
-    /// never waits for room, so `Ping`s are answered however slow the application);
-    /// once the queue was full, the window reopens when a quarter of it is free. A
-    /// small queue makes `Ack`s more frequent (one per quarter of the window). With
-    /// version 1 the worker stops reading its channel while the queue is full.
-    /// [`crate::http::serve`] has no queue: it spawns each connection's task as the
-    /// connection arrives.
+    /// (default 256; 1 to 1,048,576, a value beyond is taken as the nearest). With
+    /// protocol version 2 the capacity the worker announces never exceeds the free
+    /// places (the master sends the rest elsewhere, and the reader never waits for
+    /// room, so `Ping`s are answered however slow the application); once the queue was
+    /// full, the window reopens when a quarter of it is free, but never later than
+    /// when 64 places are (`ACK_EVERY`), and at the first free place in a queue of
+    /// fewer than 8. A small queue makes `Ack`s more frequent (one per quarter of the
+    /// window). With version 1 the worker stops reading its channel while the queue is
+    /// full. [`crate::http::serve`] has no queue: it spawns each connection's task as
+    /// the connection arrives.
     pub fn incoming_queue(mut self, n: usize) -> Self {
-        self.incoming_queue = n.max(1);
+        self.incoming_queue = n.clamp(1, MAX_QUEUE);
         self
     }
 
     /// Application messages from the master not yet taken from
-    /// [`Worker::messages`], at most (default 1024). Beyond this new messages are
-    /// dropped and counted ([`Worker::dropped_messages`]): messages never hold up
-    /// connections.
+    /// [`Worker::messages`], at most (default 1024; 1 to 1,048,576, a value beyond is
+    /// taken as the nearest). Beyond this new messages are dropped and counted
+    /// ([`Worker::dropped_messages`]): messages never hold up connections.
     pub fn message_queue(mut self, n: usize) -> Self {
-        self.message_queue = n.max(1);
+        self.message_queue = n.clamp(1, MAX_QUEUE);
         self
     }
 
@@ -172,18 +178,22 @@ impl WorkerBuilder {
         self
     }
 
-    /// When the master is gone, how long [`Worker::drained`] waits for open
-    /// connections before it completes anyway (default 10 s).
+    /// When the channel ends without a `Drain` (the master is gone, or the worker
+    /// ended the channel itself: see [`Worker::master_gone`]), how long
+    /// [`Worker::drained`] waits for open connections before it completes anyway
+    /// (default 10 s).
     pub fn orphan_drain(mut self, timeout: Duration) -> Self {
         self.orphan_drain = timeout;
         self
     }
 
-    /// The most connections this worker holds at once; the master never sends more,
-    /// and with shared balancing the worker stops accepting while it holds that many
-    /// (default: the descriptor limit `RLIMIT_NOFILE` less 64 for the worker's own
-    /// files). Once it is full, the first connection to close tells the master that
-    /// it has room again (an `Ack`), without waiting for the next heartbeat.
+    /// The most connections this worker holds at once (default: the descriptor limit
+    /// `RLIMIT_NOFILE` less 64 for the worker's own files). With shared balancing the
+    /// worker stops accepting while it holds that many. With protocol version 2 the
+    /// worker announces its room in its `Ack`s and the master never sends more; once
+    /// it is full, the first connection to close tells the master that it has room
+    /// again (an `Ack`), without waiting for the next heartbeat. Version 1 has no way
+    /// to say so: the master sends regardless, and the worker takes what comes.
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = Some(n.max(1));
         self
@@ -197,7 +207,10 @@ impl WorkerBuilder {
     }
 
     /// Picks up the channel named by `RR_CLUSTER_CHANNEL_FD` and waits for the master's
-    /// `Hello`. Must be called within a tokio runtime, once per process.
+    /// `Hello`. Must be called within a tokio runtime with both the time and the I/O
+    /// drivers enabled (`#[tokio::main]`, or `Builder::enable_all`: the channel is a
+    /// socket, and the handshake, heartbeats and drain deadlines are timers), once per
+    /// process.
     pub async fn from_env(self) -> Result<Worker, WorkerError> {
         let fd = adopt_channel()?;
         self.from_fd(fd).await
@@ -581,21 +594,32 @@ impl Worker {
     /// If the master is already gone (its end of the channel closed), the worker
     /// drains as it would on end-of-file: the returned [`Incoming`] ends at once and
     /// [`Worker::master_gone`] is true, so the usual serve-then-exit path runs.
+    ///
+    /// Dropped before it completes (a `timeout` around it), it is as if the returned
+    /// [`Incoming`] were dropped: the worker announces its end.
     pub async fn ready(&self) -> Result<Incoming, WorkerError> {
         let rx = lock(&self.inner.incoming)
             .take()
             .ok_or(WorkerError::AlreadyReady)?;
-        self.say_ready().await?;
         // Once the window was shut for want of room in the queue, it reopens when a
         // quarter of the queue is free (at most `ACK_EVERY` places): not at every
         // connection taken.
         let reopen_at = (rx.max_capacity() / 4).clamp(1, ACK_EVERY as usize);
-        Ok(Incoming {
+        // Made before the first await: if this future is dropped once the `Ready` is
+        // out (its `Ack` waiting for room), dropping `Incoming` tells the master, which
+        // would otherwise send connections that are closed unanswered.
+        let incoming = Incoming {
             rx,
             counters: Arc::clone(&self.inner.counters),
             reopen_at,
             inner: Arc::clone(&self.inner),
-        })
+        };
+        if let Err(e) = self.say_ready().await {
+            // Never ready: `Incoming` goes without announcing anything.
+            drop(incoming.take_sink(false));
+            return Err(e);
+        }
+        Ok(incoming)
     }
 
     /// [`Worker::ready`] for the library's own servers: each connection goes to
@@ -668,7 +692,9 @@ impl Worker {
     /// Completes once the worker drains and [`Incoming`] has handed out the last
     /// connection the master sent (with [`crate::http::serve`]: once it has spawned
     /// the last one): a graceful-shutdown signal that loses no queued connection (for
-    /// `axum::serve(..).with_graceful_shutdown(..)`, say).
+    /// `axum::serve(..).with_graceful_shutdown(..)`, say). Also once [`Incoming`] is
+    /// dropped, drained to its end or not: nothing more is handed out then (connections
+    /// it still held are closed).
     pub async fn shutdown_signal(&self) {
         self.inner.incoming_done.cancelled().await;
     }
@@ -690,14 +716,21 @@ impl Worker {
         self.inner.dropped_messages.load(Ordering::Relaxed)
     }
 
-    /// Cancelled when the worker must stop taking new work: the master sent `Drain`,
-    /// the worker announced its own end, or the master is gone. Connection handlers
-    /// watch it to close keep-alive connections politely.
+    /// Cancelled when the worker must stop taking new work: the master sent `Drain`;
+    /// the application announced the worker's end ([`Worker::suicide`], a panic with
+    /// [`Worker::install_panic_hook`]); a shared listener failed; or the channel
+    /// ended ([`Worker::master_gone`]). When the library announces the end because the
+    /// application stopped taking connections (it dropped [`Incoming`] or its HTTP
+    /// server, or took none for 30 s), it is cancelled by the master's `Drain` that
+    /// answers. Connection handlers watch it to close keep-alive connections politely.
     pub fn draining(&self) -> CancellationToken {
         self.inner.draining.clone()
     }
 
-    /// True when the master closed the channel (it died or dropped this worker).
+    /// True once the channel ended without a `Drain`: the master closed it (it died or
+    /// dropped this worker), or the worker ended it itself (the master broke the
+    /// protocol, or a `Suicide` could not be sent). The worker drains as for a `Drain`,
+    /// with the [`WorkerBuilder::orphan_drain`] deadline.
     pub fn master_gone(&self) -> bool {
         self.inner.master_gone.load(Ordering::SeqCst)
     }
@@ -1300,6 +1333,11 @@ async fn heartbeat_loop(inner: std::sync::Weak<Inner>, every: Duration) {
 /// that takes one now and then is not affected; one that stops taking connections for
 /// this long on purpose (every permit held by a long-lived connection) is replaced,
 /// gracefully: the drain still hands it the queued connections.
+///
+/// Checked at each heartbeat (one tick sees connections waiting, a later one sees the
+/// time run out): the worker notices between 30 s and 30 s plus two heartbeat
+/// intervals after the connections began to wait (within two intervals when the
+/// interval is over 30 s).
 const NOT_TAKEN_AFTER: Duration = Duration::from_secs(30);
 
 /// The longest `Suicide` reason sent, in bytes: a panic message or a reason can be
@@ -1382,25 +1420,35 @@ impl Incoming {
     }
 }
 
+impl Incoming {
+    /// Takes the queue's sender out of the worker if it is still there; `mark` first
+    /// says the application no longer takes connections (an `Ack` made meanwhile
+    /// announces no room).
+    fn take_sink(&self, mark: bool) -> Option<Sink> {
+        let mut slot = lock(&self.inner.incoming_tx);
+        match &*slot {
+            Some(Sink::Queue(_)) => {
+                if mark && !self.inner.draining.is_cancelled() {
+                    self.inner.abandoned.cancel();
+                }
+                slot.take()
+            }
+            _ => None,
+        }
+    }
+}
+
 impl Drop for Incoming {
     fn drop(&mut self) {
-        let sink = {
-            let mut slot = lock(&self.inner.incoming_tx);
-            match &*slot {
-                Some(Sink::Queue(_)) => {
-                    // Said first: an `Ack` made meanwhile announces no room.
-                    if !self.inner.draining.is_cancelled() {
-                        self.inner.abandoned.cancel();
-                    }
-                    slot.take()
-                }
-                _ => None,
-            }
-        };
+        let sink = self.take_sink(true);
         if sink.is_some() {
             drop(sink);
             self.inner.abandoned("Incoming was dropped");
         }
+        // Nothing more is handed out: `Worker::shutdown_signal` completes (an
+        // application that left its accept loop at the drain and dropped `Incoming`
+        // without polling it to its end waits on it next).
+        self.inner.incoming_done.cancel();
     }
 }
 
@@ -1897,6 +1945,67 @@ pub(crate) mod tests {
         tokio::time::timeout(Duration::from_secs(10), worker.drained())
             .await
             .expect("drained");
+    }
+
+    /// `ready()` dropped once its `Ready` was out, while the `Ack` after it waited (a
+    /// `timeout` around it): the connection queue went with it and nothing said so.
+    /// The master put the worker in rotation, and every connection it sent was closed
+    /// unanswered until the heartbeat timeout. Now the worker announces its end.
+    #[tokio::test]
+    async fn ready_dropped_once_its_ready_went_out_announces_the_workers_end() {
+        let (mut reader, writer, worker) = fake_master_with(Worker::builder(), Some("2")).await;
+        // The `Ack` after `Ready` waits: for the lock that Acks share here, for room in
+        // a full channel (or behind the reader's `Ack`) in the field.
+        let held = worker.inner.ack_lock.lock().await;
+        let cut = tokio::time::timeout(Duration::from_millis(10), worker.ready()).await;
+        assert!(cut.is_err(), "ready() waits for its Ack");
+        frame_where(&mut reader, is_ready).await;
+        drop(held);
+        let client = hand(&writer, 1).await.pop().expect("a client");
+        assert!(closed_unanswered(client).await);
+        let end = frame_where(&mut reader, is_suicide).await;
+        assert!(
+            matches!(&end, ToMaster::Suicide { reason } if reason.contains("no longer taken")),
+            "{end:?}"
+        );
+    }
+
+    /// An application that leaves its accept loop at the drain (a `select!` on
+    /// `draining()`) and drops `Incoming` without polling it to its end: its wait on
+    /// `shutdown_signal()` lasted for ever (until the master's SIGKILL).
+    #[tokio::test]
+    async fn shutdown_signal_completes_once_incoming_is_dropped() {
+        let (_reader, writer, worker) = fake_master().await;
+        let incoming = worker.ready().await.expect("ready");
+        send_drain(&writer, 60_000).await;
+        tokio::time::timeout(Duration::from_secs(10), worker.draining().cancelled())
+            .await
+            .expect("drains");
+        drop(incoming);
+        tokio::time::timeout(Duration::from_secs(1), worker.shutdown_signal())
+            .await
+            .expect("shutdown_signal completes");
+    }
+
+    /// `incoming_queue(usize::MAX)` (or `message_queue`) made tokio's channel panic as
+    /// the worker started.
+    #[tokio::test]
+    async fn queue_sizes_beyond_the_maximum_are_taken_as_the_maximum() {
+        let builder = Worker::builder()
+            .incoming_queue(usize::MAX)
+            .message_queue(usize::MAX)
+            .max_connections(u32::MAX);
+        let (mut reader, _writer, worker) = fake_master_with(builder.clone(), Some("2")).await;
+        let _incoming = worker.ready().await.expect("ready");
+        let ack = frame_where(&mut reader, |m| matches!(m, ToMaster::Ack { .. })).await;
+        assert!(
+            matches!(ack, ToMaster::Ack { capacity, .. } if capacity as usize == MAX_QUEUE),
+            "{ack:?}"
+        );
+        assert_eq!(
+            (builder.incoming_queue, builder.message_queue),
+            (MAX_QUEUE, MAX_QUEUE)
+        );
     }
 
     /// The same for the handler of `ready_with` (an `http::serve` future dropped).
