@@ -152,11 +152,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's first line, and its tip when it has one (`run node app.js`:
-            // "to pass 'node' as a value, use '-- node'"), without the usage epilogue.
+            // clap's first line (or a line of our own where clap's says nothing by
+            // itself), and its tip when it has one (`run node app.js`: "to pass 'node'
+            // as a value, use '-- node'"), without the usage epilogue.
             let text = e.render().to_string();
             let mut lines = text.lines();
             let first = lines.next().unwrap_or("invalid arguments");
+            let first = usage_line(&e).unwrap_or_else(|| first.to_owned());
             eprintln_safe(&format!("rr-cluster: {first}"));
             let mut tips: Vec<String> = lines
                 .filter(|l| l.trim_start().starts_with("tip:"))
@@ -224,6 +226,50 @@ fn main() -> ExitCode {
         runtime.shutdown_timeout(Duration::from_secs(1));
     }
     code
+}
+
+/// The one line for the errors whose first line from clap says nothing by itself:
+/// no subcommand (clap shows the help, whose first line is the `about` text), and a
+/// missing argument (clap names it on the lines after its first).
+fn usage_line(e: &clap::Error) -> Option<String> {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    match e.kind() {
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
+            let cli = Cli::command();
+            let names: Vec<&str> = cli
+                .get_subcommands()
+                .map(clap::Command::get_name)
+                .filter(|n| *n != "help")
+                .collect();
+            Some(format!(
+                "error: a subcommand is required: {} (rr-cluster --help)",
+                names.join(", ")
+            ))
+        }
+        ErrorKind::MissingRequiredArgument => {
+            let missing = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::Strings(args)) if !args.is_empty() => args.join(", "),
+                Some(ContextValue::String(arg)) => arg.clone(),
+                _ => "a required argument".to_owned(),
+            };
+            let usage = match e.get(ContextKind::Usage) {
+                Some(ContextValue::StyledStr(u)) => u
+                    .to_string()
+                    .trim()
+                    .trim_start_matches("Usage:")
+                    .trim()
+                    .to_owned(),
+                _ => String::new(),
+            };
+            Some(if usage.is_empty() {
+                format!("error: missing {missing}")
+            } else {
+                format!("error: missing {missing}: usage: {usage}")
+            })
+        }
+        _ => None,
+    }
 }
 
 /// `rr-cluster run node app.js` (or `conformance`): the worker command goes after `--`.

@@ -418,11 +418,13 @@ async fn metrics_answer(
 }
 
 /// Tells systemd (when it started us with `NOTIFY_SOCKET`) how the pool is doing:
-/// READY=1 once the first full set of workers is ready, RELOADING=1/READY=1 around
-/// reloads, STOPPING=1, `STATUS=` only when it changes ("2/2 workers ready, generation
-/// 0", "reloading (1/2), generation 1"), `EXTEND_TIMEOUT_USEC` every few seconds while a
-/// slow pool starts, and WATCHDOG=1 while the master answers when `WATCHDOG_USEC` is
-/// set.
+/// READY=1 once the start settled (the first full set of workers ready, or, after a
+/// give-up with `on_give_up = keep`, no slot left starting or waiting for a restart),
+/// RELOADING=1/READY=1 around reloads, STOPPING=1, `STATUS=` only when it changes ("2/2
+/// workers ready, generation 0", "reloading (1/2), generation 1"),
+/// `EXTEND_TIMEOUT_USEC` every few seconds while a slow pool starts (never once the
+/// master stops; STOPPING=1 at the latest when it ends), and WATCHDOG=1 while the master answers when `WATCHDOG_USEC` is set.
+/// What to send is decided by [`Notifier`]; this task only feeds it.
 pub(crate) async fn notify_systemd(mut events: broadcast::Receiver<Event>, handle: MasterHandle) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
@@ -430,63 +432,48 @@ pub(crate) async fn notify_systemd(mut events: broadcast::Receiver<Event>, handl
     if let Some(period) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog(handle.clone(), period / 2));
     }
-    let mut ready_sent = false;
-    let mut reloading = false;
-    let mut last_status = String::new();
+    let mut notifier = Notifier::new(Instant::now());
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let mut last_extend = tokio::time::Instant::now();
+    // The master ends (a stop with no worker left to drain can be over before this
+    // task looks): STOPPING=1 if it has not gone out.
+    let farewell = |notifier: &Notifier| {
+        if !notifier.stopping_sent {
+            let _ = sd_notify::notify(&[NotifyState::Stopping]);
+        }
+    };
     loop {
         let event = tokio::select! {
-            _ = handle.wait() => return,
+            _ = handle.wait() => return farewell(&notifier),
             event = events.recv() => match event {
                 Ok(e) => Some(e),
+                // Missed events: the statuses of the next turns catch up.
                 Err(broadcast::error::RecvError::Lagged(_)) => None,
-                Err(broadcast::error::RecvError::Closed) => return,
+                Err(broadcast::error::RecvError::Closed) => return farewell(&notifier),
             },
             _ = ticker.tick() => None,
         };
-        let mut states: Vec<NotifyState<'_>> = Vec::new();
-        match &event {
-            Some(Event::ReloadStarted { .. }) => {
-                reloading = true;
-                states.push(NotifyState::Reloading);
-                if let Ok(now) = NotifyState::monotonic_usec_now() {
-                    states.push(now);
-                }
-            }
-            Some(
-                Event::ReloadFinished { .. }
-                | Event::ReloadFailed { .. }
-                | Event::ReloadRejected { .. },
-            ) => {
-                if reloading || matches!(event, Some(Event::ReloadRejected { .. })) {
-                    states.push(NotifyState::Ready);
-                }
-                reloading = false;
-            }
-            Some(Event::Stopping { .. }) => states.push(NotifyState::Stopping),
-            _ => {}
-        }
         let Ok(status) = handle.status().await else {
-            return;
+            return farewell(&notifier);
         };
-        let ready = status
-            .workers
-            .iter()
-            .filter(|w| w.state == WorkerState::Ready)
-            .count();
-        if !ready_sent && ready >= status.target_workers {
-            ready_sent = true;
-            states.push(NotifyState::Ready);
-        } else if !ready_sent && last_extend.elapsed() >= Duration::from_secs(5) {
-            // A slow pool: ask systemd for more time than its start timeout.
-            last_extend = tokio::time::Instant::now();
-            states.push(NotifyState::ExtendTimeoutUsec(30_000_000));
+        let notes = notifier.step(event.as_ref(), &status, Instant::now());
+        let mut states: Vec<NotifyState<'_>> = Vec::new();
+        if notes.reloading {
+            states.push(NotifyState::Reloading);
+            if let Ok(now) = NotifyState::monotonic_usec_now() {
+                states.push(now);
+            }
         }
-        let text = status_text(&status, reloading);
-        if text != last_status {
-            last_status.clone_from(&text);
-            states.push(NotifyState::Status(&text));
+        if notes.ready {
+            states.push(NotifyState::Ready);
+        }
+        if notes.stopping {
+            states.push(NotifyState::Stopping);
+        }
+        if notes.extend {
+            states.push(NotifyState::ExtendTimeoutUsec(EXTEND_BY_USEC));
+        }
+        if let Some(text) = &notes.status {
+            states.push(NotifyState::Status(text));
         }
         if states.is_empty() {
             continue;
@@ -494,6 +481,116 @@ pub(crate) async fn notify_systemd(mut events: broadcast::Receiver<Event>, handl
         if let Err(e) = sd_notify::notify(&states) {
             tracing::warn!(error = %e, "sd_notify failed");
         }
+    }
+}
+
+/// How often a slow start asks systemd for more time, and how much each time.
+const EXTEND_EVERY: Duration = Duration::from_secs(5);
+const EXTEND_BY_USEC: u32 = 30_000_000;
+
+/// What one turn of [`notify_systemd`] sends.
+#[derive(Debug, Default, PartialEq)]
+struct Notes {
+    /// RELOADING=1 (with MONOTONIC_USEC).
+    reloading: bool,
+    ready: bool,
+    stopping: bool,
+    /// EXTEND_TIMEOUT_USEC.
+    extend: bool,
+    /// STATUS=, when it changed.
+    status: Option<String>,
+}
+
+/// The systemd notifications as a pure state machine: fed each event (or `None` on a
+/// tick or after missed events) with the status that follows it, it says what to send.
+/// What it remembers is checked against the status on every turn, so that a missed
+/// event (a lagging receiver) delays a notification by a tick instead of losing it.
+#[derive(Debug)]
+struct Notifier {
+    ready_sent: bool,
+    stopping_sent: bool,
+    /// RELOADING=1 went out and its READY=1 not yet.
+    reloading: bool,
+    last_status: String,
+    last_extend: Instant,
+}
+
+impl Notifier {
+    fn new(now: Instant) -> Notifier {
+        Notifier {
+            ready_sent: false,
+            stopping_sent: false,
+            reloading: false,
+            last_status: String::new(),
+            last_extend: now,
+        }
+    }
+
+    fn step(
+        &mut self,
+        event: Option<&Event>,
+        status: &rr_cluster::control::Status,
+        now: Instant,
+    ) -> Notes {
+        let mut notes = Notes::default();
+        match event {
+            Some(Event::ReloadStarted { .. }) => {
+                self.reloading = true;
+                notes.reloading = true;
+            }
+            Some(Event::ReloadFinished { .. } | Event::ReloadFailed { .. }) => {
+                notes.ready = std::mem::take(&mut self.reloading);
+            }
+            Some(Event::ReloadRejected { .. }) => {
+                // systemd waits for READY=1 after its own reload request (a SIGHUP
+                // that was refused), whether or not RELOADING=1 went out. Not while
+                // the pool still starts, though: READY=1 then would end `systemctl
+                // start` before any worker is ready; the start's own READY=1 comes
+                // once the pool is.
+                let reloading = std::mem::take(&mut self.reloading);
+                notes.ready = self.ready_sent || reloading;
+            }
+            _ => {}
+        }
+        // The end of a reload whose event was missed. (Not in the turn of its
+        // RELOADING=1: READY=1 in the same message would be ambiguous; the next turn
+        // catches it.)
+        if self.reloading && !status.reloading && !notes.reloading {
+            self.reloading = false;
+            notes.ready = true;
+        }
+        if status.stopping || matches!(event, Some(Event::Stopping { .. })) {
+            notes.stopping = !std::mem::replace(&mut self.stopping_sent, true);
+        }
+        if !self.ready_sent && !self.stopping_sent {
+            let ready = status
+                .workers
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready)
+                .count();
+            // After a give-up no slot is restarted: once none is still starting (or
+            // waiting for a restart), this is the pool the service runs with.
+            let settling = status
+                .workers
+                .iter()
+                .any(|w| matches!(w.state, WorkerState::Starting | WorkerState::Backoff));
+            if ready >= status.target_workers || (status.gave_up && !settling) {
+                self.ready_sent = true;
+                notes.ready = true;
+            } else if now.saturating_duration_since(self.last_extend) >= EXTEND_EVERY {
+                // A slow pool: ask systemd for more time than its start timeout. (After
+                // a give-up only while a worker still starts: bounded by its ready
+                // timeout, since nothing is restarted any more.)
+                self.last_extend = now;
+                notes.extend = true;
+            }
+        }
+        let text = status_text(status, self.reloading);
+        if text != self.last_status {
+            self.last_status.clone_from(&text);
+            notes.status = Some(text);
+        }
+        notes
     }
 }
 
@@ -559,6 +656,140 @@ mod tests {
 
     fn progress_of(conns: &Connections, id: u64, ms: u64) {
         conns.lock()[&id].progress_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn pool(target: usize, states: &[WorkerState]) -> rr_cluster::control::Status {
+        rr_cluster::control::Status {
+            target_workers: target,
+            workers: states
+                .iter()
+                .enumerate()
+                .map(|(slot, &state)| rr_cluster::control::WorkerStatus {
+                    slot: slot as u32,
+                    state,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Review: after a give-up with `on_give_up = keep` the stopped slots never became
+    /// ready, so READY=1 never went out and EXTEND_TIMEOUT_USEC kept `systemctl start`
+    /// waiting forever.
+    #[test]
+    fn a_give_up_settles_the_start_and_ends_the_extensions() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut n = Notifier::new(t0);
+        let starting = pool(2, &[WorkerState::Starting, WorkerState::Backoff]);
+        assert!(!n.step(None, &starting, at(1)).ready);
+        assert!(
+            n.step(None, &starting, at(5)).extend,
+            "a slow start is extended"
+        );
+        assert!(
+            !n.step(None, &starting, at(6)).extend,
+            "every 5 s, not every tick"
+        );
+        // Given up: one slot still starting (bounded by the ready timeout: nothing is
+        // restarted), then none.
+        let mut gave_up = pool(2, &[WorkerState::Starting, WorkerState::Stopped]);
+        gave_up.gave_up = true;
+        let notes = n.step(None, &gave_up, at(7));
+        assert!(!notes.ready, "{notes:?}");
+        assert!(notes.status.is_some_and(|s| s.contains("gave up")));
+        gave_up.workers[0].state = WorkerState::Stopped;
+        let notes = n.step(None, &gave_up, at(12));
+        assert!(notes.ready && !notes.extend, "{notes:?}");
+        for s in 13..100 {
+            assert_eq!(n.step(None, &gave_up, at(s)), Notes::default(), "at {s} s");
+        }
+    }
+
+    #[test]
+    fn a_start_that_stops_is_not_extended() {
+        let t0 = Instant::now();
+        let mut n = Notifier::new(t0);
+        let mut s = pool(1, &[WorkerState::Starting]);
+        n.step(None, &s, t0);
+        let notes = n.step(
+            Some(&Event::Stopping { graceful: true }),
+            &s,
+            t0 + Duration::from_secs(1),
+        );
+        assert!(notes.stopping && !notes.ready, "{notes:?}");
+        s.stopping = true;
+        for sec in 2..100 {
+            let notes = n.step(None, &s, t0 + Duration::from_secs(sec));
+            assert!(
+                !notes.extend && !notes.stopping && !notes.ready,
+                "{notes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missed_stopping_event_is_caught_up_by_the_status() {
+        let t0 = Instant::now();
+        let mut n = Notifier::new(t0);
+        let mut s = pool(1, &[WorkerState::Ready]);
+        assert!(n.step(None, &s, t0).ready);
+        s.stopping = true;
+        assert!(n.step(None, &s, t0).stopping);
+        assert!(
+            !n.step(Some(&Event::Stopping { graceful: true }), &s, t0)
+                .stopping
+        );
+    }
+
+    /// Review: a lagging event receiver that missed `ReloadFinished` left RELOADING=1
+    /// without its READY=1.
+    #[test]
+    fn a_missed_reload_end_still_gets_its_ready() {
+        let t0 = Instant::now();
+        let mut n = Notifier::new(t0);
+        let mut s = pool(1, &[WorkerState::Ready]);
+        assert!(n.step(None, &s, t0).ready);
+        s.reloading = true;
+        let notes = n.step(Some(&Event::ReloadStarted { generation: 1 }), &s, t0);
+        assert!(notes.reloading && !notes.ready, "{notes:?}");
+        assert!(!n.step(None, &s, t0).ready, "still reloading");
+        // The `ReloadFinished` was missed (`Lagged`): the next turn's status says so.
+        s.reloading = false;
+        s.generation = 1;
+        let notes = n.step(None, &s, t0);
+        assert!(notes.ready && !notes.reloading, "{notes:?}");
+        // The event, if it comes after all, sends nothing twice.
+        let notes = n.step(Some(&Event::ReloadFinished { generation: 1 }), &s, t0);
+        assert!(!notes.ready, "{notes:?}");
+        // A reload over before its status was asked: READY=1 the next turn, not in
+        // the same message as RELOADING=1.
+        let notes = n.step(Some(&Event::ReloadStarted { generation: 2 }), &s, t0);
+        assert!(notes.reloading && !notes.ready, "{notes:?}");
+        assert!(n.step(None, &s, t0).ready);
+    }
+
+    /// Review: a rejected reload (a SIGHUP with a bad configuration) while a slow pool
+    /// was still starting sent READY=1, and `systemctl start` returned before any
+    /// worker was ready.
+    #[test]
+    fn a_reload_rejected_during_the_start_does_not_say_ready() {
+        let t0 = Instant::now();
+        let mut n = Notifier::new(t0);
+        let mut s = pool(2, &[WorkerState::Starting, WorkerState::Starting]);
+        assert!(!n.step(None, &s, t0).ready);
+        let rejected = Event::ReloadRejected {
+            reason: "bad config".into(),
+        };
+        let notes = n.step(Some(&rejected), &s, t0);
+        assert!(!notes.ready, "{notes:?}");
+        s.workers[0].state = WorkerState::Ready;
+        assert!(!n.step(None, &s, t0).ready, "one of two");
+        s.workers[1].state = WorkerState::Ready;
+        assert!(n.step(None, &s, t0).ready, "the start's READY=1");
+        // Once started, a rejected reload gets the READY=1 systemd waits for.
+        assert!(n.step(Some(&rejected), &s, t0).ready);
     }
 
     #[test]

@@ -136,8 +136,35 @@ struct Extras {
     warnings: Vec<String>,
 }
 
-/// File, then flags, into a builder.
-fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
+/// This executable, for the demo worker: found once, when the master starts. Asked
+/// again at each reload, `current_exe` would say "/path/rr-cluster (deleted)" once the
+/// binary was replaced in place (an upgrade), and the demo pool could not reload; the
+/// path found at the start runs whatever binary is there now. (A binary replaced
+/// before the master looked: its path without the suffix.)
+fn demo_worker_exe() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find this executable for the demo worker: {e}"))?;
+    Ok(without_deleted_suffix(exe))
+}
+
+/// `/path/rr-cluster (deleted)` (Linux's name of an executable unlinked or replaced
+/// while it runs) as `/path/rr-cluster`, unless a file has that very name.
+fn without_deleted_suffix(exe: PathBuf) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    const DELETED: &[u8] = b" (deleted)";
+    let bytes = exe.as_os_str().as_bytes();
+    match bytes.strip_suffix(DELETED) {
+        Some(path) if !exe.exists() => PathBuf::from(std::ffi::OsStr::from_bytes(path)),
+        _ => exe,
+    }
+}
+
+/// File, then flags, into a builder. `exe`: this executable (for the demo worker),
+/// from [`demo_worker_exe`].
+fn configure(
+    args: &RunArgs,
+    exe: &Result<PathBuf, String>,
+) -> Result<(MasterBuilder, Extras), String> {
     let config = match &args.config {
         Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -216,8 +243,7 @@ fn configure(args: &RunArgs) -> Result<(MasterBuilder, Extras), String> {
                         .into(),
                 );
             }
-            let me = WorkerCommand::current_exe()
-                .map_err(|e| format!("cannot find this executable for the demo worker: {e}"))?;
+            let me = WorkerCommand::new(exe.clone()?);
             config.worker.apply_to(me.arg("hello-worker"))
         }
     };
@@ -248,14 +274,15 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return failure(&format!("cannot install signal handlers: {e}")),
     };
-    let (builder, extras) = match configure(&args) {
+    let exe = demo_worker_exe();
+    let (builder, extras) = match configure(&args, &exe) {
         Ok(x) => x,
         Err(e) => return usage_error(&e),
     };
     let reload_args = args.clone();
     let serving_metrics = extras.metrics.clone();
     let builder = builder.on_reload(move || {
-        let (builder, fresh) = configure(&reload_args)?;
+        let (builder, fresh) = configure(&reload_args, &exe)?;
         // The metrics listener is the binary's, bound once; like the logs (which the
         // library keeps with a warning), it stays as it is.
         if !same_metrics_address(fresh.metrics.as_deref(), serving_metrics.as_deref()) {
@@ -418,4 +445,18 @@ fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
         _ => builder.try_init(),
     };
     guard
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_executable_is_named_by_its_path() {
+        let me = std::env::current_exe().expect("current_exe");
+        let mut deleted = me.clone().into_os_string();
+        deleted.push(" (deleted)");
+        assert_eq!(without_deleted_suffix(PathBuf::from(deleted)), me);
+        assert_eq!(without_deleted_suffix(me.clone()), me);
+    }
 }

@@ -267,12 +267,17 @@ const EVENTS_PER_DRAW: usize = 64;
 /// their answers come.
 const PENDING_ACTIONS: usize = 4;
 
-/// SIGTERM, SIGINT and SIGHUP, caught so that the terminal is restored before exit.
+/// SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGTSTP, caught so that the terminal is
+/// restored before exit. (In raw mode the keys send no signal: these come from
+/// outside. SIGTSTP ends the view too, rather than stop it with the terminal raw and
+/// on the alternate screen.)
 #[derive(Debug)]
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    tstp: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -282,7 +287,13 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            quit: signal(SignalKind::quit())?,
+            tstp: signal(Self::tstp())?,
         })
+    }
+
+    fn tstp() -> tokio::signal::unix::SignalKind {
+        tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::TSTP.as_raw())
     }
 
     /// The number of the next signal. (A stream that ends, its driver gone, counts as
@@ -293,6 +304,8 @@ impl Signals {
             _ = self.term.recv() => SignalKind::terminate(),
             _ = self.int.recv() => SignalKind::interrupt(),
             _ = self.hup.recv() => SignalKind::hangup(),
+            _ = self.quit.recv() => SignalKind::quit(),
+            _ = self.tstp.recv() => Self::tstp(),
         };
         kind.as_raw_value()
     }
@@ -303,7 +316,8 @@ fn signal_exit(number: i32) -> ExitCode {
     ExitCode::from(u8::try_from(128 + number).unwrap_or(1))
 }
 
-/// Runs the view until `q`, Esc or Ctrl-C (or SIGTERM, SIGINT, SIGHUP).
+/// Runs the view until `q`, Esc or Ctrl-C (or SIGTERM, SIGINT, SIGHUP, SIGQUIT,
+/// SIGTSTP).
 pub(crate) async fn main(path: PathBuf, every: Duration) -> ExitCode {
     use std::io::IsTerminal;
     if !std::io::stdout().is_terminal() {
