@@ -54,7 +54,8 @@ LABELS = {
 # The systems that run side by side in a rep, taking the load in turns: each system
 # with the peer its ratio is taken against, so that the two figures of a pair come from
 # the same seconds of a shared machine.
-GROUPS = [["rr-lc", "rr", "ref-fdpass", "rr-bare"], ["ref-reuseport", "rr-shared"], ["node-none", "rr-node", "node-rr"]]
+# rr / node-rr is a ratio too, so the Node pools run in the first group.
+GROUPS = [["rr-lc", "rr", "ref-fdpass", "rr-bare", "node-none", "rr-node", "node-rr"], ["ref-reuseport", "rr-shared"]]
 # (system, peer) pairs whose per-rep ratio is reported.
 RATIOS = [
     ("rr", "ref-fdpass"),
@@ -364,6 +365,10 @@ def main():
           f"side by side with its peers, taking the load in turns.")
     groups = [[s for s in g if s in systems] for g in GROUPS]
     groups = [g for g in groups if g]
+    for a, b in RATIOS:
+        if a in systems and b in systems and not any(a in g and b in g for g in groups):
+            print(f"compare: {a} / {b} is a ratio, but they do not run side by side", file=sys.stderr)
+            sys.exit(2)
     with tempfile.TemporaryDirectory() as work:
         for mode in MODES:
             results = {s: [] for s in systems}

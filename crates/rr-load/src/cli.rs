@@ -42,7 +42,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// A request (connect included) slower than this fails as a timeout. Requests in
-    /// flight when the run ends are waited for up to this long.
+    /// flight when the run ends are waited for up to this long (in an open loop, sends
+    /// due before the end may still leave up to this long after it).
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Load for this long before measuring.
@@ -58,7 +59,8 @@ pub struct Args {
     /// /tmp/rr-cluster-UID/control.sock].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
-    /// A failed request that started this long after a fault is still charged to it.
+    /// A failed request that started this long after a fault (a reload: after it
+    /// finished) is still charged to it.
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
     pub fault_window: Duration,
     /// The request target.

@@ -47,7 +47,8 @@ pub struct FaultConfig {
     /// The master's control socket.
     pub control: PathBuf,
     /// A failed request is charged to a fault that happened while it was in flight, or
-    /// at most this long before it started.
+    /// that was going on or had ended (a kill ends at once, a reload when the master
+    /// reports it finished) at most this long before it started.
     pub window: Duration,
 }
 
@@ -213,7 +214,8 @@ impl ConfigBuilder {
         self
     }
 
-    /// How long after a fault a failure is still charged to it (default 1 s).
+    /// How long after a fault (a reload: after it finished) a failure is still charged
+    /// to it (default 1 s).
     pub fn fault_window(mut self, d: Duration) -> Self {
         self.fault_window = d;
         self

@@ -1,12 +1,22 @@
 //! Fault injection while the load runs: SIGKILL a ready worker, or ask for a reload,
 //! over the master's control socket; and charging failed requests to those faults.
 //!
-//! A failed request is charged to a fault if the fault happened while the request was
-//! in flight (to the first such fault), or else if the request started at most
-//! `window` after the fault (to the latest such fault). Every other failure is
+//! A kill happens at an instant; a reload lasts: it is a [`Span`] from the request
+//! until the master's status, polled every [`RELOAD_POLL`], no longer shows a reload
+//! running (a rolling reload drains slot *k* only after the new workers of the slots
+//! before it served for `min_uptime` each: seconds after the request). A failed
+//! request is charged to a fault that began while the request was in flight (to the
+//! first such fault), or else to one that was going on, or had ended at most `window`
+//! before, when the request started (to the latest such fault). Every other failure is
 //! "outside any fault window": with a correct master those should be zero.
+//!
+//! A reload that no status poll saw end (the master wedged, or reloads asked for
+//! faster than a rolling reload takes, back to back) is taken to run only as long as
+//! a poll saw it running: what fails after the last such poll is outside any window,
+//! not charged to it, and its event says so (`until_ms` `None`, `last_seen_ms`).
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rr_cluster::control::{self, Request, Response, Status, WorkerState};
@@ -43,6 +53,16 @@ impl FaultAction {
 pub struct FaultEvent {
     /// Milliseconds since the start of the measured run.
     pub at_ms: f64,
+    /// When the fault ended, in milliseconds since the start of the measured run: `at_ms`
+    /// for a kill; for a reload, when the master's status no longer showed a reload
+    /// running, or `None` if one still ran when the last request of the run ended.
+    #[serde(default)]
+    pub until_ms: Option<f64>,
+    /// A reload that never was seen to end (`until_ms` is `None`): when the master's
+    /// status last showed a reload running (`at_ms` if no poll answered). It is charged
+    /// the failures up to then; later ones are outside any window.
+    #[serde(default)]
+    pub last_seen_ms: Option<f64>,
     /// What was done.
     pub action: FaultAction,
     /// The killed worker's slot.
@@ -68,20 +88,64 @@ pub struct FaultAttemptError {
     pub error: String,
 }
 
+/// How often the master's status is asked for while a reload that was injected runs.
+pub const RELOAD_POLL: Duration = Duration::from_millis(100);
+
+/// How long one status request of [`RELOAD_POLL`] may take.
+const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// When a fault began and ended, in microseconds since the start of the measured run.
+/// A kill ends when it begins. A reload still running when the last request ended
+/// (`open`) ends, for the attribution, when a status poll last saw it running: it
+/// takes no failure after that, not even within the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub(crate) from_us: u64,
+    pub(crate) until_us: u64,
+    /// Never seen to end.
+    pub(crate) open: bool,
+}
+
+impl Span {
+    /// A fault of no duration.
+    pub(crate) fn at(us: u64) -> Span {
+        Span {
+            from_us: us,
+            until_us: us,
+            open: false,
+        }
+    }
+}
+
 /// Everything the injector did; times in microseconds since the measured start.
 #[derive(Debug, Default)]
 pub(crate) struct FaultLog {
-    pub(crate) events: Vec<(u64, FaultEvent)>,
+    pub(crate) events: Vec<(Span, FaultEvent)>,
     pub(crate) errors: Vec<FaultAttemptError>,
 }
 
-/// Injects faults from `start` (the measured start) until `end`.
-pub(crate) async fn inject(config: FaultConfig, start: Instant, end: Instant) -> FaultLog {
+/// Injects faults from `start` (the measured start) until `end`, then waits for the
+/// reloads it asked for to end, until `stop` fires (the last request has ended): a
+/// reload still running then is left open.
+pub(crate) async fn inject(
+    config: FaultConfig,
+    start: Instant,
+    end: Instant,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> FaultLog {
     let mut log = FaultLog::default();
     let mut next_kill = config.kill_worker_every.map(|d| start + d);
     let mut next_reload = config.reload_every.map(|d| start + d);
     let mut last_slot = None;
     let exclude = [std::process::id()];
+    let ms = |t: Instant| t.saturating_duration_since(start).as_secs_f64() * 1e3;
+    let us = |t: Instant| {
+        u64::try_from(t.saturating_duration_since(start).as_micros()).unwrap_or(u64::MAX)
+    };
+    // Each running reload's watcher, by the index of its event.
+    let mut reloads = tokio::task::JoinSet::new();
+    // Each reload's event index and when a status poll last saw it running.
+    let mut seen = Vec::new();
     loop {
         let (at, action) = match (next_kill, next_reload) {
             (Some(k), Some(r)) if r < k => (r, FaultAction::Reload),
@@ -93,7 +157,6 @@ pub(crate) async fn inject(config: FaultConfig, start: Instant, end: Instant) ->
             break;
         }
         tokio::time::sleep_until(at).await;
-        let ms = |t: Instant| t.saturating_duration_since(start).as_secs_f64() * 1e3;
         match action {
             FaultAction::KillWorker => {
                 next_kill = next_kill.zip(config.kill_worker_every).map(|(t, d)| t + d);
@@ -118,8 +181,17 @@ pub(crate) async fn inject(config: FaultConfig, start: Instant, end: Instant) ->
         let now = Instant::now();
         match result {
             Ok(done) => {
+                let at_ms = ms(done.at);
+                let mut span = Span::at(us(done.at));
+                let reload = action == FaultAction::Reload;
+                if reload {
+                    // Open until its watcher sees it end.
+                    span.until_us = u64::MAX;
+                }
                 let event = FaultEvent {
-                    at_ms: ms(done.at),
+                    at_ms,
+                    until_ms: (!reload).then_some(at_ms),
+                    last_seen_ms: None,
                     action,
                     slot: done.slot,
                     pid: done.pid,
@@ -127,8 +199,14 @@ pub(crate) async fn inject(config: FaultConfig, start: Instant, end: Instant) ->
                     failed_requests: 0,
                     failed_by_kind: ErrorCounts::default(),
                 };
-                let us = done.at.saturating_duration_since(start).as_micros() as u64;
-                log.events.push((us, event));
+                if reload {
+                    let index = log.events.len();
+                    let control = config.control.clone();
+                    let running = std::sync::Arc::new(std::sync::Mutex::new(done.at));
+                    seen.push((index, std::sync::Arc::clone(&running)));
+                    reloads.spawn(async move { (index, reload_ended(control, &running).await) });
+                }
+                log.events.push((span, event));
             }
             Err(error) => log.errors.push(FaultAttemptError {
                 at_ms: ms(now),
@@ -137,7 +215,56 @@ pub(crate) async fn inject(config: FaultConfig, start: Instant, end: Instant) ->
             }),
         }
     }
+    // Until the last request has ended, the end of a reload can still matter.
+    let mut ended = Vec::new();
+    let all_ended = async {
+        while let Some(joined) = reloads.join_next().await {
+            if let Ok(end) = joined {
+                ended.push(end);
+            }
+        }
+    };
+    tokio::select! {
+        () = all_ended => {}
+        _ = stop => {}
+    }
+    drop(reloads); // aborts the watchers still running
+    // Until a poll sees them end, reloads are open: running up to when one last saw
+    // them running.
+    for (index, running) in seen {
+        let last = *running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((span, event)) = log.events.get_mut(index) {
+            span.until_us = us(last).max(span.from_us);
+            span.open = true;
+            event.last_seen_ms = Some(ms(last).max(event.at_ms));
+        }
+    }
+    for (index, at) in ended {
+        if let Some((span, event)) = log.events.get_mut(index) {
+            span.until_us = us(at).max(span.from_us);
+            span.open = false;
+            event.until_ms = Some(ms(at).max(event.at_ms));
+            event.last_seen_ms = None;
+        }
+    }
     log
+}
+
+/// Polls the master's status every [`RELOAD_POLL`] until it shows no reload running;
+/// returns when it did, and notes in `running` when one last showed it running. A
+/// status that cannot be had is asked for again: the caller stops waiting when the run
+/// is over.
+async fn reload_ended(control: PathBuf, running: &std::sync::Mutex<Instant>) -> Instant {
+    loop {
+        tokio::time::sleep(RELOAD_POLL).await;
+        let asked = control::request_within(&control, &Request::Status, POLL_TIMEOUT).await;
+        if let Ok(Response::Status(s)) = asked {
+            if !s.reloading {
+                return Instant::now();
+            }
+            *running.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
 }
 
 struct Done {
@@ -185,9 +312,17 @@ async fn reload(control_path: &Path) -> Result<Done, String> {
     }
 }
 
-/// Asks the master at `control_path` for its status.
+/// Asks the master at `control_path` for its status (waiting up to 10 s).
 pub(crate) async fn status(control_path: &Path) -> Result<Status, String> {
-    match control::request(control_path, &Request::Status).await {
+    status_within(control_path, Duration::from_secs(10)).await
+}
+
+/// Asks the master at `control_path` for its status, waiting up to `timeout`.
+pub(crate) async fn status_within(
+    control_path: &Path,
+    timeout: Duration,
+) -> Result<Status, String> {
+    match control::request_within(control_path, &Request::Status, timeout).await {
         Ok(Response::Status(status)) => Ok(status),
         Ok(Response::Error { message } | Response::Busy { message }) => {
             Err(format!("the master refused: {message}"))
@@ -195,6 +330,21 @@ pub(crate) async fn status(control_path: &Path) -> Result<Status, String> {
         Ok(other) => Err(format!("unexpected answer: {other:?}")),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// The number of workers of the pool behind `addr`, if the master of `status` is the
+/// one listening there (on `addr` itself, or on the unspecified address of its port):
+/// a master on the control socket may serve another address.
+pub(crate) fn pool_size(status: &Status, addr: SocketAddr) -> Option<usize> {
+    let listens = status.listeners.iter().any(|l| {
+        l.parse::<SocketAddr>().is_ok_and(|l| {
+            l == addr
+                || (l.port() == addr.port()
+                    && l.ip().is_unspecified()
+                    && (l.is_ipv6() || addr.is_ipv4()))
+        })
+    });
+    (listens && status.target_workers > 0).then_some(status.target_workers)
 }
 
 /// Chooses the worker to kill: a `ready` worker with a pid not in `exclude`, taking the
@@ -223,26 +373,47 @@ fn kill(pid: u32) -> Result<(), String> {
         .map_err(|e| format!("kill -KILL {pid}: {e}"))
 }
 
-/// Charges each failure to a fault (see the module documentation). `faults_us` holds
-/// the fault times in microseconds, ascending. Returns the counts per fault and those
+/// Charges each failure to a fault (see the module documentation). `faults` holds
+/// the faults' spans, ascending by start. Returns the counts per fault and those
 /// outside any fault window.
 pub(crate) fn attribute(
-    faults_us: &[u64],
+    faults: &[Span],
     failures: &[Failure],
     window: Duration,
 ) -> (Vec<ErrorCounts>, ErrorCounts) {
-    let window_us = window.as_micros() as u64;
-    let mut per_fault = vec![ErrorCounts::default(); faults_us.len()];
+    let window_us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+    // How long after its end a fault still takes failures: a reload never seen to end
+    // only as long as it was seen running.
+    let reach = |s: &Span| {
+        if s.open {
+            s.until_us
+        } else {
+            s.until_us.saturating_add(window_us)
+        }
+    };
+    // The furthest reach of the faults up to each one: the backward search below stops
+    // where no earlier fault reaches the request's start.
+    let furthest: Vec<u64> = faults
+        .iter()
+        .scan(0, |max, s| {
+            *max = reach(s).max(*max);
+            Some(*max)
+        })
+        .collect();
+    let mut per_fault = vec![ErrorCounts::default(); faults.len()];
     let mut outside = ErrorCounts::default();
     for f in failures {
-        // The first fault at or after the request started.
-        let first = faults_us.partition_point(|&at| at < f.started_us);
-        let charged = if faults_us.get(first).is_some_and(|&at| at <= f.failed_us) {
+        // The first fault that began at or after the request started.
+        let first = faults.partition_point(|s| s.from_us < f.started_us);
+        let charged = if faults.get(first).is_some_and(|s| s.from_us <= f.failed_us) {
             Some(first)
-        } else if first > 0 && faults_us[first - 1] + window_us >= f.started_us {
-            Some(first - 1)
         } else {
-            None
+            // The latest fault, begun before the request started, that was still going
+            // on or had ended at most `window` before.
+            (0..first)
+                .rev()
+                .take_while(|&i| furthest[i] >= f.started_us)
+                .find(|&i| reach(&faults[i]) >= f.started_us)
         };
         match charged {
             Some(i) => per_fault[i].add(f.kind),
@@ -315,7 +486,7 @@ mod tests {
 
     #[test]
     fn failures_are_charged_to_faults() {
-        let faults = [1_000_000, 3_000_000];
+        let faults = [Span::at(1_000_000), Span::at(3_000_000)];
         let window = Duration::from_secs(1);
         let failures = [
             // In flight at the first fault.
@@ -345,5 +516,97 @@ mod tests {
         let (per, outside) = attribute(&[], &failures, window);
         assert!(per.is_empty());
         assert_eq!(outside.total(), failures.len() as u64);
+    }
+
+    /// Regression: a reload was a fault of no duration at the time it was asked for,
+    /// and a rolling reload drains slot k only after the new workers of the slots
+    /// before served for `min_uptime` each (1 s by default, the default window too):
+    /// the failures of its later drains read as spontaneous ones.
+    #[test]
+    fn a_reload_takes_the_failures_of_its_whole_span() {
+        let reload = Span {
+            from_us: 0,
+            until_us: 3_000_000,
+            open: false,
+        };
+        let window = Duration::from_secs(1);
+        let failures = [
+            // Started 2 s into the reload.
+            failure(2_000_000, 2_000_100, ErrorKind::Reset),
+            // Within the window after its end.
+            failure(3_900_000, 3_900_100, ErrorKind::Closed),
+            // Past it.
+            failure(4_100_000, 4_100_100, ErrorKind::Reset),
+        ];
+        let (per, outside) = attribute(&[reload], &failures, window);
+        assert_eq!((per[0].reset, per[0].closed), (1, 1));
+        assert_eq!((outside.total(), outside.reset), (1, 1));
+
+        // A kill during the reload takes what fails in its own window, or was in
+        // flight when it happened; the reload takes the rest of its span.
+        let kill = Span::at(1_000_000);
+        let failures = [
+            failure(900_000, 1_000_100, ErrorKind::Reset),
+            failure(1_500_000, 1_500_100, ErrorKind::Refused),
+            failure(2_500_000, 2_500_100, ErrorKind::Closed),
+            failure(100, 200, ErrorKind::Timeout),
+        ];
+        let (per, outside) = attribute(&[reload, kill], &failures, window);
+        assert_eq!((per[0].closed, per[0].timeout, per[0].total()), (1, 1, 2));
+        assert_eq!((per[1].reset, per[1].refused, per[1].total()), (1, 1, 2));
+        assert_eq!(outside.total(), 0);
+    }
+
+    /// Regression: a reload no status poll saw end (the master wedged, or reloads back
+    /// to back) stayed open to the end of the run, and every later failure was charged
+    /// to it: `failed_outside_windows` read 0. It takes the failures up to when a poll
+    /// last saw it running; those after are outside any window.
+    #[test]
+    fn a_reload_never_seen_to_end_takes_no_failure_after_it_was_last_seen() {
+        let open = Span {
+            from_us: 1_000_000,
+            until_us: 2_000_000,
+            open: true,
+        };
+        let window = Duration::from_secs(1);
+        let failures = [
+            // While it was seen running.
+            failure(1_500_000, 1_500_100, ErrorKind::Reset),
+            // In flight when it began.
+            failure(900_000, 1_000_100, ErrorKind::Closed),
+            // After it was last seen running (within what would be the window).
+            failure(2_500_000, 2_500_100, ErrorKind::Refused),
+            // Long after.
+            failure(60_000_000, 60_000_001, ErrorKind::Timeout),
+        ];
+        let (per, outside) = attribute(&[open], &failures, window);
+        assert_eq!((per[0].reset, per[0].closed, per[0].total()), (1, 1, 2));
+        assert_eq!(
+            (outside.refused, outside.timeout, outside.total()),
+            (1, 1, 2)
+        );
+    }
+
+    #[test]
+    fn the_pool_is_that_of_the_master_listening_on_the_address() {
+        let addr: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+        let with = |listeners: &[&str], workers| Status {
+            target_workers: workers,
+            listeners: listeners.iter().map(|l| (*l).to_owned()).collect(),
+            ..Status::default()
+        };
+        assert_eq!(pool_size(&with(&["127.0.0.1:8080"], 2), addr), Some(2));
+        assert_eq!(
+            pool_size(&with(&["unix:/x", "0.0.0.0:8080"], 3), addr),
+            Some(3)
+        );
+        assert_eq!(pool_size(&with(&["[::]:8080"], 4), addr), Some(4));
+        // Another port, another address, nothing parseable, or no workers: unknown.
+        assert_eq!(pool_size(&with(&["127.0.0.1:8081"], 2), addr), None);
+        assert_eq!(pool_size(&with(&["127.0.0.2:8080"], 2), addr), None);
+        assert_eq!(pool_size(&with(&["unix:/tmp/s"], 2), addr), None);
+        assert_eq!(pool_size(&with(&["127.0.0.1:8080"], 0), addr), None);
+        let v6: SocketAddr = "[::1]:8080".parse().expect("addr");
+        assert_eq!(pool_size(&with(&["0.0.0.0:8080"], 2), v6), None);
     }
 }

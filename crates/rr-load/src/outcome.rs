@@ -20,7 +20,10 @@ pub enum ErrorKind {
     Timeout,
     /// A complete response whose status is not 2xx or 3xx.
     BadStatus,
-    /// Bytes that are not a valid HTTP/1.x response, or a response cut short.
+    /// Bytes that are not a valid HTTP/1.x response, or a response cut short; in
+    /// keep-alive mode also bytes beyond the end of a response that kept the connection
+    /// open, or sent on an idle connection (charged to the next request, which a client
+    /// would have read them as).
     BadResponse,
     /// Anything else (e.g. out of local ports or file descriptors).
     Other,

@@ -74,6 +74,13 @@ pub(crate) struct Recorder {
     pub(crate) without_worker_id: u64,
     /// Keep-alive connections reopened after the server closed them properly.
     pub(crate) reconnects: u64,
+    /// Successes that completed within the measured run (from its start to its end),
+    /// whenever they started: the throughput's count.
+    pub(crate) answered_in_run: u64,
+    /// Open loop: sends that left within the measured run, whenever they were due.
+    pub(crate) sent_in_run: u64,
+    /// Open loop: measured sends (due within the run) that left after its end.
+    pub(crate) sent_after_end: u64,
     /// Failures remembered for fault attribution (only when faults are injected).
     pub(crate) failures: Vec<Failure>,
     pub(crate) track_failures: bool,
@@ -92,6 +99,9 @@ impl Recorder {
             workers: Vec::new(),
             without_worker_id: 0,
             reconnects: 0,
+            answered_in_run: 0,
+            sent_in_run: 0,
+            sent_after_end: 0,
             failures: Vec::new(),
             track_failures,
             failures_dropped: 0,
@@ -212,6 +222,9 @@ impl Recorder {
         }
         self.without_worker_id += other.without_worker_id;
         self.reconnects += other.reconnects;
+        self.answered_in_run += other.answered_in_run;
+        self.sent_in_run += other.sent_in_run;
+        self.sent_after_end += other.sent_after_end;
         self.failures.extend(other.failures);
         self.failures_dropped += other.failures_dropped;
     }
@@ -274,7 +287,11 @@ mod tests {
         b.success(50, Some(&WorkerTag::new(b"1", Some(11))));
         b.failure(ErrorKind::Reset, 1, 2);
         b.status(503);
+        (a.answered_in_run, b.answered_in_run) = (9, 5);
+        (a.sent_in_run, b.sent_in_run, b.sent_after_end) = (1, 2, 3);
         a.merge(b);
+        assert_eq!(a.answered_in_run, 14);
+        assert_eq!((a.sent_in_run, a.sent_after_end), (3, 3));
         assert_eq!(a.successes, 5);
         assert_eq!(a.errors[ErrorKind::Reset.index()], 1);
         assert_eq!(a.requests(), 6);

@@ -54,11 +54,20 @@ struct Plan {
 /// # Ok(()) }
 /// ```
 pub async fn run(config: Config) -> Result<Report, RunError> {
-    if config.faults.enabled() {
-        fault::status(&config.faults.control)
+    // The master's status gives the pool's size for the busiest worker's ratio to the
+    // mean share; fault injection cannot do without it.
+    let master = if config.faults.enabled() {
+        Some(
+            fault::status(&config.faults.control)
+                .await
+                .map_err(RunError::Control)?,
+        )
+    } else {
+        fault::status_within(&config.faults.control, STATUS_TIMEOUT)
             .await
-            .map_err(RunError::Control)?;
-    }
+            .ok()
+    };
+    let pool_workers = master.and_then(|s| fault::pool_size(&s, config.addr));
     let t0 = Instant::now();
     let measure_start = t0 + config.warmup;
     let end = measure_start + config.duration;
@@ -82,10 +91,15 @@ pub async fn run(config: Config) -> Result<Report, RunError> {
             tokio::spawn(drive(i, Arc::clone(&plan), conn))
         })
         .collect();
-    let injector = config
-        .faults
-        .enabled()
-        .then(|| tokio::spawn(fault::inject(config.faults.clone(), measure_start, end)));
+    let (stop_injector, injector_stop) = tokio::sync::oneshot::channel();
+    let injector = config.faults.enabled().then(|| {
+        tokio::spawn(fault::inject(
+            config.faults.clone(),
+            measure_start,
+            end,
+            injector_stop,
+        ))
+    });
     let progress = config
         .progress
         .then(|| tokio::spawn(progress::show(live, t0, measure_start, end)));
@@ -94,6 +108,8 @@ pub async fn run(config: Config) -> Result<Report, RunError> {
     for task in tasks {
         total.merge(task.await?);
     }
+    // Every request has ended: a reload still running now is left open.
+    let _ = stop_injector.send(());
     let log = match injector {
         Some(task) => Some(task.await?),
         None => None,
@@ -103,7 +119,7 @@ pub async fn run(config: Config) -> Result<Report, RunError> {
         let _ = task.await;
         progress::clear();
     }
-    Ok(Report::new(&config, total, log))
+    Ok(Report::new(&config, total, log, pool_workers))
 }
 
 /// Builds a runtime with `config.threads` threads (a current-thread runtime for 1) and
@@ -123,6 +139,10 @@ pub fn run_blocking(config: Config) -> Result<Report, RunError> {
         .map_err(RunError::Runtime)?;
     runtime.block_on(run(config))
 }
+
+/// How long a run without fault injection waits for the master's status (it goes on
+/// without it).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn micros(since: Instant, t: Instant) -> u64 {
     u64::try_from(t.saturating_duration_since(since).as_micros()).unwrap_or(u64::MAX)
@@ -207,9 +227,12 @@ fn record_missed(rec: &mut Recorder, plan: &Plan, schedule: Schedule, now: Insta
 /// `connections / rate` apart, staggered by `1 / rate`).
 ///
 /// A request belongs to the measured run when it was due (open loop) or started
-/// (closed loop) within it. No request starts after the end; those in flight then are
-/// waited for, up to the timeout, and counted. In the open loop, the sends due before
-/// the end that a busy connection never got to are counted as [`ErrorKind::Missed`].
+/// (closed loop) within it. In the closed loop no request starts after the end; those
+/// in flight then are waited for, up to the timeout, and counted. In the open loop, a
+/// send due before the end whose connection is still busy then leaves after it, unless
+/// the connection is stuck or the send would leave more than a timeout late: those
+/// sends are counted as [`ErrorKind::Missed`]. So a closed-loop connection ends at most
+/// a timeout after the end, an open-loop one at most two.
 async fn drive<C: Exchange>(index: usize, plan: Arc<Plan>, mut conn: C) -> Recorder {
     let config = &plan.config;
     let mut rec = Recorder::new(config.faults.enabled());
@@ -276,6 +299,15 @@ async fn drive<C: Exchange>(index: usize, plan: Arc<Plan>, mut conn: C) -> Recor
         if measured && reconnects_before.is_none() {
             reconnects_before = Some(conn.reconnects());
         }
+        if schedule.is_some() {
+            // The send rate achieved is that of the sends that left within the run,
+            // whenever they were due.
+            if start >= plan.end {
+                rec.sent_after_end += u64::from(measured);
+            } else if start >= plan.measure_start {
+                rec.sent_in_run += 1;
+            }
+        }
         deadline.as_mut().reset(start + config.timeout);
         let result = tokio::select! {
             biased;
@@ -303,6 +335,9 @@ async fn drive<C: Exchange>(index: usize, plan: Arc<Plan>, mut conn: C) -> Recor
             }
             match outcome {
                 Ok(reply) => {
+                    // Throughput counts what was answered within the run. (A measured
+                    // request started in it: it cannot be answered before it.)
+                    rec.answered_in_run += u64::from(done <= plan.end);
                     rec.success(micros(origin, done), reply.worker.as_ref());
                     rec.status(reply.status);
                 }
@@ -319,6 +354,10 @@ async fn drive<C: Exchange>(index: usize, plan: Arc<Plan>, mut conn: C) -> Recor
             }
         } else {
             plan.live.add_warmup();
+            // A warm-up request answered within the run counts in its throughput.
+            if outcome.is_ok() && done >= plan.measure_start && done <= plan.end {
+                rec.answered_in_run += 1;
+            }
         }
         // The open loop keeps its schedule whatever fails: it is paced already.
         if schedule.is_none() {
@@ -499,6 +538,18 @@ mod tests {
         );
         assert_eq!(rec.errors.iter().sum::<u64>(), 0);
         assert_eq!(rec.requests(), 20);
+        assert_eq!((rec.sent_in_run, rec.sent_after_end), (5, 15));
+
+        // Regression: throughput and the send rate were over the 50 ms of the run,
+        // though the server took 200 ms to answer: 400/s reported for 100/s served.
+        // Throughput is what was answered within the run: 5 answers in 50 ms.
+        assert_eq!(rec.answered_in_run, 5);
+        let config = builder(50).rate(Some(400.0)).build().expect("config");
+        let r = Report::new(&config, rec, None, None);
+        assert!((r.throughput_rps - 100.0).abs() < 1e-6, "{}", r.to_table());
+        let o = r.open_loop.as_ref().expect("open loop");
+        assert_eq!((o.sent, o.sent_after_end, o.sent_in_run), (20, 15, 5));
+        assert!((o.sent_rps - 100.0).abs() < 1e-6, "{}", r.to_table());
     }
 
     /// A connection a little behind at the end (each answer takes 1.5 ms, a send is due
@@ -516,6 +567,23 @@ mod tests {
         assert_eq!(rec.errors.iter().sum::<u64>(), 0);
     }
 
+    /// Sends due in the warm-up that leave within the run count in the send rate
+    /// achieved (not in the measured requests).
+    #[tokio::test(start_paused = true)]
+    async fn sends_due_in_the_warmup_that_leave_in_the_run_count_in_the_send_rate() {
+        let (rec, sent) = drive_fake(
+            builder(20).rate(Some(1000.0)).warmup(ms(10)),
+            |n| Step::Answer(if n == 0 { ms(15) } else { Duration::ZERO }),
+            false,
+        )
+        .await;
+        // Due every ms from 0 to 29: the first takes 15 ms, so those due at 1..15 ms
+        // leave at 15 ms, within the run; the rest on time.
+        assert_eq!(sent.len(), 30);
+        assert_eq!(rec.requests(), 20);
+        assert_eq!((rec.sent_in_run, rec.sent_after_end), (29, 0));
+    }
+
     /// A closed loop still has a request in flight at the end: it is waited for and
     /// counted.
     #[tokio::test(start_paused = true)]
@@ -523,6 +591,11 @@ mod tests {
         let (rec, sent) = drive_fake(builder(25), |_| Step::Answer(ms(10)), false).await;
         assert_eq!(sent, [0.0, 10.0, 20.0]);
         assert_eq!((rec.successes, rec.requests()), (3, 3));
+        // The last answer came at 30 ms, after the end: it counts in the requests, not
+        // in the throughput (two answers in 25 ms).
+        assert_eq!(rec.answered_in_run, 2);
+        let r = Report::new(&builder(25).build().expect("config"), rec, None, None);
+        assert!((r.throughput_rps - 80.0).abs() < 1e-6, "{}", r.to_table());
 
         // The server freezes at 20 ms: the request it holds times out after the end.
         let (rec, sent) = drive_fake(
@@ -540,6 +613,47 @@ mod tests {
         assert_eq!(sent, [0.0, 10.0, 20.0]);
         assert_eq!(rec.successes, 2);
         assert_eq!(rec.errors[ErrorKind::Timeout.index()], 1);
+    }
+
+    /// Regression: throughput was the successes over the run's duration or, if later,
+    /// up to the last success: one slow answer at the end stretched the window for the
+    /// whole run (here to 149 ms: 1,342/s for a server answering 2,000/s). What was
+    /// answered within the run counts, over its duration, as wrk does.
+    #[tokio::test(start_paused = true)]
+    async fn one_slow_answer_at_the_end_does_not_stretch_the_throughput() {
+        let config = || builder(100).connections(2);
+        // Two connections, 1 ms answers; the first one's 100th request (at 99 ms)
+        // takes 50 ms.
+        let (mut rec, sent) = drive_fake(
+            config(),
+            |n| Step::Answer(ms(if n == 99 { 50 } else { 1 })),
+            false,
+        )
+        .await;
+        assert_eq!((sent.len(), sent[99]), (100, 99.0));
+        let (other, _) = drive_fake(config(), |_| Step::Answer(ms(1)), false).await;
+        rec.merge(other);
+        assert_eq!((rec.successes, rec.answered_in_run), (200, 199));
+        let r = Report::new(&config().build().expect("config"), rec, None, None);
+        assert!(
+            (r.throughput_rps - 2_000.0).abs() < 100.0,
+            "{}",
+            r.to_table()
+        );
+    }
+
+    /// A warm-up request answered within the run counts in its throughput.
+    #[tokio::test(start_paused = true)]
+    async fn a_warmup_request_answered_in_the_run_counts_in_its_throughput() {
+        let (rec, sent) = drive_fake(
+            builder(20).warmup(ms(10)),
+            |n| Step::Answer(ms(if n == 0 { 15 } else { 5 })),
+            false,
+        )
+        .await;
+        // Started at 0 (warm-up, answered at 15), 15, 20, 25 (answered at 30: the end).
+        assert_eq!(sent, [0.0, 15.0, 20.0, 25.0]);
+        assert_eq!((rec.successes, rec.answered_in_run), (3, 4));
     }
 
     /// Nothing listens: a closed loop waits 1 ms, 2 ms, 4 ms... up to 100 ms between

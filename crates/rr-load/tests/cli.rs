@@ -63,7 +63,7 @@ fn json_to_stdout_and_table_to_stderr() {
     let out = rr_load(&["--addr", &addr, "-c", "4", "-d", "300ms", "--json", "-"]);
     assert_eq!(out.status.code(), Some(0));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
-    assert_eq!(json["schema_version"], 1);
+    assert_eq!(json["schema_version"], 2);
     assert!(json["requests"].as_u64().expect("requests") > 0);
     assert_eq!(json["errors"]["total"], 0);
     assert_eq!(json["workers"].as_array().map(Vec::len), Some(2));

@@ -46,6 +46,8 @@ pub enum Behavior {
     /// Like `Ok`, but the first N responses (over all connections) say
     /// `Connection: close` and the server closes the connection after them.
     CloseFirst(u64),
+    /// Like `Ok`, but `Content-Length: 5` before a 12-byte body.
+    LongerThanLength,
 }
 
 /// A server running on its own runtime; dropping it stops it.
@@ -164,7 +166,8 @@ async fn serve(
             | Behavior::Chunked
             | Behavior::CloseEveryThird
             | Behavior::StallAfter(_)
-            | Behavior::CloseFirst(_) => {}
+            | Behavior::CloseFirst(_)
+            | Behavior::LongerThanLength => {}
         }
         let n = counter.fetch_add(1, Ordering::Relaxed);
         let id = n % 2;
@@ -179,9 +182,14 @@ async fn serve(
                 1000 + id
             )
         } else {
+            let length = if behavior == Behavior::LongerThanLength {
+                5
+            } else {
+                12
+            };
             format!(
                 "HTTP/1.1 200 OK\r\nx-worker-id: {id}\r\nx-worker-pid: {}\r\n{connection}\
-                 Content-Length: 12\r\n\r\nHello World\n",
+                 Content-Length: {length}\r\n\r\nHello World\n",
                 1000 + id
             )
         };
@@ -196,7 +204,7 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// A fake master: answers `status` with the given worker pids (all `ready`, slots in
-/// order) and `reload` with `ok`; counts the reloads.
+/// order) and the listener `listen`, and `reload` with `ok`; counts the reloads.
 pub struct FakeMaster {
     pub path: PathBuf,
     pub reloads: Arc<AtomicU64>,
@@ -212,7 +220,7 @@ impl Drop for FakeMaster {
     }
 }
 
-pub fn fake_master(dir: &Path, pids: Vec<u32>) -> FakeMaster {
+pub fn fake_master(dir: &Path, pids: Vec<u32>, listen: SocketAddr) -> FakeMaster {
     let path = dir.join(format!("rr-load-test-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let rt = runtime();
@@ -235,7 +243,7 @@ pub fn fake_master(dir: &Path, pids: Vec<u32>) -> FakeMaster {
                         break;
                     };
                     let answer = match serde_json::from_str::<Request>(&line) {
-                        Ok(Request::Status) => Response::Status(status(&pids)),
+                        Ok(Request::Status) => Response::Status(status(&pids, listen)),
                         Ok(Request::Reload { .. }) => {
                             counter.fetch_add(1, Ordering::Relaxed);
                             Response::Ok {
@@ -262,10 +270,11 @@ pub fn fake_master(dir: &Path, pids: Vec<u32>) -> FakeMaster {
     }
 }
 
-fn status(pids: &[u32]) -> Status {
+fn status(pids: &[u32], listen: SocketAddr) -> Status {
     Status {
         master_pid: std::process::id(),
         target_workers: pids.len(),
+        listeners: vec![listen.to_string()],
         workers: pids
             .iter()
             .enumerate()
