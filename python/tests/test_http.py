@@ -292,15 +292,16 @@ def test_drain_rules(server):
     assert r.headers["connection"] == "close"
     assert at_eof(used)
     assert not at_eof(idle, 0.5)  # not at once: a request may be on its way
-    assert at_eof(idle, 2)
-    assert 0.9 <= time.monotonic() - t <= 2.0
+    assert at_eof(idle, 3)
+    assert 0.9 <= time.monotonic() - t <= 3.0  # the 1 s grace, on a loaded machine too
     assert server.wait_closed(2)
 
 
 def test_a_request_arriving_at_the_end_of_the_grace_is_served(server):
     c = server.connect()
     server.stub.drain()
-    time.sleep(0.95)
+    # Late in the 1 s grace, with room for a loaded machine to get it there in time.
+    time.sleep(0.7)
     request(c, "/")
     r = read_response(c)
     assert r.status == 200 and r.headers["connection"] == "close"
@@ -309,7 +310,7 @@ def test_a_request_arriving_at_the_end_of_the_grace_is_served(server):
 def test_slow_handlers_do_not_block_other_connections(server):
     def slow_app(environ, start_response):
         if environ["PATH_INFO"] == "/slow":
-            time.sleep(1.5)
+            time.sleep(4)
         start_response("200 OK", [])
         return [b"x"]
 
@@ -321,7 +322,8 @@ def test_slow_handlers_do_not_block_other_connections(server):
     fast = server.connect()
     request(fast, "/")
     assert read_response(fast).body == b"x"
-    assert time.monotonic() - t < 1.0  # 4 threads: one was free
+    # 4 threads: one was free (waiting for a slow one would take 4 s).
+    assert time.monotonic() - t < 2.5
     for c in slow:
         assert read_response(c).body == b"x"
 

@@ -2,14 +2,21 @@
 //! real worker processes on 127.0.0.1 port 0, watch its events, talk to its workers,
 //! and kill what it spawned when the test ends.
 //!
-//! Teardown kills only processes known to be alive: a pid is signalled only while it
-//! is a child of this process that has not been reaped (its `/proc` entry names us as
-//! parent; a child that is not reaped keeps its pid). Workers die with the master
-//! anyway: the master forks them from one thread with `PR_SET_PDEATHSIG`, so when the
-//! test's runtime drops the master, the kernel kills them.
+//! Teardown kills only the processes the master spawned: each worker is signalled
+//! through a pidfd opened when its `WorkerSpawned` event arrived, so a worker that has
+//! exited since (and was reaped) is never mistaken for whatever process got its pid
+//! next: the signal fails with `ESRCH` instead. Workers die with the master anyway:
+//! the master forks them from one thread with `PR_SET_PDEATHSIG`, so when the test's
+//! runtime drops the master, the kernel kills them.
+//!
+//! A test that needs a tool the machine may lack (python3, node, setpriv and root, ...)
+//! says `SKIPPED` and returns through [`missing_tool`]; with `RR_REQUIRE_TOOLS=1` (CI
+//! sets it) the same call fails the test instead, so a missing tool cannot pass
+//! silently.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,7 +40,96 @@ pub struct Cluster {
     /// Read directly (no forwarding task): the master publishes synchronously, so an
     /// event published before a call returned is already here.
     events: broadcast::Receiver<Event>,
-    pids: Arc<Mutex<HashSet<u32>>>,
+    pids: Arc<Spawned>,
+}
+
+/// The environment variable that turns a skip for a missing tool into a failure.
+pub const REQUIRE_TOOLS: &str = "RR_REQUIRE_TOOLS";
+
+/// Whether `RR_REQUIRE_TOOLS=1`: every tool a test needs must be there.
+pub fn tools_required() -> bool {
+    std::env::var_os(REQUIRE_TOOLS).is_some_and(|v| v == "1")
+}
+
+/// A test cannot run for want of `what` (a tool, or the privileges it needs): prints
+/// `SKIPPED: what` so the caller can return, or, under `RR_REQUIRE_TOOLS=1`, fails the
+/// test.
+pub fn missing_tool(what: &str) {
+    assert!(
+        !tools_required(),
+        "{what} ({REQUIRE_TOOLS}=1: a test may not skip for a missing tool)"
+    );
+    eprintln!("SKIPPED: {what}");
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (many systems start
+/// tests at a soft 1024); returns the soft limit now in force (`u64::MAX`: none).
+pub fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current != now.maximum {
+        let raised = Rlimit {
+            current: now.maximum,
+            maximum: now.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return now.maximum.unwrap_or(u64::MAX);
+        }
+    }
+    now.current.unwrap_or(u64::MAX)
+}
+
+/// The processes a master spawned, each held by a pidfd opened when its
+/// `WorkerSpawned` event arrived: signalling one never reaches a process that got its
+/// pid after it was reaped (the pidfd then refers to nothing and the signal fails).
+#[derive(Debug, Default)]
+pub struct Spawned {
+    pidfds: Mutex<HashMap<u32, OwnedFd>>,
+}
+
+impl Spawned {
+    /// Starts tracking `pid` if it is a child of this process now (not yet reaped, so
+    /// its pid is still its own); false when it is gone already.
+    pub fn track(&self, pid: u32) -> bool {
+        let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+            return false;
+        };
+        let Ok(fd) = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) else {
+            return false;
+        };
+        // Checked once the pidfd holds the process: a child of ours, not a stranger
+        // that got a reused pid before the event arrived.
+        if parent_of(pid) != Some(std::process::id()) {
+            return false;
+        }
+        lock(&self.pidfds).insert(pid, fd);
+        true
+    }
+
+    /// Stops tracking `pid` (it exited).
+    pub fn forget(&self, pid: u32) {
+        lock(&self.pidfds).remove(&pid);
+    }
+
+    /// Whether `pid` is tracked.
+    pub fn contains(&self, pid: u32) -> bool {
+        lock(&self.pidfds).contains_key(&pid)
+    }
+
+    /// Sends `sig` to the tracked process `pid`; false when `pid` is not tracked or
+    /// the process is gone.
+    pub fn signal(&self, pid: u32, sig: rustix::process::Signal) -> bool {
+        lock(&self.pidfds)
+            .get(&pid)
+            .is_some_and(|fd| rustix::process::pidfd_send_signal(fd, sig).is_ok())
+    }
+
+    /// SIGKILLs every tracked process still alive.
+    pub fn kill_all(&self) {
+        for fd in lock(&self.pidfds).values() {
+            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+        }
+    }
 }
 
 /// Starts `builder` listening on 127.0.0.1:0 (unless it listens somewhere already) with
@@ -44,16 +140,16 @@ pub async fn start_cluster(builder: MasterBuilder) -> Cluster {
     // A second subscriber keeps the set of live worker pids for teardown, whether or
     // not the test reads events.
     let mut watch = master.events();
-    let pids = Arc::new(Mutex::new(HashSet::new()));
+    let pids = Arc::new(Spawned::default());
     let seen = Arc::clone(&pids);
     tokio::spawn(async move {
         loop {
             match watch.recv().await {
                 Ok(Event::WorkerSpawned { pid, .. }) => {
-                    lock(&seen).insert(pid);
+                    seen.track(pid);
                 }
                 Ok(Event::WorkerExited { pid, .. }) => {
-                    lock(&seen).remove(&pid);
+                    seen.forget(pid);
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -88,6 +184,15 @@ pub fn builder(program: &Path, args: &[&str], workers: usize) -> MasterBuilder {
         .heartbeat_interval(Duration::from_millis(100))
         .heartbeat_timeout(Some(Duration::from_secs(5)))
         .min_uptime(Duration::from_millis(200))
+}
+
+/// `b` with heartbeats a minute apart and no heartbeat timeout, for tests that count
+/// an exact round-robin split: with the 100 ms heartbeat of [`builder`], a heartbeat
+/// late on a loaded machine (two intervals and 100 ms) takes its worker out of the
+/// rotation for a moment, and the split is no longer exact.
+pub fn slow_heartbeats(b: MasterBuilder) -> MasterBuilder {
+    b.heartbeat_interval(Duration::from_secs(60))
+        .heartbeat_timeout(None)
 }
 
 impl Cluster {
@@ -156,6 +261,15 @@ impl Cluster {
         ask(self.addr, command).await
     }
 
+    /// SIGKILLs worker process `pid` through the pidfd taken when it was spawned:
+    /// never another process that got the pid after the worker was reaped. Waits
+    /// (bounded) for the spawn to be recorded; false if `pid` is not a worker of this
+    /// master that is still alive.
+    pub async fn kill_worker(&self, pid: u32) -> bool {
+        let recorded = eventually(WAIT, || self.pids.contains(pid).then_some(())).await;
+        recorded.is_some() && self.pids.signal(pid, rustix::process::Signal::KILL)
+    }
+
     /// Stops the master gracefully and waits for its exit code.
     pub async fn stop(&self) -> i32 {
         self.handle.stop(StopMode::Graceful).await.expect("stop");
@@ -167,17 +281,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for pid in lock(&self.pids).iter() {
-            kill_child(*pid);
-        }
-    }
-}
-
-/// SIGKILLs `pid` if it is an unreaped child of this process (so it cannot be a
-/// reused pid).
-pub fn kill_child(pid: u32) {
-    if parent_of(pid) == Some(std::process::id()) {
-        kill(pid);
+        self.pids.kill_all();
     }
 }
 
@@ -299,6 +403,20 @@ impl MasterProcess {
         worker: &str,
         worker_args: &[&str],
     ) -> MasterProcess {
+        Self::try_spawn(wrapper, master, flags, workers, worker, worker_args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`MasterProcess::spawn`]; an error when the master ends before it listens
+    /// (its own error, an address in use say, is on stderr).
+    pub fn try_spawn(
+        wrapper: &[&str],
+        master: &str,
+        flags: &[&str],
+        workers: usize,
+        worker: &str,
+        worker_args: &[&str],
+    ) -> Result<MasterProcess, String> {
         use std::io::BufRead;
         let (program, pre) = match wrapper.split_first() {
             Some((p, rest)) => (
@@ -335,23 +453,30 @@ impl MasterProcess {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             workers: Vec::new(),
         };
-        let first = m.line_matching(|l| l.starts_with("listening "));
+        let first = m.try_line_matching(|l| l.starts_with("listening "))?;
         m.addr = first
             .strip_prefix("listening ")
             .and_then(|a| a.parse().ok())
             .expect("listening line");
-        m
+        Ok(m)
     }
 
     /// The next stdout line that `pick` accepts (others are skipped), within [`WAIT`].
     pub fn line_matching(&mut self, pick: impl Fn(&str) -> bool) -> String {
+        self.try_line_matching(pick)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`MasterProcess::line_matching`], with no such line (the master closed its
+    /// stdout, or [`WAIT`] passed) as an error.
+    pub fn try_line_matching(&mut self, pick: impl Fn(&str) -> bool) -> Result<String, String> {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if pick(&line) => return line,
+                Ok(line) if pick(&line) => return Ok(line),
                 Ok(_) => continue,
-                Err(e) => panic!("no matching line from test-master: {e}"),
+                Err(e) => return Err(format!("no matching line from test-master: {e}")),
             }
         }
     }
@@ -520,4 +645,74 @@ async fn one_response(
     let mut body = vec![0u8; length];
     c.read_exact(&mut body).await?;
     Ok((status, close))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Teardown used to check that a recorded pid was a child of ours, then kill it: a
+    /// stale entry (its worker reaped, the exit event missed when the watcher lagged)
+    /// whose pid another child of ours got next (another test's worker) passed the
+    /// check and was killed. The pidfd taken at spawn refers to the reaped process
+    /// only. Root makes the kernel hand the pid out again (`ns_last_pid`).
+    #[test]
+    fn a_tracked_pid_that_another_child_reuses_is_not_signalled() {
+        use std::process::{Child, Command};
+        fn sleeper() -> Child {
+            Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .expect("spawn sleep")
+        }
+        fn end(mut c: Child) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
+        let first = sleeper();
+        let pid = first.id();
+        let spawned = Spawned::default();
+        assert!(spawned.track(pid), "a live child is tracked");
+        // Reaped, but still recorded: the stale entry.
+        end(first);
+        let mut reused = None;
+        for _ in 0..50 {
+            if std::fs::write(LAST_PID, (pid - 1).to_string()).is_err() {
+                // Not a tool CI can install: a container may keep /proc/sys read-only.
+                eprintln!(
+                    "SKIPPED: root and a writable {LAST_PID}, to make the kernel reuse a pid"
+                );
+                return;
+            }
+            let second = sleeper();
+            if second.id() == pid {
+                reused = Some(second);
+                break;
+            }
+            // Another process took the pid first: try again.
+            end(second);
+        }
+        let Some(mut second) = reused else {
+            panic!("pid {pid} was never handed out again");
+        };
+        assert_eq!(parent_of(pid), Some(std::process::id()), "our child again");
+        let signalled = spawned.signal(pid, rustix::process::Signal::KILL);
+        spawned.kill_all();
+        // A SIGKILL ends the process at once: watched for a moment (bounded).
+        let mut killed = false;
+        for _ in 0..20 {
+            if !matches!(second.try_wait(), Ok(None)) {
+                killed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        end(second);
+        assert!(
+            !signalled,
+            "the stale entry's signal reached the new process"
+        );
+        assert!(!killed, "the process that reused the pid was killed");
+    }
 }

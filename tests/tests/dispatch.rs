@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use rr_cluster_tests::{WAIT, builder, start_cluster};
+use rr_cluster_tests::{WAIT, builder, slow_heartbeats, start_cluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_test-worker");
@@ -10,7 +10,8 @@ const ECHO: &str = env!("CARGO_BIN_EXE_echo");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_split_300_connections_100_each() {
-    let cluster = start_cluster(builder(WORKER.as_ref(), &[], 3)).await;
+    // Exact: no late heartbeat takes a worker out of the rotation meanwhile.
+    let cluster = start_cluster(slow_heartbeats(builder(WORKER.as_ref(), &[], 3))).await;
     let status = cluster.wait_ready(3).await;
     let pids: Vec<u32> = status.workers.iter().filter_map(|w| w.pid).collect();
     let mut per_slot: HashMap<u32, usize> = HashMap::new();
@@ -66,9 +67,13 @@ async fn echo_example_echoes_over_the_passed_socket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_socket_listener_serves_unix_connections() {
     let dir = std::env::temp_dir().join(format!("rr-e2e-unix-{}", std::process::id()));
+    // Left over by an earlier run that had our pid (a container's pids repeat).
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("app.sock");
-    let b = builder(WORKER.as_ref(), &[], 2).listen(format!("unix:{}", path.display()));
+    // Strict alternation below: no late heartbeat may take a worker out meanwhile.
+    let b = slow_heartbeats(builder(WORKER.as_ref(), &[], 2))
+        .listen(format!("unix:{}", path.display()));
     let cluster = start_cluster(b).await;
     cluster.wait_ready(2).await;
     let mut slots = Vec::new();

@@ -113,8 +113,11 @@ async fn axum_example_splits_100_requests_and_sees_the_client_address() {
             .to_owned();
         *per.entry(worker).or_default() += 1;
     }
+    // Round-robin, within a few: the example keeps the default 1 s heartbeat (it has no
+    // flag for it), and a heartbeat late on a loaded machine takes its worker out of the
+    // rotation for a moment. (tests/tests/dispatch.rs pins the exact split.)
     assert_eq!(per.len(), 2);
-    assert!(per.values().all(|n| *n == 50), "{per:?}");
+    assert!(per.values().all(|n| (40..=60).contains(n)), "{per:?}");
     drop(pool);
 }
 

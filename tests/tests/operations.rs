@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rr_cluster::control::WorkerState;
 use rr_cluster::{Event, MasterError, Outcome, Refusal, StopMode};
-use rr_cluster_tests::{Cluster, WAIT, alive, ask, builder, start_cluster};
+use rr_cluster_tests::{Cluster, WAIT, alive, ask, builder, slow_heartbeats, start_cluster};
 
 /// Waits (bounded) until some worker reports an open connection in its heartbeat:
 /// the request sent before is in flight.
@@ -27,7 +27,9 @@ async fn graceful_stop_finishes_the_request_in_flight() {
     let cluster = start_cluster(builder(WORKER.as_ref(), &[], 2)).await;
     let status = cluster.wait_ready(2).await;
     let addr = cluster.addr;
-    let slow = tokio::spawn(async move { ask(addr, "sleep 1500").await });
+    // Long enough to be still in flight after the heartbeat that shows it and the
+    // listener's close, on a loaded machine too.
+    let slow = tokio::spawn(async move { ask(addr, "sleep 4000").await });
     in_flight(&cluster).await;
     cluster.handle.stop(StopMode::Graceful).await.expect("stop");
     // No new connection is accepted once the stop began: the listener closes.
@@ -146,7 +148,7 @@ async fn a_failed_reload_rolls_back_to_the_old_configuration_after_the_old_worke
         .next_event(|e| matches!(e, Event::WorkerSpawned { generation: 1, .. }).then_some(()))
         .await;
     // The old worker dies while the new one starts.
-    rr_cluster_tests::kill_child(old);
+    assert!(cluster.kill_worker(old).await, "the old worker is alive");
     cluster
         .next_event(|e| matches!(e, Event::ReloadFailed { generation: 1, .. }).then_some(()))
         .await;
@@ -324,7 +326,10 @@ async fn max_memory_recycles_a_leaking_worker() {
 /// addresses move, and they come back to its replacement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ip_balance_keeps_each_address_on_its_slot() {
-    let b = builder(WORKER.as_ref(), &[], 4).balance(rr_cluster::Balance::ClientIp);
+    // A late heartbeat would take a home slot out of the rotation for a moment and
+    // move its addresses: heartbeats a minute apart.
+    let b =
+        slow_heartbeats(builder(WORKER.as_ref(), &[], 4)).balance(rr_cluster::Balance::ClientIp);
     let mut cluster = start_cluster(b).await;
     let status = cluster.wait_ready(4).await;
     let addr = cluster.addr;
@@ -368,7 +373,7 @@ async fn client_ip_balance_keeps_each_address_on_its_slot() {
         .and_then(|w| w.pid)
         .expect("victim");
     cluster.drain_events(|_| None::<()>);
-    rr_cluster_tests::kill(victim);
+    assert!(cluster.kill_worker(victim).await, "worker {victim} alive");
     cluster
         .next_event(|e| {
             matches!(e, Event::WorkerExited { pid, .. } if *pid == victim).then_some(())

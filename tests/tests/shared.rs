@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rr_cluster::{Balance, Event, Outcome};
-use rr_cluster_tests::{WAIT, ask, builder, kill, start_cluster};
+use rr_cluster_tests::{WAIT, ask, builder, start_cluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_test-worker");
@@ -120,7 +120,9 @@ async fn shared_mode_scales_restarts_and_stops_gracefully() {
     // A killed worker is replaced, and the pool serves throughout.
     let victim = status.workers[0].pid.expect("pid");
     cluster.drain_events(|_| None::<()>);
-    kill(victim);
+    // Through the pidfd taken at its spawn: read before the scaling, the pid could
+    // belong to another process by now if the worker had died meanwhile.
+    assert!(cluster.kill_worker(victim).await, "worker {victim} alive");
     let (slot, pid) = cluster
         .next_event(|e| match e {
             Event::WorkerReady { slot, pid, .. } => Some((*slot, *pid)),
@@ -140,7 +142,8 @@ async fn shared_mode_scales_restarts_and_stops_gracefully() {
         active_is(&cluster, |n| n == 0).await,
         "earlier connections closed"
     );
-    let slow = tokio::spawn(async move { ask(addr, "sleep 300").await });
+    // Long enough to show in a heartbeat that comes late on a loaded machine.
+    let slow = tokio::spawn(async move { ask(addr, "sleep 3000").await });
     assert!(
         active_is(&cluster, |n| n > 0).await,
         "the slow request reached a worker"

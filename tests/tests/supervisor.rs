@@ -20,7 +20,10 @@ async fn sigkill_worker_is_replaced_median_of_20() {
     let mut times = Vec::new();
     for _ in 0..20 {
         let start = Instant::now();
-        kill(victim);
+        assert!(
+            cluster.kill_worker(victim).await,
+            "worker {victim} is ours and alive"
+        );
         let (slot, new_pid) = cluster
             .next_event(|e| match e {
                 Event::WorkerReady { slot, pid, .. } => Some((*slot, *pid)),
@@ -79,14 +82,30 @@ async fn crash_at_start_gives_up_after_limit_plus_one_spawns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_master_leaves_no_worker_behind() {
     use std::io::BufRead;
-    let mut master = std::process::Command::new(env!("CARGO_BIN_EXE_test-master"))
-        .args(["3", WORKER])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start test-master");
-    let master_pid = master.id();
-    let stdout = master.stdout.take().expect("stdout");
-    let pids = tokio::task::spawn_blocking(move || {
+    /// Kills the master if the test fails while it runs (std does not kill a child
+    /// when it is dropped), and only while it is not yet reaped.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                kill(self.0.id());
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut master = Reaped(
+        std::process::Command::new(env!("CARGO_BIN_EXE_test-master"))
+            .args(["3", WORKER])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start test-master"),
+    );
+    let master_pid = master.0.id();
+    let stdout = master.0.stdout.take().expect("stdout");
+    // A plain thread, not `spawn_blocking`: a runtime waits for its blocking tasks when
+    // it is dropped, so a failed test would hang on a read that never ends.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
         let mut pids = Vec::new();
         for line in std::io::BufReader::new(stdout).lines().take(10) {
             let line = line.expect("line");
@@ -102,16 +121,16 @@ async fn sigkill_master_leaves_no_worker_behind() {
                 }
             }
         }
-        pids
+        let _ = tx.send(pids);
     });
-    let pids = tokio::time::timeout(WAIT, pids)
+    let pids = tokio::time::timeout(WAIT, rx)
         .await
         .expect("ready in time")
-        .expect("join");
+        .expect("the reader ended with an answer");
     assert_eq!(pids.len(), 3);
     assert!(pids.iter().all(|p| alive(*p)));
     kill(master_pid);
-    let _ = master.wait();
+    let _ = master.0.wait();
     // The workers die with their master (PR_SET_PDEATHSIG): wait for that, bounded.
     let started = Instant::now();
     let mut survivors: Vec<u32> = pids.clone();
@@ -222,14 +241,19 @@ async fn panic_announces_suicide_and_is_replaced_before_it_exits() {
     let old = status.workers[0].clone();
     // A slow request in flight on the worker that will panic.
     let addr = cluster.addr;
-    let slow = tokio::spawn(async move { rr_cluster_tests::ask(addr, "sleep 700").await });
+    let slow = tokio::spawn(async move { rr_cluster_tests::ask(addr, "sleep 1500").await });
+    let mut in_flight = false;
     for _ in 0..2000 {
         let s = cluster.handle.status().await.expect("status");
         if s.workers.iter().any(|w| w.active > 0) {
+            in_flight = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Without it the panicking worker would have nothing open, and the order below
+    // would not test the drain.
+    assert!(in_flight, "the slow request reached the worker");
     assert_eq!(cluster.ask("panic").await, "panicking\n");
     let mut order = Vec::new();
     for _ in 0..3 {
@@ -263,5 +287,53 @@ async fn panic_announces_suicide_and_is_replaced_before_it_exits() {
     let status = cluster.wait_ready(1).await;
     assert_ne!(status.workers[0].pid, old.pid);
     assert_eq!(status.workers[0].state, WorkerState::Ready);
+    assert_eq!(cluster.stop().await, 0);
+}
+
+/// Review (fifth round): the worker command's working directory was not checked, at
+/// start or on a reload: with a typo in `cwd` every spawn failed at chdir (reported
+/// as the program not found) until the pool gave up. Now nothing starts: the master
+/// refuses to start, and a reload is rejected with the pool left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_working_directory_is_refused_at_start_and_on_reload() {
+    use rr_cluster::{MasterError, Refusal, WorkerCommand};
+    let bad = "/nonexistent-rr-cluster-cwd";
+    let bad_command = move || WorkerCommand::new(WORKER).current_dir(bad);
+    let master = builder(WORKER.as_ref(), &[], 1)
+        .command(bad_command())
+        .build()
+        .expect("valid configuration");
+    match master.start().await {
+        Err(MasterError::Command(reason)) => assert!(reason.contains(bad), "{reason}"),
+        other => panic!("started with a bad cwd: {:?}", other.map(|_| ())),
+    }
+    let b = builder(WORKER.as_ref(), &[], 1)
+        .on_reload(move || Ok(builder(WORKER.as_ref(), &[], 1).command(bad_command())));
+    let mut cluster = start_cluster(b).await;
+    let before = cluster.wait_ready(1).await.workers[0].clone();
+    cluster.drain_events(|_| None::<()>);
+    match cluster.handle.reload().await {
+        Err(MasterError::Refused(Refusal::ConfigRejected { reason })) => {
+            assert!(reason.contains(bad), "{reason}");
+        }
+        other => panic!("a reload with a bad cwd was not rejected: {other:?}"),
+    }
+    // The master publishes synchronously: what the reload did is already here.
+    let events = cluster.drain_events(|e| Some(e.clone()));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::ReloadRejected { reason } if reason.contains(bad))),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::WorkerSpawned { .. } | Event::ReloadStarted { .. })),
+        "{events:?}"
+    );
+    let after = cluster.handle.status().await.expect("status");
+    assert_eq!(after.workers.len(), 1);
+    assert_eq!(after.workers[0].pid, before.pid, "the old worker serves on");
     assert_eq!(cluster.stop().await, 0);
 }

@@ -1,6 +1,9 @@
 //! The `rr-cluster` binary end to end: real master processes serving the demo
 //! worker on 127.0.0.1 port 0, driven through flags, the control socket and signals.
 
+mod common;
+use common::missing_tool;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -45,6 +48,100 @@ fn signal(pid: u32, sig: Signal) {
     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(pid, sig);
     }
+}
+
+/// Flags for tests that count an exact round-robin split: heartbeats a minute apart
+/// (and no heartbeat kill), so no heartbeat late on a loaded machine takes a worker
+/// out of the rotation (two intervals and 100 ms late) while the test counts.
+const SLOW_HEARTBEATS: [&str; 4] = ["--heartbeat-interval", "60s", "--heartbeat-timeout", "off"];
+
+/// A port that was free a moment ago (a probe bound it and let it go): another test
+/// may take it before the caller binds it, so callers try again on "address in use".
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+    l.local_addr().expect("addr").port()
+}
+
+/// Copies the child's stderr to ours, line by line, from a thread; each line also goes
+/// to the receiver (while it is kept), which disconnects at the end of the stream.
+fn forward_stderr(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            eprintln!("{line}");
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Whether any line still to come on `lines` (until its end, at most `within`) says
+/// an address was in use.
+fn said_address_in_use(lines: &std::sync::mpsc::Receiver<String>, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("in use") => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// `rr-cluster run` (as [`Running::start`]) serving metrics on a port found free by a
+/// probe: when a parallel test binds that port first, the master exits 2 (address in
+/// use) and another port is tried. The pool and its metrics address.
+fn start_with_metrics(control: &Path, args: &[&str]) -> (Running, SocketAddr) {
+    let mut tried = Vec::new();
+    for _ in 0..10 {
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg("--control")
+            .arg(control)
+            .args(args)
+            .arg("--metrics")
+            .arg(metrics.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start rr-cluster");
+        let mut pool = Running {
+            child,
+            control: control.to_owned(),
+        };
+        let lines = forward_stderr(&mut pool.child);
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(status) = pool.child.try_wait().expect("wait") {
+                assert!(
+                    said_address_in_use(&lines, WAIT),
+                    "rr-cluster run exited ({status}) before it was ready"
+                );
+                tried.push(metrics);
+                break;
+            }
+            if let Some(s) = pool.status() {
+                let workers = s["workers"].as_array().cloned().unwrap_or_default();
+                let target = s["target_workers"].as_u64().unwrap_or(0) as usize;
+                if workers.len() == target && workers.iter().all(|w| w["state"] == "ready") {
+                    return (pool, metrics);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            tried.last() == Some(&metrics),
+            "pool not ready in time: {:?}",
+            pool.status()
+        );
+    }
+    panic!("every metrics port tried was in use: {tried:?}");
 }
 
 impl Running {
@@ -211,12 +308,32 @@ fn bad_input_is_one_line_and_exit_2_with_nothing_started() {
     assert!(err.contains("random"), "{err}");
 }
 
+/// Review: with no subcommand the one line was the `about` text, and `scale` without
+/// its number said "the following required arguments were not provided:" without
+/// naming it (clap names it on the next line, which was dropped).
+#[test]
+fn no_subcommand_or_a_missing_argument_is_one_line_that_names_it() {
+    let err = usage_error(&[]);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("subcommand") && err.contains("run, status, reload, scale, stop, top"),
+        "{err}"
+    );
+    let err = usage_error(&["scale"]);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("missing <WORKERS>"), "{err}");
+}
+
 #[test]
 fn demo_pool_answers_round_robin_and_reports_status() {
     let dir = Scratch::new("demo");
     let mut pool = Running::start(
         &dir.path("ctl.sock"),
-        &["--listen", "127.0.0.1:0", "--workers", "2"],
+        &[
+            &["--listen", "127.0.0.1:0", "--workers", "2"],
+            &SLOW_HEARTBEATS[..],
+        ]
+        .concat(),
     );
     let addr = pool.addr();
     let mut counts = [0usize; 2];
@@ -329,30 +446,65 @@ fn reload_with_a_broken_config_keeps_the_old_pool_serving() {
     assert_eq!(pool.wait_exit(), 0);
 }
 
+/// Review: the demo pool's reload asked for this executable's path again; after the
+/// binary was replaced in place (an upgrade) that was "/path/rr-cluster (deleted)",
+/// and every reload failed and rolled back.
 #[test]
-fn metrics_count_known_requests() {
-    let dir = Scratch::new("metrics");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
-        l.local_addr().expect("addr").port()
-    };
-    let metrics = format!("127.0.0.1:{port}");
-    let mut pool = Running::start(
-        &dir.path("ctl.sock"),
-        &[
+fn a_demo_pool_reloads_after_its_binary_is_replaced_in_place() {
+    // A hard link of the binary (same file system as the binary: no copy), replaced
+    // by a new link while the master runs.
+    let dir = Path::new(BIN)
+        .parent()
+        .expect("a directory")
+        .join(format!("rr-cli-upgrade-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = Scratch(dir);
+    let exe = dir.path("rr-cluster");
+    std::fs::hard_link(BIN, &exe).expect("link the binary");
+    let control = dir.path("ctl.sock");
+    let child = Command::new(&exe)
+        .args([
+            "run",
             "--listen",
             "127.0.0.1:0",
             "--workers",
-            "2",
-            "--metrics",
-            &metrics,
-        ],
+            "1",
+            "--control",
+        ])
+        .arg(&control)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start rr-cluster");
+    let mut pool = Running { child, control };
+    pool.wait_ready(None);
+    std::fs::remove_file(&exe).expect("unlink");
+    std::fs::hard_link(BIN, &exe).expect("the new binary");
+    let out = pool.ctl(&["reload", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    let s = pool.wait_ready(None);
+    assert_eq!(s["generation"], 1, "{s}");
+    signal(pool.child.id(), Signal::TERM);
+    assert_eq!(pool.wait_exit(), 0);
+}
+
+#[test]
+fn metrics_count_known_requests() {
+    let dir = Scratch::new("metrics");
+    let (mut pool, metrics) = start_with_metrics(
+        &dir.path("ctl.sock"),
+        &[
+            &["--listen", "127.0.0.1:0", "--workers", "2"],
+            &SLOW_HEARTBEATS[..],
+        ]
+        .concat(),
     );
     let addr = pool.addr();
     for _ in 0..37 {
         assert_eq!(get(addr, "/").0, "HTTP/1.1 200 OK");
     }
-    let (status, _, body) = get(metrics.parse().expect("addr"), "/metrics");
+    let (status, _, body) = get(metrics, "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(
         body.lines()
@@ -387,23 +539,10 @@ fn metrics_count_known_requests() {
 fn the_metrics_endpoint_bounds_its_connections() {
     use std::io::Read;
     let dir = Scratch::new("metrics-bound");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
-        l.local_addr().expect("addr").port()
-    };
-    let metrics = format!("127.0.0.1:{port}");
-    let mut pool = Running::start(
+    let (mut pool, addr) = start_with_metrics(
         &dir.path("ctl.sock"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--metrics",
-            &metrics,
-        ],
+        &["--listen", "127.0.0.1:0", "--workers", "1"],
     );
-    let addr: SocketAddr = metrics.parse().expect("addr");
     let mut idle: Vec<std::net::TcpStream> = (0..40)
         .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
         .collect();
@@ -455,36 +594,57 @@ fn systemd_socket_activation_serves_through_the_inherited_socket() {
     .iter()
     .map(PathBuf::from)
     .find(|p| p.exists()) else {
-        eprintln!("SKIPPED: systemd-socket-activate is not installed");
-        return;
+        return missing_tool("systemd-socket-activate is not installed");
     };
     let dir = Scratch::new("systemd");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
-        l.local_addr().expect("addr").port()
-    };
-    let listen = format!("127.0.0.1:{port}");
     let control = dir.path("ctl.sock");
-    // systemd-socket-activate binds, then execs rr-cluster with LISTEN_FDS=1 at the
-    // first connection; the master takes the socket instead of binding.
-    let child = Command::new(activate)
-        .args([
-            "-l",
-            &listen,
-            "-E",
-            "RUST_LOG=warn",
-            BIN,
-            "run",
-            "--workers",
-            "2",
-            "--control",
-        ])
-        .arg(&control)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start systemd-socket-activate");
-    let mut pool = Running { child, control };
+    // systemd-socket-activate binds (and says so), then execs rr-cluster with
+    // LISTEN_FDS=1 at the first connection; the master takes the socket instead of
+    // binding. The port was free when probed: when a parallel test binds it first,
+    // systemd-socket-activate exits (address in use) and another port is tried. Until
+    // it says it listens, a connection could reach that other test's listener.
+    let mut tried = Vec::new();
+    let (mut pool, listen) = loop {
+        assert!(tried.len() < 10, "every port tried was in use: {tried:?}");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(&activate)
+            .args([
+                "-l",
+                &listen,
+                "-E",
+                "RUST_LOG=warn",
+                BIN,
+                "run",
+                "--workers",
+                "2",
+                "--control",
+            ])
+            .arg(&control)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start systemd-socket-activate");
+        let lines = forward_stderr(&mut child);
+        let pool = Running {
+            child,
+            control: control.clone(),
+        };
+        let deadline = Instant::now() + WAIT;
+        let listening = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.starts_with("Listening on ") => break true,
+                Ok(line) if line.contains("in use") => break false,
+                Ok(_) => continue,
+                Err(e) => panic!("systemd-socket-activate said neither: {e}"),
+            }
+        };
+        if listening {
+            break (pool, listen);
+        }
+        tried.push(listen);
+    };
     let addr: SocketAddr = listen.parse().expect("addr");
     // The first request triggers the activation; it waits in the inherited backlog.
     let deadline = Instant::now() + WAIT;
@@ -553,6 +713,69 @@ fn sd_notify_reports_ready_reloading_and_stopping() {
     signal(pool.child.id(), Signal::TERM);
     wait_for("STOPPING=1", &mut seen);
     assert_eq!(pool.wait_exit(), 0);
+}
+
+/// Review: after a give-up with `on_give_up = keep`, READY=1 never went out (the
+/// stopped slot never became ready) while EXTEND_TIMEOUT_USEC went out every 5 s
+/// without end: `systemctl start` never returned.
+#[test]
+fn sd_notify_ready_after_a_give_up_that_keeps_the_pool() {
+    let dir = Scratch::new("notify-give-up");
+    let socket_path = dir.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let control = dir.path("ctl.sock");
+    // A worker that always fails to boot: two boot failures are a give-up.
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--restart-limit",
+            "1",
+            "--on-give-up",
+            "keep",
+            "--control",
+        ])
+        .arg(&control)
+        .args(["--", "sh", "-c", "exit 3"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start");
+    let mut pool = Running { child, control };
+    // Every datagram, in order.
+    let mut seen: Vec<String> = Vec::new();
+    let mut wait_for = |needle: &str| {
+        let deadline = Instant::now() + WAIT;
+        while !seen.iter().any(|m| m.contains(needle)) {
+            assert!(Instant::now() < deadline, "no {needle:?} in {seen:?}");
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = notify.recv(&mut buf) {
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        seen.clone()
+    };
+    wait_for("READY=1");
+    signal(pool.child.id(), Signal::TERM);
+    let seen = wait_for("STOPPING=1");
+    assert_eq!(pool.wait_exit(), 0);
+    let gave_up = seen
+        .iter()
+        .position(|m| m.contains("gave up restarting"))
+        .unwrap_or_else(|| panic!("no give-up in the STATUS= lines: {seen:?}"));
+    assert!(
+        seen[gave_up..]
+            .iter()
+            .all(|m| !m.contains("EXTEND_TIMEOUT_USEC")),
+        "extended after the give-up: {seen:?}"
+    );
 }
 
 #[test]
@@ -815,23 +1038,34 @@ fn the_control_socket_is_the_masters_alone() {
         std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755))
             .expect("chmod dir");
         std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-        let out = Command::new("/usr/bin/setpriv")
-            .args([
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                BIN,
-                "status",
-                "--control",
-            ])
-            .arg(&control)
-            .output()
-            .expect("run as nobody");
+        let as_nobody = |args: &[&str]| {
+            Command::new("/usr/bin/setpriv")
+                .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                .args(args)
+                .output()
+                .expect("run as nobody")
+        };
+        // The binary where `nobody` can run it: where it was built, or else a copy in
+        // the scratch directory (a clone under root's private home is out of reach):
+        // otherwise the refusal below would be setpriv's, not the master's.
+        let bin = if as_nobody(&["test", "-x", BIN]).status.success() {
+            BIN.to_owned()
+        } else {
+            let copy = dir.path("rr-cluster");
+            std::fs::copy(BIN, &copy).expect("copy the binary");
+            let copy = copy.to_str().expect("utf8").to_owned();
+            assert!(
+                as_nobody(&["test", "-x", &copy]).status.success(),
+                "nobody can execute neither {BIN} nor {copy}"
+            );
+            copy
+        };
+        let out = as_nobody(&[&bin, "status", "--control", control.to_str().expect("utf8")]);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("permission denied"), "{err}");
     } else {
-        eprintln!("SKIPPED (part): needs root and setpriv to try the socket as another user");
+        missing_tool("(part of the test) root and setpriv, to try the socket as another user");
     }
     drop(pool);
 }
@@ -841,8 +1075,7 @@ fn the_control_socket_is_the_masters_alone() {
 #[test]
 fn top_shows_the_pool_and_its_keys_work() {
     if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("SKIPPED: tmux is not installed");
-        return;
+        return missing_tool("tmux is not installed");
     }
     let dir = Scratch::new("top");
     let control = dir.path("ctl.sock");
@@ -905,6 +1138,183 @@ fn top_shows_the_pool_and_its_keys_work() {
         assert!(Instant::now() < deadline, "top did not quit");
         std::thread::sleep(Duration::from_millis(50));
     }
+    signal(pool.child.id(), Signal::TERM);
+    assert_eq!(pool.wait_exit(), 0);
+}
+
+/// The processes whose parent is `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .and_then(|s| s.split_whitespace().nth(1))
+                    == Some(pid.to_string().as_str())
+            })
+        })
+        .collect()
+}
+
+/// Review: Ctrl-C on `rr-cluster conformance` left the worker running: it is in a
+/// process group of its own (the terminal's SIGINT does not reach it), and the
+/// conformance process died without stopping it.
+#[test]
+fn an_interrupted_conformance_run_stops_its_worker() {
+    for (sig, code) in [(Signal::INT, 130), (Signal::TERM, 143)] {
+        let mut child = Command::new(BIN)
+            .args(["conformance", "--", "sleep", "1000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start rr-cluster conformance");
+        let me = child.id();
+        // The worker is started: it waits for a Ready that never comes (10 s).
+        let deadline = Instant::now() + WAIT;
+        let worker = loop {
+            let sleeps: Vec<u32> = children_of(me)
+                .into_iter()
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "sleep")
+                })
+                .collect();
+            if let [pid] = sleeps[..] {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no worker started");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        signal(me, sig);
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "conformance did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        let _ = child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err);
+        // Reaped by conformance, or (unfixed) left running, an orphan.
+        let left = std::fs::read_to_string(format!("/proc/{worker}/cmdline"))
+            .is_ok_and(|c| c == "sleep\u{0}1000\u{0}");
+        if left {
+            signal(worker, Signal::KILL);
+        }
+        assert!(!left, "the worker outlived conformance ({status:?}): {err}");
+        assert_eq!(status.code(), Some(code), "{err}");
+        assert!(err.contains("interrupted"), "{err}");
+    }
+}
+
+/// Review: SIGQUIT and SIGTSTP (from outside: the keys send none in raw mode) left the
+/// terminal raw and on the alternate screen: SIGQUIT killed `top` unrestored, SIGTSTP
+/// stopped it so.
+#[test]
+fn top_restores_the_terminal_on_sigquit_and_sigtstp() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        return missing_tool("tmux is not installed");
+    }
+    let dir = Scratch::new("top-signals");
+    let control = dir.path("ctl.sock");
+    let mut pool = Running::start(&control, &["--listen", "127.0.0.1:0", "--workers", "1"]);
+    // A tmux server of this test's own.
+    let server = format!("rr-top-signals-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &server])
+            .args(args)
+            .output()
+            .expect("run tmux")
+    };
+    for (sig, name) in [(Signal::QUIT, "quit"), (Signal::TSTP, "tstp")] {
+        // A shell runs top, then records how top ended and the terminal's modes.
+        let report = dir.path(&format!("{name}.txt"));
+        let script = format!(
+            "{BIN} top --interval 200ms --control {}; echo \"exit $?\" > {r}.tmp; stty -a >> {r}.tmp; mv {r}.tmp {r}; read x",
+            control.display(),
+            r = report.display()
+        );
+        let session = format!("top-{name}");
+        let out = tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "160",
+            "-y",
+            "30",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        let shell: u32 = String::from_utf8_lossy(
+            &tmux(&["list-panes", "-t", &session, "-F", "#{pane_pid}"]).stdout,
+        )
+        .trim()
+        .parse()
+        .expect("the pane's pid");
+        // The view is up: the table is on screen.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+            if String::from_utf8_lossy(&screen.stdout).contains("SLOT") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "top not on screen: {screen:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let top = children_of(shell);
+        assert_eq!(top.len(), 1, "top, the shell's one child: {top:?}");
+        signal(top[0], sig);
+        let deadline = Instant::now() + WAIT;
+        let text = loop {
+            if let Ok(text) = std::fs::read_to_string(&report) {
+                break text;
+            }
+            if Instant::now() >= deadline {
+                // Stopped (SIGTSTP unhandled): it cannot exit by itself meanwhile, so
+                // its pid is still its own.
+                if children_of(shell) == top {
+                    signal(top[0], Signal::KILL);
+                }
+                let _ = tmux(&["kill-server"]);
+                panic!("SIG{}: top did not end", name.to_uppercase());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let alternate = tmux(&["display-message", "-p", "-t", &session, "#{alternate_on}"]);
+        let _ = tmux(&["kill-session", "-t", &session]);
+        println!("SIG{}: {text}", name.to_uppercase());
+        let modes: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || c == ';')
+            .collect();
+        assert!(
+            modes.contains(&"icanon") && modes.contains(&"echo"),
+            "SIG{}: the terminal was left raw: {text}",
+            name.to_uppercase()
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&alternate.stdout).trim(),
+            "0",
+            "SIG{}: left on the alternate screen",
+            name.to_uppercase()
+        );
+        let code = 128 + sig.as_raw();
+        assert!(text.starts_with(&format!("exit {code}")), "{text}");
+    }
+    let _ = tmux(&["kill-server"]);
     signal(pool.child.id(), Signal::TERM);
     assert_eq!(pool.wait_exit(), 0);
 }

@@ -5,6 +5,9 @@
 //! The Python fixtures need `python3`; without it those tests are skipped (with the
 //! reason on stderr).
 
+mod common;
+use common::missing_tool;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -110,7 +113,7 @@ fn python() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("SKIPPED: python3 is not installed (the broken-worker fixtures need it)");
+        missing_tool("python3 is not installed (the broken-worker fixtures need it)");
     }
     ok
 }

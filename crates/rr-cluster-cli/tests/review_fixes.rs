@@ -4,6 +4,9 @@
 //! logged before the logs existed, and `scale` out of range. Real master processes
 //! serve the demo worker on 127.0.0.1 port 0.
 
+mod common;
+use common::missing_tool;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -139,9 +142,51 @@ impl Drop for Running {
     }
 }
 
+/// A port that was free a moment ago (a probe bound it and let it go): another test
+/// may take it before the caller binds it, so callers try again on "address in use".
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
     l.local_addr().expect("addr").port()
+}
+
+/// `rr-cluster run` (as [`Running::start`]) serving metrics on a port found free by a
+/// probe: when a parallel test binds that port first, the master exits (address in
+/// use, said on its stderr) and another port is tried. The pool and its metrics
+/// address.
+fn start_with_metrics(dir: &Scratch, args: &[&str]) -> (Running, SocketAddr) {
+    let control = dir.path("ctl.sock");
+    let log = dir.path("master.log");
+    let mut tried = Vec::new();
+    for _ in 0..10 {
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let addr = metrics.to_string();
+        let mut all = args.to_vec();
+        all.extend(["--metrics", addr.as_str()]);
+        let mut pool = Running::spawn(&control, &all, &[], Stdio::from(stderr));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = pool.child.try_wait().expect("wait") {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(
+                    said.contains("in use"),
+                    "rr-cluster run exited ({status}) before it was ready:\n{said}"
+                );
+                tried.push(metrics);
+                break;
+            }
+            let out = pool.ctl(&["status", "--json"]);
+            if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                let workers = s["workers"].as_array().cloned().unwrap_or_default();
+                if !workers.is_empty() && workers.iter().all(|w| w["state"] == "ready") {
+                    return (pool, metrics);
+                }
+            }
+            assert!(Instant::now() < deadline, "pool not ready in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("every metrics port tried was in use: {tried:?}");
 }
 
 /// A client socket with a tiny receive window, so that a client that does not read
@@ -178,19 +223,7 @@ fn try_get(addr: SocketAddr, path: &str, within: Duration) -> Option<String> {
 #[test]
 fn probes_are_answered_while_clients_pipeline_metrics_and_never_read() {
     let dir = Scratch::new("pipeline");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let pool = Running::start(
-        &dir.path("ctl.sock"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--metrics",
-            &metrics,
-        ],
-    );
-    let addr: SocketAddr = metrics.parse().expect("addr");
+    let (pool, addr) = start_with_metrics(&dir, &["--listen", "127.0.0.1:0", "--workers", "1"]);
     assert_eq!(
         try_get(addr, "/livez", WAIT).as_deref(),
         Some("HTTP/1.1 200 OK")
@@ -300,8 +333,7 @@ fn caught_signals(pid: u32) -> Option<u64> {
 #[test]
 fn signals_are_caught_before_the_control_socket_exists() {
     let Some(_) = caught_signals(std::process::id()) else {
-        eprintln!("SKIPPED: no /proc/PID/status");
-        return;
+        return missing_tool("/proc/PID/status (no /proc)");
     };
     let dir = Scratch::new("early-signals");
     let control = dir.path("ctl.sock");
@@ -480,12 +512,10 @@ impl Drop for Tmux {
 #[test]
 fn top_quits_promptly_and_restores_the_terminal() {
     let Some(tmux) = Tmux::new("top") else {
-        eprintln!("SKIPPED: tmux is not installed");
-        return;
+        return missing_tool("tmux is not installed");
     };
     if !Path::new("/proc/self/task").exists() {
-        eprintln!("SKIPPED: no /proc");
-        return;
+        return missing_tool("/proc");
     }
     let dir = Scratch::new("top");
     let control = dir.path("ctl.sock");

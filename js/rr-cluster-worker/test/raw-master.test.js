@@ -3,7 +3,8 @@
 // Node's side of the wire as a non-Node master sees it: probe_raw_master.py (Python,
 // standard library) plays the Rust master with raw sendmsg calls against
 // examples/node/plain.js. These tests pin the behaviour the Rust master relies on.
-// Skipped when python3 is not installed.
+// Skipped when python3 is not installed, unless RR_REQUIRE_TOOLS=1 (CI sets it): then
+// a missing python3 fails.
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
@@ -13,6 +14,12 @@ const { execFile, spawnSync } = require('node:child_process');
 const PROBE = path.join(__dirname, 'probe_raw_master.py');
 const python = spawnSync('python3', ['--version']).status === 0 ? 'python3' : null;
 const skip = python ? false : 'python3 is not installed';
+
+if (!python && process.env.RR_REQUIRE_TOOLS === '1') {
+  test('python3 is installed (RR_REQUIRE_TOOLS=1: these tests may not be skipped)', () => {
+    assert.fail('python3 is not installed');
+  });
+}
 
 function probe(args, ms) {
   return new Promise((resolve, reject) => {

@@ -47,9 +47,12 @@ test('ready once, then heartbeats carrying the open-connection count', async (t)
   await waitFor(() => worker.rr('heartbeat').length >= 4, 2000, 'four heartbeats');
   const beats = worker.rr('heartbeat');
   for (const b of beats) assert.deepEqual(Object.keys(b.msg).sort(), ['active', 'rr']);
-  // Roughly every 50 ms: no burst, no long silence.
+  // Every 50 ms (not the 1 s default): the typical gap is short, and none is a long
+  // silence. The bounds leave room for timers late on a loaded machine.
   const gaps = beats.slice(1).map((b, i) => b.at - beats[i].at);
-  assert.ok(Math.max(...gaps) < 500, `gaps ${gaps}`);
+  const median = [...gaps].sort((a, b) => a - b)[Math.floor(gaps.length / 2)];
+  assert.ok(median < 250, `gaps ${gaps}`);
+  assert.ok(Math.max(...gaps) < 2000, `gaps ${gaps}`);
 });
 
 test('ready: false delays ready (and heartbeats) until ready() is called', async (t) => {
