@@ -160,6 +160,11 @@ async fn load(
 /// refused, until the workers resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unprivileged_master_serves_every_connection_after_stalled_workers_resume() {
+    // A privilege, not a tool CI can install: only the tool's absence fails under CI.
+    if !rustix::process::getuid().is_root() {
+        eprintln!("SKIPPED: not root, so the master cannot be made to run as nobody");
+        return;
+    }
     let bins = match NobodyCanRun::find() {
         Ok(bins) => bins,
         Err(why) => return missing_tool(&why),

@@ -534,7 +534,10 @@ impl Notifier {
     ) -> Notes {
         let mut notes = Notes::default();
         match event {
-            Some(Event::ReloadStarted { .. }) => {
+            // A reload while the pool still starts is not systemd's business: the
+            // start's own READY=1 comes once the pool is ready (RELOADING=1, then the
+            // reload's READY=1, would end `systemctl start` early).
+            Some(Event::ReloadStarted { .. }) if self.ready_sent => {
                 self.reloading = true;
                 notes.reloading = true;
             }
@@ -790,6 +793,37 @@ mod tests {
         assert!(n.step(None, &s, t0).ready, "the start's READY=1");
         // Once started, a rejected reload gets the READY=1 systemd waits for.
         assert!(n.step(Some(&rejected), &s, t0).ready);
+    }
+
+    /// Review (fifth round): a reload accepted while the pool still started sent
+    /// RELOADING=1, and its end (failed or not) READY=1 before any worker was ready.
+    #[test]
+    fn a_reload_during_the_start_leaves_the_ready_to_the_start() {
+        let t0 = Instant::now();
+        let mut n = Notifier::new(t0);
+        let mut s = pool(2, &[WorkerState::Starting, WorkerState::Starting]);
+        assert!(!n.step(None, &s, t0).ready);
+        let started = Event::ReloadStarted { generation: 1 };
+        s.reloading = true;
+        let notes = n.step(Some(&started), &s, t0);
+        assert!(!notes.reloading && !notes.ready, "{notes:?}");
+        let failed = Event::ReloadFailed {
+            generation: 1,
+            slot: 0,
+            reason: "boot failure".into(),
+        };
+        s.reloading = false;
+        let notes = n.step(Some(&failed), &s, t0);
+        assert!(!notes.ready, "{notes:?}");
+        assert!(!n.step(None, &s, t0).ready, "nothing ready yet");
+        s.workers[0].state = WorkerState::Ready;
+        s.workers[1].state = WorkerState::Ready;
+        assert!(n.step(None, &s, t0).ready, "the start's READY=1");
+        // Once started, a reload is announced and ends with READY=1.
+        s.reloading = true;
+        assert!(n.step(Some(&started), &s, t0).reloading);
+        s.reloading = false;
+        assert!(n.step(Some(&failed), &s, t0).ready);
     }
 
     #[test]

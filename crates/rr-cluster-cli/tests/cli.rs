@@ -1064,8 +1064,11 @@ fn the_control_socket_is_the_masters_alone() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("permission denied"), "{err}");
+    } else if !rustix::process::getuid().is_root() {
+        // A privilege, not a tool CI can install.
+        eprintln!("SKIPPED: (part of the test) not root, to try the socket as another user");
     } else {
-        missing_tool("(part of the test) root and setpriv, to try the socket as another user");
+        missing_tool("(part of the test) setpriv, to try the socket as another user");
     }
     drop(pool);
 }

@@ -48,7 +48,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -477,10 +477,14 @@ where
                 return Poll::Pending;
             }
         }
-        // Idle through a whole grace, an HTTP/1 connection has no request under way,
-        // and hyper kept it open: its last body was read to the end. Closed now, it
-        // has nothing to linger for (a pooled client may never close its end).
-        this.slot.body_left.store(false, Ordering::Relaxed);
+        // Idle through a whole grace after the answer to a request with a body (its
+        // writing is traffic), an HTTP/1 connection was kept open by hyper, which
+        // does so only once the body was read to the end: closed now, it has nothing
+        // to linger for (a pooled client may never close its end). A request still
+        // under way (a slow handler moves no byte) keeps its linger.
+        if this.slot.body.load(Ordering::Relaxed) == BODY_ANSWERED {
+            this.slot.body.store(BODY_NONE, Ordering::Relaxed);
+        }
         shutdown(this.http.as_mut());
         this.http.poll(cx).map(|_| ())
     }
@@ -570,11 +574,11 @@ pin_project_lite::pin_project! {
     /// gets `ECONNRESET` (or `EPIPE`) instead of the answer. In a drain, where every
     /// connection closes after its answer, that is every such request.
     ///
-    /// Only a connection whose last HTTP/1 request came with a body ([`Slot::body_left`])
+    /// Only a connection whose last HTTP/1 request came with a body ([`Slot::body`])
     /// lingers, and a request without a body costs nothing more. A connection the drain
-    /// closes because it stayed idle through its grace has read its last body to the
-    /// end (hyper keeps a connection open only then): it closes at once, though a
-    /// pooled client may never close its end. Another close after a body (the client
+    /// closes because it stayed idle through a whole grace after its answer has read
+    /// its last body to the end (hyper keeps a connection open only then): it closes
+    /// at once, though a pooled client may never close its end. Another close after a body (the client
     /// asked for it, or the handler answered without reading all of it) lingers until
     /// the client's end of file, which comes at once from a client that read the
     /// answer, or the time or byte budget is out.
@@ -697,7 +701,7 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWr
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, data);
         if polled.is_ready() {
-            this.slot.count();
+            this.slot.wrote();
         }
         polled
     }
@@ -710,7 +714,7 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWr
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if polled.is_ready() {
-            this.slot.count();
+            this.slot.wrote();
         }
         polled
     }
@@ -731,7 +735,7 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWr
             Some(linger) => linger,
             None => {
                 std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
-                if !this.slot.body_left.load(Ordering::Relaxed) {
+                if this.slot.body.load(Ordering::Relaxed) == BODY_NONE {
                     return Poll::Ready(Ok(()));
                 }
                 this.linger.insert(Linger::new(LINGER_BYTES))
@@ -770,12 +774,21 @@ struct Slot {
     /// draining. Counted by the connection's task alone, with a plain load and store
     /// (no locked instruction); an atomic so that the slot may be shared.
     traffic: AtomicUsize,
-    /// The last HTTP/1 request came with a body (set by [`DrainAware`] for each
-    /// request): some of it may be left unread when the connection closes, and the
-    /// close then reads once without waiting, and lingers ([`Linger`]) if that read
-    /// found input. Cleared when the slot is freed.
-    body_left: AtomicBool,
+    /// Whether the last HTTP/1 request came with a body ([`BODY_NONE`],
+    /// [`BODY_RUNNING`], [`BODY_ANSWERED`]; set by [`DrainAware`] for each request):
+    /// some of it may be left unread when the connection closes, and the close then
+    /// lingers ([`Linger`]). Cleared when the slot is freed, and by the drain's close
+    /// of a connection idle since the answer ([`Drive`]).
+    body: AtomicU8,
 }
+
+/// [`Slot::body`]: the last request had no body (or the connection is closed idle).
+const BODY_NONE: u8 = 0;
+/// [`Slot::body`]: the last request came with a body, and nothing was written since.
+const BODY_RUNNING: u8 = 1;
+/// [`Slot::body`]: the last request came with a body, and bytes were written since
+/// (its answer, or a `100 Continue`).
+const BODY_ANSWERED: u8 = 2;
 
 impl Slot {
     fn traffic(&self) -> usize {
@@ -786,6 +799,15 @@ impl Slot {
     fn count(&self) {
         let t = self.traffic.load(Ordering::Relaxed);
         self.traffic.store(t.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// A write moved bytes: traffic, and the answer to a request with a body has begun.
+    #[inline]
+    fn wrote(&self) {
+        self.count();
+        if self.body.load(Ordering::Relaxed) == BODY_RUNNING {
+            self.body.store(BODY_ANSWERED, Ordering::Relaxed);
+        }
     }
 }
 
@@ -811,7 +833,7 @@ impl Drop for Registration<'_> {
         drop(self.slot.waker.take());
         // Not carried over to the next connection, nor to a tunnel (the application's
         // shutdown of an upgraded connection does not linger).
-        self.slot.body_left.store(false, Ordering::Relaxed);
+        self.slot.body.store(BODY_NONE, Ordering::Relaxed);
         let mut slots = self.drain.slots();
         // A tunnel (an upgraded connection, in the application's hands) still counts
         // its traffic in the slot: the slot goes with it, a new one takes its place.
@@ -892,7 +914,8 @@ where
             let body = !req.body().is_end_stream()
                 && req.method() != http::Method::CONNECT
                 && !req.headers().contains_key(http::header::UPGRADE);
-            self.slot.body_left.store(body, Ordering::Relaxed);
+            let body = if body { BODY_RUNNING } else { BODY_NONE };
+            self.slot.body.store(body, Ordering::Relaxed);
         }
         if let Some(peer) = self.peer {
             req.extensions_mut().insert(PeerAddr(peer));
@@ -1493,6 +1516,41 @@ mod tests {
             .await
             .expect("the connection ends once the client closed")
             .expect("served");
+    }
+
+    /// Review (fifth round): the drain's close of a connection idle through its grace
+    /// turned the linger off, but a handler that takes longer than the grace moves no
+    /// byte: its `413` to an upload it never read then went out on a connection closed
+    /// with unread input, and the client's upload was cut (a reset, on a socket). The
+    /// linger is turned off only for a connection idle since its answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_answer_to_an_unread_upload_during_a_drain_still_lingers() {
+        let exchange = async {
+            let drain = Arc::new(Drain::default());
+            drain.start();
+            // Five idle graces pass while the handler works, its request's body unread.
+            let slow = hyper::service::service_fn(|_req: Request<IncomingBody>| async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut resp = Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                    b"too large",
+                )));
+                *resp.status_mut() = http::StatusCode::PAYLOAD_TOO_LARGE;
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let served = spawn_serve_with(server, slow, &drain, Duration::from_millis(100));
+            let (writer, rx) = upload(client, 256 * 1024).await;
+            assert_eq!(
+                writer.await.expect("writer"),
+                256 * 1024,
+                "the whole upload is taken after the answer (the 413)"
+            );
+            drop(rx);
+            served.await.expect("served");
+        };
+        tokio::time::timeout(Duration::from_secs(60), exchange)
+            .await
+            .expect("in time");
     }
 
     /// Sends a request with a 100 MiB body that [`too_large`] leaves unread, and as
