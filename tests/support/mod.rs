@@ -82,9 +82,23 @@ pub fn raise_nofile_limit() -> u64 {
 /// The processes a master spawned, each held by a pidfd opened when its
 /// `WorkerSpawned` event arrived: signalling one never reaches a process that got its
 /// pid after it was reaped (the pidfd then refers to nothing and the signal fails).
+/// Where pidfds are refused (a kernel before 5.3, a seccomp profile), the pid alone,
+/// signalled only while it is a child of this process: the check the pidfd replaces.
 #[derive(Debug, Default)]
 pub struct Spawned {
-    pidfds: Mutex<HashMap<u32, OwnedFd>>,
+    pidfds: Mutex<HashMap<u32, Option<OwnedFd>>>,
+}
+
+/// Sends `sig` through `fd`, or, without one, to `pid` while it is our child.
+fn signal_tracked(pid: u32, fd: Option<&OwnedFd>, sig: rustix::process::Signal) -> bool {
+    match fd {
+        Some(fd) => rustix::process::pidfd_send_signal(fd, sig).is_ok(),
+        None => {
+            parent_of(pid) == Some(std::process::id())
+                && rustix::process::Pid::from_raw(pid as i32)
+                    .is_some_and(|p| rustix::process::kill_process(p, sig).is_ok())
+        }
+    }
 }
 
 impl Spawned {
@@ -94,8 +108,10 @@ impl Spawned {
         let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
             return false;
         };
-        let Ok(fd) = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) else {
-            return false;
+        let fd = match rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => Some(fd),
+            Err(e) if e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::PERM => None,
+            Err(_) => return false, // gone already
         };
         // Checked once the pidfd holds the process: a child of ours, not a stranger
         // that got a reused pid before the event arrived.
@@ -121,13 +137,13 @@ impl Spawned {
     pub fn signal(&self, pid: u32, sig: rustix::process::Signal) -> bool {
         lock(&self.pidfds)
             .get(&pid)
-            .is_some_and(|fd| rustix::process::pidfd_send_signal(fd, sig).is_ok())
+            .is_some_and(|fd| signal_tracked(pid, fd.as_ref(), sig))
     }
 
     /// SIGKILLs every tracked process still alive.
     pub fn kill_all(&self) {
-        for fd in lock(&self.pidfds).values() {
-            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+        for (pid, fd) in lock(&self.pidfds).iter() {
+            signal_tracked(*pid, fd.as_ref(), rustix::process::Signal::KILL);
         }
     }
 }
